@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for modelserve.v1 (see scripts/generate_protos.py)."""
