@@ -1,0 +1,44 @@
+"""Every limit and default of a modelserve process, in one frozen Config.
+
+The CLI fills it from flags and MODELSERVE_* environment variables; nothing else
+reads flags or the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where the demo model is built once and kept ($XDG_CACHE_HOME/modelserve)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "modelserve"
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one server runs and the limits it enforces."""
+
+    model: str | None = None  # local HF model dir or hub id; None = the embedded demo model
+    host: str = "0.0.0.0"
+    port: int = 50051
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_batch_size: int = 32  # sequences decoded together in one step
+    default_max_new_tokens: int = 256
+    max_max_new_tokens: int = 4096
+    max_prompt_bytes: int = 1 << 20
+    max_batch_requests: int = 256  # items in one BatchGenerate
+    max_stop_sequences: int = 16
+    max_stop_sequence_chars: int = 256
+    max_top_logprobs: int = 20
+    max_message_bytes: int = 4 << 20  # gRPC receive/send limit
+    reflection: bool = True
+    warmup: bool = True
+    grace_s: float = 30.0  # how long running streams may finish after SIGTERM
+    cache_dir: Path = default_cache_dir()  # noqa: RUF009 (the default is read once, at import)
+    trust_remote_code: bool = False
+    log_level: str = "INFO"

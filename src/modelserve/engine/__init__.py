@@ -1,0 +1,1 @@
+"""The continuous-batching engine. It knows no gRPC, protobuf or OpenTelemetry."""

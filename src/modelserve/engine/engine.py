@@ -1,0 +1,321 @@
+"""The engine loop: schedule -> prefill/decode -> sample -> detokenize -> emit.
+
+The model runs on one dedicated thread so the asyncio event loop (and every
+gRPC stream on it) never waits for a forward pass. Requests and aborts reach
+the thread through a queue; events go back to each request's asyncio.Queue
+with one `call_soon_threadsafe` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+from transformers import PreTrainedModel
+
+from modelserve.engine.detokenizer import IncrementalDetokenizer
+from modelserve.engine.kv_cache import BatchKVCache
+from modelserve.engine.request import (
+    EngineStats,
+    Finish,
+    FinishReason,
+    Request,
+    StreamEvent,
+    Timings,
+    TokenLogprob,
+    TokenLogprobs,
+)
+from modelserve.engine.runner import ModelRunner
+from modelserve.engine.sampler import RowLogprobs, SamplingRow, sample
+from modelserve.engine.scheduler import Scheduler
+from modelserve.engine.sequence import Sequence
+from modelserve.engine.stop import StopSequenceMatcher
+
+log = logging.getLogger(__name__)
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was shut down or died; it takes no more requests."""
+
+
+@dataclass(frozen=True)
+class _Submit:
+    seq: Sequence
+
+
+@dataclass(frozen=True)
+class _Abort:
+    key: int
+    reason: FinishReason
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_Command = _Submit | _Abort | _Stop
+
+
+class RequestStream:
+    """The async stream of one request's events; `abort()` ends it early."""
+
+    def __init__(self, engine: Engine, key: int, events: asyncio.Queue[StreamEvent]) -> None:
+        self._engine = engine
+        self._key = key
+        self._events = events
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._events.get()
+        if event.finish is not None:
+            self._done = True
+        return event
+
+    def abort(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """Stop generating for this request at the next step (no-op once finished)."""
+        if not self._done:
+            self._done = True
+            self._engine._send(_Abort(self._key, reason))
+
+
+class Engine:
+    """Continuous batching over one model: submit, stream events, abort."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Tokenizer,
+        eos_token_ids: Iterable[int],
+        max_batch_size: int,
+    ) -> None:
+        self._runner = ModelRunner(model)
+        self._tokenizer = tokenizer
+        self._eos_ids = frozenset(eos_token_ids)
+        self._scheduler = Scheduler(max_batch_size)
+        self._batch = BatchKVCache()
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._keys = itertools.count(1)
+        self._live: dict[int, Sequence] = {}  # engine thread only
+        self._queues: dict[int, asyncio.Queue[StreamEvent]] = {}  # event-loop thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._stats = EngineStats()
+
+    # ---- the asyncio side -------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="modelserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request; iterate the returned stream for its events."""
+        if not self.alive:
+            raise EngineClosedError("the engine is not running")
+        key = next(self._keys)
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._queues[key] = events
+        seq = Sequence(
+            key=key,
+            request=request,
+            arrival_s=time.monotonic(),
+            detokenizer=IncrementalDetokenizer(self._tokenizer, request.prompt_ids),
+            stops=StopSequenceMatcher(request.params.stop, request.params.include_stop_sequence),
+            generator=torch.Generator().manual_seed(request.params.seed),
+        )
+        self._send(_Submit(seq))
+        return RequestStream(self, key, events)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop; requests still in it end with CANCELLED."""
+        if self._thread is None:
+            return
+        self._send(_Stop())
+        self._thread.join(timeout_s)
+
+    def _send(self, command: _Command) -> None:
+        self._inbox.put(command)
+
+    def _deliver(self, batch: list[tuple[int, StreamEvent]]) -> None:
+        for key, event in batch:
+            events = self._queues.get(key)
+            if events is None:
+                continue
+            events.put_nowait(event)
+            if event.finish is not None:
+                del self._queues[key]
+
+    # ---- the engine thread ------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._take_commands(block=not self._scheduler.has_work()):
+                self._step()
+        except BaseException:
+            log.exception("engine loop died")
+            raise
+        finally:
+            self._closed = True
+            self._finish_all(FinishReason.CANCELLED, "the engine stopped")
+
+    def _take_commands(self, block: bool) -> bool:
+        """Apply queued commands; False once told to stop."""
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(command, _Stop):
+                return False
+            if isinstance(command, _Submit):
+                self._live[command.seq.key] = command.seq
+                self._scheduler.add(command.seq)
+            else:
+                seq = self._live.get(command.key)
+                if seq is not None and seq.finish is None:
+                    seq.abort_reason = command.reason
+
+    def _step(self) -> None:
+        out: list[tuple[int, StreamEvent]] = []
+        try:
+            for seq in self._scheduler.take_aborted_waiting():
+                out.append(self._finish(seq, seq.abort_reason or FinishReason.CANCELLED))
+            for seq in self._scheduler.running:
+                if seq.abort_reason is not None:
+                    out.append(self._finish(seq, seq.abort_reason))
+            self._batch.keep(self._scheduler.drop_finished())
+
+            for seq in self._scheduler.admit():
+                try:
+                    out.append(self._prefill(seq))
+                except Exception as exc:  # this prompt failed; the running rows are untouched
+                    log.exception("prefill failed")
+                    out.append(self._finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
+
+            running = self._scheduler.running
+            if running:
+                logits = self._runner.decode(
+                    self._batch, [s.output_ids[-1] for s in running], [s.position for s in running]
+                )
+                result = sample(logits, [self._sampling_row(s) for s in running])
+                for seq, token, lp in zip(running, result.token_ids, result.logprobs, strict=True):
+                    out.append(self._append(seq, token, lp))
+            self._batch.keep(self._scheduler.drop_finished())
+        except Exception as exc:  # a failed step fails the requests it touched, not the engine
+            log.exception("engine step failed")
+            out.extend(self._fail_running(f"{type(exc).__name__}: {exc}"))
+        self._forget_finished(out)
+        self._stats = EngineStats(
+            running=len(self._scheduler.running),
+            waiting=len(self._scheduler.waiting),
+            steps=self._stats.steps + 1,
+        )
+        if out and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _prefill(self, seq: Sequence) -> tuple[int, StreamEvent]:
+        seq.scheduled_s = time.monotonic()
+        logits, cache = self._runner.prefill(list(seq.request.prompt_ids))
+        result = sample(logits[None, :], [self._sampling_row(seq)])
+        event = self._append(seq, result.token_ids[0], result.logprobs[0])
+        if seq.finish is None:
+            self._batch.add(cache)
+            self._scheduler.running.append(seq)
+        return event
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        suppress: frozenset[int] = frozenset()
+        if len(seq.output_ids) < params.min_new_tokens:
+            suppress = params.stop_token_ids | (frozenset() if params.ignore_eos else self._eos_ids)
+        seen = seq.seen_ids if params.repetition_penalty != 1.0 else ()
+        return SamplingRow(params, seq.generator, seen, suppress)
+
+    def _append(self, seq: Sequence, token: int, lp: RowLogprobs | None) -> tuple[int, StreamEvent]:
+        """Add one sampled token to a sequence; decide whether it ends it."""
+        now = time.monotonic()
+        seq.output_ids.append(token)
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+        params = seq.params
+        reason: FinishReason | None = None
+        if token in params.stop_token_ids:
+            reason = FinishReason.STOP_TOKEN
+        elif token in self._eos_ids and not params.ignore_eos:
+            reason = FinishReason.EOS_TOKEN
+        last = reason is not None or len(seq.output_ids) >= params.max_new_tokens
+        # An ending token adds no text of its own; the last token releases what the detokenizer holds.
+        piece = "" if reason is not None else seq.detokenizer.step(token)
+        match = seq.stops.push(piece + seq.detokenizer.flush() if last else piece)
+        text = match.text
+        if match.stopped:
+            reason = FinishReason.STOP_SEQUENCE
+        elif last:
+            reason = reason or FinishReason.LENGTH
+            text += seq.stops.flush()
+        logprobs = (self._token_logprobs(token, lp),) if lp is not None else ()
+        finish = self._finish(seq, reason)[1].finish if reason is not None else None
+        return seq.key, StreamEvent(text, (token,), len(seq.output_ids), logprobs, finish)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> tuple[int, StreamEvent]:
+        now = time.monotonic()
+        seq.finish, seq.error = reason, error
+        start = seq.arrival_s
+        timings = Timings(
+            queue_s=(seq.scheduled_s or now) - start,
+            time_to_first_token_s=(seq.first_token_s or now) - start,
+            total_s=now - start,
+        )
+        finish = Finish(reason, timings, seq.params.seed, error)
+        return seq.key, StreamEvent("", (), len(seq.output_ids), (), finish)
+
+    def _token_logprobs(self, token: int, lp: RowLogprobs) -> TokenLogprobs:
+        decode = self._tokenizer.decode
+        top = tuple(
+            TokenLogprob(t, decode([t], skip_special_tokens=False), v)
+            for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
+        )
+        return TokenLogprobs(TokenLogprob(token, decode([token], skip_special_tokens=False), lp.chosen), top)
+
+    def _fail_running(self, error: str) -> list[tuple[int, StreamEvent]]:
+        """After a failed step every running row is suspect: end them all and reset the batch."""
+        out = [self._finish(s, FinishReason.ERROR, error) for s in self._scheduler.running if s.finish is None]
+        self._scheduler.running = []
+        self._batch = BatchKVCache()
+        return out
+
+    def _forget_finished(self, out: list[tuple[int, StreamEvent]]) -> None:
+        for key, event in out:
+            if event.finish is not None:
+                self._live.pop(key, None)
+
+    def _finish_all(self, reason: FinishReason, error: str) -> None:
+        out = [self._finish(s, reason, error) for s in self._live.values() if s.finish is None]
+        self._live.clear()
+        self._scheduler.running, self._scheduler.waiting = [], type(self._scheduler.waiting)()
+        self._batch = BatchKVCache()
+        if out and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, out)

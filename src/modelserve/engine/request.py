@@ -1,0 +1,112 @@
+"""A request's parameters, the events it produces, and why it finished.
+
+These plain types are the engine's whole interface to the outside: the server
+builds a Request, the engine answers with StreamEvents.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence stopped; the server maps these onto the proto enum."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    STOP_TOKEN = "stop_token"
+    CANCELLED = "cancelled"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates. Already validated: the engine trusts these."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    include_stop_sequence: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt, already tokenized, with its parameters."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's log-probability and the most likely alternatives."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds from the request's arrival at the engine."""
+
+    queue_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    timings: Timings
+    seed: int
+    error: str = ""  # set with FinishReason.ERROR
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """What one engine step added to one request's output.
+
+    `text` is settled text only: an incomplete UTF-8 character or text that may
+    still become a stop sequence waits for a later event. `finish` is set on the
+    last event of a request, and only there.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    output_tokens: int  # generated so far, in all
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    finish: Finish | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, safe to read from any thread."""
+
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)

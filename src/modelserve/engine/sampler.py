@@ -1,0 +1,114 @@
+"""Per-row logits processing and sampling, vectorised across the batch.
+
+Each row keeps its own parameters and its own seeded generator, so a request
+samples the same tokens whether it runs alone or beside others (peers' users
+complain of one batch sampled with the first request's temperature).
+Greedy rows take the argmax and stay exactly greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from modelserve.engine.request import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know of one row this step."""
+
+    params: SamplingParams
+    generator: torch.Generator  # on the CPU, seeded from params.seed
+    seen_ids: Sequence[int]  # prompt and output so far, for the repetition penalty
+    suppress_ids: frozenset[int]  # tokens that may not be chosen now (EOS before min_new_tokens)
+
+
+@dataclass
+class RowLogprobs:
+    """Raw-model log-probabilities for one row's chosen token and its top alternatives."""
+
+    chosen: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[RowLogprobs | None]
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
+    """Choose one token per row of `logits` ([rows, vocab])."""
+    logits = logits.float()
+    n_rows, vocab = logits.shape
+    want_logprobs = any(r.params.logprobs for r in rows)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    if any(r.params.repetition_penalty != 1.0 or r.suppress_ids for r in rows):
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            _penalise(logits[i], row)
+
+    chosen = torch.empty(n_rows, dtype=torch.long, device=logits.device)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if greedy:
+        chosen[greedy] = logits[greedy].argmax(dim=-1)
+    if sampled:
+        chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled], vocab)
+
+    token_ids = chosen.tolist()
+    out_logprobs: list[RowLogprobs | None] = [None] * n_rows
+    if raw_logprobs is not None:
+        for i, row in enumerate(rows):
+            if row.params.logprobs:
+                out_logprobs[i] = _row_logprobs(raw_logprobs[i], token_ids[i], row.params.top_logprobs)
+    return SampleResult(token_ids, out_logprobs)
+
+
+def _penalise(row_logits: torch.Tensor, row: SamplingRow) -> None:
+    penalty = row.params.repetition_penalty
+    if penalty != 1.0 and row.seen_ids:
+        ids = torch.tensor(sorted(set(row.seen_ids)), dtype=torch.long, device=row_logits.device)
+        scores = row_logits[ids]
+        row_logits[ids] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    if row.suppress_ids:
+        ids = torch.tensor(sorted(row.suppress_ids), dtype=torch.long, device=row_logits.device)
+        row_logits[ids] = float("-inf")
+
+
+def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> torch.Tensor:
+    """Temperature, top-k and top-p per row, then one inverse-CDF draw per row."""
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], device=device)
+    logits = logits / temps[:, None]
+    # One uniform draw per row from the row's own generator keeps each row reproducible.
+    u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(device)
+    needs_filter = any(r.params.top_k or r.params.top_p < 1.0 for r in rows)
+    if needs_filter:
+        logits, order = logits.sort(dim=-1, descending=True)
+        top_k = torch.tensor([r.params.top_k or vocab for r in rows], device=device)
+        ranks = torch.arange(vocab, device=device)
+        logits = logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if needs_filter:
+        top_p = torch.tensor([r.params.top_p for r in rows], device=device)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p[:, None], 0.0)
+    cdf = probs.cumsum(dim=-1)
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)
+    if needs_filter:
+        picks = order.gather(1, picks)
+    return picks[:, 0]
+
+
+def _row_logprobs(row: torch.Tensor, token_id: int, top_n: int) -> RowLogprobs:
+    top_ids: list[int] = []
+    top_values: list[float] = []
+    if top_n:
+        values, ids = row.topk(top_n)
+        top_ids, top_values = ids.tolist(), values.tolist()
+    return RowLogprobs(float(row[token_id]), top_ids, top_values)

@@ -1,0 +1,42 @@
+"""A request's live state inside the engine: its tokens, text state and finish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from modelserve.engine.detokenizer import IncrementalDetokenizer
+from modelserve.engine.request import FinishReason, Request, SamplingParams
+from modelserve.engine.stop import StopSequenceMatcher
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Owned by the engine thread alone."""
+
+    key: int  # the engine's own id, unique for the process
+    request: Request
+    arrival_s: float
+    detokenizer: IncrementalDetokenizer
+    stops: StopSequenceMatcher
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    scheduled_s: float | None = None
+    first_token_s: float | None = None
+    finish: FinishReason | None = None
+    error: str = ""
+    abort_reason: FinishReason | None = None  # set by abort(); acted on at the next step
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def position(self) -> int:
+        """Position of the last generated token, which the next decode step feeds."""
+        return len(self.request.prompt_ids) + len(self.output_ids) - 1
+
+    @property
+    def seen_ids(self) -> list[int]:
+        return [*self.request.prompt_ids, *self.output_ids]
