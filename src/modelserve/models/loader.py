@@ -1,0 +1,135 @@
+"""Load a Hugging Face causal LM (local directory or hub id) onto a device.
+
+Only architectures the batched engine is tested with are accepted: their caches
+are plain full-attention layers that the engine can pad and concatenate.
+Others fail at start-up with a message naming the supported ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: Tokenizer  # the fast (Rust) tokenizer behind the HF wrapper
+    add_bos: bool  # whether encoding adds special tokens such as BOS
+    model_id: str
+    architecture: str
+    model_type: str
+    vocab_size: int
+    max_sequence_length: int
+    eos_token_ids: tuple[int, ...]
+    special_tokens: tuple[tuple[str, str, int], ...]  # (role, token, id)
+    device: torch.device
+    dtype: torch.dtype
+    is_demo: bool = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name}: CUDA is not available to this torch ({torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto -> bfloat16 (or float16 where bf16 is unsupported) on CUDA, float32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ModelLoadError(f"--dtype {name}: expected auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def load_model(
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    model_id: str | None = None,
+    trust_remote_code: bool = False,
+    is_demo: bool = False,
+) -> LoadedModel:
+    """Load `source` (a local model directory, or a hub id when online)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one log line per load, not a progress bar per shard
+    local = Path(source).expanduser().is_dir()
+    kwargs = dict(local_files_only=local, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "use_sliding_window", False):
+        raise ModelLoadError("sliding-window attention is not supported yet (use_sliding_window=true)")
+    hf_tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise ModelLoadError(f"{source!r} has no fast tokenizer (tokenizer.json); modelserve needs one")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    model.to(device)
+    model.eval()
+
+    eos: set[int] = set()
+    for value in (model.generation_config.eos_token_id, config.eos_token_id, hf_tokenizer.eos_token_id):
+        if isinstance(value, int):
+            eos.add(value)
+        elif isinstance(value, list):
+            eos.update(v for v in value if isinstance(v, int))
+    max_len = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+    tok_max = getattr(hf_tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < max_len:
+        max_len = tok_max
+    specials = []
+    for role in ("bos", "eos", "pad", "unk"):
+        token = getattr(hf_tokenizer, f"{role}_token", None)
+        token_id = getattr(hf_tokenizer, f"{role}_token_id", None)
+        if isinstance(token, str) and isinstance(token_id, int):
+            specials.append((role, token, token_id))
+    probe = backend.encode("a", add_special_tokens=True).ids
+    return LoadedModel(
+        model=model,
+        tokenizer=backend,
+        add_bos=len(probe) != len(backend.encode("a", add_special_tokens=False).ids),
+        model_id=model_id or source,
+        architecture=(config.architectures or [type(model).__name__])[0],
+        model_type=config.model_type,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        max_sequence_length=max_len,
+        eos_token_ids=tuple(sorted(eos)),
+        special_tokens=tuple(specials),
+        device=device,
+        dtype=dtype,
+        is_demo=is_demo,
+    )
