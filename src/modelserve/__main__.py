@@ -1,0 +1,5 @@
+"""`python -m modelserve` is `modelserve`."""
+
+from modelserve.cli import main
+
+main()

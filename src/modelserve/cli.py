@@ -1,0 +1,89 @@
+"""`modelserve serve`: flags and MODELSERVE_* environment variables into a Config.
+
+Every Config field is a flag (`--max-batch-size`) and an environment variable
+(`MODELSERVE_MAX_BATCH_SIZE`); a flag wins over the environment, which wins
+over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from modelserve import __version__
+from modelserve.config import Config
+
+_HELP = {
+    "model": "local Hugging Face model directory or hub id (default: the embedded demo model, random text)",
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "device": "auto | cpu | cuda | cuda:N",
+    "dtype": "auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
+    "max_batch_size": "most sequences decoded together in one step",
+    "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
+    "max_max_new_tokens": "the largest max_new_tokens a request may ask for",
+    "max_prompt_bytes": "largest prompt, in UTF-8 bytes",
+    "max_batch_requests": "most items in one BatchGenerate",
+    "max_stop_sequences": "most stop sequences (and stop token ids) per request",
+    "max_stop_sequence_chars": "longest stop sequence, in characters",
+    "max_top_logprobs": "largest top_logprobs a request may ask for",
+    "max_message_bytes": "largest gRPC message, in bytes",
+    "reflection": "serve gRPC server reflection",
+    "warmup": "run one generation before reporting SERVING",
+    "grace_s": "seconds running streams may finish after SIGTERM",
+    "cache_dir": "where the demo model is built and kept",
+    "trust_remote_code": "allow model code from the model directory (only for models you trust)",
+    "log_level": "DEBUG | INFO | WARNING | ERROR",
+}
+
+
+def _env_default(field: dataclasses.Field[Any]) -> Any:
+    raw = os.environ.get(f"MODELSERVE_{field.name.upper()}")
+    if raw is None:
+        return field.default
+    kind: Any = type(field.default) if field.default is not None else str
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return kind(raw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelserve", description="Serve a causal language model over gRPC.")
+    parser.add_argument("--version", action="version", version=f"modelserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="start the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        default = _env_default(field)
+        help_text = f"{_HELP[field.name]} [env MODELSERVE_{field.name.upper()}]"
+        if isinstance(field.default, bool):
+            serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind: Any = type(field.default) if field.default is not None else str
+            serve.add_argument(flag, type=kind, default=default, help=help_text)
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(Config)}
+    values["cache_dir"] = Path(values["cache_dir"])
+    return Config(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = build_parser().parse_args(argv)
+    config = config_from_args(ns)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from modelserve.server.app import serve
+
+    sys.exit(asyncio.run(serve(config)))

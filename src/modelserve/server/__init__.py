@@ -1,0 +1,1 @@
+"""The gRPC face: servicer, validation, lifecycle. Translates between protos and engine types."""
