@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny random models built once per session, and real server processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelserve.models.random_init import build_random_model
+
+ARCHS = ("gpt2", "llama", "qwen2")
+START_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_random_model(root / arch, arch, seed=7) for arch in ARCHS}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A `modelserve serve` process on a loopback port."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def channel(self) -> grpc.Channel:
+        # Retry a not-yet-open port quickly, so a Watch sees the server from its first moment.
+        return grpc.insecure_channel(
+            self.address, options=[("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def watch_health(self, service: str = "") -> Iterator[int]:
+        """Statuses from grpc.health.v1 Watch, from the first moment the port answers."""
+        with self.channel() as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            call = stub.Watch(
+                health_pb2.HealthCheckRequest(service=service), timeout=START_TIMEOUT_S, wait_for_ready=True
+            )
+            try:
+                for message in call:
+                    yield message.status
+            finally:
+                call.cancel()
+
+    def wait_serving(self) -> list[int]:
+        """Block until SERVING (a Watch stream, not polling); return the statuses seen."""
+        seen: list[int] = []
+        try:
+            for status in self.watch_health():
+                seen.append(status)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return seen
+        except grpc.RpcError as exc:
+            raise AssertionError(f"server never became SERVING ({exc}); log:\n{self.log()}") from exc
+        raise AssertionError(f"health stream ended before SERVING; log:\n{self.log()}")
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+
+def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelserve", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    return ServerProcess(proc, f"127.0.0.1:{port}", log_path)
+
+
+@pytest.fixture(scope="session")
+def llama_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The main end-to-end server: the tiny Llama model, batches of up to 8."""
+    server = start_server(
+        tmp_path_factory.mktemp("llama-server"),
+        "--model",
+        str(model_dirs["llama"]),
+        "--max-batch-size",
+        "8",
+        "--grace-s",
+        "5",
+    )
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.terminate()
+
+
+@pytest.fixture()
+def stub(llama_server: ServerProcess) -> Iterator[object]:
+    from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+
+    with llama_server.channel() as channel:
+        yield pb_grpc.GenerationServiceStub(channel)

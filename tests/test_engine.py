@@ -1,0 +1,114 @@
+"""The engine in-process: greedy equals transformers' generate(), alone or joining a
+running batch; seeded sampling repeats; an abort frees the row."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelserve.engine.engine import Engine, RequestStream
+from modelserve.engine.request import FinishReason, Request, SamplingParams, StreamEvent
+from modelserve.models.loader import LoadedModel, load_model
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog and keeps running",
+    "日本語のテキスト",
+    "def generate(prompt: str) -> str:",
+]
+
+
+def _load(path: Path) -> LoadedModel:
+    return load_model(str(path), torch.device("cpu"), torch.float32)
+
+
+def _reference(model: LoadedModel, prompt_ids: list[int], n: int) -> list[int]:
+    out = model.model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=model.eos_token_ids[0],
+    )
+    return list(out[0, len(prompt_ids) :].tolist())
+
+
+async def _collect(stream: RequestStream) -> tuple[list[int], str, StreamEvent]:
+    ids: list[int] = []
+    text = ""
+    async for event in stream:
+        ids.extend(event.token_ids)
+        text += event.text
+        if event.finish is not None:
+            return ids, text, event
+    raise AssertionError("stream ended without a finish event")
+
+
+def _greedy(i: int, prompt_ids: list[int], n: int) -> Request:
+    return Request(f"r{i}", tuple(prompt_ids), SamplingParams(max_new_tokens=n, temperature=0.0))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+async def test_greedy_matches_generate_alone_and_joining_mid_flight(arch: str, model_dirs: dict[str, Path]) -> None:
+    model = _load(model_dirs[arch])
+    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, max_batch_size=8)
+    engine.start(asyncio.get_running_loop())
+    try:
+        lengths = [24, 9, 17, 30]
+        prompts = [model.encode(p) for p in PROMPTS]
+        # The first request runs alone for a few steps; the others join it mid-flight.
+        first = engine.submit(_greedy(0, prompts[0], lengths[0]))
+        head = [await first.__anext__() for _ in range(3)]
+        others = [engine.submit(_greedy(i, prompts[i], lengths[i])) for i in range(1, len(prompts))]
+        results = await asyncio.gather(_collect(first), *(_collect(s) for s in others))
+        results[0] = ([t for e in head for t in e.token_ids] + results[0][0], "", results[0][2])
+        for i, (ids, _, last) in enumerate(results):
+            expected = _reference(model, prompts[i], lengths[i])
+            assert ids == expected, f"{arch} request {i} diverged from generate()"
+            assert last.finish is not None
+            if len(ids) < lengths[i]:
+                assert last.finish.reason is FinishReason.EOS_TOKEN
+        alone = await _collect(engine.submit(_greedy(9, prompts[2], lengths[2])))
+        assert alone[0] == results[2][0]
+    finally:
+        engine.shutdown()
+
+
+async def test_seeded_sampling_repeats_and_text_is_the_decoded_output(model_dirs: dict[str, Path]) -> None:
+    model = _load(model_dirs["llama"])
+    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, max_batch_size=4)
+    engine.start(asyncio.get_running_loop())
+    try:
+        params = SamplingParams(max_new_tokens=40, temperature=1.3, top_p=0.95, top_k=100, seed=1234, ignore_eos=True)
+        prompt = tuple(model.encode("Once upon a time"))
+        a = await _collect(engine.submit(Request("a", prompt, params)))
+        # The same request again, this time beside a different one.
+        noise = engine.submit(Request("n", prompt, SamplingParams(max_new_tokens=40, temperature=2.0, seed=5)))
+        b, _ = await asyncio.gather(_collect(engine.submit(Request("b", prompt, params))), _collect(noise))
+        assert a[0] == b[0] and len(a[0]) == 40
+        assert a[1] == model.tokenizer.decode(a[0], skip_special_tokens=True)
+        assert a[2].finish is not None and a[2].finish.seed == 1234
+    finally:
+        engine.shutdown()
+
+
+async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path]) -> None:
+    model = _load(model_dirs["gpt2"])
+    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, max_batch_size=2)
+    engine.start(asyncio.get_running_loop())
+    try:
+        prompt = tuple(model.encode("Hello"))
+        long = engine.submit(Request("long", prompt, SamplingParams(max_new_tokens=1500, ignore_eos=True, seed=1)))
+        await long.__anext__()
+        long.abort()
+        # Commands reach the engine in order: once this later request is done, the abort was applied.
+        ids, _, last = await _collect(engine.submit(_greedy(1, list(prompt), 3)))
+        assert len(ids) == 3 and last.finish is not None and last.finish.reason is FinishReason.LENGTH
+        stats = engine.stats()
+        assert (stats.running, stats.waiting) == (0, 0)
+        assert engine._batch.rows == 0 and not engine._live
+    finally:
+        engine.shutdown()

@@ -1,0 +1,105 @@
+"""The demo server as `make serve` runs it: health NOT_SERVING -> SERVING, the
+client CLI streaming, cancellation and deadlines freeing the engine, SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+
+from tests.conftest import ServerProcess, start_server
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, list[int]]]:
+    """The demo model (built into a fresh cache), one row at a time so a held row is visible."""
+    tmp = tmp_path_factory.mktemp("demo")
+    server = start_server(tmp, "--cache-dir", str(tmp / "cache"), "--max-batch-size", "1", "--grace-s", "3")
+    try:
+        seen = server.wait_serving()
+        yield server, seen
+    finally:
+        server.terminate()
+
+
+def test_health_is_not_serving_until_loaded_then_serving(demo: tuple[ServerProcess, list[int]]) -> None:
+    server, seen = demo
+    assert seen[0] == NOT_SERVING and seen[-1] == SERVING, seen
+    with server.channel() as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "modelserve.v1.GenerationService"):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    log = server.log()
+    assert "DEMO model" in log and "random" in log and "ready: serving" in log
+
+
+def test_client_cli_streams_text(demo: tuple[ServerProcess, list[int]]) -> None:
+    server, _ = demo
+    cli = Path(sys.executable).parent / "modelserve-client"
+    done = subprocess.run(
+        [str(cli), "--address", server.address, "generate", "Hello", "--max-new-tokens", "16", "--ignore-eos", "-v"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip()
+    assert "FINISH_REASON_LENGTH | 1 in, 16 out" in done.stderr or "16 out" in done.stderr, done.stderr
+
+
+def _second_request_completes(channel: grpc.Channel) -> pb.GenerateResponse:
+    """With one batch row, this only finishes if the row held before was freed."""
+    stub = pb_grpc.GenerationServiceStub(channel)
+    request = pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(max_new_tokens=3, ignore_eos=True))
+    *_, last = stub.Generate(request, timeout=3)
+    return last
+
+
+def _long_request() -> pb.GenerateRequest:
+    # ~2,000 tokens: far longer than the follow-up request's deadline.
+    return pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(max_new_tokens=2000, ignore_eos=True))
+
+
+def test_cancelled_stream_frees_the_engine(demo: tuple[ServerProcess, list[int]]) -> None:
+    server, _ = demo
+    with server.channel() as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        call = stub.Generate(_long_request(), timeout=120)
+        next(call), next(call)  # it is running
+        call.cancel()
+        assert _second_request_completes(channel).finish_reason == pb.FINISH_REASON_LENGTH
+        health = stub.Health(pb.HealthRequest())
+        assert (health.requests_running, health.requests_waiting) == (0, 0)
+
+
+def test_deadline_ends_generation_and_frees_the_engine(demo: tuple[ServerProcess, list[int]]) -> None:
+    server, _ = demo
+    with server.channel() as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(_long_request(), timeout=0.5))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        assert _second_request_completes(channel).finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_sigterm_stops_cleanly(demo: tuple[ServerProcess, list[int]]) -> None:
+    server, _ = demo
+    assert server.terminate(timeout_s=30) == 0
+    log = server.log()
+    assert "shutting down" in log and "stopped" in log
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as err:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]

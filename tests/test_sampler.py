@@ -1,0 +1,74 @@
+"""Per-row sampling: each row its own parameters and generator; greedy exact."""
+
+from __future__ import annotations
+
+import torch
+
+from modelserve.engine.request import SamplingParams
+from modelserve.engine.sampler import SamplingRow, sample
+
+
+def _row(seed: int = 0, **kw: object) -> SamplingRow:
+    params = SamplingParams(max_new_tokens=8, seed=seed, **kw)  # type: ignore[arg-type]
+    return SamplingRow(params, torch.Generator().manual_seed(seed), (), frozenset())
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    rows = [_row(temperature=0.0), _row(1, temperature=1.5), _row(temperature=0.0), _row(2, temperature=0.7)]
+    result = sample(logits, rows)
+    assert result.token_ids[0] == int(logits[0].argmax())
+    assert result.token_ids[2] == int(logits[2].argmax())
+
+
+def test_a_row_samples_the_same_alone_or_in_a_batch() -> None:
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
+    kw = dict(temperature=0.9, top_k=50, top_p=0.9)
+    alone = [sample(logits[1:2], [_row(42, **kw)]).token_ids[0] for _ in range(1)]
+    rows = [_row(1, temperature=2.0), _row(42, **kw), _row(3, temperature=0.0)]
+    assert sample(logits, rows).token_ids[1] == alone[0]
+
+
+def test_same_seed_same_sequence_of_draws() -> None:
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(3))
+    a, b = _row(9, temperature=1.0), _row(9, temperature=1.0)
+    assert [sample(logits, [a]).token_ids[0] for _ in range(20)] == [
+        sample(logits, [b]).token_ids[0] for _ in range(20)
+    ]
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_head() -> None:
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(4))
+    best = int(logits[0].argmax())
+    assert {sample(logits, [_row(s, top_k=1)]).token_ids[0] for s in range(20)} == {best}
+    assert {sample(logits, [_row(s, top_p=1e-6)]).token_ids[0] for s in range(20)} == {best}
+
+
+def test_top_k_limits_choices_to_the_k_most_likely() -> None:
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(5))
+    allowed = set(logits[0].topk(3).indices.tolist())
+    picks = {sample(logits, [_row(s, temperature=5.0, top_k=3)]).token_ids[0] for s in range(60)}
+    assert picks <= allowed and len(picks) > 1
+
+
+def test_suppressed_tokens_are_never_chosen_and_penalty_applies() -> None:
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = 10.0
+    row = SamplingRow(SamplingParams(max_new_tokens=4, temperature=0.0), torch.Generator(), (), frozenset({3}))
+    assert sample(logits, [row]).token_ids[0] != 3
+    logits[0, 4] = 9.0
+    penalised = SamplingRow(
+        SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=2.0), torch.Generator(), (3,), frozenset()
+    )
+    assert sample(logits, [penalised]).token_ids[0] == 4  # 10/2 < 9
+
+
+def test_logprobs_are_raw_model_logprobs_with_top_alternatives() -> None:
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(6))
+    row = _row(temperature=0.0, logprobs=True, top_logprobs=3)
+    result = sample(logits, [row])
+    lp = result.logprobs[0]
+    assert lp is not None
+    expected = torch.log_softmax(logits[0], -1)
+    assert abs(lp.chosen - float(expected.max())) < 1e-6
+    assert lp.top_ids == expected.topk(3).indices.tolist()
