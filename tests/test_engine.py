@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelserve.engine.engine import Engine, RequestStream
+from modelserve.engine.engine import Engine, EngineConfig, RequestStream
 from modelserve.engine.request import FinishReason, Request, SamplingParams, StreamEvent
 from modelserve.models.loader import LoadedModel, load_model
 
@@ -23,6 +23,11 @@ PROMPTS = [
 
 def _load(path: Path) -> LoadedModel:
     return load_model(str(path), torch.device("cpu"), torch.float32)
+
+
+def _engine(model: LoadedModel, max_batch_size: int, **kw: int) -> Engine:
+    config = EngineConfig(max_batch_size=max_batch_size, kv_cache_bytes=256 << 20, **kw)
+    return Engine(model.model, model.tokenizer, model.eos_token_ids, config, model.max_sequence_length)
 
 
 def _reference(model: LoadedModel, prompt_ids: list[int], n: int) -> list[int]:
@@ -54,7 +59,7 @@ def _greedy(i: int, prompt_ids: list[int], n: int) -> Request:
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 async def test_greedy_matches_generate_alone_and_joining_mid_flight(arch: str, model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs[arch])
-    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, max_batch_size=8)
+    engine = _engine(model, 8)
     engine.start(asyncio.get_running_loop())
     try:
         lengths = [24, 9, 17, 30]
@@ -79,7 +84,7 @@ async def test_greedy_matches_generate_alone_and_joining_mid_flight(arch: str, m
 
 async def test_seeded_sampling_repeats_and_text_is_the_decoded_output(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["llama"])
-    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, max_batch_size=4)
+    engine = _engine(model, 4)
     engine.start(asyncio.get_running_loop())
     try:
         params = SamplingParams(max_new_tokens=40, temperature=1.3, top_p=0.95, top_k=100, seed=1234, ignore_eos=True)
@@ -97,7 +102,7 @@ async def test_seeded_sampling_repeats_and_text_is_the_decoded_output(model_dirs
 
 async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["gpt2"])
-    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, max_batch_size=2)
+    engine = _engine(model, 2)
     engine.start(asyncio.get_running_loop())
     try:
         prompt = tuple(model.encode("Hello"))
@@ -109,6 +114,80 @@ async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path])
         assert len(ids) == 3 and last.finish is not None and last.finish.reason is FinishReason.LENGTH
         stats = engine.stats()
         assert (stats.running, stats.waiting) == (0, 0)
-        assert engine._batch.rows == 0 and not engine._live
+        assert engine._pool.rows == 0 and not engine._live
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+async def test_chunked_prefill_matches_generate(arch: str, model_dirs: dict[str, Path]) -> None:
+    model = _load(model_dirs[arch])
+    engine = _engine(model, 4, prefill_chunk_tokens=7)  # prompts span several steps
+    engine.start(asyncio.get_running_loop())
+    try:
+        running = engine.submit(_greedy(0, model.encode(PROMPTS[0]), 30))
+        await running.__anext__()
+        prompt = model.encode(PROMPTS[1] * 3)
+        assert len(prompt) > 3 * 7
+        ids, _, _ = await _collect(engine.submit(_greedy(1, prompt, 12)))
+        assert ids == _reference(model, prompt, 12)
+        assert (await _collect(running))[2].finish is not None
+    finally:
+        engine.shutdown()
+
+
+async def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dirs: dict[str, Path]) -> None:
+    model = _load(model_dirs["llama"])
+    probe = _engine(model, 4)
+    per_token = probe._runner.kv_shape.bytes_per_token
+    probe.shutdown()
+    # Room for exactly one 300-token sequence at a time.
+    config = EngineConfig(max_batch_size=4, kv_cache_bytes=300 * per_token)
+    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, config, model.max_sequence_length)
+    assert engine.max_sequence_tokens == 300
+    engine.start(asyncio.get_running_loop())
+    try:
+        prompt = model.encode("Hello")
+        params = SamplingParams(max_new_tokens=300 - len(prompt), temperature=0.0, ignore_eos=True)
+        first = engine.submit(Request("a", tuple(prompt), params))
+        await first.__anext__()
+        second = engine.submit(Request("b", tuple(prompt), params))
+        # Once another request has gone all the way through, the second one has been looked at:
+        # it must still be waiting, because the first holds the whole budget.
+        small = engine.submit(Request("c", tuple(prompt), SamplingParams(max_new_tokens=1, temperature=0.0)))
+        small_task = asyncio.ensure_future(_collect(small))
+        first_done = await _collect(first)
+        second_done, small_done = await asyncio.gather(_collect(second), small_task)
+        assert len(first_done[0]) + 1 == len(second_done[0])  # `first` lost its first event to __anext__
+        assert first_done[2].finish is not None and first_done[2].finish.timings.queue_s < 1.0
+        assert second_done[2].finish is not None
+        # The second waited for the first: it was queued for at least the first's whole run.
+        assert second_done[2].finish.timings.queue_s > 0.5 * first_done[2].finish.timings.total_s
+        assert small_done[2].finish is not None
+        assert engine._pool.rows == 0 and engine._pool.allocated_tokens() <= 300
+    finally:
+        engine.shutdown()
+
+
+async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Path]) -> None:
+    model = _load(model_dirs["gpt2"])
+    engine = _engine(model, 4)
+    engine.start(asyncio.get_running_loop())
+    try:
+        prompt = tuple(model.encode("Hello there"))
+
+        async def wave(seed: int) -> None:
+            streams = [
+                engine.submit(Request(f"{seed}-{i}", prompt, SamplingParams(max_new_tokens=5 + i, seed=seed + i)))
+                for i in range(12)
+            ]
+            await asyncio.gather(*(_collect(s) for s in streams))
+
+        await wave(0)
+        allocated = engine._pool.allocated_tokens()
+        for seed in range(1, 4):
+            await wave(seed * 100)
+        assert engine._pool.allocated_tokens() == allocated  # no growth with requests served
+        assert engine._pool.capacity[0] <= 4 and engine._pool.rows == 0 and not engine._live
     finally:
         engine.shutdown()

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
 from modelserve.engine.detokenizer import IncrementalDetokenizer
-from modelserve.engine.kv_cache import BatchKVCache
+from modelserve.engine.kv_cache import KVPool, PrefillBuffer
 from modelserve.engine.request import (
     EngineStats,
     Finish,
@@ -92,6 +92,19 @@ class RequestStream:
             self._engine._send(_Abort(self._key, reason))
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's limits (filled from the server's Config)."""
+
+    max_batch_size: int = 32
+    prefill_chunk_tokens: int = 512  # prompt tokens prefilled per step, across requests
+    kv_cache_bytes: int = 0  # 0 = auto: a share of free GPU memory on CUDA, DEFAULT_CPU_KV_BYTES on CPU
+    gpu_memory_fraction: float = 0.9  # of the GPU memory free after loading, for the KV pool
+
+
+DEFAULT_CPU_KV_BYTES = 4 << 30
+
+
 class Engine:
     """Continuous batching over one model: submit, stream events, abort."""
 
@@ -100,13 +113,18 @@ class Engine:
         model: PreTrainedModel,
         tokenizer: Tokenizer,
         eos_token_ids: Iterable[int],
-        max_batch_size: int,
+        config: EngineConfig,
+        max_sequence_length: int,
     ) -> None:
         self._runner = ModelRunner(model)
         self._tokenizer = tokenizer
         self._eos_ids = frozenset(eos_token_ids)
-        self._scheduler = Scheduler(max_batch_size)
-        self._batch = BatchKVCache()
+        shape = self._runner.kv_shape
+        budget_tokens = self._kv_budget_bytes(config) // shape.bytes_per_token
+        self._pool = KVPool(shape, budget_tokens, config.max_batch_size, max_sequence_length)
+        self.max_sequence_tokens = self._pool.max_columns
+        """The longest sequence (prompt + max_new_tokens) that can ever run: context and KV budget."""
+        self._scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_tokens)
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._keys = itertools.count(1)
         self._live: dict[int, Sequence] = {}  # engine thread only
@@ -114,7 +132,23 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._stats = EngineStats()
+        self._stats = EngineStats(kv_budget_tokens=budget_tokens)
+        log.info(
+            "KV pool: budget %d tokens (%.2f GiB at %d bytes/token), up to %d rows",
+            budget_tokens,
+            budget_tokens * shape.bytes_per_token / 2**30,
+            shape.bytes_per_token,
+            config.max_batch_size,
+        )
+
+    def _kv_budget_bytes(self, config: EngineConfig) -> int:
+        if config.kv_cache_bytes:
+            return config.kv_cache_bytes
+        device = self._runner.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * config.gpu_memory_fraction)
+        return DEFAULT_CPU_KV_BYTES
 
     # ---- the asyncio side -------------------------------------------------
 
@@ -200,51 +234,74 @@ class Engine:
 
     def _step(self) -> None:
         out: list[tuple[int, StreamEvent]] = []
-        try:
-            for seq in self._scheduler.take_aborted_waiting():
-                out.append(self._finish(seq, seq.abort_reason or FinishReason.CANCELLED))
-            for seq in self._scheduler.running:
-                if seq.abort_reason is not None:
-                    out.append(self._finish(seq, seq.abort_reason))
-            self._batch.keep(self._scheduler.drop_finished())
+        scheduler = self._scheduler
+        for seq in scheduler.take_aborted():
+            seq.prefill = None
+            out.append(self._finish(seq, seq.abort_reason or FinishReason.CANCELLED))
+        for seq in scheduler.running:
+            if seq.abort_reason is not None and seq.finish is None:
+                out.append(self._finish(seq, seq.abort_reason))
+        self._free_finished_rows()
 
-            for seq in self._scheduler.admit():
-                try:
-                    out.append(self._prefill(seq))
-                except Exception as exc:  # this prompt failed; the running rows are untouched
-                    log.exception("prefill failed")
-                    out.append(self._finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
+        for seq in scheduler.admit(self._pool.fits):
+            seq.scheduled_s = time.monotonic()
+            seq.prefill = PrefillBuffer(self._runner.kv_shape, len(seq.request.prompt_ids))
+        for seq, n_tokens in scheduler.prefill_plan():
+            try:
+                event = self._prefill(seq, n_tokens)
+            except Exception as exc:  # this prompt failed; the running rows are untouched
+                log.exception("prefill failed")
+                scheduler.prefilling.remove(seq)
+                seq.prefill = None
+                event = self._finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+            if event is not None:
+                out.append(event)
 
-            running = self._scheduler.running
-            if running:
-                logits = self._runner.decode(
-                    self._batch, [s.output_ids[-1] for s in running], [s.position for s in running]
-                )
+        running = scheduler.running
+        if running:
+            try:
+                logits = self._runner.decode(self._pool, [s.output_ids[-1] for s in running])
                 result = sample(logits, [self._sampling_row(s) for s in running])
                 for seq, token, lp in zip(running, result.token_ids, result.logprobs, strict=True):
                     out.append(self._append(seq, token, lp))
-            self._batch.keep(self._scheduler.drop_finished())
-        except Exception as exc:  # a failed step fails the requests it touched, not the engine
-            log.exception("engine step failed")
-            out.extend(self._fail_running(f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:  # a failed step fails the requests it touched, not the engine
+                log.exception("decode step failed")
+                out.extend(self._fail_running(f"{type(exc).__name__}: {exc}"))
+        self._free_finished_rows()
+
         self._forget_finished(out)
         self._stats = EngineStats(
-            running=len(self._scheduler.running),
-            waiting=len(self._scheduler.waiting),
+            running=len(running),
+            waiting=len(scheduler.waiting) + len(scheduler.prefilling),
             steps=self._stats.steps + 1,
+            kv_budget_tokens=self._pool.budget_tokens,
+            kv_tokens_used=self._pool.tokens_held(),
+            kv_tokens_allocated=self._pool.allocated_tokens(),
         )
         if out and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, out)
 
-    def _prefill(self, seq: Sequence) -> tuple[int, StreamEvent]:
-        seq.scheduled_s = time.monotonic()
-        logits, cache = self._runner.prefill(list(seq.request.prompt_ids))
+    def _prefill(self, seq: Sequence, n_tokens: int) -> tuple[int, StreamEvent] | None:
+        """Prefill the next chunk; when the prompt is done, sample the first token and join the batch."""
+        buffer = seq.prefill
+        assert buffer is not None
+        prompt = seq.request.prompt_ids
+        logits = self._runner.prefill_chunk(buffer, list(prompt[buffer.past : buffer.past + n_tokens]))
+        if buffer.past < len(prompt):
+            return None
+        self._scheduler.prefilling.remove(seq)
         result = sample(logits[None, :], [self._sampling_row(seq)])
         event = self._append(seq, result.token_ids[0], result.logprobs[0])
         if seq.finish is None:
-            self._batch.add(cache)
+            self._pool.add(buffer, seq.need)
             self._scheduler.running.append(seq)
+        seq.prefill = None
         return event
+
+    def _free_finished_rows(self) -> None:
+        for row in self._scheduler.finished_rows():
+            self._pool.remove(row)
+            self._scheduler.remove_row(row)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
@@ -301,10 +358,10 @@ class Engine:
         return TokenLogprobs(TokenLogprob(token, decode([token], skip_special_tokens=False), lp.chosen), top)
 
     def _fail_running(self, error: str) -> list[tuple[int, StreamEvent]]:
-        """After a failed step every running row is suspect: end them all and reset the batch."""
+        """After a failed decode step every running row is suspect: end them all and free their rows."""
         out = [self._finish(s, FinishReason.ERROR, error) for s in self._scheduler.running if s.finish is None]
         self._scheduler.running = []
-        self._batch = BatchKVCache()
+        self._pool.clear()
         return out
 
     def _forget_finished(self, out: list[tuple[int, StreamEvent]]) -> None:
@@ -315,7 +372,8 @@ class Engine:
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         out = [self._finish(s, reason, error) for s in self._live.values() if s.finish is None]
         self._live.clear()
-        self._scheduler.running, self._scheduler.waiting = [], type(self._scheduler.waiting)()
-        self._batch = BatchKVCache()
+        self._scheduler.running, self._scheduler.prefilling = [], []
+        self._scheduler.waiting.clear()
+        self._pool.clear()
         if out and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, out)

@@ -1,84 +1,231 @@
-"""The running batch's key/value memory: one row per sequence, left-padded.
+"""The KV memory: a preallocated pool of rows for decoding, and a buffer per prefill.
 
-transformers' DynamicCache can drop rows (`batch_select_indices`) but has no way
-to add one. Adding a prefilled sequence pads the shorter side on the left and
-concatenates along the batch; the attention mask marks the padding so it takes
-no part in attention. Columns that every row pads are cut off again, so memory
-follows the longest live row, not the history of the batch.
+Hand-written because transformers has no cache that fits continuous batching:
+DynamicCache concatenates every step (copying every row's keys and values each
+token) and cannot add rows; StaticCache shares one write position across rows.
+Here each decoding row owns a slot of a preallocated tensor per layer,
+[rows, kv_heads, columns, head_dim], and writes its new token at its own
+position, so nothing is copied per step and rows never shift. Tokens sit
+right-padded at columns [0, length); the attention mask hides the rest.
+
+Decoding rows stay packed in slots [0, rows): attention reads one slice. A
+finished row is replaced by the last one (one row copy). A prompt is prefilled,
+in chunks, into its own PrefillBuffer and copied into the next slot when done.
+
+The pool's shape follows the live rows under a fixed token budget: rows times
+columns never exceeds `budget_tokens`, so memory does not grow with the number
+of requests served. transformers reaches the memory through ForwardCache,
+whose layers hand each forward's keys and values to the current target.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
+
+COLUMN_QUANTUM = 256  # the pool's column count moves in steps of this many tokens
 
 
-class BatchKVCache:
-    """Keys and values of the running rows, aligned on a shared column count."""
+class _Target(Protocol):
+    """What one forward pass writes into."""
 
-    def __init__(self) -> None:
-        self.cache: DynamicCache | None = None
-        self._pad: list[int] = []  # left padding of each row, in columns
+    past: int  # columns before this forward's tokens (the model derives positions for the mask from it)
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _TargetLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyped here
+    def __init__(self, cache: ForwardCache, index: int) -> None:
+        super().__init__()
+        self._cache = cache
+        self._index = index
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cache.target.write(self._index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self._cache.target.past
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.target.past + query_length, 0
+
+
+class ForwardCache(Cache):  # type: ignore[misc]  # transformers is untyped here
+    """The transformers Cache a forward pass sees; `target` says where its K/V go."""
+
+    def __init__(self, n_layers: int) -> None:
+        super().__init__(layers=[_TargetLayer(self, i) for i in range(n_layers)])
+        self.target: _Target = _NoTarget()
+
+
+class _NoTarget:
+    past = 0
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("ForwardCache used without a target")
+
+
+class KVShape:
+    """Per-token KV geometry of a model, read from one probe forward."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.n_layers * 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def empty(self, rows: int, columns: int) -> list[torch.Tensor]:
+        # Zeros, not empty(): masked columns are still multiplied, and garbage could be NaN.
+        shape = (rows, self.kv_heads, columns, self.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+
+
+class PrefillBuffer:
+    """One prompt's keys and values while it is prefilled, chunk by chunk."""
+
+    def __init__(self, shape: KVShape, prompt_len: int) -> None:
+        self.keys = shape.empty(1, prompt_len)
+        self.values = shape.empty(1, prompt_len)
+        self.past = 0  # columns already filled
+        self._chunk = 0
+
+    def begin(self, n_tokens: int) -> None:
+        self._chunk = n_tokens
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.past + self._chunk
+        self.keys[layer][:, :, self.past : end] = keys
+        self.values[layer][:, :, self.past : end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def end(self) -> None:
+        self.past += self._chunk
+        self._chunk = 0
+
+
+class KVPool:
+    """Keys and values of the decoding rows, packed in slots [0, rows)."""
+
+    def __init__(self, shape: KVShape, budget_tokens: int, max_rows: int, max_columns: int) -> None:
+        self.shape = shape
+        self.budget_tokens = budget_tokens
+        self.max_rows = max_rows
+        self.max_columns = min(max_columns, budget_tokens)
+        self.lengths: list[int] = []  # tokens held by each live row
+        self.needs: list[int] = []  # columns each live row may grow to (prompt + max_new_tokens)
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._capacity = (0, 0)  # (rows, columns) allocated
+        self._rows_index = torch.arange(0)
+        self._positions = torch.zeros(0, dtype=torch.long)
+        self.past = 0
 
     @property
     def rows(self) -> int:
-        return len(self._pad)
+        return len(self.lengths)
 
     @property
-    def width(self) -> int:
-        """Columns every row spans (its tokens plus its padding)."""
-        return 0 if self.cache is None else int(self.cache.get_seq_length())
+    def capacity(self) -> tuple[int, int]:
+        return self._capacity
 
     def tokens_held(self) -> int:
-        """Real (unpadded) token positions held across all rows."""
-        return self.rows * self.width - sum(self._pad)
+        return sum(self.lengths)
 
-    def add(self, row: DynamicCache) -> None:
-        """Append one prefilled sequence (a batch-1 cache) as the last row."""
-        row_width = int(row.get_seq_length())
-        if self.cache is None:
-            self.cache, self._pad = row, [0]
-            return
-        grow = max(0, row_width - self.width)
-        row_pad = max(0, self.width - row_width)
-        for mine, theirs in zip(_layers(self.cache), _layers(row), strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(theirs.keys, row_pad)], dim=0)
-            mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(theirs.values, row_pad)], dim=0)
-        self._pad = [p + grow for p in self._pad] + [row_pad]
+    def allocated_tokens(self) -> int:
+        return self._capacity[0] * self._capacity[1]
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows, in this order, and cut padding they all share."""
-        if not rows:
-            self.cache, self._pad = None, []
-            return
-        if rows != list(range(self.rows)):
-            assert self.cache is not None
-            self.cache.batch_select_indices(torch.tensor(rows, device=_layers(self.cache)[0].keys.device))
-            self._pad = [self._pad[i] for i in rows]
-        shared = min(self._pad)
-        if shared:
-            assert self.cache is not None
-            for layer in _layers(self.cache):
-                layer.keys = layer.keys[:, :, shared:]
-                layer.values = layer.values[:, :, shared:]
-            self._pad = [p - shared for p in self._pad]
+    def fits(self, needs: list[int]) -> bool:
+        """Could rows with these column needs join the live rows (after a resize if need be)?"""
+        return self._plan([*self.needs, *needs]) is not None
 
-    def attention_mask(self, new_columns: int, device: torch.device) -> torch.Tensor:
-        """[rows, width + new_columns] mask: 0 on padding, 1 on tokens."""
-        cols = torch.arange(self.width + new_columns, device=device)
-        pad = torch.tensor(self._pad, device=device)
-        return (cols[None, :] >= pad[:, None]).long()
+    def add(self, buffer: PrefillBuffer, need: int) -> int:
+        """Copy a finished prefill into the next slot; return the row index."""
+        self.reserve([need])
+        row, length = self.rows, buffer.past
+        for layer in range(self.shape.n_layers):
+            self._keys[layer][row, :, :length] = buffer.keys[layer][0, :, :length]
+            self._values[layer][row, :, :length] = buffer.values[layer][0, :, :length]
+        self.lengths.append(length)
+        self.needs.append(need)
+        return row
 
+    def reserve(self, extra_needs: list[int]) -> None:
+        """Make room for rows with these needs beside the live ones (resizing when needed)."""
+        plan = self._plan([*self.needs, *extra_needs])
+        if plan is None:
+            raise MemoryError(f"the KV budget of {self.budget_tokens} tokens cannot hold these rows")
+        if plan != self._capacity:
+            self._resize(*plan)
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    layers = cache.layers
-    if not all(type(layer) is DynamicLayer for layer in layers):
-        raise TypeError("only full-attention DynamicLayer caches can be batched (no sliding window)")
-    return list(layers)
+    def remove(self, row: int) -> None:
+        """Free a row; the last row moves into its slot (callers mirror this swap)."""
+        last = self.rows - 1
+        if row != last:
+            length = self.lengths[last]
+            for tensors in (self._keys, self._values):
+                for t in tensors:
+                    t[row, :, :length] = t[last, :, :length]
+            self.lengths[row], self.needs[row] = self.lengths[last], self.needs[last]
+        self.lengths.pop()
+        self.needs.pop()
 
+    def clear(self) -> None:
+        self.lengths.clear()
+        self.needs.clear()
 
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    return torch.nn.functional.pad(t, (0, 0, n, 0))
+    # ---- one decode forward --------------------------------------------------
+
+    def begin_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set up a decode step; return (attention mask [rows, width], positions [rows])."""
+        device = self.shape.device
+        positions = torch.tensor(self.lengths, device=device)
+        width = max(self.lengths) + 1
+        self.past = width - 1
+        self._rows_index = torch.arange(self.rows, device=device)
+        self._positions = positions
+        mask = (torch.arange(width, device=device)[None, :] <= positions[:, None]).long()
+        return mask, positions
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.past + 1
+        k, v = self._keys[layer], self._values[layer]
+        k[self._rows_index, :, self._positions] = keys[:, :, 0]
+        v[self._rows_index, :, self._positions] = values[:, :, 0]
+        return k[: self.rows, :, :width], v[: self.rows, :, :width]
+
+    def end_decode(self) -> None:
+        self.lengths = [n + 1 for n in self.lengths]
+
+    # ---- sizing --------------------------------------------------------------
+
+    def _plan(self, needs: list[int]) -> tuple[int, int] | None:
+        """The (rows, columns) to hold rows with these needs, or None if the budget cannot."""
+        if not needs:
+            return self._capacity
+        rows_needed, cols_needed = len(needs), max(needs)
+        if rows_needed > self.max_rows or cols_needed > self.max_columns:
+            return None
+        rows_have, cols_have = self._capacity
+        if rows_needed <= rows_have and cols_needed <= cols_have:
+            return self._capacity
+        columns = min(self.max_columns, -(-cols_needed // COLUMN_QUANTUM) * COLUMN_QUANTUM)
+        rows = min(self.max_rows, self.budget_tokens // columns)
+        if rows < rows_needed:
+            columns = cols_needed
+            rows = min(self.max_rows, self.budget_tokens // columns)
+        return (rows, columns) if rows >= rows_needed else None
+
+    def _resize(self, rows: int, columns: int) -> None:
+        keys, values = self.shape.empty(rows, columns), self.shape.empty(rows, columns)
+        live, keep = self.rows, min(columns, self._capacity[1])
+        if live:
+            for new, old in zip([*keys, *values], [*self._keys, *self._values], strict=True):
+                new[:live, :, :keep] = old[:live, :, :keep]
+        self._keys, self._values, self._capacity = keys, values, (rows, columns)

@@ -7,7 +7,7 @@ builds a Request, the engine answers with StreamEvents.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class FinishReason(enum.Enum):
@@ -106,7 +106,14 @@ class StreamEvent:
 class EngineStats:
     """A snapshot of the engine's load, safe to read from any thread."""
 
-    running: int = 0
-    waiting: int = 0
+    running: int = 0  # rows decoding
+    waiting: int = 0  # queued or being prefilled
     steps: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    kv_budget_tokens: int = 0
+    kv_tokens_used: int = 0  # tokens held by decoding rows
+    kv_tokens_allocated: int = 0  # the pool's rows x columns
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV budget held by live tokens."""
+        return self.kv_tokens_used / self.kv_budget_tokens if self.kv_budget_tokens else 0.0

@@ -1,7 +1,8 @@
-"""The compute: prefill one prompt, decode one token for every running row.
+"""The compute: prefill a prompt chunk, decode one token for every running row.
 
-Plain transformers forward passes with a DynamicCache; positions come from each
-row's own length so left padding does not shift them.
+Plain transformers forward passes; keys and values go to our own memory
+(kv_cache.py) through a ForwardCache, and positions come from each row's own
+length, so rows of different lengths share a step.
 """
 
 from __future__ import annotations
@@ -9,31 +10,54 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from modelserve.engine.kv_cache import BatchKVCache
+from modelserve.engine.kv_cache import ForwardCache, KVPool, KVShape, PrefillBuffer
 
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.device = model.device
+        self.kv_shape = self._probe_kv_shape()
+        self._cache = ForwardCache(self.kv_shape.n_layers)
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
-        """Run the prompt; return the next-token logits [vocab] and its cache."""
+    def _probe_kv_shape(self) -> KVShape:
+        """One token through the model tells the KV geometry for any architecture."""
         cache = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1], cache
+        self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), cache=cache, use_cache=True)
+        keys = cache.layers[0].keys
+        assert keys is not None
+        return KVShape(len(cache.layers), keys.shape[1], keys.shape[3], keys.dtype, keys.device)
 
     @torch.inference_mode()
-    def decode(self, batch: BatchKVCache, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def prefill_chunk(self, buffer: PrefillBuffer, token_ids: list[int]) -> torch.Tensor:
+        """Run the next chunk of a prompt; return the logits [vocab] after its last token."""
+        start, n = buffer.past, len(token_ids)
+        buffer.begin(n)
+        self._cache.target = buffer
+        out = self.model(
+            input_ids=torch.tensor([token_ids], device=self.device),
+            position_ids=torch.arange(start, start + n, device=self.device)[None, :],
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        buffer.end()
+        logits: torch.Tensor = out.logits[0, -1]
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, pool: KVPool, token_ids: list[int]) -> torch.Tensor:
         """Feed each row its last token at its own position; return logits [rows, vocab]."""
+        mask, positions = pool.begin_decode()
+        self._cache.target = pool
         out = self.model(
             input_ids=torch.tensor(token_ids, device=self.device)[:, None],
-            attention_mask=batch.attention_mask(1, self.device),
-            position_ids=torch.tensor(positions, device=self.device)[:, None],
-            cache=batch.cache,
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            cache=self._cache,
             use_cache=True,
         )
+        pool.end_decode()
         logits: torch.Tensor = out.logits[:, -1]
         return logits

@@ -1,44 +1,71 @@
-"""The policy: who waits, who runs, who is admitted next.
+"""The policy: who waits, who is prefilled, who decodes, who is admitted next.
 
-First come, first served, up to `max_batch_size` running rows.
+First come, first served. A waiting request is admitted when a row is free and
+the KV budget can hold its whole sequence (prompt + max_new_tokens); the head
+of the queue is never overtaken, so a large request is not starved by small
+ones. Prefill is budgeted per step (`prefill_chunk_tokens`): a long prompt is
+split over several steps, and running streams keep getting a token every step.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from modelserve.engine.sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int) -> None:
+    def __init__(self, max_batch_size: int, prefill_chunk_tokens: int) -> None:
         self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # row i of the batch cache is running[i]
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []  # running[i] decodes in KV pool row i
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
-    def take_aborted_waiting(self) -> list[Sequence]:
-        """Remove waiting sequences that were aborted: they never touch the model."""
-        aborted = [s for s in self.waiting if s.abort_reason is not None]
+    def take_aborted(self) -> list[Sequence]:
+        """Remove aborted sequences that hold no pool row (waiting or prefilling)."""
+        aborted = [s for s in (*self.waiting, *self.prefilling) if s.abort_reason is not None]
         if aborted:
             self.waiting = deque(s for s in self.waiting if s.abort_reason is None)
+            self.prefilling = [s for s in self.prefilling if s.abort_reason is None]
         return aborted
 
-    def admit(self) -> list[Sequence]:
-        """Waiting sequences to prefill this step, in arrival order."""
+    def admit(self, fits: Callable[[list[int]], bool]) -> list[Sequence]:
+        """Move waiting sequences to prefilling while rows and the KV budget allow."""
         admitted: list[Sequence] = []
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-            admitted.append(self.waiting.popleft())
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
+            head = self.waiting[0]
+            if not fits([s.need for s in self.prefilling] + [head.need]):
+                break
+            self.prefilling.append(self.waiting.popleft())
+            admitted.append(head)
         return admitted
 
-    def drop_finished(self) -> list[int]:
-        """Remove finished rows from `running`; return the rows that stay, in order."""
-        keep = [i for i, s in enumerate(self.running) if s.finish is None]
-        if len(keep) != len(self.running):
-            self.running = [self.running[i] for i in keep]
-        return keep
+    def prefill_plan(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens) to prefill this step, oldest first, within the per-step budget."""
+        plan: list[tuple[Sequence, int]] = []
+        budget = self.prefill_chunk_tokens
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(seq.prompt_left, budget)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def finished_rows(self) -> list[int]:
+        """Rows of running sequences that have finished, highest first (the order to free them in)."""
+        return [i for i in range(len(self.running) - 1, -1, -1) if self.running[i].finish is not None]
+
+    def remove_row(self, row: int) -> None:
+        """Mirror of KVPool.remove: the last row takes the freed one's place."""
+        last = self.running.pop()
+        if row < len(self.running):
+            self.running[row] = last

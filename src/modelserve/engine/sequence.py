@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelserve.engine.detokenizer import IncrementalDetokenizer
+from modelserve.engine.kv_cache import PrefillBuffer
 from modelserve.engine.request import FinishReason, Request, SamplingParams
 from modelserve.engine.stop import StopSequenceMatcher
 
@@ -27,15 +28,21 @@ class Sequence:
     finish: FinishReason | None = None
     error: str = ""
     abort_reason: FinishReason | None = None  # set by abort(); acted on at the next step
+    prefill: PrefillBuffer | None = None  # while the prompt is being prefilled
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
 
     @property
-    def position(self) -> int:
-        """Position of the last generated token, which the next decode step feeds."""
-        return len(self.request.prompt_ids) + len(self.output_ids) - 1
+    def need(self) -> int:
+        """KV columns this sequence may grow to."""
+        return len(self.request.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def prompt_left(self) -> int:
+        done = self.prefill.past if self.prefill is not None else 0
+        return len(self.request.prompt_ids) - done
 
     @property
     def seen_ids(self) -> list[int]:

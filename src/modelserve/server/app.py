@@ -135,9 +135,20 @@ async def serve(config: Config) -> int:
                 log.error("could not load the model: %s", exc)
                 servicer.phase = Phase.FAILED
                 return 1
-            from modelserve.engine.engine import Engine
+            from modelserve.engine.engine import Engine, EngineConfig
 
-            engine = Engine(model.model, model.tokenizer, model.eos_token_ids, config.max_batch_size)
+            engine = Engine(
+                model.model,
+                model.tokenizer,
+                model.eos_token_ids,
+                EngineConfig(
+                    max_batch_size=config.max_batch_size,
+                    prefill_chunk_tokens=config.prefill_chunk_tokens,
+                    kv_cache_bytes=config.kv_cache_bytes,
+                    gpu_memory_fraction=config.gpu_memory_fraction,
+                ),
+                model.max_sequence_length,
+            )
             engine.start(loop)
             log.info(
                 "loaded %s (%s) on %s as %s in %.1fs",

@@ -75,9 +75,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         cfg = self._config
         self._limits = Limits(
             vocab_size=model.vocab_size,
-            max_sequence_length=model.max_sequence_length,
+            max_sequence_length=engine.max_sequence_tokens,
             default_max_new_tokens=min(cfg.default_max_new_tokens, cfg.max_max_new_tokens),
-            max_max_new_tokens=min(cfg.max_max_new_tokens, model.max_sequence_length - 1),
+            max_max_new_tokens=min(cfg.max_max_new_tokens, engine.max_sequence_tokens - 1),
             max_prompt_bytes=cfg.max_prompt_bytes,
             max_stop_sequences=cfg.max_stop_sequences,
             max_stop_sequence_chars=cfg.max_stop_sequence_chars,
@@ -171,7 +171,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             architecture=model.architecture,
             model_type=model.model_type,
             vocab_size=model.vocab_size,
-            max_sequence_length=model.max_sequence_length,
+            max_sequence_length=limits.max_sequence_length,
             eos_token_ids=model.eos_token_ids,
             special_tokens=[pb.SpecialToken(role=r, token=t, token_id=i) for r, t, i in model.special_tokens],
             default_max_new_tokens=limits.default_max_new_tokens,

@@ -54,7 +54,7 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
     room = limits.max_sequence_length - n_prompt
     if room < 1:
         raise InvalidArgument(
-            f"prompt is {n_prompt} tokens; the model holds {limits.max_sequence_length} tokens in all, so a prompt "
+            f"prompt is {n_prompt} tokens; a sequence holds {limits.max_sequence_length} tokens in all, so a prompt "
             f"may have at most {limits.max_sequence_length - 1} (or set params.truncate_input_tokens)"
         )
     if params.HasField("max_new_tokens"):
@@ -62,7 +62,7 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
         _in_range("params.max_new_tokens", max_new, 1, limits.max_max_new_tokens)
         if max_new > room:
             raise InvalidArgument(
-                f"params.max_new_tokens is {max_new} but the prompt is {n_prompt} tokens and the model holds "
+                f"params.max_new_tokens is {max_new} but the prompt is {n_prompt} tokens and a sequence holds "
                 f"{limits.max_sequence_length}: max_new_tokens may be at most {room} for this prompt "
                 f"(or set params.truncate_input_tokens)"
             )
