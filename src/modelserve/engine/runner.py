@@ -3,14 +3,24 @@
 Plain transformers forward passes; keys and values go to our own memory
 (kv_cache.py) through a ForwardCache, and positions come from each row's own
 length, so rows of different lengths share a step.
+
+On CUDA, attention avoids cuDNN's SDPA backend: it builds an execution plan
+for every new sequence shape, and a continuous-batching engine makes a new
+shape almost every step. Measured on an H100 with a 1B Llama in bf16: 90 ms a
+decode step with it, 25 ms without (bench/step_profile.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel
 
 from modelserve.engine.kv_cache import ForwardCache, KVPool, KVShape, PrefillBuffer
+
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ModelRunner:
@@ -19,6 +29,11 @@ class ModelRunner:
         self.device = model.device
         self.kv_shape = self._probe_kv_shape()
         self._cache = ForwardCache(self.kv_shape.n_layers)
+
+    def _attention_backends(self) -> contextlib.AbstractContextManager[None]:
+        if self.device.type == "cuda":
+            return sdpa_kernel(_CUDA_SDPA_BACKENDS)
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def _probe_kv_shape(self) -> KVShape:
@@ -35,13 +50,14 @@ class ModelRunner:
         start, n = buffer.past, len(token_ids)
         buffer.begin(n)
         self._cache.target = buffer
-        out = self.model(
-            input_ids=torch.tensor([token_ids], device=self.device),
-            position_ids=torch.arange(start, start + n, device=self.device)[None, :],
-            cache=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self._attention_backends():
+            out = self.model(
+                input_ids=torch.tensor([token_ids], device=self.device),
+                position_ids=torch.arange(start, start + n, device=self.device)[None, :],
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         buffer.end()
         logits: torch.Tensor = out.logits[0, -1]
         return logits
@@ -51,13 +67,14 @@ class ModelRunner:
         """Feed each row its last token at its own position; return logits [rows, vocab]."""
         mask, positions = pool.begin_decode()
         self._cache.target = pool
-        out = self.model(
-            input_ids=torch.tensor(token_ids, device=self.device)[:, None],
-            attention_mask=mask,
-            position_ids=positions[:, None],
-            cache=self._cache,
-            use_cache=True,
-        )
+        with self._attention_backends():
+            out = self.model(
+                input_ids=torch.tensor(token_ids, device=self.device)[:, None],
+                attention_mask=mask,
+                position_ids=positions[:, None],
+                cache=self._cache,
+                use_cache=True,
+            )
         pool.end_decode()
         logits: torch.Tensor = out.logits[:, -1]
         return logits
