@@ -26,7 +26,7 @@ _HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "dtype": "auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
     "max_batch_size": "most sequences decoded together in one step",
-    "prefill_chunk_tokens": "prompt tokens prefilled per engine step; smaller keeps running streams smoother",
+    "prefill_chunk_tokens": "prompt tokens prefilled per step while streams run (0 = auto: 128 on CPU, 512 on CUDA)",
     "kv_cache_bytes": "KV cache budget in bytes (0 = auto: gpu_memory_fraction of free GPU memory, 4 GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",
     "default_max_new_tokens": "max_new_tokens when a request leaves it unset",

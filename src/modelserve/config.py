@@ -28,7 +28,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_batch_size: int = 32  # sequences decoded together in one step
-    prefill_chunk_tokens: int = 512  # prompt tokens prefilled per engine step (bounds running streams' latency)
+    prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while streams run; 0 = auto (CPU 128, CUDA 512)
     kv_cache_bytes: int = 0  # KV memory budget; 0 = auto (gpu_memory_fraction of free GPU memory, 4 GiB on CPU)
     gpu_memory_fraction: float = 0.9
     default_max_new_tokens: int = 256

@@ -97,12 +97,17 @@ class EngineConfig:
     """The engine's limits (filled from the server's Config)."""
 
     max_batch_size: int = 32
-    prefill_chunk_tokens: int = 512  # prompt tokens prefilled per step, across requests
+    prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while rows decode; 0 = auto
     kv_cache_bytes: int = 0  # 0 = auto: a share of free GPU memory on CUDA, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9  # of the GPU memory free after loading, for the KV pool
 
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
+# On a CPU a prompt token costs about what a decode step's token does, so a small chunk keeps
+# running streams' inter-token latency within a few times its median while a long prompt is
+# admitted. On a GPU a chunk of a few hundred tokens costs little more than a decode step.
+AUTO_PREFILL_CHUNK_CPU = 128
+AUTO_PREFILL_CHUNK_CUDA = 512
 
 
 class Engine:
@@ -124,7 +129,10 @@ class Engine:
         self._pool = KVPool(shape, budget_tokens, config.max_batch_size, max_sequence_length)
         self.max_sequence_tokens = self._pool.max_columns
         """The longest sequence (prompt + max_new_tokens) that can ever run: context and KV budget."""
-        self._scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_tokens)
+        chunk = config.prefill_chunk_tokens or (
+            AUTO_PREFILL_CHUNK_CUDA if self._runner.device.type == "cuda" else AUTO_PREFILL_CHUNK_CPU
+        )
+        self._scheduler = Scheduler(config.max_batch_size, chunk)
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._keys = itertools.count(1)
         self._live: dict[int, Sequence] = {}  # engine thread only

@@ -81,10 +81,10 @@ class KVShape:
     def bytes_per_token(self) -> int:
         return self.n_layers * 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
-    def empty(self, rows: int, columns: int) -> list[torch.Tensor]:
+    def empty(self, rows: int, columns: int, layers: int | None = None) -> list[torch.Tensor]:
         # Zeros, not empty(): masked columns are still multiplied, and garbage could be NaN.
         shape = (rows, self.kv_heads, columns, self.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers or self.n_layers)]
 
 
 class PrefillBuffer:
@@ -126,6 +126,12 @@ class KVPool:
         self._rows_index = torch.arange(0)
         self._positions = torch.zeros(0, dtype=torch.long)
         self.past = 0
+        # Take the whole budget now (as vLLM does): no allocation in steady state, and an
+        # out-of-memory shows at start-up, not under load. A request wider than this reshapes it.
+        columns = min(self.max_columns, max(COLUMN_QUANTUM, budget_tokens // max_rows))
+        if columns > COLUMN_QUANTUM:
+            columns -= columns % COLUMN_QUANTUM
+        self._resize(min(max_rows, budget_tokens // columns), columns)
 
     @property
     def rows(self) -> int:
@@ -223,9 +229,15 @@ class KVPool:
         return (rows, columns) if rows >= rows_needed else None
 
     def _resize(self, rows: int, columns: int) -> None:
-        keys, values = self.shape.empty(rows, columns), self.shape.empty(rows, columns)
+        """Reshape the pool, one layer at a time so the peak stays near one pool, not two."""
         live, keep = self.rows, min(columns, self._capacity[1])
-        if live:
-            for new, old in zip([*keys, *values], [*self._keys, *self._values], strict=True):
-                new[:live, :, :keep] = old[:live, :, :keep]
-        self._keys, self._values, self._capacity = keys, values, (rows, columns)
+        first = not self._keys
+        for tensors in (self._keys, self._values):
+            for layer in range(self.shape.n_layers):
+                (new,) = self.shape.empty(rows, columns, layers=1)
+                if not first:
+                    new[:live, :, :keep] = tensors[layer][:live, :, :keep]
+                    tensors[layer] = new
+                else:
+                    tensors.append(new)
+        self._capacity = (rows, columns)

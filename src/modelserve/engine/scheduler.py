@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from modelserve.engine.sequence import Sequence
 
+IDLE_PREFILL_FACTOR = 8
+
 
 class Scheduler:
     def __init__(self, max_batch_size: int, prefill_chunk_tokens: int) -> None:
@@ -49,9 +51,13 @@ class Scheduler:
         return admitted
 
     def prefill_plan(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens) to prefill this step, oldest first, within the per-step budget."""
+        """(sequence, tokens) to prefill this step, oldest first, within the per-step budget.
+
+        The budget bounds how long running streams wait for their next token; with no
+        stream running nobody waits, and a larger chunk gives the first token sooner.
+        """
         plan: list[tuple[Sequence, int]] = []
-        budget = self.prefill_chunk_tokens
+        budget = self.prefill_chunk_tokens * (1 if self.running else IDLE_PREFILL_FACTOR)
         for seq in self.prefilling:
             if budget <= 0:
                 break
