@@ -72,3 +72,18 @@ def test_logprobs_are_raw_model_logprobs_with_top_alternatives() -> None:
     expected = torch.log_softmax(logits[0], -1)
     assert abs(lp.chosen - float(expected.max())) < 1e-6
     assert lp.top_ids == expected.topk(3).indices.tolist()
+
+
+def test_penalty_and_suppression_are_per_row_in_a_mixed_batch() -> None:
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(7))
+    seen = tuple(logits[0].topk(5).indices.tolist())
+
+    def row(penalty: float, suppress: frozenset[int] = frozenset()) -> SamplingRow:
+        params = SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=penalty)
+        return SamplingRow(params, torch.Generator(), seen, suppress)
+
+    alone = [sample(logits[i : i + 1], [r]).token_ids[0] for i, r in enumerate([row(3.0), row(1.0), row(1.0)])]
+    batch = sample(logits, [row(3.0), row(1.0), row(1.0, frozenset({int(logits[2].argmax())}))]).token_ids
+    assert batch[0] == alone[0] and batch[0] not in seen[:1]  # the penalised row moved off its best token
+    assert batch[1] == int(logits[1].argmax())  # an unpenalised row beside it is untouched
+    assert batch[2] != int(logits[2].argmax())  # its suppressed best token was not chosen

@@ -47,10 +47,16 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     n_rows, vocab = logits.shape
     want_logprobs = any(r.params.logprobs for r in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    if any(r.params.repetition_penalty != 1.0 or r.suppress_ids for r in rows):
+    penalised = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.seen_ids]
+    suppressed = [i for i, r in enumerate(rows) if r.suppress_ids]
+    if penalised or suppressed:
         logits = logits.clone()
-        for i, row in enumerate(rows):
-            _penalise(logits[i], row)
+    if penalised:
+        _apply_repetition_penalty(logits, penalised, rows)
+    if suppressed:
+        ids = _padded_ids(logits.device, [sorted(rows[i].suppress_ids) for i in suppressed])
+        rows_index = torch.tensor(suppressed, device=logits.device)[:, None]
+        logits[rows_index, ids] = float("-inf")
 
     chosen = torch.empty(n_rows, dtype=torch.long, device=logits.device)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -69,15 +75,20 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     return SampleResult(token_ids, out_logprobs)
 
 
-def _penalise(row_logits: torch.Tensor, row: SamplingRow) -> None:
-    penalty = row.params.repetition_penalty
-    if penalty != 1.0 and row.seen_ids:
-        ids = torch.tensor(sorted(set(row.seen_ids)), dtype=torch.long, device=row_logits.device)
-        scores = row_logits[ids]
-        row_logits[ids] = torch.where(scores > 0, scores / penalty, scores * penalty)
-    if row.suppress_ids:
-        ids = torch.tensor(sorted(row.suppress_ids), dtype=torch.long, device=row_logits.device)
-        row_logits[ids] = float("-inf")
+def _padded_ids(device: torch.device, id_lists: list[list[int]]) -> torch.Tensor:
+    """[rows, longest] ids; short rows repeat their first id, which reads and writes the same value."""
+    width = max(len(ids) for ids in id_lists)
+    return torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in id_lists], device=device)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
+    """CTRL's penalty (as transformers applies it) on every listed row at once, in place."""
+    device = logits.device
+    ids = _padded_ids(device, [sorted(set(rows[i].seen_ids)) for i in row_ids])
+    penalty = torch.tensor([rows[i].params.repetition_penalty for i in row_ids], device=device)[:, None]
+    rows_index = torch.tensor(row_ids, device=device)[:, None]
+    scores = logits[rows_index, ids]
+    logits[rows_index, ids] = torch.where(scores > 0, scores / penalty, scores * penalty)
 
 
 def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> torch.Tensor:
