@@ -4,6 +4,7 @@ running batch; seeded sampling repeats; an abort frees the row."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,12 @@ PROMPTS = [
 ]
 
 
+# MODELSERVE_TEST_DEVICE=cuda runs these checks on a GPU (fp32, so greedy stays comparable).
+DEVICE = torch.device(os.environ.get("MODELSERVE_TEST_DEVICE", "cpu"))
+
+
 def _load(path: Path) -> LoadedModel:
-    return load_model(str(path), torch.device("cpu"), torch.float32)
+    return load_model(str(path), DEVICE, torch.float32)
 
 
 def _engine(model: LoadedModel, max_batch_size: int, **kw: int) -> Engine:
@@ -32,8 +37,8 @@ def _engine(model: LoadedModel, max_batch_size: int, **kw: int) -> Engine:
 
 def _reference(model: LoadedModel, prompt_ids: list[int], n: int) -> list[int]:
     out = model.model.generate(
-        torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        torch.tensor([prompt_ids], device=DEVICE),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=DEVICE),
         max_new_tokens=n,
         do_sample=False,
         pad_token_id=model.eos_token_ids[0],
