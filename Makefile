@@ -12,8 +12,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install serve test lint proto check-proto clean
+.PHONY: install serve test lint proto bench bench-quick clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src clients tests bench scripts
 	$(BIN)/mypy
 	npx --yes @bufbuild/buf@1.75.0 lint
+
+# The serving benchmark (bench/serving_bench.py): modelserve over gRPC vs sequential generate(),
+# static batches, transformers' continuous batching and the in-process engine, on a
+# GPT-2-small-shaped random model. `bench` writes its table into docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python bench/serving_bench.py --write-docs $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/serving_bench.py --quick $(BENCH_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py

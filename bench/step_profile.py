@@ -1,0 +1,106 @@
+"""Where an engine step's time goes: bare transformers decode vs our runner, and the sampler.
+
+Builds a random model of a bench preset in memory (nothing is saved) and times,
+at each batch size: a transformers DynamicCache decode step, our runner's decode
+step on the KV pool, and sampling; then prints the torch profiler's top ops for
+one of our steps. For finding regressions and device-specific costs.
+
+    python bench/step_profile.py --preset gpt2-small --device cpu
+    python bench/step_profile.py --preset llama-1b --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Median milliseconds of `fn` over `repeat` runs, after one warm-up."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append(1e3 * (time.perf_counter() - start))
+    return sorted(samples)[len(samples) // 2]
+
+
+def main() -> None:
+    from serving_bench import PRESETS
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from modelserve.engine.kv_cache import KVPool, PrefillBuffer
+    from modelserve.engine.request import SamplingParams
+    from modelserve.engine.runner import ModelRunner
+    from modelserve.engine.sampler import SamplingRow, sample
+    from modelserve.models.random_init import _config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2-small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--context", type=int, default=256, help="tokens already in each row's cache")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeat", type=int, default=5)
+    ns = parser.parse_args()
+
+    device, dtype = torch.device(ns.device), getattr(torch, ns.dtype)
+    preset = PRESETS[ns.preset]
+    size = dict(hidden=preset["hidden"], layers=preset["layers"], heads=preset["heads"], max_len=preset["max_len"])
+    config = _config(preset["arch"], preset["vocab_size"] or 1024, 0, size)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    runner = ModelRunner(model)
+    print(f"{ns.preset} {ns.dtype} on {device}, {ns.context} tokens of context per row")
+    print("| batch | transformers decode ms | our decode ms | sample ms |")
+    print("|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for batch in ns.batch:
+            cache = DynamicCache(config=model.config)
+            ids = torch.ones((batch, ns.context), dtype=torch.long, device=device)
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+
+            def hf_step(cache: DynamicCache = cache, batch: int = batch) -> None:
+                cache.crop(-1)
+                model(input_ids=torch.ones((batch, 1), dtype=torch.long, device=device), cache=cache, use_cache=True)
+
+            pool = KVPool(runner.kv_shape, batch * (ns.context + 64), batch, ns.context + 64)
+            for _ in range(batch):
+                buffer = PrefillBuffer(runner.kv_shape, ns.context)
+                buffer.past = ns.context
+                pool.add(buffer, ns.context + 64)
+
+            def our_step(pool: KVPool = pool, batch: int = batch) -> torch.Tensor:
+                pool.lengths = [ns.context] * batch
+                return runner.decode(pool, [1] * batch)
+
+            logits = our_step()
+            rows = [
+                SamplingRow(SamplingParams(max_new_tokens=8, temperature=0.0), torch.Generator(), (), frozenset())
+                for _ in range(batch)
+            ]
+            hf_ms = timed(hf_step, device, ns.repeat)
+            our_ms = timed(our_step, device, ns.repeat)
+            sample_ms = timed(lambda logits=logits, rows=rows: sample(logits, rows), device, ns.repeat)
+            print(f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {sample_ms:.2f} |")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                our_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
