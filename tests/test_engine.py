@@ -4,7 +4,9 @@ running batch; seeded sampling repeats; an abort frees the row."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,9 +32,16 @@ def _load(path: Path) -> LoadedModel:
     return load_model(str(path), DEVICE, torch.float32)
 
 
-def _engine(model: LoadedModel, max_batch_size: int, **kw: int) -> Engine:
-    config = EngineConfig(max_batch_size=max_batch_size, kv_cache_bytes=256 << 20, **kw)
-    return Engine(model.model, model.tokenizer, model.eos_token_ids, config, model.max_sequence_length)
+@contextlib.asynccontextmanager
+async def _running(model: LoadedModel, max_batch_size: int, **kw: int) -> AsyncIterator[Engine]:
+    """A started engine (256 MiB of KV unless kv_cache_bytes says otherwise), shut down afterwards."""
+    config = EngineConfig(max_batch_size=max_batch_size, **{"kv_cache_bytes": 256 << 20, **kw})
+    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, config, model.max_sequence_length)
+    engine.start(asyncio.get_running_loop())
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
 
 
 def _reference(model: LoadedModel, prompt_ids: list[int], n: int) -> list[int]:
@@ -64,9 +73,7 @@ def _greedy(i: int, prompt_ids: list[int], n: int) -> Request:
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 async def test_greedy_matches_generate_alone_and_joining_mid_flight(arch: str, model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs[arch])
-    engine = _engine(model, 8)
-    engine.start(asyncio.get_running_loop())
-    try:
+    async with _running(model, 8) as engine:
         lengths = [24, 9, 17, 30]
         prompts = [model.encode(p) for p in PROMPTS]
         # The first request runs alone for a few steps; the others join it mid-flight.
@@ -83,15 +90,11 @@ async def test_greedy_matches_generate_alone_and_joining_mid_flight(arch: str, m
                 assert last.finish.reason is FinishReason.EOS_TOKEN
         alone = await _collect(engine.submit(_greedy(9, prompts[2], lengths[2])))
         assert alone[0] == results[2][0]
-    finally:
-        engine.shutdown()
 
 
 async def test_seeded_sampling_repeats_and_text_is_the_decoded_output(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["llama"])
-    engine = _engine(model, 4)
-    engine.start(asyncio.get_running_loop())
-    try:
+    async with _running(model, 4) as engine:
         params = SamplingParams(max_new_tokens=40, temperature=1.3, top_p=0.95, top_k=100, seed=1234, ignore_eos=True)
         prompt = tuple(model.encode("Once upon a time"))
         a = await _collect(engine.submit(Request("a", prompt, params)))
@@ -101,15 +104,11 @@ async def test_seeded_sampling_repeats_and_text_is_the_decoded_output(model_dirs
         assert a[0] == b[0] and len(a[0]) == 40
         assert a[1] == model.tokenizer.decode(a[0], skip_special_tokens=True)
         assert a[2].finish is not None and a[2].finish.seed == 1234
-    finally:
-        engine.shutdown()
 
 
 async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["gpt2"])
-    engine = _engine(model, 2)
-    engine.start(asyncio.get_running_loop())
-    try:
+    async with _running(model, 2) as engine:
         prompt = tuple(model.encode("Hello"))
         long = engine.submit(Request("long", prompt, SamplingParams(max_new_tokens=1500, ignore_eos=True, seed=1)))
         await long.__anext__()
@@ -120,16 +119,12 @@ async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path])
         stats = engine.stats()
         assert (stats.running, stats.waiting) == (0, 0)
         assert engine._pool.rows == 0 and not engine._live
-    finally:
-        engine.shutdown()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 async def test_chunked_prefill_matches_generate(arch: str, model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs[arch])
-    engine = _engine(model, 4, prefill_chunk_tokens=7)  # prompts span several steps
-    engine.start(asyncio.get_running_loop())
-    try:
+    async with _running(model, 4, prefill_chunk_tokens=7) as engine:  # prompts span several steps
         running = engine.submit(_greedy(0, model.encode(PROMPTS[0]), 30))
         await running.__anext__()
         prompt = model.encode(PROMPTS[1] * 3)
@@ -137,21 +132,15 @@ async def test_chunked_prefill_matches_generate(arch: str, model_dirs: dict[str,
         ids, _, _ = await _collect(engine.submit(_greedy(1, prompt, 12)))
         assert ids == _reference(model, prompt, 12)
         assert (await _collect(running))[2].finish is not None
-    finally:
-        engine.shutdown()
 
 
 async def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["llama"])
-    probe = _engine(model, 4)
-    per_token = probe._runner.kv_shape.bytes_per_token
-    probe.shutdown()
+    async with _running(model, 4) as probe:
+        per_token = probe._runner.kv_shape.bytes_per_token
     # Room for exactly one 300-token sequence at a time.
-    config = EngineConfig(max_batch_size=4, kv_cache_bytes=300 * per_token)
-    engine = Engine(model.model, model.tokenizer, model.eos_token_ids, config, model.max_sequence_length)
-    assert engine.max_sequence_tokens == 300
-    engine.start(asyncio.get_running_loop())
-    try:
+    async with _running(model, 4, kv_cache_bytes=300 * per_token) as engine:
+        assert engine.max_sequence_tokens == 300
         prompt = model.encode("Hello")
         params = SamplingParams(max_new_tokens=300 - len(prompt), temperature=0.0, ignore_eos=True)
         first = engine.submit(Request("a", tuple(prompt), params))
@@ -170,15 +159,11 @@ async def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dirs: dict[s
         assert second_done[2].finish.timings.queue_s > 0.5 * first_done[2].finish.timings.total_s
         assert small_done[2].finish is not None
         assert engine._pool.rows == 0 and engine._pool.allocated_tokens() <= 300
-    finally:
-        engine.shutdown()
 
 
 async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["gpt2"])
-    engine = _engine(model, 4)
-    engine.start(asyncio.get_running_loop())
-    try:
+    async with _running(model, 4) as engine:
         prompt = tuple(model.encode("Hello there"))
 
         async def wave(seed: int) -> None:
@@ -194,5 +179,3 @@ async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Pa
             await wave(seed * 100)
         assert engine._pool.allocated_tokens() == allocated  # no growth with requests served
         assert engine._pool.capacity[0] <= 4 and engine._pool.rows == 0 and not engine._live
-    finally:
-        engine.shutdown()

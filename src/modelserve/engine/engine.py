@@ -342,10 +342,11 @@ class Engine:
             reason = reason or FinishReason.LENGTH
             text += seq.stops.flush()
         logprobs = (self._token_logprobs(token, lp),) if lp is not None else ()
-        finish = self._finish(seq, reason)[1].finish if reason is not None else None
+        finish = self._close(seq, reason) if reason is not None else None
         return seq.key, StreamEvent(text, (token,), len(seq.output_ids), logprobs, finish)
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> tuple[int, StreamEvent]:
+    def _close(self, seq: Sequence, reason: FinishReason, error: str = "") -> Finish:
+        """Mark a sequence finished and say how it went."""
         now = time.monotonic()
         seq.finish, seq.error = reason, error
         start = seq.arrival_s
@@ -354,7 +355,11 @@ class Engine:
             time_to_first_token_s=(seq.first_token_s or now) - start,
             total_s=now - start,
         )
-        finish = Finish(reason, timings, seq.params.seed, error)
+        return Finish(reason, timings, seq.params.seed, error)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> tuple[int, StreamEvent]:
+        """Close a sequence that produced no token this step: its last, empty event."""
+        finish = self._close(seq, reason, error)
         return seq.key, StreamEvent("", (), len(seq.output_ids), (), finish)
 
     def _token_logprobs(self, token: int, lp: RowLogprobs) -> TokenLogprobs:
