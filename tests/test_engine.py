@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from modelserve.engine.engine import Engine, EngineConfig, RequestStream
-from modelserve.engine.request import FinishReason, Request, SamplingParams, StreamEvent
+from modelserve.engine.request import EngineClosedError, FinishReason, Request, SamplingParams, StreamEvent
 from modelserve.models.loader import LoadedModel, load_model
 
 PROMPTS = [
@@ -179,3 +179,12 @@ async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Pa
             await wave(seed * 100)
         assert engine._pool.allocated_tokens() == allocated  # no growth with requests served
         assert engine._pool.capacity[0] <= 4 and engine._pool.rows == 0 and not engine._live
+
+
+async def test_a_closed_engine_refuses_new_requests(model_dirs: dict[str, Path]) -> None:
+    model = _load(model_dirs["gpt2"])
+    async with _running(model, 2) as engine:
+        assert engine.alive
+    assert not engine.alive
+    with pytest.raises(EngineClosedError):
+        engine.submit(_greedy(0, model.encode("Hello"), 2))

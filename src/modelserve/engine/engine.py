@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from modelserve.engine.detokenizer import IncrementalDetokenizer
 from modelserve.engine.kv_cache import KVPool, PrefillBuffer
 from modelserve.engine.request import (
+    EngineClosedError,
     EngineStats,
     Finish,
     FinishReason,
@@ -40,10 +41,6 @@ from modelserve.engine.sequence import Sequence
 from modelserve.engine.stop import StopSequenceMatcher
 
 log = logging.getLogger(__name__)
-
-
-class EngineClosedError(RuntimeError):
-    """The engine was shut down or died; it takes no more requests."""
 
 
 @dataclass(frozen=True)

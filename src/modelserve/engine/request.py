@@ -117,3 +117,7 @@ class EngineStats:
     def kv_usage(self) -> float:
         """Fraction of the KV budget held by live tokens."""
         return self.kv_tokens_used / self.kv_budget_tokens if self.kv_budget_tokens else 0.0
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was shut down or died; it takes no more requests."""

@@ -24,7 +24,14 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve import __version__
 from modelserve.config import Config
-from modelserve.engine.request import FinishReason, Request, StreamEvent, TokenLogprob, TokenLogprobs
+from modelserve.engine.request import (
+    EngineClosedError,
+    FinishReason,
+    Request,
+    StreamEvent,
+    TokenLogprob,
+    TokenLogprobs,
+)
 from modelserve.server.validation import InvalidArgument, Limits, build_request, check_prompt_size, truncate_prompt
 
 if TYPE_CHECKING:
@@ -96,7 +103,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = engine_request.request_id
         n_prompt = len(engine_request.prompt_ids)
-        stream = engine.submit(engine_request)
+        try:
+            stream = engine.submit(engine_request)
+        except EngineClosedError as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
         try:
             yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))
             async for event in stream:
@@ -129,7 +139,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 return pb.BatchItem(
                     error=pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(exc))
                 )
-            stream = engine.submit(engine_request)
+            try:
+                stream = engine.submit(engine_request)
+            except EngineClosedError as exc:
+                code = grpc.StatusCode.UNAVAILABLE.value[0]
+                return pb.BatchItem(error=pb.ItemError(code=code, message=f"the engine is not running: {exc}"))
             result = pb.GenerateResult(request_id=engine_request.request_id)
             try:
                 async for event in stream:
