@@ -40,6 +40,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    metrics_port: int
 
     def channel(self) -> grpc.Channel:
         # Retry a not-yet-open port quickly, so a Watch sees the server from its first moment.
@@ -82,16 +83,28 @@ class ServerProcess:
 
 
 def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     log_path = tmp_path / f"server-{port}.log"
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelserve", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        [
+            sys.executable,
+            "-m",
+            "modelserve",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            *args,
+        ],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
-    return ServerProcess(proc, f"127.0.0.1:{port}", log_path)
+    return ServerProcess(proc, f"127.0.0.1:{port}", log_path, metrics_port)
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,8 @@ class Config:
     max_stop_sequence_chars: int = 256
     max_top_logprobs: int = 20
     max_message_bytes: int = 4 << 20  # gRPC receive/send limit
+    metrics_port: int = 9464  # Prometheus scrape endpoint (/metrics); 0 = off
+    metrics_host: str = ""  # "" = the same as host
     reflection: bool = True
     warmup: bool = True
     grace_s: float = 30.0  # how long running streams may finish after SIGTERM

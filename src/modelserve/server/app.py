@@ -28,6 +28,7 @@ from modelserve.server.servicer import SERVICE_NAME, GenerationServicer, Phase
 if TYPE_CHECKING:
     from modelserve.engine.engine import Engine
     from modelserve.models.loader import LoadedModel
+    from modelserve.telemetry.setup import Telemetry
 
 log = logging.getLogger("modelserve")
 
@@ -122,6 +123,7 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     engine: Engine | None = None
+    telemetry: Telemetry | None = None
     exit_code = 0
     try:
         started = time.monotonic()
@@ -160,7 +162,18 @@ async def serve(config: Config) -> int:
             )
             if config.warmup:
                 await warm_up(engine, model)
-            servicer.attach(model, engine)
+            from modelserve.telemetry.setup import start_telemetry
+
+            metrics_host = config.metrics_host or config.host
+            try:
+                telemetry = start_telemetry(model.model_id, metrics_host=metrics_host, metrics_port=config.metrics_port)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s:%d: %s", metrics_host, config.metrics_port, exc)
+                return 2
+            telemetry.metrics.attach_engine(engine.stats)
+            if config.metrics_port:
+                log.info("metrics: http://%s:%d/metrics", metrics_host, config.metrics_port)
+            servicer.attach(model, engine, telemetry.metrics)
             servicer.phase = Phase.SERVING
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, SERVING)
@@ -178,5 +191,7 @@ async def serve(config: Config) -> int:
         await server.stop(config.grace_s)
         if engine is not None:
             engine.shutdown()
+        if telemetry is not None:
+            telemetry.shutdown()
         log.info("stopped")
     return exit_code

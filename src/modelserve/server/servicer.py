@@ -33,6 +33,7 @@ from modelserve.engine.request import (
     TokenLogprobs,
 )
 from modelserve.server.validation import InvalidArgument, Limits, build_request, check_prompt_size, truncate_prompt
+from modelserve.telemetry.metrics import GenerationMetrics, RequestOutcome
 
 if TYPE_CHECKING:
     from modelserve.engine.engine import Engine
@@ -76,9 +77,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self._model: LoadedModel | None = None
         self._engine: Engine | None = None
         self._limits: Limits | None = None
+        self._metrics: GenerationMetrics | None = None
 
-    def attach(self, model: LoadedModel, engine: Engine) -> None:
-        self._model, self._engine = model, engine
+    def attach(self, model: LoadedModel, engine: Engine, metrics: GenerationMetrics | None = None) -> None:
+        self._model, self._engine, self._metrics = model, engine, metrics
         cfg = self._config
         self._limits = Limits(
             vocab_size=model.vocab_size,
@@ -100,16 +102,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         try:
             engine_request = self._engine_request(request, model, limits)
         except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._rejected("invalid_argument")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = engine_request.request_id
         n_prompt = len(engine_request.prompt_ids)
         try:
             stream = engine.submit(engine_request)
         except EngineClosedError as exc:
+            self._rejected("unavailable")
             await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
+        outcome = _OutcomeTracker(self._metrics, n_prompt)
         try:
             yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))
             async for event in stream:
+                outcome.saw(event)
                 yield _response(request_id, n_prompt, event)
                 if event.finish is not None:
                     self._raise_for(event)
@@ -117,6 +123,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             await context.abort(exc.code, str(exc))
         finally:
             stream.abort()
+            outcome.close(context)
 
     async def BatchGenerate(
         self,
@@ -136,17 +143,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             try:
                 engine_request = self._engine_request(item, model, limits, field=f"requests[{i}]")
             except InvalidArgument as exc:
+                self._rejected("invalid_argument")
                 return pb.BatchItem(
                     error=pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(exc))
                 )
             try:
                 stream = engine.submit(engine_request)
             except EngineClosedError as exc:
+                self._rejected("unavailable")
                 code = grpc.StatusCode.UNAVAILABLE.value[0]
                 return pb.BatchItem(error=pb.ItemError(code=code, message=f"the engine is not running: {exc}"))
             result = pb.GenerateResult(request_id=engine_request.request_id)
+            outcome = _OutcomeTracker(self._metrics, len(engine_request.prompt_ids))
             try:
                 async for event in stream:
+                    outcome.saw(event)
                     result.text += event.text
                     result.token_ids.extend(event.token_ids)
                     result.logprobs.extend(_logprobs(lp) for lp in event.logprobs)
@@ -157,6 +168,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 return pb.BatchItem(error=pb.ItemError(code=exc.code.value[0], message=str(exc)))
             finally:
                 stream.abort()
+                outcome.close(context)
             return pb.BatchItem(result=result)
 
         items = await asyncio.gather(*(run_one(i, item) for i, item in enumerate(request.requests)))
@@ -230,7 +242,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             Phase.DRAINING: "the server is shutting down",
             Phase.FAILED: "the engine has failed; the server must be restarted",
         }.get(self.phase, "the engine is not running")
+        self._rejected("unavailable")
         await _abort(context, grpc.StatusCode.UNAVAILABLE, why)
+
+    def _rejected(self, error_type: str) -> None:
+        if self._metrics is not None:
+            self._metrics.request_rejected(error_type)
 
     def _engine_request(
         self, request: pb.GenerateRequest, model: LoadedModel, limits: Limits, field: str = ""
@@ -258,6 +275,43 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
+
+
+class _OutcomeTracker:
+    """Follows one request's events and reports how it ended, also when it ends early."""
+
+    def __init__(self, metrics: GenerationMetrics | None, input_tokens: int) -> None:
+        self._metrics = metrics
+        self._input_tokens = input_tokens
+        self._start_s = time.monotonic()
+        self._first_token_s: float | None = None
+        self._output_tokens = 0
+        self._reported = metrics is None
+
+    def saw(self, event: StreamEvent) -> None:
+        if event.token_ids and self._first_token_s is None:
+            self._first_token_s = time.monotonic() - self._start_s
+        self._output_tokens = event.output_tokens
+        if event.finish is not None and not self._reported:
+            timings = event.finish.timings
+            ttft = timings.time_to_first_token_s if event.output_tokens else None
+            self._report(event.finish.reason.value, timings.queue_s, ttft, timings.total_s)
+
+    def close(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The handler is ending: a request with no finish event was cancelled or ran out of time."""
+        if self._reported:
+            return
+        remaining = context.time_remaining()
+        reason = FinishReason.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else FinishReason.CANCELLED
+        elapsed = time.monotonic() - self._start_s
+        self._report(reason.value, self._first_token_s or elapsed, self._first_token_s, elapsed)
+
+    def _report(self, reason: str, queue_s: float, ttft_s: float | None, total_s: float) -> None:
+        assert self._metrics is not None
+        self._reported = True
+        self._metrics.request_finished(
+            RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s)
+        )
 
 
 def _logprobs(lp: TokenLogprobs) -> pb.TokenLogprobs:

@@ -1,0 +1,1 @@
+"""OpenTelemetry for modelserve: set up once, observe engine stats and request outcomes."""

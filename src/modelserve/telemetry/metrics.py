@@ -1,0 +1,158 @@
+"""Request and engine metrics, in the names operators' dashboards already know.
+
+Request histograms follow the OpenTelemetry GenAI semantic conventions (names,
+units, bucket boundaries, attributes); the engine's own state is in the
+`modelserve.*` namespace. The server reports each request's outcome here; the
+engine's gauges are read from its EngineStats when a reader collects, so the
+engine itself records nothing and knows nothing of OpenTelemetry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from modelserve.engine.request import EngineStats
+
+# Bucket boundaries from the GenAI semantic conventions.
+REQUEST_DURATION_BUCKETS_S = [0.01 * 2**i for i in range(14)]  # 0.01 ... 81.92
+TIME_TO_FIRST_TOKEN_BUCKETS_S = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+]
+TIME_PER_OUTPUT_TOKEN_BUCKETS_S = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+TOKEN_USAGE_BUCKETS = [4**i for i in range(14)]  # 1, 4, 16 ... 67,108,864
+
+OPERATION = "text_completion"
+# Finish reasons that mean the caller did not get what it asked for.
+FAILED_FINISH_REASONS = {"cancelled", "deadline_exceeded", "error"}
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """How one generation request ended, as the server saw it."""
+
+    input_tokens: int
+    output_tokens: int
+    finish_reason: str  # an engine FinishReason value, e.g. "length", "cancelled"
+    queue_s: float
+    time_to_first_token_s: float | None  # None when no token was produced
+    total_s: float
+
+
+class GenerationMetrics:
+    """The instruments, created once on a Meter; call the `request_*` methods as requests end."""
+
+    def __init__(self, meter: Meter, model_id: str) -> None:
+        self._base = {
+            "gen_ai.operation.name": OPERATION,
+            "gen_ai.request.model": model_id,
+            "gen_ai.response.model": model_id,
+        }
+        self._stats: Callable[[], EngineStats] | None = None
+        self.duration = meter.create_histogram(
+            "gen_ai.server.request.duration",
+            unit="s",
+            description="Time from a request's arrival to its end",
+            explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS_S,
+        )
+        self.time_to_first_token = meter.create_histogram(
+            "gen_ai.server.time_to_first_token",
+            unit="s",
+            description="Time from arrival to the first output token",
+            explicit_bucket_boundaries_advisory=TIME_TO_FIRST_TOKEN_BUCKETS_S,
+        )
+        self.time_per_output_token = meter.create_histogram(
+            "gen_ai.server.time_per_output_token",
+            unit="s",
+            description="Time per output token after the first (inter-token latency)",
+            explicit_bucket_boundaries_advisory=TIME_PER_OUTPUT_TOKEN_BUCKETS_S,
+        )
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Input and output tokens per request",
+            explicit_bucket_boundaries_advisory=TOKEN_USAGE_BUCKETS,
+        )
+        self.queue_time = meter.create_histogram(
+            "modelserve.request.queue.duration",
+            unit="s",
+            description="Time from arrival to the first model step",
+            explicit_bucket_boundaries_advisory=TIME_TO_FIRST_TOKEN_BUCKETS_S,
+        )
+        self.output_tokens = meter.create_counter(
+            "modelserve.output.tokens", unit="{token}", description="Tokens generated (its rate is throughput)"
+        )
+        self.finished = meter.create_counter(
+            "modelserve.requests.finished", unit="{request}", description="Requests ended, by finish reason"
+        )
+        self.rejected = meter.create_counter(
+            "modelserve.requests.rejected",
+            unit="{request}",
+            description="Requests refused before generating, by error.type (e.g. invalid_argument)",
+        )
+        meter.create_observable_gauge(
+            "modelserve.requests.running",
+            [self._observe("running")],
+            unit="{request}",
+            description="Requests generating now",
+        )
+        meter.create_observable_gauge(
+            "modelserve.requests.waiting",
+            [self._observe("waiting")],
+            unit="{request}",
+            description="Requests queued or being prefilled",
+        )
+        meter.create_observable_gauge(
+            "modelserve.kv_cache.usage",
+            [self._observe("kv_usage")],
+            unit="1",
+            description="Fraction of the KV cache budget held by live tokens",
+        )
+
+    def attach_engine(self, stats: Callable[[], EngineStats]) -> None:
+        """Read the engine's gauges from `stats` from now on."""
+        self._stats = stats
+
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        attrs = dict(self._base)
+        if outcome.finish_reason in FAILED_FINISH_REASONS:
+            attrs["error.type"] = outcome.finish_reason
+        self.duration.record(outcome.total_s, attrs)
+        if outcome.time_to_first_token_s is not None:
+            self.time_to_first_token.record(outcome.time_to_first_token_s, attrs)
+            if outcome.output_tokens > 1:
+                per_token = (outcome.total_s - outcome.time_to_first_token_s) / (outcome.output_tokens - 1)
+                self.time_per_output_token.record(per_token, attrs)
+        self.token_usage.record(outcome.input_tokens, {**attrs, "gen_ai.token.type": "input"})
+        self.token_usage.record(outcome.output_tokens, {**attrs, "gen_ai.token.type": "output"})
+        self.queue_time.record(outcome.queue_s, attrs)
+        self.output_tokens.add(outcome.output_tokens, self._base)
+        self.finished.add(1, {**self._base, "finish_reason": outcome.finish_reason})
+
+    def request_rejected(self, error_type: str) -> None:
+        self.rejected.add(1, {**self._base, "error.type": error_type})
+
+    def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            if self._stats is None:
+                return []
+            return [Observation(float(getattr(self._stats(), field)), self._base)]
+
+        return callback
