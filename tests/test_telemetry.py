@@ -130,3 +130,10 @@ def test_real_scrape_of_the_running_server(stub: Any, llama_server: ServerProces
     for gauge in ("modelserve_requests_running", "modelserve_requests_waiting", "modelserve_kv_cache_usage"):
         assert after[gauge].type == "gauge"
     assert _value(after, "modelserve_output_tokens", "modelserve_output_tokens_total") > 0
+    rpc = "rpc_server_call_duration_seconds"
+    generate = "modelserve.v1.GenerationService/Generate"
+    assert after[rpc].type == "histogram"
+    ok = _value(after, rpc, f"{rpc}_count", rpc_method=generate, rpc_status_code="OK", rpc_system_name="grpc")
+    bad = _value(after, rpc, f"{rpc}_count", rpc_method=generate, rpc_status_code="INVALID_ARGUMENT")
+    assert ok >= 2 and bad >= 1
+    assert _value(after, rpc, f"{rpc}_count", rpc_method=generate, error_type="INVALID_ARGUMENT") == bad

@@ -24,11 +24,12 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve.config import Config
 from modelserve.server.servicer import SERVICE_NAME, GenerationServicer, Phase
+from modelserve.telemetry.rpc_metrics import RpcMetricsInterceptor
+from modelserve.telemetry.setup import start_telemetry
 
 if TYPE_CHECKING:
     from modelserve.engine.engine import Engine
     from modelserve.models.loader import LoadedModel
-    from modelserve.telemetry.setup import Telemetry
 
 log = logging.getLogger("modelserve")
 
@@ -92,12 +93,21 @@ async def warm_up(engine: Engine, model: LoadedModel) -> None:
 
 async def serve(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
+    metrics_host = config.metrics_host or config.host
+    try:
+        telemetry = start_telemetry(metrics_host=metrics_host, metrics_port=config.metrics_port)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", metrics_host, config.metrics_port, exc)
+        return 2
+    if config.metrics_port:
+        log.info("metrics: http://%s:%d/metrics", metrics_host, config.metrics_port)
     server = grpc.aio.server(
+        interceptors=[RpcMetricsInterceptor(telemetry.meter)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -123,7 +133,6 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     engine: Engine | None = None
-    telemetry: Telemetry | None = None
     exit_code = 0
     try:
         started = time.monotonic()
@@ -162,17 +171,8 @@ async def serve(config: Config) -> int:
             )
             if config.warmup:
                 await warm_up(engine, model)
-            from modelserve.telemetry.setup import start_telemetry
-
-            metrics_host = config.metrics_host or config.host
-            try:
-                telemetry = start_telemetry(model.model_id, metrics_host=metrics_host, metrics_port=config.metrics_port)
-            except OSError as exc:
-                log.error("cannot serve metrics on %s:%d: %s", metrics_host, config.metrics_port, exc)
-                return 2
+            telemetry.metrics.set_model(model.model_id)
             telemetry.metrics.attach_engine(engine.stats)
-            if config.metrics_port:
-                log.info("metrics: http://%s:%d/metrics", metrics_host, config.metrics_port)
             servicer.attach(model, engine, telemetry.metrics)
             servicer.phase = Phase.SERVING
             for name in ("", SERVICE_NAME):
@@ -191,7 +191,6 @@ async def serve(config: Config) -> int:
         await server.stop(config.grace_s)
         if engine is not None:
             engine.shutdown()
-        if telemetry is not None:
-            telemetry.shutdown()
+        telemetry.shutdown()
         log.info("stopped")
     return exit_code

@@ -59,12 +59,10 @@ class RequestOutcome:
 class GenerationMetrics:
     """The instruments, created once on a Meter; call the `request_*` methods as requests end."""
 
-    def __init__(self, meter: Meter, model_id: str) -> None:
-        self._base = {
-            "gen_ai.operation.name": OPERATION,
-            "gen_ai.request.model": model_id,
-            "gen_ai.response.model": model_id,
-        }
+    def __init__(self, meter: Meter, model_id: str = "") -> None:
+        self._base: dict[str, str] = {"gen_ai.operation.name": OPERATION}
+        if model_id:
+            self.set_model(model_id)
         self._stats: Callable[[], EngineStats] | None = None
         self.duration = meter.create_histogram(
             "gen_ai.server.request.duration",
@@ -125,6 +123,10 @@ class GenerationMetrics:
             unit="1",
             description="Fraction of the KV cache budget held by live tokens",
         )
+
+    def set_model(self, model_id: str) -> None:
+        """Name the served model on every point from now on (known once it is loaded)."""
+        self._base.update({"gen_ai.request.model": model_id, "gen_ai.response.model": model_id})
 
     def attach_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Read the engine's gauges from `stats` from now on."""

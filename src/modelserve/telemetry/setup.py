@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
@@ -25,6 +26,7 @@ from modelserve.telemetry.metrics import GenerationMetrics
 @dataclass
 class Telemetry:
     provider: MeterProvider
+    meter: Meter
     metrics: GenerationMetrics
     metrics_server: tuple[WSGIServer, object] | None = None  # (server, its thread)
 
@@ -35,7 +37,6 @@ class Telemetry:
 
 
 def start_telemetry(
-    model_id: str,
     *,
     metrics_host: str = "0.0.0.0",
     metrics_port: int = 9464,
@@ -53,5 +54,5 @@ def start_telemetry(
         readers.append(PrometheusMetricReader(registry=registry))
         server = start_http_server(metrics_port, addr=metrics_host, registry=registry)
     provider = MeterProvider(resource=resource, metric_readers=readers)
-    metrics = GenerationMetrics(provider.get_meter("modelserve", __version__), model_id)
-    return Telemetry(provider, metrics, server)
+    meter = provider.get_meter("modelserve", __version__)
+    return Telemetry(provider, meter, GenerationMetrics(meter), server)
