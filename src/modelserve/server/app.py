@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from modelserve.config import Config
 from modelserve.server.servicer import SERVICE_NAME, GenerationServicer, Phase
@@ -102,7 +103,11 @@ async def serve(config: Config) -> int:
     if config.metrics_port:
         log.info("metrics: http://%s:%d/metrics", metrics_host, config.metrics_port)
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(telemetry.meter)],
+        # Spans continue the caller's W3C trace context from metadata; then RPC metrics.
+        interceptors=[
+            aio_server_interceptor(tracer_provider=telemetry.tracer_provider),
+            RpcMetricsInterceptor(telemetry.meter),
+        ],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

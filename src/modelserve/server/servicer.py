@@ -21,6 +21,7 @@ import grpc
 import psutil
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+from opentelemetry import trace
 
 from modelserve import __version__
 from modelserve.config import Config
@@ -278,19 +279,24 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
 
 
 class _OutcomeTracker:
-    """Follows one request's events and reports how it ended, also when it ends early."""
+    """Follows one request's events; tells its span the story (queued, admitted, first token,
+    finished) and the metrics how it ended, also when it ends early. No prompt or output text."""
 
     def __init__(self, metrics: GenerationMetrics | None, input_tokens: int) -> None:
         self._metrics = metrics
+        self._span = trace.get_current_span()  # the RPC's span, from the tracing interceptor
         self._input_tokens = input_tokens
         self._start_s = time.monotonic()
+        self._start_ns = time.time_ns()
         self._first_token_s: float | None = None
         self._output_tokens = 0
-        self._reported = metrics is None
+        self._reported = False
+        self._span.add_event("queued", {"gen_ai.usage.input_tokens": input_tokens})
 
     def saw(self, event: StreamEvent) -> None:
         if event.token_ids and self._first_token_s is None:
             self._first_token_s = time.monotonic() - self._start_s
+            self._span.add_event("first_token")
         self._output_tokens = event.output_tokens
         if event.finish is not None and not self._reported:
             timings = event.finish.timings
@@ -307,11 +313,20 @@ class _OutcomeTracker:
         self._report(reason.value, self._first_token_s or elapsed, self._first_token_s, elapsed)
 
     def _report(self, reason: str, queue_s: float, ttft_s: float | None, total_s: float) -> None:
-        assert self._metrics is not None
         self._reported = True
-        self._metrics.request_finished(
-            RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s)
+        self._span.add_event("admitted", timestamp=self._start_ns + int(queue_s * 1e9))
+        self._span.add_event("finished", {"gen_ai.response.finish_reasons": [reason]})
+        self._span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": self._input_tokens,
+                "gen_ai.usage.output_tokens": self._output_tokens,
+                "gen_ai.response.finish_reasons": [reason],
+            }
         )
+        if self._metrics is not None:
+            self._metrics.request_finished(
+                RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s)
+            )
 
 
 def _logprobs(lp: TokenLogprobs) -> pb.TokenLogprobs:

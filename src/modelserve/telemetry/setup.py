@@ -1,9 +1,13 @@
-"""Set OpenTelemetry up once for a server: resource, meter provider, Prometheus endpoint.
+"""Set OpenTelemetry up once for a server: resource, meters, tracer, exporters.
 
-The resource honours the standard variables (OTEL_SERVICE_NAME,
-OTEL_RESOURCE_ATTRIBUTES); the service name defaults to "modelserve". Each
-server gets its own MeterProvider and Prometheus registry rather than the
-process-wide globals, so several servers (or tests) in one process do not mix.
+Configured by the standard variables: OTEL_SERVICE_NAME and
+OTEL_RESOURCE_ATTRIBUTES for the resource (service.name defaults to
+"modelserve"); OTEL_EXPORTER_OTLP_ENDPOINT (or the _TRACES_/_METRICS_ forms)
+turns on OTLP/gRPC export of traces and metrics, which OTEL_TRACES_EXPORTER or
+OTEL_METRICS_EXPORTER = none turn off again; OTEL_TRACES_SAMPLER(_ARG) pick the
+sampler. The Prometheus endpoint is on unless --metrics-port is 0. Each server
+gets its own providers and Prometheus registry rather than the process-wide
+globals, so several servers (or tests) in one process do not mix.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from wsgiref.simple_server import WSGIServer
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, start_http_server
 
 from modelserve import __version__
@@ -28,12 +34,24 @@ class Telemetry:
     provider: MeterProvider
     meter: Meter
     metrics: GenerationMetrics
+    tracer_provider: TracerProvider
     metrics_server: tuple[WSGIServer, object] | None = None  # (server, its thread)
 
     def shutdown(self) -> None:
+        """Flush what is pending to the exporters and stop the endpoint."""
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
+        self.tracer_provider.shutdown()
         self.provider.shutdown()
+
+
+def _otlp_wanted(signal: str) -> bool:
+    """OTLP export of `signal` (traces | metrics) is on when an endpoint is set and not turned off."""
+    if os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    )
 
 
 def start_telemetry(
@@ -53,6 +71,15 @@ def start_telemetry(
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         server = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+    if _otlp_wanted("metrics"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     provider = MeterProvider(resource=resource, metric_readers=readers)
     meter = provider.get_meter("modelserve", __version__)
-    return Telemetry(provider, meter, GenerationMetrics(meter), server)
+    tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    if _otlp_wanted("traces"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return Telemetry(provider, meter, GenerationMetrics(meter), tracer_provider, server)
