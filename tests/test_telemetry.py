@@ -137,3 +137,22 @@ def test_real_scrape_of_the_running_server(stub: Any, llama_server: ServerProces
     bad = _value(after, rpc, f"{rpc}_count", rpc_method=generate, rpc_status_code="INVALID_ARGUMENT")
     assert ok >= 2 and bad >= 1
     assert _value(after, rpc, f"{rpc}_count", rpc_method=generate, error_type="INVALID_ARGUMENT") == bad
+
+
+def test_dashboard_uses_only_metrics_the_server_exports(stub: Any, llama_server: ServerProcess) -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "modelserve.json").read_text())
+    # Metric names only: drop label selectors {...} and grouping clauses by (...) first.
+    exprs = [re.sub(r"\{[^}]*\}|by \([^)]*\)", "", t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b((?:gen_ai|modelserve|rpc)_[a-z_]+)\b", e)}
+    with pytest.raises(grpc.RpcError):  # one rejected request, so the error series exist too
+        list(stub.Generate(pb.GenerateRequest(prompt="Hello", params=pb.GenerationParameters(top_k=-1))))
+    list(stub.Generate(pb.GenerateRequest(prompt="Hello", params=pb.GenerationParameters(max_new_tokens=3))))
+    exported = {s.name for family in _scrape(llama_server).values() for s in family.samples}
+    assert used and used <= exported, sorted(used - exported)
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("tokens / s", "first token", "inter-token", "waiting", "kv cache", "errors"):
+        assert topic in titles
