@@ -13,7 +13,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelserve.engine.request import EngineStats
+from modelserve.engine.request import EngineStats, StepRecord
 from modelserve.telemetry.metrics import (
     REQUEST_DURATION_BUCKETS_S,
     TIME_TO_FIRST_TOKEN_BUCKETS_S,
@@ -46,10 +46,12 @@ def test_known_sequence_in_memory() -> None:
     reader = InMemoryMetricReader()
     metrics = GenerationMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"), "tiny-model")
     metrics.attach_engine(lambda: EngineStats(running=3, waiting=2, kv_budget_tokens=200, kv_tokens_used=50))
-    metrics.request_finished(RequestOutcome(12, 10, "length", 0.01, 0.05, 0.50))
+    metrics.request_finished(RequestOutcome(12, 10, "length", 0.01, 0.05, 0.50, mean_logprob=-1.25))
     metrics.request_finished(RequestOutcome(8, 4, "eos_token", 0.02, 0.03, 0.33))
     metrics.request_finished(RequestOutcome(5, 2, "cancelled", 0.01, 0.02, 0.10))  # the caller left
     metrics.request_rejected("invalid_argument")
+    metrics.record_step(StepRecord(batch_size=3, prefill_tokens=0, prefill_s=0.0, decode_s=0.04))
+    metrics.record_step(StepRecord(batch_size=5, prefill_tokens=128, prefill_s=0.2, decode_s=0.06))
     found = _collect(reader)
 
     base = {"gen_ai.operation.name": "text_completion", "gen_ai.request.model": "tiny-model"}
@@ -87,6 +89,14 @@ def test_known_sequence_in_memory() -> None:
     assert _point(found["modelserve.requests.waiting"], **base).value == 2
     assert _point(found["modelserve.kv_cache.usage"], **base).value == pytest.approx(0.25)
     assert found["modelserve.request.queue.duration"].unit == "s"
+    batch = _point(found["modelserve.engine.batch_size"], **base)
+    assert (batch.count, batch.sum) == (2, 8)
+    steps = found["modelserve.engine.step.duration"]
+    decode = _point(steps, **{"modelserve.step.phase": "decode"})
+    prefill = _point(steps, **{"modelserve.step.phase": "prefill"})
+    assert decode.count == 2 and decode.sum == pytest.approx(0.10) and prefill.count == 1
+    confidence = _point(found["modelserve.response.token_nll"], **base)
+    assert confidence.count == 1 and confidence.sum == pytest.approx(1.25)  # mean logprob -1.25, negated
 
 
 def _scrape(server: ServerProcess) -> dict[str, Any]:
@@ -129,6 +139,13 @@ def test_real_scrape_of_the_running_server(stub: Any, llama_server: ServerProces
     )
     for gauge in ("modelserve_requests_running", "modelserve_requests_waiting", "modelserve_kv_cache_usage"):
         assert after[gauge].type == "gauge"
+    steps = "modelserve_engine_step_duration_seconds"
+    assert _value(after, steps, f"{steps}_count", modelserve_step_phase="decode") > 0
+    assert _value(after, steps, f"{steps}_count", modelserve_step_phase="prefill") > 0
+    assert _value(after, "modelserve_engine_batch_size", "modelserve_engine_batch_size_count") > 0
+    confidence = "modelserve_response_token_nll"
+    assert _value(after, confidence, f"{confidence}_count") >= 2
+    assert _value(after, confidence, f"{confidence}_sum") > 0  # a random model is far from certain
     assert _value(after, "modelserve_output_tokens", "modelserve_output_tokens_total") > 0
     rpc = "rpc_server_call_duration_seconds"
     generate = "modelserve.v1.GenerationService/Generate"

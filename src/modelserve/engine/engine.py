@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from modelserve.engine.request import (
     Finish,
     FinishReason,
     Request,
+    StepRecord,
     StreamEvent,
     Timings,
     TokenLogprob,
@@ -117,6 +118,7 @@ class Engine:
         eos_token_ids: Iterable[int],
         config: EngineConfig,
         max_sequence_length: int,
+        on_step: Callable[[StepRecord], None] | None = None,
     ) -> None:
         self._runner = ModelRunner(model)
         self._tokenizer = tokenizer
@@ -138,6 +140,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stats = EngineStats(kv_budget_tokens=budget_tokens)
+        self._on_step = on_step
         log.info(
             "KV pool: budget %d tokens (%.2f GiB at %d bytes/token), up to %d rows",
             budget_tokens,
@@ -251,7 +254,9 @@ class Engine:
         for seq in scheduler.admit(self._pool.fits):
             seq.scheduled_s = time.monotonic()
             seq.prefill = PrefillBuffer(self._runner.kv_shape, len(seq.request.prompt_ids))
+        prefill_started, prefilled = time.perf_counter(), 0
         for seq, n_tokens in scheduler.prefill_plan():
+            prefilled += n_tokens
             try:
                 event = self._prefill(seq, n_tokens)
             except Exception as exc:  # this prompt failed; the running rows are untouched
@@ -261,18 +266,31 @@ class Engine:
                 event = self._finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
             if event is not None:
                 out.append(event)
+        if prefilled and self._on_step is not None:
+            self._runner.synchronize()  # so the prefill's time is its own
+        prefill_s = time.perf_counter() - prefill_started
 
         running = scheduler.running
+        decode_started, batch_size = time.perf_counter(), len(running)
         if running:
             try:
                 logits = self._runner.decode(self._pool, [s.output_ids[-1] for s in running])
-                result = sample(logits, [self._sampling_row(s) for s in running])
-                for seq, token, lp in zip(running, result.token_ids, result.logprobs, strict=True):
+                result = sample(logits, [self._sampling_row(s) for s in running])  # waits for the device
+                for seq, token, lp, chosen in zip(
+                    running, result.token_ids, result.logprobs, result.chosen_logprobs, strict=True
+                ):
+                    seq.logprob_sum += chosen
                     out.append(self._append(seq, token, lp))
             except Exception as exc:  # a failed step fails the requests it touched, not the engine
                 log.exception("decode step failed")
                 out.extend(self._fail_running(f"{type(exc).__name__}: {exc}"))
+        decode_s = time.perf_counter() - decode_started if running else 0.0
         self._free_finished_rows()
+        if self._on_step is not None and (prefilled or batch_size):
+            try:
+                self._on_step(StepRecord(batch_size, prefilled, prefill_s if prefilled else 0.0, decode_s))
+            except Exception:  # an observer's failure is not the engine's
+                log.exception("step observer failed")
 
         self._forget_finished(out)
         self._stats = EngineStats(
@@ -296,6 +314,7 @@ class Engine:
             return None
         self._scheduler.prefilling.remove(seq)
         result = sample(logits[None, :], [self._sampling_row(seq)])
+        seq.logprob_sum += result.chosen_logprobs[0]
         event = self._append(seq, result.token_ids[0], result.logprobs[0])
         if seq.finish is None:
             self._pool.add(buffer, seq.need)
@@ -352,7 +371,8 @@ class Engine:
             time_to_first_token_s=(seq.first_token_s or now) - start,
             total_s=now - start,
         )
-        return Finish(reason, timings, seq.params.seed, error)
+        mean_logprob = seq.logprob_sum / len(seq.output_ids) if seq.output_ids else None
+        return Finish(reason, timings, seq.params.seed, error, mean_logprob)
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> tuple[int, StreamEvent]:
         """Close a sequence that produced no token this step: its last, empty event."""

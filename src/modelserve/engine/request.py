@@ -84,6 +84,7 @@ class Finish:
     timings: Timings
     seed: int
     error: str = ""  # set with FinishReason.ERROR
+    mean_logprob: float | None = None  # mean raw log-probability of the output tokens (a confidence signal)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,16 @@ class StreamEvent:
     output_tokens: int  # generated so far, in all
     logprobs: tuple[TokenLogprobs, ...] = ()
     finish: Finish | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one engine step did, for whoever observes the engine (telemetry)."""
+
+    batch_size: int  # rows decoded together
+    prefill_tokens: int
+    prefill_s: float
+    decode_s: float
 
 
 @dataclass(frozen=True)

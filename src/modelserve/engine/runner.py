@@ -30,6 +30,11 @@ class ModelRunner:
         self.kv_shape = self._probe_kv_shape()
         self._cache = ForwardCache(self.kv_shape.n_layers)
 
+    def synchronize(self) -> None:
+        """Wait for queued device work, so a phase's timing is its own."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _attention_backends(self) -> contextlib.AbstractContextManager[None]:
         if self.device.type == "cuda":
             return sdpa_kernel(_CUDA_SDPA_BACKENDS)

@@ -39,11 +39,12 @@ class RowLogprobs:
 class SampleResult:
     token_ids: list[int]
     logprobs: list[RowLogprobs | None]
+    chosen_logprobs: list[float]  # every row's token under the raw model distribution
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     """Choose one token per row of `logits` ([rows, vocab])."""
-    logits = logits.float()
+    logits = raw_logits = logits.float()
     n_rows, vocab = logits.shape
     want_logprobs = any(r.params.logprobs for r in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -67,12 +68,16 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled], vocab)
 
     token_ids = chosen.tolist()
+    if raw_logprobs is not None:
+        chosen_logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    else:  # one logsumexp per row is all it takes
+        chosen_logprobs = (raw_logits.gather(1, chosen[:, None])[:, 0] - raw_logits.logsumexp(dim=-1)).tolist()
     out_logprobs: list[RowLogprobs | None] = [None] * n_rows
     if raw_logprobs is not None:
         for i, row in enumerate(rows):
             if row.params.logprobs:
                 out_logprobs[i] = _row_logprobs(raw_logprobs[i], token_ids[i], row.params.top_logprobs)
-    return SampleResult(token_ids, out_logprobs)
+    return SampleResult(token_ids, out_logprobs, chosen_logprobs)
 
 
 def _padded_ids(device: torch.device, id_lists: list[list[int]]) -> torch.Tensor:

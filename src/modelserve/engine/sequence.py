@@ -29,6 +29,7 @@ class Sequence:
     error: str = ""
     abort_reason: FinishReason | None = None  # set by abort(); acted on at the next step
     prefill: PrefillBuffer | None = None  # while the prompt is being prefilled
+    logprob_sum: float = 0.0  # of the output tokens, under the raw model distribution
 
     @property
     def params(self) -> SamplingParams:

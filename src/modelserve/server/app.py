@@ -164,6 +164,7 @@ async def serve(config: Config) -> int:
                     gpu_memory_fraction=config.gpu_memory_fraction,
                 ),
                 model.max_sequence_length,
+                on_step=telemetry.metrics.record_step,
             )
             engine.start(loop)
             log.info(
@@ -178,6 +179,13 @@ async def serve(config: Config) -> int:
                 await warm_up(engine, model)
             telemetry.metrics.set_model(model.model_id)
             telemetry.metrics.attach_engine(engine.stats)
+            if model.device.type == "cuda":
+                import torch
+
+                device = model.device
+                telemetry.metrics.attach_gpu_memory(
+                    lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+                )
             servicer.attach(model, engine, telemetry.metrics)
             servicer.phase = Phase.SERVING
             for name in ("", SERVICE_NAME):

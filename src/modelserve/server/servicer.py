@@ -301,7 +301,7 @@ class _OutcomeTracker:
         if event.finish is not None and not self._reported:
             timings = event.finish.timings
             ttft = timings.time_to_first_token_s if event.output_tokens else None
-            self._report(event.finish.reason.value, timings.queue_s, ttft, timings.total_s)
+            self._report(event.finish.reason.value, timings.queue_s, ttft, timings.total_s, event.finish.mean_logprob)
 
     def close(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """The handler is ending: a request with no finish event was cancelled or ran out of time."""
@@ -312,7 +312,9 @@ class _OutcomeTracker:
         elapsed = time.monotonic() - self._start_s
         self._report(reason.value, self._first_token_s or elapsed, self._first_token_s, elapsed)
 
-    def _report(self, reason: str, queue_s: float, ttft_s: float | None, total_s: float) -> None:
+    def _report(
+        self, reason: str, queue_s: float, ttft_s: float | None, total_s: float, mean_logprob: float | None = None
+    ) -> None:
         self._reported = True
         self._span.add_event("admitted", timestamp=self._start_ns + int(queue_s * 1e9))
         self._span.add_event("finished", {"gen_ai.response.finish_reasons": [reason]})
@@ -325,7 +327,7 @@ class _OutcomeTracker:
         )
         if self._metrics is not None:
             self._metrics.request_finished(
-                RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s)
+                RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s, mean_logprob)
             )
 
 

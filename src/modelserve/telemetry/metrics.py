@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from modelserve.engine.request import EngineStats
+from modelserve.engine.request import EngineStats, StepRecord
 
 # Bucket boundaries from the GenAI semantic conventions.
 REQUEST_DURATION_BUCKETS_S = [0.01 * 2**i for i in range(14)]  # 0.01 ... 81.92
@@ -38,6 +38,10 @@ TIME_TO_FIRST_TOKEN_BUCKETS_S = [
 ]
 TIME_PER_OUTPUT_TOKEN_BUCKETS_S = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 TOKEN_USAGE_BUCKETS = [4**i for i in range(14)]  # 1, 4, 16 ... 67,108,864
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+# OpenTelemetry histograms take no negative values, so the mean log-probability is exported
+# negated: the mean negative log-likelihood per token, in nats (0 = certain; ln(vocab) = uniform).
+TOKEN_NLL_BUCKETS = [0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0]
 
 OPERATION = "text_completion"
 # Finish reasons that mean the caller did not get what it asked for.
@@ -54,6 +58,7 @@ class RequestOutcome:
     queue_s: float
     time_to_first_token_s: float | None  # None when no token was produced
     total_s: float
+    mean_logprob: float | None = None  # the output's mean token log-probability
 
 
 class GenerationMetrics:
@@ -117,6 +122,25 @@ class GenerationMetrics:
             unit="{request}",
             description="Requests queued or being prefilled",
         )
+        self.batch_size = meter.create_histogram(
+            "modelserve.engine.batch_size",
+            unit="{request}",
+            description="Rows decoded together in one engine step",
+            explicit_bucket_boundaries_advisory=BATCH_SIZE_BUCKETS,
+        )
+        self.step_duration = meter.create_histogram(
+            "modelserve.engine.step.duration",
+            unit="s",
+            description="Time of an engine step's phase (modelserve.step.phase: prefill or decode)",
+            explicit_bucket_boundaries_advisory=TIME_TO_FIRST_TOKEN_BUCKETS_S,
+        )
+        self.token_nll = meter.create_histogram(
+            "modelserve.response.token_nll",
+            unit="1",
+            description="Each response's mean token log-probability, negated (nats; lower = more confident)",
+            explicit_bucket_boundaries_advisory=TOKEN_NLL_BUCKETS,
+        )
+        self._meter = meter
         meter.create_observable_gauge(
             "modelserve.kv_cache.usage",
             [self._observe("kv_usage")],
@@ -145,8 +169,37 @@ class GenerationMetrics:
         self.token_usage.record(outcome.input_tokens, {**attrs, "gen_ai.token.type": "input"})
         self.token_usage.record(outcome.output_tokens, {**attrs, "gen_ai.token.type": "output"})
         self.queue_time.record(outcome.queue_s, attrs)
+        if outcome.mean_logprob is not None:
+            self.token_nll.record(-outcome.mean_logprob, attrs)
         self.output_tokens.add(outcome.output_tokens, self._base)
         self.finished.add(1, {**self._base, "finish_reason": outcome.finish_reason})
+
+    def record_step(self, step: StepRecord) -> None:
+        """The engine's per-step observer (called on the engine thread)."""
+        if step.batch_size:
+            self.batch_size.record(step.batch_size, self._base)
+            self.step_duration.record(step.decode_s, {**self._base, "modelserve.step.phase": "decode"})
+        if step.prefill_tokens:
+            self.step_duration.record(step.prefill_s, {**self._base, "modelserve.step.phase": "prefill"})
+
+    def attach_gpu_memory(self, read: Callable[[], tuple[int, int]]) -> None:
+        """Export GPU memory (allocated, reserved) in bytes, as `read` reports it (CUDA only)."""
+
+        def gauge(index: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            return lambda options: [Observation(read()[index], self._base)]
+
+        self._meter.create_observable_gauge(
+            "modelserve.gpu.memory.allocated",
+            [gauge(0)],
+            unit="By",
+            description="Bytes allocated by tensors on the GPU",
+        )
+        self._meter.create_observable_gauge(
+            "modelserve.gpu.memory.reserved",
+            [gauge(1)],
+            unit="By",
+            description="Bytes reserved by the GPU caching allocator",
+        )
 
     def request_rejected(self, error_type: str) -> None:
         self.rejected.add(1, {**self._base, "error.type": error_type})
