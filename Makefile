@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install serve test lint proto bench bench-quick clean
+.PHONY: install serve test lint proto bench bench-quick bench-telemetry clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/serving_bench.py --quick $(BENCH_ARGS)
+
+# Telemetry on vs off, side by side (bench/telemetry_cost.py); writes its table into docs/benchmarks.md.
+bench-telemetry: $(STAMP)
+	$(BIN)/python bench/telemetry_cost.py --write-docs
 
 proto: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py

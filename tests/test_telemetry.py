@@ -173,3 +173,33 @@ def test_dashboard_uses_only_metrics_the_server_exports(stub: Any, llama_server:
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("tokens / s", "first token", "inter-token", "waiting", "kv cache", "errors"):
         assert topic in titles
+
+
+@pytest.mark.parametrize("content", [False, True])
+def test_request_span_tells_the_story_and_text_only_when_turned_on(content: bool) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from modelserve.engine.request import Finish, FinishReason, StreamEvent, Timings
+    from modelserve.server.servicer import _OutcomeTracker
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("test").start_as_current_span("Generate"):
+        tracker = _OutcomeTracker(None, 3, "secret prompt" if content else None)
+        tracker.saw(StreamEvent("Hel", (1,), 1))
+        finish = Finish(FinishReason.STOP_SEQUENCE, Timings(0.01, 0.02, 0.05), seed=1, mean_logprob=-2.0)
+        tracker.saw(StreamEvent("lo", (2,), 2, finish=finish))
+    (span,) = exporter.get_finished_spans()
+    assert [e.name for e in span.events] == ["queued", "first_token", "admitted", "finished"]
+    assert span.attributes is not None
+    assert span.attributes["gen_ai.usage.input_tokens"] == 3 and span.attributes["gen_ai.usage.output_tokens"] == 2
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("stop_sequence",)
+    if content:
+        assert span.attributes["gen_ai.prompt"] == "secret prompt" and span.attributes["gen_ai.completion"] == "Hello"
+    else:
+        assert "gen_ai.prompt" not in span.attributes and "gen_ai.completion" not in span.attributes
+    assert trace.get_current_span() is trace.INVALID_SPAN

@@ -37,6 +37,8 @@ _HELP = {
     "max_stop_sequence_chars": "longest stop sequence, in characters",
     "max_top_logprobs": "largest top_logprobs a request may ask for",
     "max_message_bytes": "largest gRPC message, in bytes",
+    "telemetry": "OpenTelemetry metrics and traces (and the /metrics endpoint)",
+    "trace_content": "record prompt and output text on request spans (off by default: they may be private)",
     "metrics_port": "port of the Prometheus /metrics endpoint (0 = off)",
     "metrics_host": "address of the /metrics endpoint (empty = the same as --host)",
     "reflection": "serve gRPC server reflection",

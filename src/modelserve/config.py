@@ -39,6 +39,8 @@ class Config:
     max_stop_sequence_chars: int = 256
     max_top_logprobs: int = 20
     max_message_bytes: int = 4 << 20  # gRPC receive/send limit
+    telemetry: bool = True  # metrics, traces and their exporters; off measures their cost
+    trace_content: bool = False  # put prompt and output text on request spans (off: counts only)
     metrics_port: int = 9464  # Prometheus scrape endpoint (/metrics); 0 = off
     metrics_host: str = ""  # "" = the same as host
     reflection: bool = True

@@ -26,7 +26,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from modelserve.config import Config
 from modelserve.server.servicer import SERVICE_NAME, GenerationServicer, Phase
 from modelserve.telemetry.rpc_metrics import RpcMetricsInterceptor
-from modelserve.telemetry.setup import start_telemetry
+from modelserve.telemetry.setup import Telemetry, start_telemetry
 
 if TYPE_CHECKING:
     from modelserve.engine.engine import Engine
@@ -95,19 +95,23 @@ async def warm_up(engine: Engine, model: LoadedModel) -> None:
 async def serve(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
     metrics_host = config.metrics_host or config.host
-    try:
-        telemetry = start_telemetry(metrics_host=metrics_host, metrics_port=config.metrics_port)
-    except OSError as exc:
-        log.error("cannot serve metrics on %s:%d: %s", metrics_host, config.metrics_port, exc)
-        return 2
-    if config.metrics_port:
-        log.info("metrics: http://%s:%d/metrics", metrics_host, config.metrics_port)
-    server = grpc.aio.server(
+    telemetry: Telemetry | None = None
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.telemetry:
+        try:
+            telemetry = start_telemetry(metrics_host=metrics_host, metrics_port=config.metrics_port)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", metrics_host, config.metrics_port, exc)
+            return 2
+        if config.metrics_port:
+            log.info("metrics: http://%s:%d/metrics", metrics_host, config.metrics_port)
         # Spans continue the caller's W3C trace context from metadata; then RPC metrics.
-        interceptors=[
+        interceptors = [
             aio_server_interceptor(tracer_provider=telemetry.tracer_provider),
             RpcMetricsInterceptor(telemetry.meter),
-        ],
+        ]
+    server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -164,7 +168,7 @@ async def serve(config: Config) -> int:
                     gpu_memory_fraction=config.gpu_memory_fraction,
                 ),
                 model.max_sequence_length,
-                on_step=telemetry.metrics.record_step,
+                on_step=telemetry.metrics.record_step if telemetry else None,
             )
             engine.start(loop)
             log.info(
@@ -177,16 +181,17 @@ async def serve(config: Config) -> int:
             )
             if config.warmup:
                 await warm_up(engine, model)
-            telemetry.metrics.set_model(model.model_id)
-            telemetry.metrics.attach_engine(engine.stats)
-            if model.device.type == "cuda":
+            if telemetry is not None:
+                telemetry.metrics.set_model(model.model_id)
+                telemetry.metrics.attach_engine(engine.stats)
+            if telemetry is not None and model.device.type == "cuda":
                 import torch
 
                 device = model.device
                 telemetry.metrics.attach_gpu_memory(
                     lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
                 )
-            servicer.attach(model, engine, telemetry.metrics)
+            servicer.attach(model, engine, telemetry.metrics if telemetry else None)
             servicer.phase = Phase.SERVING
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, SERVING)
@@ -204,6 +209,7 @@ async def serve(config: Config) -> int:
         await server.stop(config.grace_s)
         if engine is not None:
             engine.shutdown()
-        telemetry.shutdown()
+        if telemetry is not None:
+            telemetry.shutdown()
         log.info("stopped")
     return exit_code

@@ -112,7 +112,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         except EngineClosedError as exc:
             self._rejected("unavailable")
             await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
-        outcome = _OutcomeTracker(self._metrics, n_prompt)
+        outcome = _OutcomeTracker(self._metrics, n_prompt, self._traced_prompt(request.prompt))
         try:
             yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))
             async for event in stream:
@@ -155,7 +155,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 code = grpc.StatusCode.UNAVAILABLE.value[0]
                 return pb.BatchItem(error=pb.ItemError(code=code, message=f"the engine is not running: {exc}"))
             result = pb.GenerateResult(request_id=engine_request.request_id)
-            outcome = _OutcomeTracker(self._metrics, len(engine_request.prompt_ids))
+            outcome = _OutcomeTracker(self._metrics, len(engine_request.prompt_ids), self._traced_prompt(item.prompt))
             try:
                 async for event in stream:
                     outcome.saw(event)
@@ -246,6 +246,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self._rejected("unavailable")
         await _abort(context, grpc.StatusCode.UNAVAILABLE, why)
 
+    def _traced_prompt(self, prompt: str) -> str | None:
+        return prompt if self._config.trace_content else None
+
     def _rejected(self, error_type: str) -> None:
         if self._metrics is not None:
             self._metrics.request_rejected(error_type)
@@ -282,8 +285,11 @@ class _OutcomeTracker:
     """Follows one request's events; tells its span the story (queued, admitted, first token,
     finished) and the metrics how it ended, also when it ends early. No prompt or output text."""
 
-    def __init__(self, metrics: GenerationMetrics | None, input_tokens: int) -> None:
+    def __init__(self, metrics: GenerationMetrics | None, input_tokens: int, prompt: str | None = None) -> None:
+        """`prompt` is given only when the operator turned content tracing on."""
         self._metrics = metrics
+        self._prompt = prompt
+        self._output: list[str] = []
         self._span = trace.get_current_span()  # the RPC's span, from the tracing interceptor
         self._input_tokens = input_tokens
         self._start_s = time.monotonic()
@@ -298,6 +304,8 @@ class _OutcomeTracker:
             self._first_token_s = time.monotonic() - self._start_s
             self._span.add_event("first_token")
         self._output_tokens = event.output_tokens
+        if self._prompt is not None:
+            self._output.append(event.text)
         if event.finish is not None and not self._reported:
             timings = event.finish.timings
             ttft = timings.time_to_first_token_s if event.output_tokens else None
@@ -325,6 +333,8 @@ class _OutcomeTracker:
                 "gen_ai.response.finish_reasons": [reason],
             }
         )
+        if self._prompt is not None:
+            self._span.set_attributes({"gen_ai.prompt": self._prompt, "gen_ai.completion": "".join(self._output)})
         if self._metrics is not None:
             self._metrics.request_finished(
                 RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s, mean_logprob)
