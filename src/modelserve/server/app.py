@@ -157,6 +157,8 @@ async def serve(config: Config) -> int:
                 return 1
             from modelserve.engine.engine import Engine, EngineConfig
 
+            if telemetry is not None:  # before the engine's first step, so every point names the model
+                telemetry.metrics.set_model(model.model_id)
             engine = Engine(
                 model.model,
                 model.tokenizer,
@@ -182,7 +184,6 @@ async def serve(config: Config) -> int:
             if config.warmup:
                 await warm_up(engine, model)
             if telemetry is not None:
-                telemetry.metrics.set_model(model.model_id)
                 telemetry.metrics.attach_engine(engine.stats)
             if telemetry is not None and model.device.type == "cuda":
                 import torch
