@@ -134,6 +134,27 @@ def make_workload(
 # ---- modelserve over gRPC -------------------------------------------------------------------------------------
 
 
+def bench_model_dir(preset_name: str, cache_dir: Path) -> Path:
+    """The preset's random-weight model directory, built on first use and kept in cache_dir."""
+    from modelserve.models.random_init import build_random_model
+
+    preset = PRESETS[preset_name]
+    model_dir = cache_dir / f"bench-{preset_name}"
+    if not (model_dir / "config.json").exists():
+        print(f"building {preset_name} with random weights into {model_dir} ...", flush=True)
+        build_random_model(
+            model_dir,
+            preset["arch"],
+            seed=0,
+            hidden=preset["hidden"],
+            layers=preset["layers"],
+            heads=preset["heads"],
+            max_len=preset["max_len"],
+            vocab_size=preset["vocab_size"],
+        )
+    return model_dir
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -492,24 +513,11 @@ def main() -> None:
     import torch
 
     from modelserve.models.loader import load_model
-    from modelserve.models.random_init import build_random_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[ns.preset]
-    model_dir = ns.cache_dir / f"bench-{ns.preset}"
-    if not (model_dir / "config.json").exists():
-        print(f"building {ns.preset} with random weights into {model_dir} ...", flush=True)
-        build_random_model(
-            model_dir,
-            preset["arch"],
-            seed=0,
-            hidden=preset["hidden"],
-            layers=preset["layers"],
-            heads=preset["heads"],
-            max_len=preset["max_len"],
-            vocab_size=preset["vocab_size"],
-        )
+    model_dir = bench_model_dir(ns.preset, ns.cache_dir)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

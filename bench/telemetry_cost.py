@@ -28,6 +28,7 @@ from typing import Any
 from serving_bench import (
     PRESETS,
     RESULTS,
+    bench_model_dir,
     clean_token_ids,
     free_port,
     grpc_closed_loop,
@@ -60,22 +61,8 @@ def main() -> None:
 
     from tokenizers import Tokenizer
 
-    from modelserve.models.random_init import build_random_model
-
     RESULTS.mkdir(parents=True, exist_ok=True)
-    preset = PRESETS[ns.preset]
-    model_dir = ns.cache_dir / f"bench-{ns.preset}"
-    if not (model_dir / "config.json").exists():
-        build_random_model(
-            model_dir,
-            preset["arch"],
-            seed=0,
-            hidden=preset["hidden"],
-            layers=preset["layers"],
-            heads=preset["heads"],
-            max_len=preset["max_len"],
-            vocab_size=preset["vocab_size"],
-        )
+    model_dir = bench_model_dir(ns.preset, ns.cache_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     # Short prompts, many tokens: the per-message and per-step costs of telemetry dominate here.
     workload = make_workload(tokenizer, clean_token_ids(tokenizer), ns.requests, 3, (16, 64), (32, 64))
