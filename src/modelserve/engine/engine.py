@@ -279,8 +279,7 @@ class Engine:
                 for seq, token, lp, chosen in zip(
                     running, result.token_ids, result.logprobs, result.chosen_logprobs, strict=True
                 ):
-                    seq.logprob_sum += chosen
-                    out.append(self._append(seq, token, lp))
+                    out.append(self._append(seq, token, chosen, lp))
             except Exception as exc:  # a failed step fails the requests it touched, not the engine
                 log.exception("decode step failed")
                 out.extend(self._fail_running(f"{type(exc).__name__}: {exc}"))
@@ -296,10 +295,8 @@ class Engine:
         self._stats = EngineStats(
             running=len(running),
             waiting=len(scheduler.waiting) + len(scheduler.prefilling),
-            steps=self._stats.steps + 1,
             kv_budget_tokens=self._pool.budget_tokens,
             kv_tokens_used=self._pool.tokens_held(),
-            kv_tokens_allocated=self._pool.allocated_tokens(),
         )
         if out and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, out)
@@ -314,8 +311,7 @@ class Engine:
             return None
         self._scheduler.prefilling.remove(seq)
         result = sample(logits[None, :], [self._sampling_row(seq)])
-        seq.logprob_sum += result.chosen_logprobs[0]
-        event = self._append(seq, result.token_ids[0], result.logprobs[0])
+        event = self._append(seq, result.token_ids[0], result.chosen_logprobs[0], result.logprobs[0])
         if seq.finish is None:
             self._pool.add(buffer, seq.need)
             self._scheduler.running.append(seq)
@@ -335,10 +331,11 @@ class Engine:
         seen = seq.seen_ids if params.repetition_penalty != 1.0 else ()
         return SamplingRow(params, seq.generator, seen, suppress)
 
-    def _append(self, seq: Sequence, token: int, lp: RowLogprobs | None) -> tuple[int, StreamEvent]:
-        """Add one sampled token to a sequence; decide whether it ends it."""
+    def _append(self, seq: Sequence, token: int, logprob: float, lp: RowLogprobs | None) -> tuple[int, StreamEvent]:
+        """Add one sampled token (and its raw log-probability) to a sequence; decide whether it ends it."""
         now = time.monotonic()
         seq.output_ids.append(token)
+        seq.logprob_sum += logprob
         if seq.first_token_s is None:
             seq.first_token_s = now
         params = seq.params
@@ -364,7 +361,7 @@ class Engine:
     def _close(self, seq: Sequence, reason: FinishReason, error: str = "") -> Finish:
         """Mark a sequence finished and say how it went."""
         now = time.monotonic()
-        seq.finish, seq.error = reason, error
+        seq.finish = reason
         start = seq.arrival_s
         timings = Timings(
             queue_s=(seq.scheduled_s or now) - start,

@@ -119,10 +119,8 @@ class EngineStats:
 
     running: int = 0  # rows decoding
     waiting: int = 0  # queued or being prefilled
-    steps: int = 0
     kv_budget_tokens: int = 0
     kv_tokens_used: int = 0  # tokens held by decoding rows
-    kv_tokens_allocated: int = 0  # the pool's rows x columns
 
     @property
     def kv_usage(self) -> float:

@@ -26,7 +26,6 @@ class Sequence:
     scheduled_s: float | None = None
     first_token_s: float | None = None
     finish: FinishReason | None = None
-    error: str = ""
     abort_reason: FinishReason | None = None  # set by abort(); acted on at the next step
     prefill: PrefillBuffer | None = None  # while the prompt is being prefilled
     logprob_sum: float = 0.0  # of the output tokens, under the raw model distribution

@@ -28,7 +28,6 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     model: PreTrainedModel
     tokenizer: Tokenizer  # the fast (Rust) tokenizer behind the HF wrapper
-    add_bos: bool  # whether encoding adds special tokens such as BOS
     model_id: str
     architecture: str
     model_type: str
@@ -117,11 +116,9 @@ def load_model(
         token_id = getattr(hf_tokenizer, f"{role}_token_id", None)
         if isinstance(token, str) and isinstance(token_id, int):
             specials.append((role, token, token_id))
-    probe = backend.encode("a", add_special_tokens=True).ids
     return LoadedModel(
         model=model,
         tokenizer=backend,
-        add_bos=len(probe) != len(backend.encode("a", add_special_tokens=False).ids),
         model_id=model_id or source,
         architecture=(config.architectures or [type(model).__name__])[0],
         model_type=config.model_type,
