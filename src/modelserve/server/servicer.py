@@ -37,7 +37,7 @@ from modelserve.server.validation import InvalidArgument, Limits, build_request,
 from modelserve.telemetry.metrics import GenerationMetrics, RequestOutcome
 
 if TYPE_CHECKING:
-    from modelserve.engine.engine import Engine
+    from modelserve.engine.engine import Engine, RequestStream
     from modelserve.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine, model, limits = await self._serving(context)
         try:
-            engine_request = self._engine_request(request, model, limits)
-        except InvalidArgument as exc:
-            self._rejected("invalid_argument")
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            engine_request, stream = self._start(engine, request, model, limits)
+        except _RequestFailed as exc:
+            await _abort(context, exc.code, str(exc))
         request_id = engine_request.request_id
         n_prompt = len(engine_request.prompt_ids)
-        try:
-            stream = engine.submit(engine_request)
-        except EngineClosedError as exc:
-            self._rejected("unavailable")
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}")
         outcome = _OutcomeTracker(self._metrics, n_prompt, self._traced_prompt(request.prompt))
         try:
             yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))
@@ -142,18 +136,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
 
         async def run_one(i: int, item: pb.GenerateRequest) -> pb.BatchItem:
             try:
-                engine_request = self._engine_request(item, model, limits, field=f"requests[{i}]")
-            except InvalidArgument as exc:
-                self._rejected("invalid_argument")
-                return pb.BatchItem(
-                    error=pb.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(exc))
-                )
-            try:
-                stream = engine.submit(engine_request)
-            except EngineClosedError as exc:
-                self._rejected("unavailable")
-                code = grpc.StatusCode.UNAVAILABLE.value[0]
-                return pb.BatchItem(error=pb.ItemError(code=code, message=f"the engine is not running: {exc}"))
+                engine_request, stream = self._start(engine, item, model, limits, field=f"requests[{i}]")
+            except _RequestFailed as exc:
+                return _item_error(exc)
             result = pb.GenerateResult(request_id=engine_request.request_id)
             outcome = _OutcomeTracker(self._metrics, len(engine_request.prompt_ids), self._traced_prompt(item.prompt))
             try:
@@ -166,7 +151,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                         self._raise_for(event)
                         _set_final(result, len(engine_request.prompt_ids), event)
             except _RequestFailed as exc:
-                return pb.BatchItem(error=pb.ItemError(code=exc.code.value[0], message=str(exc)))
+                return _item_error(exc)
             finally:
                 stream.abort()
                 outcome.close(context)
@@ -253,16 +238,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         if self._metrics is not None:
             self._metrics.request_rejected(error_type)
 
-    def _engine_request(
-        self, request: pb.GenerateRequest, model: LoadedModel, limits: Limits, field: str = ""
-    ) -> Request:
+    def _start(
+        self, engine: Engine, request: pb.GenerateRequest, model: LoadedModel, limits: Limits, field: str = ""
+    ) -> tuple[Request, RequestStream]:
+        """Validate and submit one request; a refusal is counted and raised as _RequestFailed."""
         prefix = f"{field}." if field else ""
         try:
             check_prompt_size(request.prompt, limits)
             prompt_ids = truncate_prompt(model.encode(request.prompt), request.params, limits)
-            return build_request(request.request_id or uuid.uuid4().hex, prompt_ids, request.params, limits)
+            engine_request = build_request(request.request_id or uuid.uuid4().hex, prompt_ids, request.params, limits)
         except InvalidArgument as exc:
-            raise InvalidArgument(prefix + str(exc)) from None
+            self._rejected("invalid_argument")
+            raise _RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
+        try:
+            return engine_request, engine.submit(engine_request)
+        except EngineClosedError as exc:
+            self._rejected("unavailable")
+            raise _RequestFailed(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}") from None
 
     def _raise_for(self, event: StreamEvent) -> None:
         """Turn an engine-side ending the caller did not ask for into a status."""
@@ -339,6 +331,10 @@ class _OutcomeTracker:
             self._metrics.request_finished(
                 RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s, mean_logprob)
             )
+
+
+def _item_error(exc: _RequestFailed) -> pb.BatchItem:
+    return pb.BatchItem(error=pb.ItemError(code=exc.code.value[0], message=str(exc)))
 
 
 def _logprobs(lp: TokenLogprobs) -> pb.TokenLogprobs:
