@@ -7,9 +7,10 @@ from its start to its last message, with the status it ended with.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -43,41 +44,39 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _measured(self, behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
-        record = self._record
+        timed = self._timed
 
         if streams:
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                start, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
-                try:
+                with timed(method, context):
                     result = behavior(request, context)
                     if inspect.isasyncgen(result):
                         async for message in result:
                             yield message
                     else:
                         await result  # a handler that writes with context.write()
-                    code = grpc.StatusCode.OK
-                except BaseException as exc:
-                    code = _status_of(exc, context)
-                    raise
-                finally:
-                    record(method, code, context, time.perf_counter() - start)
 
             return stream
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            start, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
-            try:
-                response = await behavior(request, context)
-                code = grpc.StatusCode.OK
-                return response
-            except BaseException as exc:
-                code = _status_of(exc, context)
-                raise
-            finally:
-                record(method, code, context, time.perf_counter() - start)
+            with timed(method, context):
+                return await behavior(request, context)
 
         return unary
+
+    @contextlib.contextmanager
+    def _timed(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+        """Record the call's duration and the status it ended with."""
+        start, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = grpc.StatusCode.OK
+        except BaseException as exc:
+            code = _status_of(exc, context)
+            raise
+        finally:
+            self._record(method, code, context, time.perf_counter() - start)
 
     def _record(
         self, method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any], seconds: float
