@@ -203,13 +203,13 @@ def ids_request(req: Req, tokenizer: Any) -> Any:
     return pb.GenerateRequest(prompt=tokenizer.decode(req.prompt_ids), params=params)
 
 
-async def grpc_one(stub: Any, request: Any) -> Result:
+async def timed_tokens(messages: Any) -> Result:
+    """Time a stream of messages or engine events (anything with token_ids) as they arrive."""
     start = time.perf_counter()
-    last = None
-    first = None
+    last = first = None
     gaps: list[float] = []
     tokens = 0
-    async for message in stub.Generate(request, timeout=3600):
+    async for message in messages:
         if not message.token_ids:
             continue
         now = time.perf_counter()
@@ -220,6 +220,10 @@ async def grpc_one(stub: Any, request: Any) -> Result:
             gaps.append(now - last)  # type: ignore[operator]
         last = now
     return Result(tokens, first or 0.0, gaps)
+
+
+async def grpc_one(stub: Any, request: Any) -> Result:
+    return await timed_tokens(stub.Generate(request, timeout=3600))
 
 
 async def grpc_closed_loop(
@@ -401,18 +405,7 @@ async def run_engine_inprocess(loaded: Any, reqs: list[Req], concurrency: int) -
             req = todo.pop(0)
             prompt = req.prompt_ids  # what the server gets from the text sent over gRPC
             params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=0.0, ignore_eos=True)
-            t0 = time.perf_counter()
-            last, first, gaps, tokens = None, None, [], 0
-            async for event in engine.submit(Request("b", tuple(prompt), params)):
-                if event.token_ids:
-                    now = time.perf_counter()
-                    tokens += len(event.token_ids)
-                    if first is None:
-                        first = now - t0
-                    else:
-                        gaps.append(now - last)
-                    last = now
-            results.append(Result(tokens, first or 0.0, gaps))
+            results.append(await timed_tokens(engine.submit(Request("b", tuple(prompt), params))))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
