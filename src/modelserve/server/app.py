@@ -185,19 +185,19 @@ async def serve(config: Config) -> int:
                 await warm_up(engine, model)
             if telemetry is not None:
                 telemetry.metrics.attach_engine(engine.stats)
-            if telemetry is not None and model.device.type == "cuda":
-                import torch
+                if model.device.type == "cuda":
+                    import torch
 
-                device = model.device
-                telemetry.metrics.attach_gpu_memory(
-                    lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
-                )
+                    device = model.device
+                    telemetry.metrics.attach_gpu_memory(
+                        lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+                    )
             servicer.attach(model, engine, telemetry.metrics if telemetry else None)
             servicer.phase = Phase.SERVING
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, SERVING)
             log.info("ready: serving %s on %s:%d", SERVICE_NAME, config.host, port)
-            await stop.wait()
+            await stopping
         else:
             loading.cancel()
         log.info("shutting down: health NOT_SERVING, new calls refused, running streams get %.0fs", config.grace_s)
