@@ -34,6 +34,9 @@ class Config:
     default_max_new_tokens: int = 256
     max_max_new_tokens: int = 4096
     max_prompt_bytes: int = 1 << 20
+    max_prompt_tokens: int = 0  # 0 = the model's context (less one token to generate)
+    max_waiting_requests: int = 256  # requests queued for a batch slot; past it: RESOURCE_EXHAUSTED
+    max_waiting_tokens: int = 0  # prompt + max_new_tokens of the queued requests; 0 = the KV cache budget
     max_batch_requests: int = 256  # items in one BatchGenerate
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256
@@ -41,11 +44,18 @@ class Config:
     max_message_bytes: int = 4 << 20  # gRPC receive/send limit
     telemetry: bool = True  # metrics, traces and their exporters; off measures their cost
     trace_content: bool = False  # put prompt and output text on request spans (off: counts only)
+    log_content: bool = False  # log each request's prompt and output (off: ids and counts only)
     metrics_port: int = 9464  # Prometheus scrape endpoint (/metrics); 0 = off
     metrics_host: str = ""  # "" = the same as host
     reflection: bool = True
     warmup: bool = True
     grace_s: float = 30.0  # how long running streams may finish after SIGTERM
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file turns TLS on
+    tls_key_file: str = ""  # PEM private key
+    tls_client_ca_file: str = ""  # PEM CA bundle; set = mutual TLS (clients must present a certificate it signed)
+    auth_token: str = ""  # bearer token callers must send; prefer MODELSERVE_AUTH_TOKEN or auth_token_file
+    auth_token_file: str = ""  # file holding the bearer token (one line)
+    auth_health: bool = False  # also require the token for health and reflection (off: probes work without it)
     cache_dir: Path = default_cache_dir()  # noqa: RUF009 (the default is read once, at import)
     trust_remote_code: bool = False
     log_level: str = "INFO"

@@ -72,14 +72,16 @@ class GenerationParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., truncate_input_tokens: _Optional[int] = ..., include_stop_sequence: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "params", "request_id")
+    __slots__ = ("prompt", "params", "request_id", "priority")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     params: GenerationParameters
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., params: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, prompt: _Optional[str] = ..., params: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob")
@@ -262,7 +264,7 @@ class MemoryUsage(_message.Message):
     def __init__(self, process_rss_bytes: _Optional[int] = ..., gpu_allocated_bytes: _Optional[int] = ..., gpu_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("state", "model_loaded", "model_id", "device", "dtype", "memory", "requests_running", "requests_waiting", "uptime_seconds", "server_version")
+    __slots__ = ("state", "model_loaded", "model_id", "device", "dtype", "memory", "requests_running", "requests_waiting", "uptime_seconds", "server_version", "kv_cache_usage", "kv_cache_tokens_used", "kv_cache_budget_tokens", "max_batch_size", "waiting_tokens")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_LOADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +275,11 @@ class HealthResponse(_message.Message):
     REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     state: ServerState
     model_loaded: bool
     model_id: str
@@ -283,4 +290,9 @@ class HealthResponse(_message.Message):
     requests_waiting: int
     uptime_seconds: float
     server_version: str
-    def __init__(self, state: _Optional[_Union[ServerState, str]] = ..., model_loaded: _Optional[bool] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory: _Optional[_Union[MemoryUsage, _Mapping]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., server_version: _Optional[str] = ...) -> None: ...
+    kv_cache_usage: float
+    kv_cache_tokens_used: int
+    kv_cache_budget_tokens: int
+    max_batch_size: int
+    waiting_tokens: int
+    def __init__(self, state: _Optional[_Union[ServerState, str]] = ..., model_loaded: _Optional[bool] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory: _Optional[_Union[MemoryUsage, _Mapping]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., server_version: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., kv_cache_tokens_used: _Optional[int] = ..., kv_cache_budget_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., waiting_tokens: _Optional[int] = ...) -> None: ...
