@@ -34,7 +34,7 @@ _HELP = {
     "max_prompt_bytes": "largest prompt, in UTF-8 bytes",
     "max_prompt_tokens": "largest prompt in tokens (0 = the model's context less one)",
     "max_waiting_requests": "most requests queued for a batch slot; more get RESOURCE_EXHAUSTED with a retry hint",
-    "max_waiting_tokens": "most tokens (prompt + max_new_tokens) queued; 0 = the KV cache budget",
+    "max_waiting_tokens": "most tokens (prompt + max_new_tokens) queued; 0 = four times the KV cache budget",
     "max_batch_requests": "most items in one BatchGenerate",
     "max_stop_sequences": "most stop sequences (and stop token ids) per request",
     "max_stop_sequence_chars": "longest stop sequence, in characters",
@@ -60,6 +60,17 @@ _HELP = {
 }
 
 
+#: Never shown as a `--help` default: the value may come from the environment.
+_SECRET_FIELDS = frozenset({"auth_token"})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.dest in _SECRET_FIELDS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _env_default(field: dataclasses.Field[Any]) -> Any:
     raw = os.environ.get(f"MODELSERVE_{field.name.upper()}")
     if raw is None:
@@ -74,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelserve", description="Serve a causal language model over gRPC.")
     parser.add_argument("--version", action="version", version=f"modelserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser(
-        "serve", help="start the gRPC server", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    serve = commands.add_parser("serve", help="start the gRPC server", formatter_class=_HelpFormatter)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         default = _env_default(field)

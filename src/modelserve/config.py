@@ -6,7 +6,7 @@ reads flags or the environment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -36,7 +36,7 @@ class Config:
     max_prompt_bytes: int = 1 << 20
     max_prompt_tokens: int = 0  # 0 = the model's context (less one token to generate)
     max_waiting_requests: int = 256  # requests queued for a batch slot; past it: RESOURCE_EXHAUSTED
-    max_waiting_tokens: int = 0  # prompt + max_new_tokens of the queued requests; 0 = the KV cache budget
+    max_waiting_tokens: int = 0  # prompt + max_new_tokens of the queued requests; 0 = 4x the KV budget
     max_batch_requests: int = 256  # items in one BatchGenerate
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256
@@ -53,7 +53,8 @@ class Config:
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file turns TLS on
     tls_key_file: str = ""  # PEM private key
     tls_client_ca_file: str = ""  # PEM CA bundle; set = mutual TLS (clients must present a certificate it signed)
-    auth_token: str = ""  # bearer token callers must send; prefer MODELSERVE_AUTH_TOKEN or auth_token_file
+    # The bearer token callers must send (kept out of repr); prefer MODELSERVE_AUTH_TOKEN or auth_token_file.
+    auth_token: str = field(default="", repr=False)
     auth_token_file: str = ""  # file holding the bearer token (one line)
     auth_health: bool = False  # also require the token for health and reflection (off: probes work without it)
     cache_dir: Path = default_cache_dir()  # noqa: RUF009 (the default is read once, at import)

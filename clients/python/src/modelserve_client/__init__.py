@@ -4,7 +4,12 @@ Imports grpcio and protobuf only (no torch), so a backend service can call a
 modelserve server without the server's dependencies.
 """
 
-from modelserve_client.client import AsyncModelServeClient, ModelServeClient, generation_parameters
+from modelserve_client.client import (
+    AsyncModelServeClient,
+    ModelServeClient,
+    channel_credentials,
+    generation_parameters,
+)
 from modelserve_client.v1 import generation_pb2 as pb
 
-__all__ = ["AsyncModelServeClient", "ModelServeClient", "generation_parameters", "pb"]
+__all__ = ["AsyncModelServeClient", "ModelServeClient", "channel_credentials", "generation_parameters", "pb"]

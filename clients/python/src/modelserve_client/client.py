@@ -1,10 +1,19 @@
 """Sync and asyncio clients. `generate()` yields text deltas; `stream()` yields the
-full GenerateResponse messages (token ids, logprobs, finish reason, usage)."""
+full GenerateResponse messages (token ids, logprobs, finish reason, usage).
+
+Security: `tls=True` (or any `tls_*` argument) opens a TLS channel; `tls_cert` and
+`tls_key` add a client certificate for mutual TLS. `token` is sent as
+`authorization: Bearer <token>` on every call: as grpc call credentials on a TLS
+channel this client opens (grpc then never sends it in clear text), and as plain
+call metadata otherwise, since grpc refuses call credentials on insecure channels.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -13,6 +22,65 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 Params = pb.GenerationParameters | Mapping[str, Any] | None
+#: PEM data as bytes, or the path of a PEM file.
+PemSource: TypeAlias = bytes | str | os.PathLike[str]
+
+
+def _pem(source: PemSource | None, name: str) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {source}: {exc.strerror or exc}") from exc
+
+
+def channel_credentials(
+    *,
+    tls_ca: PemSource | None = None,
+    tls_cert: PemSource | None = None,
+    tls_key: PemSource | None = None,
+    token: str | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials (the system's roots unless `tls_ca`), with the token if given."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (a client certificate needs its key)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca, "tls_ca"),
+        private_key=_pem(tls_key, "tls_key"),
+        certificate_chain=_pem(tls_cert, "tls_cert"),
+    )
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return credentials
+
+
+class _Connection:
+    """What both clients decide the same way: TLS or not, and where the token goes."""
+
+    def __init__(
+        self,
+        channel_given: bool,
+        metadata: Iterable[tuple[str, str]],
+        tls: bool,
+        tls_ca: PemSource | None,
+        tls_cert: PemSource | None,
+        tls_key: PemSource | None,
+        tls_server_name: str | None,
+        token: str | None,
+    ) -> None:
+        uses_tls = tls or any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
+        if channel_given and uses_tls:
+            raise ValueError("pass either channel or TLS settings, not both (the channel has its own credentials)")
+        self.metadata = tuple(metadata)
+        self.credentials: grpc.ChannelCredentials | None = None
+        self.options: list[tuple[str, Any]] = []
+        if uses_tls:
+            self.credentials = channel_credentials(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+            if tls_server_name:
+                self.options.append(("grpc.ssl_target_name_override", tls_server_name))
+        elif token:
+            self.metadata += (("authorization", f"Bearer {token}"),)
 
 
 def generation_parameters(params: Params = None, **overrides: Any) -> pb.GenerationParameters:
@@ -45,7 +113,12 @@ def _batch(items: Iterable[str | tuple[str, Params]]) -> pb.BatchGenerateRequest
 
 
 class ModelServeClient:
-    """Blocking client. Use as a context manager, or call close()."""
+    """Blocking client. Use as a context manager, or call close().
+
+    TLS and token: see the module docstring; `tls_ca`, `tls_cert` and `tls_key` take
+    PEM bytes or a file path, `tls_server_name` overrides the name the server's
+    certificate is checked against.
+    """
 
     def __init__(
         self,
@@ -54,11 +127,23 @@ class ModelServeClient:
         channel: grpc.Channel | None = None,
         timeout_s: float | None = None,
         metadata: Iterable[tuple[str, str]] = (),
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(address)
+        conn = _Connection(channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        if channel is None:
+            if conn.credentials is None:
+                channel = grpc.insecure_channel(address)
+            else:
+                channel = grpc.secure_channel(address, conn.credentials, options=conn.options)
+        self._channel = channel
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._timeout_s = timeout_s
-        self._metadata = tuple(metadata)
+        self._metadata = conn.metadata
 
     def __enter__(self) -> ModelServeClient:
         return self
@@ -125,11 +210,23 @@ class AsyncModelServeClient:
         channel: grpc.aio.Channel | None = None,
         timeout_s: float | None = None,
         metadata: Iterable[tuple[str, str]] = (),
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(address)
+        conn = _Connection(channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        if channel is None:
+            if conn.credentials is None:
+                channel = grpc.aio.insecure_channel(address)
+            else:
+                channel = grpc.aio.secure_channel(address, conn.credentials, options=conn.options)
+        self._channel = channel
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._timeout_s = timeout_s
-        self._metadata = tuple(metadata)
+        self._metadata = conn.metadata
 
     async def __aenter__(self) -> AsyncModelServeClient:
         return self
