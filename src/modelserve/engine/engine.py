@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
+from modelserve.engine.admission import AdmissionControl, QueueLimits
 from modelserve.engine.detokenizer import IncrementalDetokenizer
 from modelserve.engine.kv_cache import KVPool, PrefillBuffer
 from modelserve.engine.request import (
@@ -53,6 +54,13 @@ class _Submit:
 class _Abort:
     key: int
     reason: FinishReason
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class _AbortAll:
+    reason: FinishReason
+    error: str
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ class _Stop:
     pass
 
 
-_Command = _Submit | _Abort | _Stop
+_Command = _Submit | _Abort | _AbortAll | _Stop
 
 
 class RequestStream:
@@ -83,11 +91,11 @@ class RequestStream:
             self._done = True
         return event
 
-    def abort(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+    def abort(self, reason: FinishReason = FinishReason.CANCELLED, error: str = "") -> None:
         """Stop generating for this request at the next step (no-op once finished)."""
         if not self._done:
             self._done = True
-            self._engine._send(_Abort(self._key, reason))
+            self._engine._send(_Abort(self._key, reason, error))
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,8 @@ class EngineConfig:
     prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while rows decode; 0 = auto
     kv_cache_bytes: int = 0  # 0 = auto: a share of free GPU memory on CUDA, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9  # of the GPU memory free after loading, for the KV pool
+    max_waiting_requests: int = 256  # requests queued for a row; more are refused (QueueFullError)
+    max_waiting_tokens: int = 0  # prompt + max_new_tokens queued; 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
 
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
@@ -106,6 +116,14 @@ DEFAULT_CPU_KV_BYTES = 4 << 30
 # admitted. On a GPU a chunk of a few hundred tokens costs little more than a decode step.
 AUTO_PREFILL_CHUNK_CPU = 128
 AUTO_PREFILL_CHUNK_CUDA = 512
+MIN_PREFILL_CHUNK_AFTER_OOM = 16
+# The default queue holds this many full KV caches' worth of work: enough to keep the batch full
+# through a burst, little enough that a queued request still starts within a few batch lifetimes.
+AUTO_WAITING_KV_BUDGETS = 4
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError)
 
 
 class Engine:
@@ -132,6 +150,11 @@ class Engine:
             AUTO_PREFILL_CHUNK_CUDA if self._runner.device.type == "cuda" else AUTO_PREFILL_CHUNK_CPU
         )
         self._scheduler = Scheduler(config.max_batch_size, chunk)
+        self._admission = AdmissionControl(
+            QueueLimits(
+                config.max_waiting_requests, config.max_waiting_tokens or AUTO_WAITING_KV_BUDGETS * budget_tokens
+            )
+        )
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._keys = itertools.count(1)
         self._live: dict[int, Sequence] = {}  # engine thread only
@@ -139,7 +162,8 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._stats = EngineStats(kv_budget_tokens=budget_tokens)
+        self._stopped: asyncio.Event | None = None
+        self._stats = EngineStats(kv_budget_tokens=budget_tokens, max_batch_size=config.max_batch_size)
         self._on_step = on_step
         log.info(
             "KV pool: budget %d tokens (%.2f GiB at %d bytes/token), up to %d rows",
@@ -162,6 +186,7 @@ class Engine:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._stopped = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="modelserve-engine", daemon=True)
         self._thread.start()
 
@@ -169,17 +194,28 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed
 
+    async def wait_stopped(self) -> None:
+        """Return once the engine loop has ended, by shutdown() or by dying."""
+        assert self._stopped is not None, "start() first"
+        await self._stopped.wait()
+
     def submit(self, request: Request) -> RequestStream:
-        """Queue a request; iterate the returned stream for its events."""
+        """Queue a request; iterate the returned stream for its events.
+
+        Raises EngineClosedError, QueueFullError (the waiting queue is at its limit) or
+        DeadlineUnreachableError (the queue ahead makes request.deadline_s impossible).
+        """
         if not self.alive:
             raise EngineClosedError("the engine is not running")
+        now = time.monotonic()
+        self._admission.enter(request, now)
         key = next(self._keys)
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
         self._queues[key] = events
         seq = Sequence(
             key=key,
             request=request,
-            arrival_s=time.monotonic(),
+            arrival_s=now,
             detokenizer=IncrementalDetokenizer(self._tokenizer, request.prompt_ids),
             stops=StopSequenceMatcher(request.params.stop, request.params.include_stop_sequence),
             generator=torch.Generator().manual_seed(request.params.seed),
@@ -189,6 +225,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def abort_all(self, reason: FinishReason, error: str) -> None:
+        """End every request at the next step, each with a last event saying `error`."""
+        self._send(_AbortAll(reason, error))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the loop; requests still in it end with CANCELLED."""
@@ -221,6 +261,9 @@ class Engine:
         finally:
             self._closed = True
             self._finish_all(FinishReason.CANCELLED, "the engine stopped")
+            loop, stopped = self._loop, self._stopped
+            if loop is not None and stopped is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(stopped.set)
 
     def _take_commands(self, block: bool) -> bool:
         """Apply queued commands; False once told to stop."""
@@ -235,23 +278,33 @@ class Engine:
             if isinstance(command, _Submit):
                 self._live[command.seq.key] = command.seq
                 self._scheduler.add(command.seq)
+            elif isinstance(command, _AbortAll):
+                for live in self._live.values():
+                    if live.finish is None and live.abort_reason is None:
+                        live.abort_reason, live.abort_error = command.reason, command.error
             else:
-                seq = self._live.get(command.key)
-                if seq is not None and seq.finish is None:
-                    seq.abort_reason = command.reason
+                target = self._live.get(command.key)
+                if target is not None and target.finish is None and target.abort_reason is None:
+                    target.abort_reason, target.abort_error = command.reason, command.error
 
     def _step(self) -> None:
         out: list[tuple[int, StreamEvent]] = []
         scheduler = self._scheduler
-        for seq in scheduler.take_aborted():
+        step_started = time.perf_counter()
+        scheduler.expire(time.monotonic())
+        were_waiting, were_prefilling = scheduler.take_aborted()
+        for seq in were_waiting:  # dropped without touching the model
+            self._admission.leave(seq.request)
+        for seq in (*were_waiting, *were_prefilling):
             seq.prefill = None
-            out.append(self._finish(seq, seq.abort_reason or FinishReason.CANCELLED))
+            out.append(self._finish(seq, seq.abort_reason or FinishReason.CANCELLED, seq.abort_error))
         for seq in scheduler.running:
             if seq.abort_reason is not None and seq.finish is None:
-                out.append(self._finish(seq, seq.abort_reason))
+                out.append(self._finish(seq, seq.abort_reason, seq.abort_error))
         self._free_finished_rows()
 
         for seq in scheduler.admit(self._pool.fits):
+            self._admission.leave(seq.request)
             seq.scheduled_s = time.monotonic()
             seq.prefill = PrefillBuffer(self._runner.kv_shape, len(seq.request.prompt_ids))
         prefill_started, prefilled = time.perf_counter(), 0
@@ -260,10 +313,9 @@ class Engine:
             try:
                 event = self._prefill(seq, n_tokens)
             except Exception as exc:  # this prompt failed; the running rows are untouched
-                log.exception("prefill failed")
                 scheduler.prefilling.remove(seq)
                 seq.prefill = None
-                event = self._finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+                event = self._finish(seq, *self._step_failed("prefill", exc, n_tokens))
             if event is not None:
                 out.append(event)
         if prefilled and self._on_step is not None:
@@ -281,10 +333,10 @@ class Engine:
                 ):
                     out.append(self._append(seq, token, chosen, lp))
             except Exception as exc:  # a failed step fails the requests it touched, not the engine
-                log.exception("decode step failed")
-                out.extend(self._fail_running(f"{type(exc).__name__}: {exc}"))
+                out.extend(self._fail_running(*self._step_failed("decode", exc, batch_size)))
         decode_s = time.perf_counter() - decode_started if running else 0.0
         self._free_finished_rows()
+        self._admission.observe_step(prefilled, prefill_s, batch_size, time.perf_counter() - step_started)
         if self._on_step is not None and (prefilled or batch_size):
             try:
                 self._on_step(StepRecord(batch_size, prefilled, prefill_s if prefilled else 0.0, decode_s))
@@ -292,14 +344,40 @@ class Engine:
                 log.exception("step observer failed")
 
         self._forget_finished(out)
-        self._stats = EngineStats(
-            running=len(running),
+        self._stats = self._snapshot()
+        if out and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _snapshot(self) -> EngineStats:
+        scheduler = self._scheduler
+        return EngineStats(
+            running=len(scheduler.running),
             waiting=len(scheduler.waiting) + len(scheduler.prefilling),
             kv_budget_tokens=self._pool.budget_tokens,
             kv_tokens_used=self._pool.tokens_held(),
+            waiting_tokens=self._admission.waiting()[1],
+            max_batch_size=scheduler.max_batch_size,
         )
-        if out and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _step_failed(self, phase: str, exc: Exception, size: int) -> tuple[FinishReason, str]:
+        """Log a failed step and say how its requests end. Out of memory lowers the load that caused it:
+        the batch size after a decode step, the prefill chunk after a prefill, so it does not repeat."""
+        what = f"{type(exc).__name__}: {exc}"
+        if not _is_out_of_memory(exc):
+            log.exception("%s step failed; its requests end with an error", phase)
+            return FinishReason.ERROR, what
+        scheduler = self._scheduler
+        if phase == "decode":
+            scheduler.max_batch_size = max(1, min(scheduler.max_batch_size, size) // 2)
+            lowered = f"the batch size is now at most {scheduler.max_batch_size}"
+        else:
+            chunk = max(MIN_PREFILL_CHUNK_AFTER_OOM, min(scheduler.prefill_chunk_tokens, size) // 2)
+            scheduler.prefill_chunk_tokens = chunk
+            lowered = f"the prefill chunk is now {chunk} tokens"
+        if self._runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory in a %s step of %d; %s (%s)", phase, size, lowered, what)
+        return FinishReason.OUT_OF_MEMORY, f"out of memory in a {phase} step ({what}); {lowered}"
 
     def _prefill(self, seq: Sequence, n_tokens: int) -> tuple[int, StreamEvent] | None:
         """Prefill the next chunk; when the prompt is done, sample the first token and join the batch."""
@@ -384,9 +462,9 @@ class Engine:
         )
         return TokenLogprobs(TokenLogprob(token, decode([token], skip_special_tokens=False), lp.chosen), top)
 
-    def _fail_running(self, error: str) -> list[tuple[int, StreamEvent]]:
+    def _fail_running(self, reason: FinishReason, error: str) -> list[tuple[int, StreamEvent]]:
         """After a failed decode step every running row is suspect: end them all and free their rows."""
-        out = [self._finish(s, FinishReason.ERROR, error) for s in self._scheduler.running if s.finish is None]
+        out = [self._finish(s, reason, error) for s in self._scheduler.running if s.finish is None]
         self._scheduler.running = []
         self._pool.clear()
         return out
@@ -397,10 +475,21 @@ class Engine:
                 self._live.pop(key, None)
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
+        """The loop is ending: close every request it holds or has yet to take from its inbox."""
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Submit):
+                self._live[command.seq.key] = command.seq
+                self._scheduler.add(command.seq)
+        for seq in self._scheduler.waiting:
+            self._admission.leave(seq.request)
         out = [self._finish(s, reason, error) for s in self._live.values() if s.finish is None]
         self._live.clear()
-        self._scheduler.running, self._scheduler.prefilling = [], []
-        self._scheduler.waiting.clear()
+        self._scheduler.running, self._scheduler.prefilling, self._scheduler.waiting = [], [], []
         self._pool.clear()
+        self._stats = self._snapshot()
         if out and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, out)

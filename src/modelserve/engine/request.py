@@ -19,6 +19,7 @@ class FinishReason(enum.Enum):
     STOP_TOKEN = "stop_token"
     CANCELLED = "cancelled"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    OUT_OF_MEMORY = "out_of_memory"  # a step ran out of device memory; the request may be retried
     ERROR = "error"
 
 
@@ -52,6 +53,13 @@ class Request:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    priority: int = 0  # higher is admitted first; equal priorities are first come, first served
+    deadline_s: float | None = None  # time.monotonic() after which the request is dropped
+
+    @property
+    def need(self) -> int:
+        """KV tokens the whole sequence may grow to (prompt + max_new_tokens)."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ class Finish:
     reason: FinishReason
     timings: Timings
     seed: int
-    error: str = ""  # set with FinishReason.ERROR
+    error: str = ""  # why, for FinishReason.ERROR and OUT_OF_MEMORY and for a server-side cancel
     mean_logprob: float | None = None  # mean raw log-probability of the output tokens (a confidence signal)
 
 
@@ -121,6 +129,8 @@ class EngineStats:
     waiting: int = 0  # queued or being prefilled
     kv_budget_tokens: int = 0
     kv_tokens_used: int = 0  # tokens held by decoding rows
+    waiting_tokens: int = 0  # prompt + max_new_tokens of the queued requests
+    max_batch_size: int = 0  # rows allowed now (lowered after an out-of-memory step)
 
     @property
     def kv_usage(self) -> float:
@@ -130,3 +140,15 @@ class EngineStats:
 
 class EngineClosedError(RuntimeError):
     """The engine was shut down or died; it takes no more requests."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; `retry_after_s` estimates when a place frees up."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineUnreachableError(RuntimeError):
+    """The queue ahead of a request needs longer than its deadline leaves, even at the fastest prefill seen."""

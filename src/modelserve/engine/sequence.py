@@ -27,6 +27,7 @@ class Sequence:
     first_token_s: float | None = None
     finish: FinishReason | None = None
     abort_reason: FinishReason | None = None  # set by abort(); acted on at the next step
+    abort_error: str = ""  # why, when the server (not the caller) ended the request
     prefill: PrefillBuffer | None = None  # while the prompt is being prefilled
     logprob_sum: float = 0.0  # of the output tokens, under the raw model distribution
 
@@ -37,7 +38,7 @@ class Sequence:
     @property
     def need(self) -> int:
         """KV columns this sequence may grow to."""
-        return len(self.request.prompt_ids) + self.params.max_new_tokens
+        return self.request.need
 
     @property
     def prompt_left(self) -> int:

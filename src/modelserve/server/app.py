@@ -3,8 +3,15 @@
 Standard health (grpc.health.v1) is NOT_SERVING from the moment the port opens
 until the model is loaded and one warm-up generation has run, so Kubernetes
 never routes to a server that cannot answer; it goes NOT_SERVING again the
-moment a shutdown begins. torch and transformers are imported only after the
-port is open: a probe gets a real NOT_SERVING instead of a refused connection.
+moment a shutdown begins, and for good if the engine loop dies (so Kubernetes
+restarts the pod instead of routing to a server that cannot generate). torch and
+transformers are imported only after the port is open: a probe gets a real
+NOT_SERVING instead of a refused connection.
+
+A shutdown drains: new calls are refused (UNAVAILABLE) at once, running streams
+get `grace_s` to finish, and whatever still runs then is ended by the engine, so
+each caller gets a last message (finish_reason CANCELLED) and an UNAVAILABLE
+status that says why, not a cut connection.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from modelserve.config import Config
+from modelserve.server.security import (
+    OPEN_METHOD_PREFIXES,
+    BearerTokenInterceptor,
+    resolve_token,
+    server_credentials,
+)
 from modelserve.server.servicer import SERVICE_NAME, GenerationServicer, Phase
 from modelserve.telemetry.rpc_metrics import RpcMetricsInterceptor
 from modelserve.telemetry.setup import Telemetry, start_telemetry
@@ -37,6 +50,9 @@ log = logging.getLogger("modelserve")
 T = TypeVar("T")
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# After the grace period the engine ends the remaining requests; their handlers need a moment to send
+# the last message and status before the server cancels whatever is left.
+FINAL_MESSAGE_S = 5.0
 
 
 async def _in_daemon_thread(fn: Callable[[], T]) -> T:
@@ -92,8 +108,49 @@ async def warm_up(engine: Engine, model: LoadedModel) -> None:
             raise RuntimeError(f"warm-up generation failed: {event.finish.error}")
 
 
+def _log_security(config: Config, tls: bool, token_auth: bool) -> None:
+    """Say what protects the port (never the token itself)."""
+    if not tls:
+        transport = "plain text (no TLS)"
+    elif config.tls_client_ca_file:
+        transport = f"mutual TLS (client certificates signed by {config.tls_client_ca_file})"
+    else:
+        transport = "TLS"
+    if not token_auth:
+        auth = "no token auth"
+    elif config.auth_health:
+        auth = "bearer token required on every method"
+    else:
+        auth = "bearer token required (standard health and reflection open)"
+    log.info("transport: %s; %s", transport, auth)
+    if token_auth and not tls:
+        log.warning("token auth without TLS: the token travels in clear text")
+
+
+async def _drain(server: grpc.aio.Server, engine: Engine | None, grace_s: float) -> None:
+    """Refuse new calls; let running ones finish for `grace_s`; then end the rest with a last message."""
+    stopped = asyncio.ensure_future(server.stop(grace_s + FINAL_MESSAGE_S))
+    done, _ = await asyncio.wait({stopped}, timeout=grace_s)
+    if not done and engine is not None:
+        from modelserve.engine.request import FinishReason
+
+        stats = engine.stats()
+        log.warning("grace period over: ending %d running and %d waiting requests", stats.running, stats.waiting)
+        engine.abort_all(
+            FinishReason.CANCELLED,
+            f"the server is shutting down and its {grace_s:g}s grace period is over; retry on another replica",
+        )
+    await stopped
+
+
 async def serve(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
+    try:
+        credentials = server_credentials(config)
+        token = resolve_token(config)
+    except ValueError as exc:
+        log.error("invalid TLS/auth settings: %s", exc)
+        return 2
     metrics_host = config.metrics_host or config.host
     telemetry: Telemetry | None = None
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -110,6 +167,9 @@ async def serve(config: Config) -> int:
             aio_server_interceptor(tracer_provider=telemetry.tracer_provider),
             RpcMetricsInterceptor(telemetry.meter),
         ]
+    if token is not None:  # innermost, so refused calls still show in spans and RPC metrics
+        open_methods = () if config.auth_health else OPEN_METHOD_PREFIXES
+        interceptors.append(BearerTokenInterceptor(token, open_method_prefixes=open_methods))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -129,10 +189,14 @@ async def serve(config: Config) -> int:
         reflection.enable_server_reflection(names, server)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         log.error("cannot listen on %s: %s", address, exc)
         return 2
+    _log_security(config, credentials is not None, token is not None)
     await server.start()
     log.info("listening on %s:%d; health NOT_SERVING until the model is loaded and warmed up", config.host, port)
 
@@ -168,6 +232,8 @@ async def serve(config: Config) -> int:
                     prefill_chunk_tokens=config.prefill_chunk_tokens,
                     kv_cache_bytes=config.kv_cache_bytes,
                     gpu_memory_fraction=config.gpu_memory_fraction,
+                    max_waiting_requests=config.max_waiting_requests,
+                    max_waiting_tokens=config.max_waiting_tokens,
                 ),
                 model.max_sequence_length,
                 on_step=telemetry.metrics.record_step if telemetry else None,
@@ -197,17 +263,26 @@ async def serve(config: Config) -> int:
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, SERVING)
             log.info("ready: serving %s on %s:%d", SERVICE_NAME, config.host, port)
-            await stopping
+            engine_stopped = asyncio.ensure_future(engine.wait_stopped())
+            await asyncio.wait({stopping, engine_stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():
+                log.error("the engine loop died: health NOT_SERVING until this process is restarted")
+                servicer.phase = Phase.FAILED
+                for name in ("", SERVICE_NAME):
+                    await health_servicer.set(name, NOT_SERVING)
+                exit_code = 1
+                await stopping
         else:
             loading.cancel()
-        log.info("shutting down: health NOT_SERVING, new calls refused, running streams get %.0fs", config.grace_s)
+        log.info("shutting down: health NOT_SERVING, new calls refused, running streams get %gs", config.grace_s)
     except Exception:
         log.exception("server failed")
         exit_code = 1
     finally:
-        servicer.phase = Phase.DRAINING
+        if servicer.phase is not Phase.FAILED:
+            servicer.phase = Phase.DRAINING
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(config.grace_s)
+        await _drain(server, engine, config.grace_s)
         if engine is not None:
             engine.shutdown()
         if telemetry is not None:

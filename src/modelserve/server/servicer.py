@@ -2,14 +2,18 @@
 
 Every failure a caller can cause leaves here as a gRPC status with a message:
 INVALID_ARGUMENT for bad input (validation.py says which field and range),
-UNAVAILABLE while the model loads or the server drains, INTERNAL when the
-engine fails a request. A handler that ends early for any reason (cancel,
-disconnect, deadline) aborts its engine request in `finally`.
+RESOURCE_EXHAUSTED when the waiting queue is full (with a `grpc-retry-pushback-ms`
+trailer, gRPC's own retry hint) or a step ran out of memory, DEADLINE_EXCEEDED
+when the deadline passed or the queue makes it impossible, UNAVAILABLE while the
+model loads or the server drains, INTERNAL when the engine fails a request. A
+handler that ends early for any reason (cancel, disconnect, deadline) aborts its
+engine request in `finally`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -26,14 +30,23 @@ from opentelemetry import trace
 from modelserve import __version__
 from modelserve.config import Config
 from modelserve.engine.request import (
+    DeadlineUnreachableError,
     EngineClosedError,
     FinishReason,
+    QueueFullError,
     Request,
     StreamEvent,
     TokenLogprob,
     TokenLogprobs,
 )
-from modelserve.server.validation import InvalidArgument, Limits, build_request, check_prompt_size, truncate_prompt
+from modelserve.server.validation import (
+    InvalidArgument,
+    Limits,
+    build_request,
+    check_priority,
+    check_prompt_size,
+    truncate_prompt,
+)
 from modelserve.telemetry.metrics import GenerationMetrics, RequestOutcome
 
 if TYPE_CHECKING:
@@ -51,8 +64,10 @@ _FINISH = {
     FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
     FinishReason.DEADLINE_EXCEEDED: pb.FINISH_REASON_DEADLINE_EXCEEDED,
+    FinishReason.OUT_OF_MEMORY: pb.FINISH_REASON_ERROR,
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
 }
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (gRFC A6), read by clients' retry policies
 
 
 class Phase(enum.Enum):
@@ -63,9 +78,10 @@ class Phase(enum.Enum):
 
 
 class _RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
+        self.trailers = trailers
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[misc]  # untyped generated base
@@ -92,6 +108,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             max_stop_sequences=cfg.max_stop_sequences,
             max_stop_sequence_chars=cfg.max_stop_sequence_chars,
             max_top_logprobs=cfg.max_top_logprobs,
+            max_prompt_tokens=min(cfg.max_prompt_tokens or engine.max_sequence_tokens, engine.max_sequence_tokens) - 1,
         )
 
     # ---- RPCs ---------------------------------------------------------------
@@ -101,12 +118,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine, model, limits = await self._serving(context)
         try:
-            engine_request, stream = self._start(engine, request, model, limits)
+            engine_request, stream = self._start(engine, request, model, limits, context.time_remaining())
         except _RequestFailed as exc:
-            await _abort(context, exc.code, str(exc))
+            await _abort(context, exc.code, str(exc), exc.trailers)
         request_id = engine_request.request_id
         n_prompt = len(engine_request.prompt_ids)
-        outcome = _OutcomeTracker(self._metrics, n_prompt, self._traced_prompt(request.prompt))
+        outcome = self._track(engine_request, request.prompt)
         try:
             yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))
             async for event in stream:
@@ -115,9 +132,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 if event.finish is not None:
                     self._raise_for(event)
         except _RequestFailed as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, str(exc), exc.trailers)
         finally:
-            stream.abort()
+            stream.abort(_ended_early(context))
             outcome.close(context)
 
     async def BatchGenerate(
@@ -136,11 +153,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
 
         async def run_one(i: int, item: pb.GenerateRequest) -> pb.BatchItem:
             try:
-                engine_request, stream = self._start(engine, item, model, limits, field=f"requests[{i}]")
+                engine_request, stream = self._start(
+                    engine, item, model, limits, context.time_remaining(), field=f"requests[{i}]"
+                )
             except _RequestFailed as exc:
                 return _item_error(exc)
             result = pb.GenerateResult(request_id=engine_request.request_id)
-            outcome = _OutcomeTracker(self._metrics, len(engine_request.prompt_ids), self._traced_prompt(item.prompt))
+            outcome = self._track(engine_request, item.prompt)
             try:
                 async for event in stream:
                     outcome.saw(event)
@@ -153,7 +172,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             except _RequestFailed as exc:
                 return _item_error(exc)
             finally:
-                stream.abort()
+                stream.abort(_ended_early(context))
                 outcome.close(context)
             return pb.BatchItem(result=result)
 
@@ -203,10 +222,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             model_loaded=self.phase is Phase.SERVING or (self.phase is Phase.DRAINING and model is not None),
             server_version=__version__,
             uptime_seconds=time.monotonic() - self._started_s,
-            requests_running=stats.running if stats else 0,
-            requests_waiting=stats.waiting if stats else 0,
             memory=pb.MemoryUsage(process_rss_bytes=psutil.Process().memory_info().rss),
         )
+        if stats is not None:
+            response.requests_running, response.requests_waiting = stats.running, stats.waiting
+            response.waiting_tokens, response.max_batch_size = stats.waiting_tokens, stats.max_batch_size
+            response.kv_cache_usage = stats.kv_usage
+            response.kv_cache_tokens_used = stats.kv_tokens_used
+            response.kv_cache_budget_tokens = stats.kv_budget_tokens
         if model is not None:
             response.model_id, response.device = model.model_id, str(model.device)
             response.dtype = str(model.dtype).removeprefix("torch.")
@@ -231,27 +254,45 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self._rejected("unavailable")
         await _abort(context, grpc.StatusCode.UNAVAILABLE, why)
 
-    def _traced_prompt(self, prompt: str) -> str | None:
-        return prompt if self._config.trace_content else None
+    def _track(self, request: Request, prompt: str) -> _OutcomeTracker:
+        cfg = self._config
+        content = prompt if cfg.trace_content or cfg.log_content else None
+        return _OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content)
 
     def _rejected(self, error_type: str) -> None:
         if self._metrics is not None:
             self._metrics.request_rejected(error_type)
 
     def _start(
-        self, engine: Engine, request: pb.GenerateRequest, model: LoadedModel, limits: Limits, field: str = ""
+        self,
+        engine: Engine,
+        request: pb.GenerateRequest,
+        model: LoadedModel,
+        limits: Limits,
+        time_remaining_s: float | None,
+        field: str = "",
     ) -> tuple[Request, RequestStream]:
         """Validate and submit one request; a refusal is counted and raised as _RequestFailed."""
         prefix = f"{field}." if field else ""
         try:
+            check_priority(request.priority)
             check_prompt_size(request.prompt, limits)
             prompt_ids = truncate_prompt(model.encode(request.prompt), request.params, limits)
             engine_request = build_request(request.request_id or uuid.uuid4().hex, prompt_ids, request.params, limits)
         except InvalidArgument as exc:
             self._rejected("invalid_argument")
             raise _RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
+        deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
+        engine_request = dataclasses.replace(engine_request, priority=request.priority, deadline_s=deadline_s)
         try:
             return engine_request, engine.submit(engine_request)
+        except QueueFullError as exc:
+            self._rejected("resource_exhausted")
+            pushback = ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+            raise _RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, prefix + str(exc), pushback) from None
+        except DeadlineUnreachableError as exc:
+            self._rejected("deadline_exceeded")
+            raise _RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, prefix + str(exc)) from None
         except EngineClosedError as exc:
             self._rejected("unavailable")
             raise _RequestFailed(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}") from None
@@ -259,30 +300,53 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     def _raise_for(self, event: StreamEvent) -> None:
         """Turn an engine-side ending the caller did not ask for into a status."""
         assert event.finish is not None
-        reason = event.finish.reason
+        reason, error = event.finish.reason, event.finish.error
         if reason is FinishReason.ERROR:
-            raise _RequestFailed(grpc.StatusCode.INTERNAL, f"generation failed: {event.finish.error}")
+            raise _RequestFailed(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
+        if reason is FinishReason.OUT_OF_MEMORY:
+            raise _RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"generation failed: {error}; retry")
+        if reason is FinishReason.DEADLINE_EXCEEDED:
+            raise _RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while generating")
         if reason is FinishReason.CANCELLED:
-            raise _RequestFailed(
-                grpc.StatusCode.UNAVAILABLE, f"generation was stopped: {event.finish.error or 'cancelled'}"
-            )
+            raise _RequestFailed(grpc.StatusCode.UNAVAILABLE, f"generation was stopped: {error or 'cancelled'}")
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    message: str,
+    trailers: tuple[tuple[str, str], ...] = (),
+) -> NoReturn:
+    await context.abort(code, message, trailers)
     raise AssertionError("unreachable: context.abort raises")
+
+
+def _ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> FinishReason:
+    """Why a handler that stops reading its stream stops: its deadline passed, or the caller went away."""
+    remaining = context.time_remaining()
+    return FinishReason.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else FinishReason.CANCELLED
 
 
 class _OutcomeTracker:
     """Follows one request's events; tells its span the story (queued, admitted, first token,
     finished) and the metrics how it ended, also when it ends early. No prompt or output text."""
 
-    def __init__(self, metrics: GenerationMetrics | None, input_tokens: int, prompt: str | None = None) -> None:
-        """`prompt` is given only when the operator turned content tracing on."""
+    def __init__(
+        self,
+        metrics: GenerationMetrics | None,
+        request: Request,
+        prompt: str | None,
+        trace_content: bool = False,
+        log_content: bool = False,
+    ) -> None:
+        """`prompt` is given only when the operator turned content tracing or logging on."""
         self._metrics = metrics
+        self._request_id = request.request_id
         self._prompt = prompt
+        self._trace_content, self._log_content = trace_content, log_content
         self._output: list[str] = []
         self._span = trace.get_current_span()  # the RPC's span, from the tracing interceptor
+        input_tokens = len(request.prompt_ids)
         self._input_tokens = input_tokens
         self._start_s = time.monotonic()
         self._start_ns = time.time_ns()
@@ -307,8 +371,7 @@ class _OutcomeTracker:
         """The handler is ending: a request with no finish event was cancelled or ran out of time."""
         if self._reported:
             return
-        remaining = context.time_remaining()
-        reason = FinishReason.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else FinishReason.CANCELLED
+        reason = _ended_early(context)
         elapsed = time.monotonic() - self._start_s
         self._report(reason.value, self._first_token_s or elapsed, self._first_token_s, elapsed)
 
@@ -325,12 +388,23 @@ class _OutcomeTracker:
                 "gen_ai.response.finish_reasons": [reason],
             }
         )
-        if self._prompt is not None:
+        if self._prompt is not None and self._trace_content:
             self._span.set_attributes({"gen_ai.prompt": self._prompt, "gen_ai.completion": "".join(self._output)})
+        if self._log_content or log.isEnabledFor(logging.DEBUG):
+            self._log(reason, total_s)
         if self._metrics is not None:
             self._metrics.request_finished(
                 RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s, mean_logprob)
             )
+
+    def _log(self, reason: str, total_s: float) -> None:
+        """One line per request: ids and counts at DEBUG; prompt and output only when the operator asked."""
+        summary = "request %s: %s after %.3fs, %d prompt tokens, %d output tokens"
+        args: tuple[object, ...] = (self._request_id, reason, total_s, self._input_tokens, self._output_tokens)
+        if self._log_content and self._prompt is not None:
+            log.info(summary + ", prompt %r, output %r", *args, self._prompt, "".join(self._output))
+        else:
+            log.debug(summary, *args)
 
 
 def _item_error(exc: _RequestFailed) -> pb.BatchItem:

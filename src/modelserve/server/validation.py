@@ -28,7 +28,16 @@ class Limits:
     max_stop_sequences: int
     max_stop_sequence_chars: int
     max_top_logprobs: int
+    max_prompt_tokens: int
     max_request_id_chars: int = 128
+
+
+PRIORITY_RANGE = (-1000, 1000)
+
+
+def check_priority(priority: int, field: str = "priority") -> int:
+    _in_range(field, priority, *PRIORITY_RANGE, note=" (higher is admitted first)")
+    return priority
 
 
 def check_prompt_size(prompt: str, limits: Limits, field: str = "prompt") -> None:
@@ -51,6 +60,11 @@ def truncate_prompt(prompt_ids: list[int], params: pb.GenerationParameters, limi
 def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationParameters, limits: Limits) -> Request:
     """Validate every parameter against `limits`; `prompt_ids` are already truncated."""
     n_prompt = len(prompt_ids)
+    if n_prompt > limits.max_prompt_tokens:
+        raise InvalidArgument(
+            f"prompt is {n_prompt} tokens; the limit is {limits.max_prompt_tokens} "
+            "(or set params.truncate_input_tokens)"
+        )
     room = limits.max_sequence_length - n_prompt
     if room < 1:
         raise InvalidArgument(

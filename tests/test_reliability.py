@@ -1,0 +1,325 @@
+"""Real server processes under faults and pressure: a model step that raises, one that runs
+out of memory, an engine loop that dies, a full queue, and SIGTERM with streams running.
+
+Faults come from a model with custom code (tests/faulty_model.py) loaded the way any
+--trust-remote-code model is, so they take the real path through the engine thread.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+
+from tests.conftest import ServerProcess, start_server
+from tests.faulty_model import FAULT_FILE_ENV, build_faulty_model
+
+pytestmark = pytest.mark.timeout(300)
+CALL_TIMEOUT_S = 60.0
+LONG = 1900  # new tokens: seconds of generation for the tiny model, far longer than any test step
+
+
+def _request(prompt: str, max_new_tokens: int, **kw: object) -> pb.GenerateRequest:
+    params = pb.GenerationParameters(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    return pb.GenerateRequest(prompt=prompt, params=params, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class Stream:
+    """A Generate call read on its own thread; `running` is set once its first token arrived."""
+
+    call: grpc.CallIterator[pb.GenerateResponse]
+    messages: list[pb.GenerateResponse] = field(default_factory=list)
+    running: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: grpc.RpcError | None = None
+
+    def read(self) -> None:
+        try:
+            for message in self.call:
+                self.messages.append(message)
+                if message.token_ids:
+                    self.running.set()
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.running.set()
+            self.done.set()
+
+    def wait_running(self) -> None:
+        assert self.running.wait(CALL_TIMEOUT_S), "no token arrived"
+
+    def result(self) -> Stream:
+        assert self.done.wait(CALL_TIMEOUT_S), "the stream did not end"
+        return self
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.error.code() if self.error is not None else grpc.StatusCode.OK
+
+    @property
+    def details(self) -> str:
+        return (self.error.details() or "") if self.error is not None else ""
+
+
+def _start_stream(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest) -> Stream:
+    stream = Stream(stub.Generate(request, timeout=CALL_TIMEOUT_S))
+    threading.Thread(target=stream.read, daemon=True).start()
+    return stream
+
+
+def _eventually(read: Callable[[], pb.HealthResponse], ok: Callable[[pb.HealthResponse], bool]) -> pb.HealthResponse:
+    """Poll the detailed Health RPC until `ok` (an abort reaches the engine at its next step)."""
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while True:
+        health = read()
+        if ok(health) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.02)
+
+
+def _idle(health: pb.HealthResponse) -> bool:
+    return health.requests_running == 0 and health.requests_waiting == 0 and health.kv_cache_tokens_used == 0
+
+
+def _completes(stub: pb_grpc.GenerationServiceStub) -> None:
+    """A normal request still works."""
+    messages = list(stub.Generate(_request("Still there?", 5), timeout=CALL_TIMEOUT_S))
+    assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH and messages[-1].usage.output_tokens == 5
+
+
+@dataclass
+class FaultyServer:
+    server: ServerProcess
+    fault_file: Path
+
+    def arm(self, fault: str) -> None:
+        self.fault_file.write_text(fault)
+
+
+def _start_faulty(tmp_path: Path, *args: str) -> FaultyServer:
+    fault_file = tmp_path / "fault"
+    server = start_server(
+        tmp_path,
+        "--model",
+        str(build_faulty_model(tmp_path / "faulty-model")),
+        "--trust-remote-code",
+        *args,
+        env={FAULT_FILE_ENV: str(fault_file)},
+    )
+    server.wait_serving()
+    return FaultyServer(server, fault_file)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyServer]:
+    # DEBUG logging: every request gets a log line, so the test can check it holds no prompt.
+    server = _start_faulty(tmp_path_factory.mktemp("faulty"), "--max-batch-size", "4", "--log-level", "DEBUG")
+    try:
+        yield server
+    finally:
+        server.server.terminate()
+
+
+@pytest.fixture()
+def faulty_stub(faulty: FaultyServer) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with faulty.server.channel() as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def _health(stub: pb_grpc.GenerationServiceStub) -> Callable[[], pb.HealthResponse]:
+    return lambda: stub.Health(pb.HealthRequest(), timeout=CALL_TIMEOUT_S)
+
+
+def test_a_failed_prefill_fails_only_its_request(
+    faulty: FaultyServer, faulty_stub: pb_grpc.GenerationServiceStub
+) -> None:
+    bystander = _start_stream(faulty_stub, _request("Keep going", 300))
+    bystander.wait_running()
+    faulty.arm("prefill:error")
+    victim = _start_stream(faulty_stub, _request("This prompt's prefill fails", 5)).result()
+    assert victim.code is grpc.StatusCode.INTERNAL
+    assert "generation failed: RuntimeError: model step failed (injected by the test)" in victim.details
+    # The running stream did not notice.
+    bystander.result()
+    assert bystander.code is grpc.StatusCode.OK
+    assert bystander.messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert bystander.messages[-1].usage.output_tokens == 300
+    assert _idle(_eventually(_health(faulty_stub), _idle))
+    _completes(faulty_stub)
+
+
+def test_a_failed_decode_step_fails_its_batch_and_the_engine_goes_on(
+    faulty: FaultyServer, faulty_stub: pb_grpc.GenerationServiceStub
+) -> None:
+    streams = [_start_stream(faulty_stub, _request(f"Row {i}", LONG)) for i in range(2)]
+    for stream in streams:
+        stream.wait_running()
+    faulty.arm("decode:error")
+    for stream in streams:
+        stream.result()
+        assert stream.code is grpc.StatusCode.INTERNAL, stream.details
+        assert "injected by the test" in stream.details
+        # The last message before the status says how it ended.
+        assert stream.messages[-1].finish_reason == pb.FINISH_REASON_ERROR
+    assert _idle(_eventually(_health(faulty_stub), _idle))
+    _completes(faulty_stub)
+    assert faulty.server.proc.poll() is None
+
+
+def test_requests_are_logged_without_their_text_by_default(
+    faulty: FaultyServer, faulty_stub: pb_grpc.GenerationServiceStub
+) -> None:
+    list(faulty_stub.Generate(_request("a secret prompt 7f3a", 3, request_id="log-check"), timeout=CALL_TIMEOUT_S))
+    log = faulty.server.log()
+    assert "request log-check: length after" in log  # the DEBUG line is there ...
+    assert "7f3a" not in log  # ... without the prompt
+
+
+def test_out_of_memory_fails_its_step_with_resource_exhausted_and_halves_the_batch(
+    faulty: FaultyServer, faulty_stub: pb_grpc.GenerationServiceStub
+) -> None:
+    health = _health(faulty_stub)
+    assert health().max_batch_size == 4
+    streams = [_start_stream(faulty_stub, _request(f"Row {i}", LONG)) for i in range(4)]
+    for stream in streams:
+        stream.wait_running()
+    faulty.arm("decode:oom")
+    for stream in streams:
+        stream.result()
+        assert stream.code is grpc.StatusCode.RESOURCE_EXHAUSTED, stream.details
+        assert "out of memory in a decode step" in stream.details and "batch size is now at most 2" in stream.details
+    after = _eventually(health, _idle)
+    assert _idle(after) and after.max_batch_size == 2
+    _completes(faulty_stub)
+    assert "out of memory in a decode step of 4" in faulty.server.log()
+
+
+def test_a_dead_engine_turns_health_not_serving(tmp_path: Path) -> None:
+    faulty = _start_faulty(tmp_path)
+    try:
+        statuses = faulty.server.watch_health()
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+        with faulty.server.channel() as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            running = _start_stream(stub, _request("Doomed", LONG))
+            running.wait_running()
+            faulty.arm("any:fatal")
+            assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+            running.result()
+            assert running.code is grpc.StatusCode.UNAVAILABLE and "the engine stopped" in running.details
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(_request("Anyone?", 3), timeout=CALL_TIMEOUT_S))
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "the engine has failed" in (refused.value.details() or "")
+            assert stub.Health(pb.HealthRequest(), timeout=CALL_TIMEOUT_S).state == pb.SERVER_STATE_FAILED
+        statuses.close()
+    finally:
+        code = faulty.server.terminate()
+    assert code == 1  # the process says it failed
+    assert "the engine loop died" in faulty.server.log()
+
+
+@pytest.fixture(scope="module")
+def queue_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(
+        tmp_path_factory.mktemp("queue"),
+        "--model",
+        str(model_dirs["llama"]),
+        "--max-batch-size",
+        "1",
+        "--max-waiting-requests",
+        "2",
+    )
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.terminate()
+
+
+def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(queue_server: ServerProcess) -> None:
+    with queue_server.channel() as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        running = _start_stream(stub, _request("Holds the only row", LONG))
+        running.wait_running()
+        waiting = [_start_stream(stub, _request(f"Waits {i}", LONG)) for i in range(2)]
+        health = _eventually(_health(stub), lambda h: h.requests_waiting == 2)
+        assert health.requests_waiting == 2 and health.waiting_tokens > 0
+        started = time.monotonic()
+        refused = _start_stream(stub, _request("One too many", 5)).result()
+        refused_s = time.monotonic() - started
+        assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 requests are waiting; the limit is 2" in refused.details and "retry in about" in refused.details
+        assert refused.error is not None
+        trailers = dict(refused.error.trailing_metadata() or ())  # type: ignore[attr-defined]
+        assert int(trailers["grpc-retry-pushback-ms"]) > 0
+        assert refused_s < 5.0  # refused at once, not after waiting (the queue would take minutes)
+        # The admitted requests are untouched by the refusal.
+        assert not running.done.is_set() and all(not s.done.is_set() for s in waiting)
+        for stream in (running, *waiting):
+            stream.call.cancel()
+        after = _eventually(_health(stub), lambda h: _idle(h) and h.waiting_tokens == 0)
+        assert _idle(after) and after.waiting_tokens == 0 and after.kv_cache_usage == 0.0
+        _completes(stub)
+
+
+def test_a_deadline_that_passes_while_waiting_ends_the_request(queue_server: ServerProcess) -> None:
+    with queue_server.channel() as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        running = _start_stream(stub, _request("Holds the only row", LONG))
+        running.wait_running()
+        with pytest.raises(grpc.RpcError) as late:
+            list(stub.Generate(_request("In a hurry", 5), timeout=0.5))
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        # Dropped from the queue without waiting for the row.
+        assert _eventually(_health(stub), lambda h: h.requests_waiting == 0).requests_waiting == 0
+        assert not running.done.is_set()
+        running.call.cancel()
+        assert _idle(_eventually(_health(stub), _idle))
+
+
+def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    server = start_server(
+        tmp_path, "--model", str(model_dirs["llama"]), "--grace-s", "1", "--log-content", "--max-batch-size", "8"
+    )
+    server.wait_serving()
+    statuses = server.watch_health()
+    assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+    with server.channel() as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        long = [_start_stream(stub, _request(f"A long answer {i}", LONG)) for i in range(3)]
+        short = _start_stream(stub, _request("A short answer b9e1", 40))
+        for stream in (*long, short):
+            stream.wait_running()
+        server.proc.send_signal(signal.SIGTERM)
+        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(_request("Too late", 3), timeout=CALL_TIMEOUT_S))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        # The short stream finishes within the grace period, untouched.
+        assert short.result().code is grpc.StatusCode.OK
+        assert short.messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert short.messages[-1].usage.output_tokens == 40
+        # The long ones get a last message and a status that says why.
+        for stream in long:
+            stream.result()
+            assert stream.code is grpc.StatusCode.UNAVAILABLE, stream.details
+            assert "grace period is over" in stream.details
+            assert stream.messages[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+            assert 0 < stream.messages[-1].usage.output_tokens < LONG
+    statuses.close()
+    assert server.proc.wait(CALL_TIMEOUT_S) == 0
+    # --log-content: the operator asked for prompts in the log.
+    assert "b9e1" in server.log()
