@@ -239,6 +239,8 @@ def queue_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathF
         "1",
         "--max-waiting-requests",
         "2",
+        "--max-prompt-tokens",
+        "64",
     )
     try:
         server.wait_serving()
@@ -271,6 +273,13 @@ def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(queue_server:
         after = _eventually(_health(stub), lambda h: _idle(h) and h.waiting_tokens == 0)
         assert _idle(after) and after.waiting_tokens == 0 and after.kv_cache_usage == 0.0
         _completes(stub)
+
+
+def test_a_prompt_over_the_token_limit_is_refused(queue_server: ServerProcess) -> None:
+    with queue_server.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+        list(pb_grpc.GenerationServiceStub(channel).Generate(_request("word " * 200, 3), timeout=CALL_TIMEOUT_S))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "tokens; the limit is 64" in (refused.value.details() or "")
 
 
 def test_a_deadline_that_passes_while_waiting_ends_the_request(queue_server: ServerProcess) -> None:

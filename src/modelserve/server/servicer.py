@@ -99,6 +99,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     def attach(self, model: LoadedModel, engine: Engine, metrics: GenerationMetrics | None = None) -> None:
         self._model, self._engine, self._metrics = model, engine, metrics
         cfg = self._config
+        longest_prompt = engine.max_sequence_tokens - 1  # leaves room for one new token
         self._limits = Limits(
             vocab_size=model.vocab_size,
             max_sequence_length=engine.max_sequence_tokens,
@@ -108,7 +109,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             max_stop_sequences=cfg.max_stop_sequences,
             max_stop_sequence_chars=cfg.max_stop_sequence_chars,
             max_top_logprobs=cfg.max_top_logprobs,
-            max_prompt_tokens=min(cfg.max_prompt_tokens or engine.max_sequence_tokens, engine.max_sequence_tokens) - 1,
+            max_prompt_tokens=min(cfg.max_prompt_tokens or longest_prompt, longest_prompt),
         )
 
     # ---- RPCs ---------------------------------------------------------------

@@ -147,6 +147,18 @@ class GenerationMetrics:
             unit="1",
             description="Fraction of the KV cache budget held by live tokens",
         )
+        meter.create_observable_gauge(
+            "modelserve.requests.waiting_tokens",
+            [self._observe("waiting_tokens")],
+            unit="{token}",
+            description="Prompt + max_new_tokens of the requests queued for a batch slot (admission bound)",
+        )
+        meter.create_observable_gauge(
+            "modelserve.engine.max_batch_size",
+            [self._observe("max_batch_size")],
+            unit="{request}",
+            description="Rows the engine may decode together now (lowered after an out-of-memory step)",
+        )
 
     def set_model(self, model_id: str) -> None:
         """Name the served model on every point from now on (known once it is loaded)."""

@@ -75,9 +75,20 @@ class GenerationServiceServicer:
         and timings (and may carry a last text delta). Joining every text delta
         gives exactly the decoded output.
 
-        Errors: INVALID_ARGUMENT for a bad parameter (the message names the field
-        and its allowed range), UNAVAILABLE while the model loads or the server
-        shuts down, CANCELLED / DEADLINE_EXCEEDED as the caller asked.
+        Errors (each with a message that says what happened):
+        - INVALID_ARGUMENT: a bad parameter; the message names the field and its
+        allowed range.
+        - RESOURCE_EXHAUSTED: the waiting queue is full (retry after the
+        `grpc-retry-pushback-ms` trailer's milliseconds, also in the message),
+        or a model step ran out of memory (retry).
+        - DEADLINE_EXCEEDED: the deadline passed while waiting or generating, or
+        the queue ahead made it impossible (answered at once).
+        - UNAVAILABLE: the model is loading, the server is shutting down, or the
+        engine failed. A stream still running when a shutdown's grace period
+        ends gets a last message with finish_reason CANCELLED, then this status.
+        - INTERNAL: a model step failed; only the requests in that step fail.
+        - UNAUTHENTICATED: a bearer token is required and missing or wrong.
+        - CANCELLED: the caller cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
