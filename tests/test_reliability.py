@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from modelserve_client import retry_service_config
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess, start_server
 from tests.faulty_model import FAULT_FILE_ENV, build_faulty_model
@@ -266,13 +269,43 @@ def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(queue_server:
         trailers = dict(refused.error.trailing_metadata() or ())  # type: ignore[attr-defined]
         assert int(trailers["grpc-retry-pushback-ms"]) > 0
         assert refused_s < 5.0  # refused at once, not after waiting (the queue would take minutes)
-        # The admitted requests are untouched by the refusal.
+        # The admitted requests are untouched by the refusals.
         assert not running.done.is_set() and all(not s.done.is_set() for s in waiting)
+        # With the SDK's retry policy grpc retries a refusal by itself, after the pushback the trailer asks
+        # for. The first attempt meets the full queue; a later one may get in (a place freed meanwhile) or be
+        # refused again: either way the server saw more than one attempt.
+        refused_before = _refusals(queue_server)
+        retrying = grpc.insecure_channel(
+            queue_server.address, options=[("grpc.service_config", retry_service_config(3))]
+        )
+        with retrying:
+            call = pb_grpc.GenerationServiceStub(retrying).Generate(
+                _request("Still too many", 5), timeout=CALL_TIMEOUT_S
+            )
+            try:
+                list(call)
+            except grpc.RpcError:
+                assert call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        refusals = _refusals(queue_server) - refused_before
+        assert refusals == 3 if call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED else refusals >= 1
         for stream in (running, *waiting):
             stream.call.cancel()
         after = _eventually(_health(stub), lambda h: _idle(h) and h.waiting_tokens == 0)
         assert _idle(after) and after.waiting_tokens == 0 and after.kv_cache_usage == 0.0
         _completes(stub)
+
+
+def _refusals(server: ServerProcess) -> float:
+    """modelserve_requests_rejected_total{error_type="resource_exhausted"} from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=CALL_TIMEOUT_S) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "modelserve_requests_rejected_total"
+        and sample.labels.get("error_type") == "resource_exhausted"
+    )
 
 
 def test_a_prompt_over_the_token_limit_is_refused(queue_server: ServerProcess) -> None:

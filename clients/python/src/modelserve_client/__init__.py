@@ -9,7 +9,15 @@ from modelserve_client.client import (
     ModelServeClient,
     channel_credentials,
     generation_parameters,
+    retry_service_config,
 )
 from modelserve_client.v1 import generation_pb2 as pb
 
-__all__ = ["AsyncModelServeClient", "ModelServeClient", "channel_credentials", "generation_parameters", "pb"]
+__all__ = [
+    "AsyncModelServeClient",
+    "ModelServeClient",
+    "channel_credentials",
+    "generation_parameters",
+    "pb",
+    "retry_service_config",
+]

@@ -6,10 +6,17 @@ Security: `tls=True` (or any `tls_*` argument) opens a TLS channel; `tls_cert` a
 `authorization: Bearer <token>` on every call: as grpc call credentials on a TLS
 channel this client opens (grpc then never sends it in clear text), and as plain
 call metadata otherwise, since grpc refuses call credentials on insecure channels.
+
+Retries: a call the server refused before answering (RESOURCE_EXHAUSTED from a full
+queue, UNAVAILABLE from a server that is starting or draining) is retried by grpc
+itself, up to `max_attempts` in all, waiting what the server's `grpc-retry-pushback-ms`
+trailer asks. A stream that has received a message is never retried, so no output is
+ever repeated.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,6 +28,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_MAX_ATTEMPTS = 3
 Params = pb.GenerationParameters | Mapping[str, Any] | None
 #: PEM data as bytes, or the path of a PEM file.
 PemSource: TypeAlias = bytes | str | os.PathLike[str]
@@ -55,6 +63,23 @@ def channel_credentials(
     return credentials
 
 
+def retry_service_config(max_attempts: int) -> str:
+    """gRPC service config: retry refused GenerationService calls (max_attempts 1 = never)."""
+    if not 1 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts must be in [1, 5] (gRPC's own limit), got {max_attempts}")
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "5s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+    }
+    config: dict[str, Any] = {"methodConfig": [{"name": [{"service": "modelserve.v1.GenerationService"}]}]}
+    if max_attempts > 1:
+        config["methodConfig"][0]["retryPolicy"] = policy
+    return json.dumps(config)
+
+
 class _Connection:
     """What both clients decide the same way: TLS or not, and where the token goes."""
 
@@ -68,13 +93,14 @@ class _Connection:
         tls_key: PemSource | None,
         tls_server_name: str | None,
         token: str | None,
+        max_attempts: int,
     ) -> None:
         uses_tls = tls or any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
         if channel_given and uses_tls:
             raise ValueError("pass either channel or TLS settings, not both (the channel has its own credentials)")
         self.metadata = tuple(metadata)
         self.credentials: grpc.ChannelCredentials | None = None
-        self.options: list[tuple[str, Any]] = []
+        self.options: list[tuple[str, Any]] = [("grpc.service_config", retry_service_config(max_attempts))]
         if uses_tls:
             self.credentials = channel_credentials(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
             if tls_server_name:
@@ -101,7 +127,12 @@ def generation_parameters(params: Params = None, **overrides: Any) -> pb.Generat
 
 
 def _request(prompt: str, params: Params, request_id: str, overrides: dict[str, Any]) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt=prompt, params=generation_parameters(params, **overrides), request_id=request_id)
+    """`priority` among the overrides is the request's own field; the rest are GenerationParameters."""
+    overrides = dict(overrides)
+    priority = int(overrides.pop("priority", None) or 0)
+    return pb.GenerateRequest(
+        prompt=prompt, params=generation_parameters(params, **overrides), request_id=request_id, priority=priority
+    )
 
 
 def _batch(items: Iterable[str | tuple[str, Params]]) -> pb.BatchGenerateRequest:
@@ -133,11 +164,14 @@ class ModelServeClient:
         tls_key: PemSource | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
-        conn = _Connection(channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        conn = _Connection(
+            channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token, max_attempts
+        )
         if channel is None:
             if conn.credentials is None:
-                channel = grpc.insecure_channel(address)
+                channel = grpc.insecure_channel(address, options=conn.options)
             else:
                 channel = grpc.secure_channel(address, conn.credentials, options=conn.options)
         self._channel = channel
@@ -216,11 +250,14 @@ class AsyncModelServeClient:
         tls_key: PemSource | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
-        conn = _Connection(channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        conn = _Connection(
+            channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token, max_attempts
+        )
         if channel is None:
             if conn.credentials is None:
-                channel = grpc.aio.insecure_channel(address)
+                channel = grpc.aio.insecure_channel(address, options=conn.options)
             else:
                 channel = grpc.aio.secure_channel(address, conn.credentials, options=conn.options)
         self._channel = channel
