@@ -334,7 +334,7 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
     model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     server = start_server(
-        tmp_path, "--model", str(model_dirs["llama"]), "--grace-s", "1", "--log-content", "--max-batch-size", "8"
+        tmp_path, "--model", str(model_dirs["llama"]), "--grace-s", "2", "--log-content", "--max-batch-size", "8"
     )
     server.wait_serving()
     statuses = server.watch_health()
@@ -342,7 +342,8 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
     with server.channel() as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         long = [_start_stream(stub, _request(f"A long answer {i}", LONG)) for i in range(3)]
-        short = _start_stream(stub, _request("A short answer b9e1", 40))
+        # ~10 steps against a 2 s grace period; the long ones need ~5 s alone on this machine.
+        short = _start_stream(stub, _request("A short answer b9e1", 10))
         for stream in (*long, short):
             stream.wait_running()
         server.proc.send_signal(signal.SIGTERM)
@@ -353,7 +354,7 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
         # The short stream finishes within the grace period, untouched.
         assert short.result().code is grpc.StatusCode.OK
         assert short.messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
-        assert short.messages[-1].usage.output_tokens == 40
+        assert short.messages[-1].usage.output_tokens == 10
         # The long ones get a last message and a status that says why.
         for stream in long:
             stream.result()
