@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install serve test lint proto bench bench-quick bench-telemetry clean
+.PHONY: install serve test lint proto bench bench-quick bench-telemetry soak clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench-quick: $(STAMP)
 # Telemetry on vs off, side by side (bench/telemetry_cost.py); writes its table into docs/benchmarks.md.
 bench-telemetry: $(STAMP)
 	$(BIN)/python bench/telemetry_cost.py --write-docs
+
+# Soak and overload (bench/soak.py): thousands of streams with cancels, deadlines, disconnects and
+# crashed clients, then 10x the capacity against a small waiting queue; checks for leaks and wrong
+# outputs, exits non-zero when a pass condition fails. Writes its table into docs/reliability.md.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --write-docs $(BENCH_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py

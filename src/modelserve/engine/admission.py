@@ -50,8 +50,7 @@ class AdmissionControl:
         """Count `request` as waiting, or raise QueueFullError / DeadlineUnreachableError."""
         need, limits = request.need, self.limits
         with self._lock:
-            if self._requests >= limits.max_requests:
-                self._refuse(f"{self._requests} requests are waiting; the limit is {limits.max_requests}")
+            self._check_room()
             # An empty queue takes any request, so a limit below one request's size cannot lock it out.
             if self._requests and self._tokens + need > limits.max_tokens:
                 self._refuse(
@@ -72,6 +71,11 @@ class AdmissionControl:
             self._requests += 1
             self._tokens += need
             self._prompt_tokens_by_priority[request.priority] += len(request.prompt_ids)
+
+    def check(self) -> None:
+        """Raise QueueFullError if no request could be queued now (a cheap test before any work)."""
+        with self._lock:
+            self._check_room()
 
     def leave(self, request: Request) -> None:
         """`request` left the waiting queue (admitted, aborted or expired)."""
@@ -95,6 +99,10 @@ class AdmissionControl:
     def waiting(self) -> tuple[int, int]:
         """(requests, tokens) waiting now."""
         return self._requests, self._tokens
+
+    def _check_room(self) -> None:
+        if self._requests >= self.limits.max_requests:
+            self._refuse(f"{self._requests} requests are waiting; the limit is {self.limits.max_requests}")
 
     def _refuse(self, why: str) -> None:
         # About the time the engine needs for one average waiting request's work.

@@ -226,6 +226,10 @@ class Engine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def check_queue(self) -> None:
+        """Raise QueueFullError when the waiting queue has no room for any request."""
+        self._admission.check()
+
     def abort_all(self, reason: FinishReason, error: str) -> None:
         """End every request at the next step, each with a last event saying `error`."""
         self._send(_AbortAll(reason, error))

@@ -151,6 +151,9 @@ async def serve(config: Config) -> int:
     except ValueError as exc:
         log.error("invalid TLS/auth settings: %s", exc)
         return 2
+    if config.max_waiting_requests < 1 or config.max_batch_size < 1:
+        log.error("--max-waiting-requests and --max-batch-size must be at least 1")
+        return 2
     metrics_host = config.metrics_host or config.host
     telemetry: Telemetry | None = None
     interceptors: list[grpc.aio.ServerInterceptor] = []

@@ -276,6 +276,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         """Validate and submit one request; a refusal is counted and raised as _RequestFailed."""
         prefix = f"{field}." if field else ""
         try:
+            engine.check_queue()  # before tokenizing: a refusal under overload must cost next to nothing
+        except QueueFullError as exc:
+            raise self._queue_full(exc, prefix) from None
+        try:
             check_priority(request.priority)
             check_prompt_size(request.prompt, limits)
             prompt_ids = truncate_prompt(model.encode(request.prompt), request.params, limits)
@@ -288,15 +292,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         try:
             return engine_request, engine.submit(engine_request)
         except QueueFullError as exc:
-            self._rejected("resource_exhausted")
-            pushback = ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
-            raise _RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, prefix + str(exc), pushback) from None
+            raise self._queue_full(exc, prefix) from None
         except DeadlineUnreachableError as exc:
             self._rejected("deadline_exceeded")
             raise _RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, prefix + str(exc)) from None
         except EngineClosedError as exc:
             self._rejected("unavailable")
             raise _RequestFailed(grpc.StatusCode.UNAVAILABLE, f"the engine is not running: {exc}") from None
+
+    def _queue_full(self, exc: QueueFullError, prefix: str) -> _RequestFailed:
+        self._rejected("resource_exhausted")
+        pushback = ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+        return _RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, prefix + str(exc), pushback)
 
     def _raise_for(self, event: StreamEvent) -> None:
         """Turn an engine-side ending the caller did not ask for into a status."""
@@ -380,6 +387,8 @@ class _OutcomeTracker:
         self, reason: str, queue_s: float, ttft_s: float | None, total_s: float, mean_logprob: float | None = None
     ) -> None:
         self._reported = True
+        if not self._span.is_recording():  # the tracing interceptor already ended it (a cancelled call)
+            self._span = trace.INVALID_SPAN
         self._span.add_event("admitted", timestamp=self._start_ns + int(queue_s * 1e9))
         self._span.add_event("finished", {"gen_ai.response.finish_reasons": [reason]})
         self._span.set_attributes(
