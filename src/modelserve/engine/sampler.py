@@ -93,14 +93,18 @@ def _apply_repetition_penalty(logits: torch.Tensor, row_ids: list[int], rows: Se
     penalty = torch.tensor([rows[i].params.repetition_penalty for i in row_ids], device=device)[:, None]
     rows_index = torch.tensor(row_ids, device=device)[:, None]
     scores = logits[rows_index, ids]
-    logits[rows_index, ids] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    # A tiny penalty could push a logit to +inf, and softmax(+inf) is NaN: keep every logit finite.
+    big = torch.finfo(logits.dtype).max
+    logits[rows_index, ids] = torch.where(scores > 0, scores / penalty, scores * penalty).clamp(-big, big)
 
 
 def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> torch.Tensor:
     """Temperature, top-k and top-p per row, then one inverse-CDF draw per row."""
     device = logits.device
     temps = torch.tensor([r.params.temperature for r in rows], device=device)
-    logits = logits / temps[:, None]
+    # Shifted so the largest logit is 0 first: the same distribution, and a temperature near 0 (down to
+    # float32 subnormals) sends the others to -inf, i.e. greedy, instead of overflowing to inf and NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
     # One uniform draw per row from the row's own generator keeps each row reproducible.
     u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(device)
     needs_filter = any(r.params.top_k or r.params.top_p < 1.0 for r in rows)

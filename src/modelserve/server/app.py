@@ -31,6 +31,7 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from modelserve.config import Config
+from modelserve.server.parsing import RequestParsingInterceptor
 from modelserve.server.security import (
     OPEN_METHOD_PREFIXES,
     BearerTokenInterceptor,
@@ -173,6 +174,7 @@ async def serve(config: Config) -> int:
     if token is not None:  # innermost, so refused calls still show in spans and RPC metrics
         open_methods = () if config.auth_health else OPEN_METHOD_PREFIXES
         interceptors.append(BearerTokenInterceptor(token, open_method_prefixes=open_methods))
+    interceptors.append(RequestParsingInterceptor())  # innermost: after auth, so strangers' bytes stay unparsed
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
