@@ -46,9 +46,10 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python bench/serving_bench.py --quick $(BENCH_ARGS)
 
-# Telemetry on vs off, side by side (bench/telemetry_cost.py); writes its table into docs/benchmarks.md.
+# Telemetry on vs off as an A/B in one server process (bench/telemetry_cost.py); writes its table into
+# docs/benchmarks.md. BENCH_ARGS="--rounds 96" for a tighter interval.
 bench-telemetry: $(STAMP)
-	$(BIN)/python bench/telemetry_cost.py --write-docs
+	$(BIN)/python bench/telemetry_cost.py --write-docs $(BENCH_ARGS)
 
 # Soak and overload (bench/soak.py): thousands of streams with cancels, deadlines, disconnects and
 # crashed clients, then 10x the capacity against a small waiting queue; checks for leaks and wrong

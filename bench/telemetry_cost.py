@@ -36,7 +36,8 @@ The machine's other work is measured, not just suffered: for each arm the bench 
 and of itself. That gives three more views of the same rounds: the cost adjusted for the other
 load (log(on/off) regressed on the arms' difference in other load; the intercept is the cost at
 equal load), the cost over the quiet rounds only, and the server's CPU time per output token,
-on minus off, which other load disturbs far less than it disturbs throughput.
+on minus off, per thread (the event-loop thread's is the steadiest figure of all: it holds
+most of telemetry's work and none of torch's).
 
 The microbenchmark times, in this process, the telemetry work of one request of the workload's
 shape: both interceptors wrapped around a stand-in handler that streams the request's messages
@@ -48,7 +49,9 @@ bounds the throughput cost only if a microsecond of telemetry delays generation 
 microsecond, which torch's spinning worker threads on a fully booked CPU need not honour.
 
     python bench/telemetry_cost.py --quick          # about 3 minutes: 4 rounds of short arms
-    python bench/telemetry_cost.py --write-docs     # make bench-telemetry: ~25 minutes, table into docs/benchmarks.md
+    python bench/telemetry_cost.py --write-docs     # make bench-telemetry: 20-35 minutes, table into docs/benchmarks.md
+    python bench/telemetry_cost.py --micro-only     # the microbenchmark alone, about a minute
+    python bench/telemetry_cost.py --render bench/results/telemetry-cost-....json [--write-docs]
 """
 
 from __future__ import annotations
@@ -514,7 +517,9 @@ def microbenchmark(workload: list[Req], ns: argparse.Namespace) -> dict[str, Any
     metrics_port = free_port()
     telemetry = start_telemetry(metrics_host="127.0.0.1", metrics_port=metrics_port)
     telemetry.metrics.set_model("bench")
-    exported = start_telemetry(metrics_port=0)  # the same with a span export path (BatchSpanProcessor)
+    # The same again with a span export path (BatchSpanProcessor); its own Prometheus reader, so that its
+    # metrics cost what the others' do (a meter with no reader records next to nothing).
+    exported = start_telemetry(metrics_host="127.0.0.1", metrics_port=free_port())
     exported.tracer_provider.add_span_processor(_discarding_span_processor())
 
     n_prompt = round(statistics.mean(len(r.prompt_ids) for r in workload))
@@ -613,6 +618,7 @@ def microbenchmark(workload: list[Req], ns: argparse.Namespace) -> dict[str, Any
         "record_step_us": statistics.median(step_blocks),
         "scrape_ms": statistics.median(scrape_ms),
         "scrape_bytes": len(body),
+        "exported_has_reader": True,  # runs before this fix timed the exported variant with no metric reader
     }
 
 
@@ -648,12 +654,14 @@ def summarise(values: list[float]) -> dict[str, Any]:
     }
 
 
-def load_adjusted(on: list[Arm], off: list[Arm]) -> dict[str, Any]:
+def load_adjusted(on: list[Arm], off: list[Arm]) -> dict[str, Any] | None:
     """The cost at equal other load: per round, log(on/off throughput) regressed on the difference in other
     load between the two arms (least squares); the intercept is the cost, the slope what a core of other
     load takes. The interval is a bootstrap over rounds (2,000 resamples, fixed seed)."""
     y = [math.log(a.tok_per_s / b.tok_per_s) for a, b in zip(on, off, strict=True)]
     x = [a.foreign_cores - b.foreign_cores for a, b in zip(on, off, strict=True)]
+    if statistics.pstdev(x) < 0.05:  # the other load hardly differed between arms: nothing to adjust for
+        return None
 
     def fit(idx: list[int]) -> tuple[float, float]:
         xs, ys = [x[i] for i in idx], [y[i] for i in idx]
@@ -745,8 +753,9 @@ def markdown(report: dict[str, Any]) -> str:
     lo, hi = cost["median_95ci"]
     verdict = "met" if hi < 3 else "missed" if lo > 3 else "not resolved (the interval for the median spans 3%)"
     quiet = ab["quiet_cost"]
+    n_quiet = len(ab["quiet_cost_percent"])
     quiet_line = f"Rounds where other work on the machine stayed under {ab['quiet_cores']:g} cores in both arms: " + (
-        claim(quiet) + "." if quiet else f"{len(ab['quiet_cost_percent'])}, too few to summarise."
+        "all of them." if n_quiet == cost["n"] else claim(quiet) + "." if quiet else f"{n_quiet}, too few to summarise."
     )
     loop, engine, server = ab["loop_cpu"], ab["engine_cpu"], ab["server_cpu"]
     adjusted = ab["load_adjusted"]
@@ -756,7 +765,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"interval {adjusted['cost_95ci'][0]:+.1f}% to {adjusted['cost_95ci'][1]:+.1f}%); each core of other load "
         f"took {adjusted['percent_per_core_of_other_load']:.0f}% of throughput."
         if adjusted
-        else ""
+        else "Adjusted for the other load: not needed (it hardly differed between the arms of a round)."
     )
     lines += [
         "",
@@ -794,6 +803,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|",
     ]
     for name, us in micro["request_us"].items():
+        if "exported" in name and not micro.get("exported_has_reader"):
+            continue  # timed with no metric reader behind it: not comparable
         extra = micro["request_telemetry_us"][name]
         lines.append(f"| {name} | {us:.1f} | {'-' if name.startswith('off') else f'{extra:.1f}'} |")
     bound = report["bound"]
@@ -895,6 +906,24 @@ def run_bench(ns: argparse.Namespace) -> None:
         write_docs(table, "telemetry-cost")
 
 
+def micro_only(ns: argparse.Namespace) -> None:
+    from tokenizers import Tokenizer
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    model_dir = bench_model_dir(ns.preset, ns.cache_dir)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    workload = make_workload(tokenizer, clean_token_ids(tokenizer), ns.requests, 3, PROMPT_RANGE, NEW_RANGE)
+    micro = microbenchmark(workload, ns)
+    print(f"one request: {micro['request_shape']}; median of {ns.micro_blocks} interleaved blocks of 50")
+    for name, us in micro["request_us"].items():
+        print(f"  {name}: {us:.1f} us per request, telemetry {micro['request_telemetry_us'][name]:.1f} us")
+    print(f"  record_step: {micro['record_step_us']:.1f} us; /metrics scrape: {micro['scrape_ms']:.2f} ms")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report = {"date": dt.date.today().isoformat(), "machine": machine("cpu"), "versions": versions(), "micro": micro}
+    report["command"] = ("python bench/telemetry_cost.py " + " ".join(sys.argv[1:])).strip()
+    (RESULTS / f"telemetry-micro-{stamp}.json").write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 rounds of 4 s + 8 s arms: about 3 minutes")
@@ -919,6 +948,7 @@ def main() -> None:
         action="store_true",
         help="OMP_WAIT_POLICY=PASSIVE for the server: torch's threads sleep instead of spinning while they wait",
     )
+    parser.add_argument("--micro-only", action="store_true", help="only the microbenchmark (no server, ~1 minute)")
     parser.add_argument("--render", type=Path, help="print the table of a saved bench/results JSON; no run")
     # The server side (started by the bench itself):
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -930,13 +960,19 @@ def main() -> None:
         asyncio.run(serve_ab(ns))
         return
     if ns.render:  # a saved run's report again (after a change to the wording), and into the docs with --write-docs
-        table = markdown(json.loads(ns.render.read_text()))
+        report = json.loads(ns.render.read_text())
+        arms = {mode: [Arm(**arm) for arm in report["rounds"][mode]] for mode in ("on", "off")}
+        report["ab"] = analyse(arms, report["ab"].get("quiet_cores", ns.quiet_cores))  # with the current analysis
+        table = markdown(report)
         print(table)
         if ns.write_docs:
             write_docs(table, "telemetry-cost")
         return
     if ns.quick:
         ns.rounds, ns.warm_s, ns.measure_s, ns.micro_blocks = 4, 4.0, 8.0, 10
+    if ns.micro_only:
+        micro_only(ns)
+        return
     run_bench(ns)
 
 
