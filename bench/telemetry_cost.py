@@ -455,62 +455,21 @@ class _Context:
         pass
 
 
-class _Outcome:
-    """The telemetry calls the servicer's _OutcomeTracker makes for one request (content tracing and
-    logging off, the defaults): span events and attributes on the RPC's span, and
-    GenerationMetrics.request_finished. Both variants run it; with no tracing interceptor the
-    current span is the no-op INVALID_SPAN and with metrics=None nothing is recorded, as in the
-    "off" server. (A copy, not an import: the tracker is private to the servicer.)"""
-
-    def __init__(self, metrics: Any, input_tokens: int) -> None:
-        from opentelemetry import trace
-
-        self._metrics, self._input_tokens = metrics, input_tokens
-        self._span = trace.get_current_span()
-        self._start_s, self._start_ns = time.monotonic(), time.time_ns()
-        self._first_token_s: float | None = None
-        self._output_tokens = 0
-        self._reported = False
-        self._span.add_event("queued", {"gen_ai.usage.input_tokens": input_tokens})
-
-    def saw(self, event: Any) -> None:
-        if event.token_ids and self._first_token_s is None:
-            self._first_token_s = time.monotonic() - self._start_s
-            self._span.add_event("first_token")
-        self._output_tokens = event.output_tokens
-        if event.finish is not None and not self._reported:
-            t = event.finish.timings
-            self._report(event.finish.reason.value, t.queue_s, t.time_to_first_token_s, t.total_s, -3.0)
-
-    def close(self) -> None:
-        if not self._reported:
-            elapsed = time.monotonic() - self._start_s
-            self._report("cancelled", elapsed, self._first_token_s, elapsed)
-
-    def _report(self, reason: str, queue_s: float, ttft_s: float | None, total_s: float, nll: float = 0) -> None:
-        from modelserve.telemetry.metrics import RequestOutcome
-
-        self._reported = True
-        self._span.add_event("admitted", timestamp=self._start_ns + int(queue_s * 1e9))
-        self._span.add_event("finished", {"gen_ai.response.finish_reasons": [reason]})
-        self._span.set_attributes(
-            {
-                "gen_ai.usage.input_tokens": self._input_tokens,
-                "gen_ai.usage.output_tokens": self._output_tokens,
-                "gen_ai.response.finish_reasons": [reason],
-            }
-        )
-        if self._metrics is not None:
-            self._metrics.request_finished(
-                RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s, nll)
-            )
-
-
 def microbenchmark(workload: list[Req], ns: argparse.Namespace) -> dict[str, Any]:
     """Telemetry's CPU time for one request of the workload's mean shape, per engine step and per scrape."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    from modelserve.engine.request import EngineStats, Finish, FinishReason, StepRecord, StreamEvent, Timings
+    from modelserve.engine.request import (
+        EngineStats,
+        Finish,
+        FinishReason,
+        Request,
+        SamplingParams,
+        StepRecord,
+        StreamEvent,
+        Timings,
+    )
+    from modelserve.server.servicer import _OutcomeTracker
     from modelserve.telemetry.rpc_metrics import RpcMetricsInterceptor
     from modelserve.telemetry.setup import start_telemetry
 
@@ -528,19 +487,20 @@ def microbenchmark(workload: list[Req], ns: argparse.Namespace) -> dict[str, Any
     events = [StreamEvent("x", (k,), k + 1) for k in range(n_out - 1)]
     events.append(StreamEvent("x", (0,), n_out, finish=Finish(FinishReason.LENGTH, timings, 0, mean_logprob=-3.0)))
     message = object()  # the servicer builds a response per event in both arms; not telemetry
+    shape = Request("bench", (0,) * n_prompt, SamplingParams(max_new_tokens=n_out))
     context = _Context()
     details = _Details("/modelserve.v1.GenerationService/Generate", context.invocation_metadata())
 
     def handler_for(metrics: Any) -> Any:
         async def generate(request: Any, ctx: Any) -> AsyncIterator[Any]:  # Generate's telemetry, engine aside
-            outcome = _Outcome(metrics, n_prompt)
+            outcome = _OutcomeTracker(metrics, shape, None)  # content tracing and logging off, the defaults
             try:
                 yield message
                 for event in events:
                     outcome.saw(event)
                     yield message
             finally:
-                outcome.close()
+                outcome.close(ctx)
 
         return grpc.unary_stream_rpc_method_handler(generate)
 
