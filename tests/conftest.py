@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -51,35 +52,47 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def watch_health(self, service: str = "") -> Iterator[int]:
-        """Statuses from grpc.health.v1 Watch, from the first moment the port answers."""
-        with self.channel() as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            call = stub.Watch(
-                health_pb2.HealthCheckRequest(service=service), timeout=START_TIMEOUT_S, wait_for_ready=True
-            )
-            try:
-                for message in call:
-                    yield message.status
-            finally:
-                call.cancel()
+    @contextlib.contextmanager
+    def watch_health(self, service: str = "") -> Iterator[Iterator[int]]:
+        """Statuses from grpc.health.v1 Watch, from the first moment the port answers.
+
+        A context manager, not a generator: the call and its channel are closed when the block ends,
+        also when a test fails inside it, never later by the garbage collector (closing a sync channel
+        from a finalizer can hang the interpreter).
+        """
+        channel = self.channel()
+        call = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=START_TIMEOUT_S, wait_for_ready=True
+        )
+        try:
+            yield (message.status for message in call)
+        finally:
+            call.cancel()
+            channel.close()
 
     def wait_serving(self) -> list[int]:
         """Block until SERVING (a Watch stream, not polling); return the statuses seen."""
         seen: list[int] = []
         try:
-            for status in self.watch_health():
-                seen.append(status)
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return seen
+            with self.watch_health() as statuses:
+                for status in statuses:
+                    seen.append(status)
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return seen
         except grpc.RpcError as exc:
             raise AssertionError(f"server never became SERVING ({exc}); log:\n{self.log()}") from exc
         raise AssertionError(f"health stream ended before SERVING; log:\n{self.log()}")
 
     def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait for the exit code; a server that does not stop in time is killed, and fails."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
 
 def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:

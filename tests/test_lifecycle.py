@@ -95,11 +95,14 @@ def test_deadline_ends_generation_and_frees_the_engine(demo: tuple[ServerProcess
         assert _second_request_completes(channel).finish_reason == pb.FINISH_REASON_LENGTH
 
 
-def test_sigterm_stops_cleanly(demo: tuple[ServerProcess, list[int]]) -> None:
-    server, _ = demo
+def test_sigterm_stops_cleanly(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Its own server: no test depends on running after another."""
+    server = start_server(tmp_path, "--model", str(model_dirs["llama"]))
+    server.wait_serving()
     assert server.terminate(timeout_s=30) == 0
     log = server.log()
     assert "shutting down" in log and "stopped" in log
+    assert " ERROR " not in log
     with server.channel() as channel, pytest.raises(grpc.RpcError) as err:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]

@@ -210,9 +210,8 @@ def test_out_of_memory_fails_its_step_with_resource_exhausted_and_halves_the_bat
 def test_a_dead_engine_turns_health_not_serving(tmp_path: Path) -> None:
     faulty = _start_faulty(tmp_path)
     try:
-        statuses = faulty.server.watch_health()
-        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
-        with faulty.server.channel() as channel:
+        with faulty.server.watch_health() as statuses, faulty.server.channel() as channel:
+            assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.GenerationServiceStub(channel)
             running = _start_stream(stub, _request("Doomed", LONG))
             running.wait_running()
@@ -225,7 +224,6 @@ def test_a_dead_engine_turns_health_not_serving(tmp_path: Path) -> None:
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "the engine has failed" in (refused.value.details() or "")
             assert stub.Health(pb.HealthRequest(), timeout=CALL_TIMEOUT_S).state == pb.SERVER_STATE_FAILED
-        statuses.close()
     finally:
         code = faulty.server.terminate()
     assert code == 1  # the process says it failed
@@ -330,6 +328,15 @@ def test_a_deadline_that_passes_while_waiting_ends_the_request(queue_server: Ser
         assert _idle(_eventually(_health(stub), _idle))
 
 
+def _refused_by_the_drain(error: grpc.RpcError | None) -> bool:
+    """UNAVAILABLE from the servicer itself (not a cut connection), saying where to go."""
+    return (
+        error is not None
+        and error.code() is grpc.StatusCode.UNAVAILABLE
+        and "retry on another replica" in (error.details() or "")
+    )
+
+
 def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
     model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -337,12 +344,11 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
         tmp_path, "--model", str(model_dirs["llama"]), "--grace-s", "2", "--log-content", "--max-batch-size", "8"
     )
     server.wait_serving()
-    statuses = server.watch_health()
-    assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
-    with server.channel() as channel:
+    with server.watch_health() as statuses, server.channel() as channel:
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.GenerationServiceStub(channel)
         long = [_start_stream(stub, _request(f"A long answer {i}", LONG)) for i in range(3)]
-        # ~10 steps against a 2 s grace period; the long ones need ~5 s alone on this machine.
+        # ~10 steps against a 2 s grace period; the long ones need many seconds alone on this machine.
         short = _start_stream(stub, _request("A short answer b9e1", 10))
         for stream in (*long, short):
             stream.wait_running()
@@ -350,7 +356,7 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
         assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Generate(_request("Too late", 3), timeout=CALL_TIMEOUT_S))
-        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert _refused_by_the_drain(refused.value), refused.value
         # The short stream finishes within the grace period, untouched.
         assert short.result().code is grpc.StatusCode.OK
         assert short.messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
@@ -362,7 +368,34 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
             assert "grace period is over" in stream.details
             assert stream.messages[-1].finish_reason == pb.FINISH_REASON_CANCELLED
             assert 0 < stream.messages[-1].usage.output_tokens < LONG
-    statuses.close()
     assert server.proc.wait(CALL_TIMEOUT_S) == 0
     # --log-content: the operator asked for prompts in the log.
     assert "b9e1" in server.log()
+
+
+def test_every_call_during_the_drain_is_refused_unavailable(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """While a stream holds the drain open, 30 calls on the already-open channel and calls on a new
+    connection are all answered UNAVAILABLE by the server, never CANCELLED."""
+    server = start_server(tmp_path, "--model", str(model_dirs["llama"]), "--grace-s", "120")
+    server.wait_serving()
+    with server.watch_health() as statuses, server.channel() as channel:
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.GenerationServiceStub(channel)
+        holder = _start_stream(stub, _request("Holds the drain open", LONG))
+        holder.wait_running()
+        server.proc.send_signal(signal.SIGTERM)
+        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+        calls = [_start_stream(stub, _request(f"Late {i}", 3)) for i in range(30)]
+        with server.channel() as fresh:
+            late = pb_grpc.GenerationServiceStub(fresh)
+            calls += [_start_stream(late, _request("On a new connection", 3))]
+            for call in calls:
+                call.result()
+        errors = [call.error for call in calls]
+        assert all(_refused_by_the_drain(e) for e in errors), [(e.code(), e.details()) for e in errors if e]
+        # The running stream was untouched by all of it; ending it ends the drain.
+        assert not holder.done.is_set()
+        holder.call.cancel()
+        assert holder.result().code is grpc.StatusCode.CANCELLED
+    assert server.proc.wait(CALL_TIMEOUT_S) == 0
+    assert " ERROR " not in server.log()

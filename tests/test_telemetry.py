@@ -183,14 +183,14 @@ def test_request_span_tells_the_story_and_text_only_when_turned_on(content: bool
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from modelserve.engine.request import Finish, FinishReason, Request, SamplingParams, StreamEvent, Timings
-    from modelserve.server.servicer import _OutcomeTracker
+    from modelserve.telemetry.request_outcome import OutcomeTracker
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     with provider.get_tracer("test").start_as_current_span("Generate"):
         request = Request("r", (5, 6, 7), SamplingParams(max_new_tokens=4))
-        tracker = _OutcomeTracker(None, request, "secret prompt" if content else None, trace_content=content)
+        tracker = OutcomeTracker(None, request, "secret prompt" if content else None, trace_content=content)
         tracker.saw(StreamEvent("Hel", (1,), 1))
         finish = Finish(FinishReason.STOP_SEQUENCE, Timings(0.01, 0.02, 0.05), seed=1, mean_logprob=-2.0)
         tracker.saw(StreamEvent("lo", (2,), 2, finish=finish))

@@ -18,6 +18,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "modelserve"
 
 
+# The "0 = auto" values, written once; the engine resolves them and the CLI's help quotes them.
+DEFAULT_CPU_KV_BYTES = 4 << 30  # KV budget on CPU when kv_cache_bytes is 0
+# On a CPU a prompt token costs about what a decode step's token does, so a small chunk keeps
+# running streams' inter-token latency within a few times its median while a long prompt is
+# admitted. On a GPU a chunk of a few hundred tokens costs little more than a decode step.
+AUTO_PREFILL_CHUNK_CPU = 128
+AUTO_PREFILL_CHUNK_CUDA = 512
+# The default queue holds this many full KV caches' worth of work: enough to keep the batch full
+# through a burst, little enough that a queued request still starts within a few batch lifetimes.
+AUTO_WAITING_KV_BUDGETS = 4
+
+
 @dataclass(frozen=True)
 class Config:
     """What one server runs and the limits it enforces."""
@@ -28,15 +40,17 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_batch_size: int = 32  # sequences decoded together in one step
-    prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while streams run; 0 = auto (CPU 128, CUDA 512)
-    kv_cache_bytes: int = 0  # KV memory budget; 0 = auto (gpu_memory_fraction of free GPU memory, 4 GiB on CPU)
+    prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while streams run; 0 = AUTO_PREFILL_CHUNK_*
+    kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9
     default_max_new_tokens: int = 256
     max_max_new_tokens: int = 4096
     max_prompt_bytes: int = 1 << 20
     max_prompt_tokens: int = 0  # 0 = the model's context (less one token to generate)
     max_waiting_requests: int = 256  # requests queued for a batch slot; past it: RESOURCE_EXHAUSTED
-    max_waiting_tokens: int = 0  # prompt + max_new_tokens of the queued requests; 0 = 4x the KV budget
+    max_waiting_tokens: int = (
+        0  # prompt + max_new_tokens queued; 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
+    )
     max_batch_requests: int = 256  # items in one BatchGenerate
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256

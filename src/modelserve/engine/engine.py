@@ -9,6 +9,7 @@ with one `call_soon_threadsafe` per step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -21,6 +22,13 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
+from modelserve.config import (
+    AUTO_PREFILL_CHUNK_CPU,
+    AUTO_PREFILL_CHUNK_CUDA,
+    AUTO_WAITING_KV_BUDGETS,
+    DEFAULT_CPU_KV_BYTES,
+    Config,
+)
 from modelserve.engine.admission import AdmissionControl, QueueLimits
 from modelserve.engine.detokenizer import IncrementalDetokenizer
 from modelserve.engine.kv_cache import KVPool, PrefillBuffer
@@ -100,26 +108,21 @@ class RequestStream:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The engine's limits (filled from the server's Config)."""
+    """The engine's share of the server's Config (its defaults are Config's, written once there)."""
 
-    max_batch_size: int = 32
-    prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while rows decode; 0 = auto
-    kv_cache_bytes: int = 0  # 0 = auto: a share of free GPU memory on CUDA, DEFAULT_CPU_KV_BYTES on CPU
-    gpu_memory_fraction: float = 0.9  # of the GPU memory free after loading, for the KV pool
-    max_waiting_requests: int = 256  # requests queued for a row; more are refused (QueueFullError)
-    max_waiting_tokens: int = 0  # prompt + max_new_tokens queued; 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
+    max_batch_size: int = Config.max_batch_size
+    prefill_chunk_tokens: int = Config.prefill_chunk_tokens  # 0 = AUTO_PREFILL_CHUNK_CPU / _CUDA
+    kv_cache_bytes: int = Config.kv_cache_bytes  # 0 = a share of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
+    gpu_memory_fraction: float = Config.gpu_memory_fraction
+    max_waiting_requests: int = Config.max_waiting_requests  # more are refused (QueueFullError)
+    max_waiting_tokens: int = Config.max_waiting_tokens  # 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
+
+    @classmethod
+    def from_config(cls, config: Config) -> EngineConfig:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
-DEFAULT_CPU_KV_BYTES = 4 << 30
-# On a CPU a prompt token costs about what a decode step's token does, so a small chunk keeps
-# running streams' inter-token latency within a few times its median while a long prompt is
-# admitted. On a GPU a chunk of a few hundred tokens costs little more than a decode step.
-AUTO_PREFILL_CHUNK_CPU = 128
-AUTO_PREFILL_CHUNK_CUDA = 512
 MIN_PREFILL_CHUNK_AFTER_OOM = 16
-# The default queue holds this many full KV caches' worth of work: enough to keep the batch full
-# through a burst, little enough that a queued request still starts within a few batch lifetimes.
-AUTO_WAITING_KV_BUDGETS = 4
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

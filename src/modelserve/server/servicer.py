@@ -13,19 +13,19 @@ engine request in `finally`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import psutil
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
-from opentelemetry import trace
 
 from modelserve import __version__
 from modelserve.config import Config
@@ -36,9 +36,8 @@ from modelserve.engine.request import (
     QueueFullError,
     Request,
     StreamEvent,
-    TokenLogprob,
-    TokenLogprobs,
 )
+from modelserve.server.convert import logprobs_proto, response_proto, set_final
 from modelserve.server.validation import (
     InvalidArgument,
     Limits,
@@ -47,7 +46,8 @@ from modelserve.server.validation import (
     check_prompt_size,
     truncate_prompt,
 )
-from modelserve.telemetry.metrics import GenerationMetrics, RequestOutcome
+from modelserve.telemetry.metrics import GenerationMetrics
+from modelserve.telemetry.request_outcome import OutcomeTracker
 
 if TYPE_CHECKING:
     from modelserve.engine.engine import Engine, RequestStream
@@ -57,16 +57,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
-_FINISH = {
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
-    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
-    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-    FinishReason.DEADLINE_EXCEEDED: pb.FINISH_REASON_DEADLINE_EXCEEDED,
-    FinishReason.OUT_OF_MEMORY: pb.FINISH_REASON_ERROR,
-    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
-}
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (gRFC A6), read by clients' retry policies
 
 
@@ -95,6 +85,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self._engine: Engine | None = None
         self._limits: Limits | None = None
         self._metrics: GenerationMetrics | None = None
+        self._in_flight = 0  # Generate and BatchGenerate calls past admission, not yet ended
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def attach(self, model: LoadedModel, engine: Engine, metrics: GenerationMetrics | None = None) -> None:
         self._model, self._engine, self._metrics = model, engine, metrics
@@ -118,6 +111,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine, model, limits = await self._serving(context)
+        with self._counted():
+            async for response in self._generate(engine, model, limits, request, context):
+                yield response
+
+    async def _generate(
+        self,
+        engine: Engine,
+        model: LoadedModel,
+        limits: Limits,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse],
+    ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             engine_request, stream = self._start(engine, request, model, limits, context.time_remaining())
         except _RequestFailed as exc:
@@ -129,14 +134,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))
             async for event in stream:
                 outcome.saw(event)
-                yield _response(request_id, n_prompt, event)
+                yield response_proto(request_id, n_prompt, event)
                 if event.finish is not None:
                     self._raise_for(event)
         except _RequestFailed as exc:
             await context.abort(exc.code, str(exc), exc.trailers)
         finally:
             stream.abort(_ended_early(context))
-            outcome.close(context)
+            outcome.close(_ended_early(context).value)
 
     async def BatchGenerate(
         self,
@@ -166,18 +171,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                     outcome.saw(event)
                     result.text += event.text
                     result.token_ids.extend(event.token_ids)
-                    result.logprobs.extend(_logprobs(lp) for lp in event.logprobs)
+                    result.logprobs.extend(logprobs_proto(lp) for lp in event.logprobs)
                     if event.finish is not None:
                         self._raise_for(event)
-                        _set_final(result, len(engine_request.prompt_ids), event)
+                        set_final(result, len(engine_request.prompt_ids), event)
             except _RequestFailed as exc:
                 return _item_error(exc)
             finally:
                 stream.abort(_ended_early(context))
-                outcome.close(context)
+                outcome.close(_ended_early(context).value)
             return pb.BatchItem(result=result)
 
-        items = await asyncio.gather(*(run_one(i, item) for i, item in enumerate(request.requests)))
+        with self._counted():
+            items = await asyncio.gather(*(run_one(i, item) for i, item in enumerate(request.requests)))
         return pb.BatchGenerateResponse(items=items)
 
     async def Tokenize(
@@ -241,6 +247,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 response.memory.gpu_reserved_bytes = torch.cuda.memory_reserved(model.device)
         return response
 
+    # ---- drain --------------------------------------------------------------
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no Generate or BatchGenerate call is running; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
     # ---- helpers ------------------------------------------------------------
 
     async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Engine, LoadedModel, Limits]:
@@ -249,16 +276,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             return self._engine, self._model, self._limits
         why = {
             Phase.LOADING: "the model is still loading; retry when grpc.health.v1 reports SERVING",
-            Phase.DRAINING: "the server is shutting down",
+            Phase.DRAINING: "the server is shutting down; retry on another replica",
             Phase.FAILED: "the engine has failed; the server must be restarted",
         }.get(self.phase, "the engine is not running")
         self._rejected("unavailable")
         await _abort(context, grpc.StatusCode.UNAVAILABLE, why)
 
-    def _track(self, request: Request, prompt: str) -> _OutcomeTracker:
+    def _track(self, request: Request, prompt: str) -> OutcomeTracker:
         cfg = self._config
         content = prompt if cfg.trace_content or cfg.log_content else None
-        return _OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content)
+        return OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content)
 
     def _rejected(self, error_type: str) -> None:
         if self._metrics is not None:
@@ -335,122 +362,5 @@ def _ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> FinishReason:
     return FinishReason.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else FinishReason.CANCELLED
 
 
-class _OutcomeTracker:
-    """Follows one request's events; tells its span the story (queued, admitted, first token,
-    finished) and the metrics how it ended, also when it ends early. No prompt or output text."""
-
-    def __init__(
-        self,
-        metrics: GenerationMetrics | None,
-        request: Request,
-        prompt: str | None,
-        trace_content: bool = False,
-        log_content: bool = False,
-    ) -> None:
-        """`prompt` is given only when the operator turned content tracing or logging on."""
-        self._metrics = metrics
-        self._request_id = request.request_id
-        self._prompt = prompt
-        self._trace_content, self._log_content = trace_content, log_content
-        self._output: list[str] = []
-        self._span = trace.get_current_span()  # the RPC's span, from the tracing interceptor
-        input_tokens = len(request.prompt_ids)
-        self._input_tokens = input_tokens
-        self._start_s = time.monotonic()
-        self._start_ns = time.time_ns()
-        self._first_token_s: float | None = None
-        self._output_tokens = 0
-        self._reported = False
-        self._span.add_event("queued", {"gen_ai.usage.input_tokens": input_tokens})
-
-    def saw(self, event: StreamEvent) -> None:
-        if event.token_ids and self._first_token_s is None:
-            self._first_token_s = time.monotonic() - self._start_s
-            self._span.add_event("first_token")
-        self._output_tokens = event.output_tokens
-        if self._prompt is not None:
-            self._output.append(event.text)
-        if event.finish is not None and not self._reported:
-            timings = event.finish.timings
-            ttft = timings.time_to_first_token_s if event.output_tokens else None
-            self._report(event.finish.reason.value, timings.queue_s, ttft, timings.total_s, event.finish.mean_logprob)
-
-    def close(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """The handler is ending: a request with no finish event was cancelled or ran out of time."""
-        if self._reported:
-            return
-        reason = _ended_early(context)
-        elapsed = time.monotonic() - self._start_s
-        self._report(reason.value, self._first_token_s or elapsed, self._first_token_s, elapsed)
-
-    def _report(
-        self, reason: str, queue_s: float, ttft_s: float | None, total_s: float, mean_logprob: float | None = None
-    ) -> None:
-        self._reported = True
-        if not self._span.is_recording():  # the tracing interceptor already ended it (a cancelled call)
-            self._span = trace.INVALID_SPAN
-        self._span.add_event("admitted", timestamp=self._start_ns + int(queue_s * 1e9))
-        self._span.add_event("finished", {"gen_ai.response.finish_reasons": [reason]})
-        self._span.set_attributes(
-            {
-                "gen_ai.usage.input_tokens": self._input_tokens,
-                "gen_ai.usage.output_tokens": self._output_tokens,
-                "gen_ai.response.finish_reasons": [reason],
-            }
-        )
-        if self._prompt is not None and self._trace_content:
-            self._span.set_attributes({"gen_ai.prompt": self._prompt, "gen_ai.completion": "".join(self._output)})
-        if self._log_content or log.isEnabledFor(logging.DEBUG):
-            self._log(reason, total_s)
-        if self._metrics is not None:
-            self._metrics.request_finished(
-                RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s, mean_logprob)
-            )
-
-    def _log(self, reason: str, total_s: float) -> None:
-        """One line per request: ids and counts at DEBUG; prompt and output only when the operator asked."""
-        summary = "request %s: %s after %.3fs, %d prompt tokens, %d output tokens"
-        args: tuple[object, ...] = (self._request_id, reason, total_s, self._input_tokens, self._output_tokens)
-        if self._log_content and self._prompt is not None:
-            log.info(summary + ", prompt %r, output %r", *args, self._prompt, "".join(self._output))
-        else:
-            log.debug(summary, *args)
-
-
 def _item_error(exc: _RequestFailed) -> pb.BatchItem:
     return pb.BatchItem(error=pb.ItemError(code=exc.code.value[0], message=str(exc)))
-
-
-def _logprobs(lp: TokenLogprobs) -> pb.TokenLogprobs:
-    def one(t: TokenLogprob) -> pb.TokenLogprob:
-        return pb.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
-
-    return pb.TokenLogprobs(chosen=one(lp.chosen), top=[one(t) for t in lp.top])
-
-
-def _response(request_id: str, n_prompt: int, event: StreamEvent) -> pb.GenerateResponse:
-    response = pb.GenerateResponse(
-        request_id=request_id,
-        text=event.text,
-        token_ids=event.token_ids,
-        logprobs=[_logprobs(lp) for lp in event.logprobs],
-        usage=pb.Usage(input_tokens=n_prompt, output_tokens=event.output_tokens),
-    )
-    if event.finish is not None:
-        _set_final(response, n_prompt, event)
-    return response
-
-
-def _set_final(message: pb.GenerateResponse | pb.GenerateResult, n_prompt: int, event: StreamEvent) -> None:
-    finish = event.finish
-    assert finish is not None
-    message.finish_reason = _FINISH[finish.reason]
-    message.usage.CopyFrom(pb.Usage(input_tokens=n_prompt, output_tokens=event.output_tokens))
-    message.timings.CopyFrom(
-        pb.Timings(
-            queue_seconds=finish.timings.queue_s,
-            time_to_first_token_seconds=finish.timings.time_to_first_token_s,
-            total_seconds=finish.timings.total_s,
-        )
-    )
-    message.seed = finish.seed

@@ -1,0 +1,127 @@
+"""A server's life around its engine: load the model, build and warm up the engine, drain it.
+
+Kept apart from the gRPC wiring (app.py) so that the benchmarks build their engine
+with the same `build_engine` the server uses, from the same Config.
+
+The drain is the part with a contract. From the moment SIGTERM arrives, the gRPC
+server stays open and every new call, on a new or an already-open connection,
+reaches the servicer, which answers UNAVAILABLE ("retry on another replica").
+Only when the running calls have ended (or the grace period is over and the
+engine has ended the rest with a last message) is the gRPC server stopped.
+Stopping it at once instead would leave a window in which a call that reaches
+an open connection is killed by the transport as CANCELLED, which no retry
+policy retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from modelserve.config import Config
+
+if TYPE_CHECKING:
+    import grpc
+
+    from modelserve.engine.engine import Engine
+    from modelserve.engine.request import StepRecord
+    from modelserve.models.loader import LoadedModel
+    from modelserve.server.servicer import GenerationServicer
+
+log = logging.getLogger("modelserve")
+
+T = TypeVar("T")
+# After the grace period the engine ends the remaining requests; their handlers need a moment to send
+# the last message and status before the gRPC server is stopped.
+FINAL_MESSAGE_S = 5.0
+# What the gRPC server's own stop waits for calls the drain does not count (health Watch streams).
+STOP_GRACE_S = 1.0
+
+
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Run blocking work off the loop in a thread that never holds up process exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(fn_result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(fn_result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name="modelserve-load", daemon=True).start()
+    return await future
+
+
+def load(config: Config) -> LoadedModel:
+    """Load the configured model (or build and load the demo model)."""
+    from modelserve.models.demo import DEMO_MODEL_ID, demo_model_dir
+    from modelserve.models.loader import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.model is None:
+        log.warning(
+            "no --model given: serving the embedded DEMO model (random weights, so its text is random). "
+            "Pass --model PATH to serve a real Hugging Face model."
+        )
+        path = demo_model_dir(config.cache_dir)
+        return load_model(str(path), device, dtype, model_id=DEMO_MODEL_ID, is_demo=True)
+    return load_model(config.model, device, dtype, trust_remote_code=config.trust_remote_code)
+
+
+def build_engine(config: Config, model: LoadedModel, on_step: Callable[[StepRecord], None] | None = None) -> Engine:
+    """The engine for `model` with the limits of `config` (built, not started)."""
+    from modelserve.engine.engine import Engine, EngineConfig
+
+    return Engine(
+        model.model,
+        model.tokenizer,
+        model.eos_token_ids,
+        EngineConfig.from_config(config),
+        model.max_sequence_length,
+        on_step=on_step,
+    )
+
+
+async def warm_up(engine: Engine, model: LoadedModel) -> None:
+    """One short greedy generation through the whole path before we say SERVING."""
+    from modelserve.engine.request import Request, SamplingParams
+
+    prompt = tuple(model.encode("Hello")) or (model.eos_token_ids[0],)
+    stream = engine.submit(Request("warm-up", prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
+    async for event in stream:
+        if event.finish is not None and event.finish.error:
+            raise RuntimeError(f"warm-up generation failed: {event.finish.error}")
+
+
+async def drain(server: grpc.aio.Server, servicer: GenerationServicer, engine: Engine | None, grace_s: float) -> None:
+    """With the servicer already refusing new calls: let running calls finish for `grace_s`, end the
+    rest with a last message, then stop the gRPC server."""
+    if engine is not None and not await servicer.wait_idle(grace_s):
+        from modelserve.engine.request import FinishReason
+
+        stats = engine.stats()
+        log.warning("grace period over: ending %d running and %d waiting requests", stats.running, stats.waiting)
+        engine.abort_all(
+            FinishReason.CANCELLED,
+            f"the server is shutting down and its {grace_s:g}s grace period is over; retry on another replica",
+        )
+        if not await servicer.wait_idle(FINAL_MESSAGE_S):
+            log.warning(
+                "some calls did not end within %gs of the grace period; the server cancels them", FINAL_MESSAGE_S
+            )
+    await server.stop(STOP_GRACE_S)
