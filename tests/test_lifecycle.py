@@ -64,7 +64,7 @@ def _second_request_completes(channel: grpc.Channel) -> pb.GenerateResponse:
     """With one batch row, this only finishes if the row held before was freed."""
     stub = pb_grpc.GenerationServiceStub(channel)
     request = pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(max_new_tokens=3, ignore_eos=True))
-    *_, last = stub.Generate(request, timeout=3)
+    *_, last = stub.Generate(request, timeout=60)  # a held row shows as this deadline passing
     return last
 
 

@@ -1,0 +1,84 @@
+"""The arrows that must never exist (shared/architecture.md), checked on every import statement,
+including the ones inside functions.
+
+- engine -> server, telemetry, grpc, protobuf, OpenTelemetry: the engine emits plain events and stats.
+- models -> engine, server.
+- clients -> src/modelserve, torch, transformers: a backend team installs the client alone.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src" / "modelserve"
+CLIENTS = ROOT / "clients" / "python" / "src" / "modelserve_client"
+
+# (files, forbidden module prefixes, why)
+RULES = (
+    (
+        SRC / "engine",
+        (
+            *("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "opentelemetry", "modelserve_client"),
+            *("modelserve.server", "modelserve.telemetry"),
+        ),
+        "the engine knows no gRPC, protobuf, OpenTelemetry, server or telemetry",
+    ),
+    (SRC / "models", ("modelserve.engine", "modelserve.server"), "models import no engine or server"),
+    (CLIENTS, ("modelserve", "torch", "transformers"), "the client imports nothing of src/modelserve, nor torch"),
+)
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """Every module an import statement in `path` names, with its line; relative imports resolved."""
+    parts = path.parts
+    top = max(i for i, part in enumerate(parts) if part in ("modelserve", "modelserve_client"))
+    package = ".".join(parts[top:-1])
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.append((node.lineno, base))
+    return found
+
+
+def violations(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{path}:{line} imports {module}"
+        for path in files
+        for line, module in imported_modules(path)
+        if any(module == f or module.startswith(f + ".") for f in forbidden)
+    ]
+
+
+def python_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*.py")) if "/v1/" not in p.as_posix()]  # generated stubs excepted
+
+
+@pytest.mark.parametrize(("folder", "forbidden", "why"), RULES, ids=["engine", "models", "clients"])
+def test_no_forbidden_arrow(folder: Path, forbidden: tuple[str, ...], why: str) -> None:
+    files = python_files(folder)
+    assert files, f"no Python files under {folder}"
+    assert violations(files, forbidden) == [], why
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["import grpc", "from grpc import aio", "from opentelemetry import trace", "from ..server import app"],
+)
+def test_the_check_catches_an_engine_module_that_imports_grpc(tmp_path: Path, statement: str) -> None:
+    """The rule is not vacuous: a module under an engine folder that imports grpc is reported."""
+    engine = tmp_path / "modelserve" / "engine"
+    engine.mkdir(parents=True)
+    bad = engine / "sneaky.py"
+    bad.write_text(f"def f() -> None:\n    {statement}\n")
+    forbidden = RULES[0][1]
+    assert violations([bad], forbidden), statement
