@@ -302,7 +302,7 @@ def test_client_sdk_with_tls_and_token(pki: Pki, tls_server: ServerProcess) -> N
 
 def test_client_cli_with_tls_and_token_from_env(pki: Pki, tls_server: ServerProcess) -> None:
     command = [sys.executable, "-m", "modelserve_client.cli", "--address", tls_server.address]
-    command += ["--tls-ca", str(pki.ca.cert_path), "--timeout", str(CALL_TIMEOUT_S), "info"]
+    command += ["--tls-ca", str(pki.ca.cert_path), "--timeout", str(CALL_TIMEOUT_S), "info", "--json"]
     ok = subprocess.run(
         command, env={"MODELSERVE_AUTH_TOKEN": TOKEN}, capture_output=True, text=True, timeout=60, check=False
     )

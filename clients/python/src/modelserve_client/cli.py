@@ -1,25 +1,60 @@
 """`modelserve-client`: talk to a modelserve server from a shell.
 
 modelserve-client generate "Hello" --max-new-tokens 32 --temperature 0
-modelserve-client health | info | tokenize "some text"
+modelserve-client generate --prompt-file prompt.txt --truncate-input-tokens 1024 -v
+some-command | modelserve-client generate - --logprobs 3
+modelserve-client health | info [--json] | tokenize "some text"
 modelserve-client --tls-ca ca.pem --token-file token.txt generate "Hello"
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeAlias
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from modelserve_client.client import DEFAULT_ADDRESS, ModelServeClient
 from modelserve_client.v1 import generation_pb2 as pb
 
+if TYPE_CHECKING:
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
+
+    # A message's DESCRIPTOR.fields hold either kind, by the protobuf backend.
+    Field: TypeAlias = FieldDescriptor | UpbFieldDescriptor
+
 TOKEN_ENV = "MODELSERVE_AUTH_TOKEN"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+# Exit statuses (also in --help).
+EXIT_OK = 0
+EXIT_ERROR = 1  # the server answered with an error status, or could not be reached
+EXIT_USAGE = 2  # a bad command line, or a prompt that cannot be read
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_BROKEN_PIPE = 141  # stdout was closed early, as by `| head` (128 + SIGPIPE, what a shell reports)
+
+EPILOG = f"""\
+exit status: {EXIT_OK} done; {EXIT_ERROR} the server answered with an error (or could not be reached);
+{EXIT_USAGE} a bad command line or an unreadable prompt; {EXIT_INTERRUPTED} interrupted (Ctrl-C);
+{EXIT_BROKEN_PIPE} stdout was closed before the output was written (as by `| head -c 1`): the call is
+cancelled and the rest of the output dropped, quietly, as a shell tool killed by SIGPIPE would.
+"""
+
+
+def _version() -> str:
+    try:
+        return version("modelserve-client")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "0.0.0+unknown"
 
 
 def _token(ns: argparse.Namespace) -> str | None:
@@ -39,7 +74,13 @@ def _token(ns: argparse.Namespace) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelserve-client", description="Call a modelserve gRPC server.")
+    parser = argparse.ArgumentParser(
+        prog="modelserve-client",
+        description="Call a modelserve gRPC server.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline for the call, in seconds")
     security = parser.add_argument_group("TLS and authentication")
@@ -54,8 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--token-file", metavar="PATH", help="file whose first line is the bearer token")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="stream a completion of PROMPT to stdout")
-    gen.add_argument("prompt")
+    gen = commands.add_parser(
+        "generate",
+        help="stream a completion of PROMPT to stdout",
+        description="Stream the completion's text to stdout (a newline is added at the end).\n"
+        "Everything else (-v, --logprobs, errors) goes to stderr, so stdout is exactly the text.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.set_defaults(subparser=gen)
+    gen.add_argument(
+        "prompt",
+        nargs="?",
+        metavar="PROMPT",
+        help="the prompt; - reads it from stdin (sent exactly as read, a final newline included)",
+    )
+    gen.add_argument(
+        "--prompt-file",
+        metavar="PATH",
+        help="read the prompt from this UTF-8 file instead (for prompts too long for a command line; - is stdin)",
+    )
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--min-new-tokens", type=int)
     gen.add_argument("--temperature", type=float, help="0 = greedy")
@@ -65,21 +124,229 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float)
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--verbose", "-v", action="store_true", help="print the finish reason, usage and timings")
+    gen.add_argument(
+        "--truncate-input-tokens",
+        type=int,
+        metavar="N",
+        help="keep only the prompt's last N tokens (the server's default, 0, rejects a prompt that does not fit)",
+    )
+    gen.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="N",
+        help="ask for each generated token's log-probability and the N most likely tokens at its step (0 to 20; "
+        "0 = its own only); after the text, print them on stderr, one token a line: index, token (as a Python "
+        "string literal), its logprob, then '|' and the N most likely as TOKEN LOGPROB pairs",
+    )
+    gen.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="print the finish reason, usage, timings and seed on stderr; when the server ends the stream "
+        "with an error, also what its last message said",
+    )
 
-    commands.add_parser("health", help="print the server's detailed health")
-    commands.add_parser("info", help="print the model's description")
-    tok = commands.add_parser("tokenize", help="print the token ids of TEXT")
+    health = commands.add_parser("health", help="print the server's detailed health")
+    info = commands.add_parser("info", help="print the model's description and the server's limits")
+    for sub in (health, info):
+        sub.add_argument("--json", action="store_true", help="print the response as JSON instead of key: value lines")
+    tok = commands.add_parser("tokenize", help="print the token ids of TEXT (JSON)")
     tok.add_argument("text")
     return parser
 
 
-def _print_message(message: Message) -> None:
-    print(json_format.MessageToJson(message, always_print_fields_with_no_presence=True))
+# ---- generate ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    ns = build_parser().parse_args(argv)
+def _read_prompt(ns: argparse.Namespace) -> str:
+    """PROMPT, or stdin for `-`, or --prompt-file; exits with EXIT_USAGE when none or both are given."""
+    parser: argparse.ArgumentParser = ns.subparser
+    if ns.prompt is not None and ns.prompt_file is not None:
+        parser.error("give PROMPT or --prompt-file, not both")
+    if ns.prompt is None and ns.prompt_file is None:
+        parser.error("give PROMPT, - (read stdin) or --prompt-file PATH")
+    source = ns.prompt_file if ns.prompt_file is not None else ns.prompt
+    if ns.prompt_file is None and source != "-":
+        return str(source)
+    where = "stdin" if source == "-" else f"--prompt-file {source}"
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        parser.error(f"cannot read {where}: {exc.strerror or exc}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        parser.error(f"{where} is not UTF-8 text: {exc}")
+
+
+def _params(ns: argparse.Namespace) -> dict[str, Any]:
+    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
+    params: dict[str, Any] = {name: getattr(ns, name) for name in names}
+    params["stop"] = ns.stop
+    params["ignore_eos"] = ns.ignore_eos or None
+    params["truncate_input_tokens"] = ns.truncate_input_tokens
+    if ns.logprobs is not None:
+        params["logprobs"] = True
+        params["top_logprobs"] = ns.logprobs
+    return params
+
+
+def _summary(last: pb.GenerateResponse) -> str:
+    """One line for -v: the finish reason, usage, timings and seed of the last message."""
+    usage = f"{last.usage.input_tokens} in, {last.usage.output_tokens} out"
+    if last.finish_reason == pb.FINISH_REASON_UNSPECIFIED:  # the stream ended before its last message
+        return f"[no last message | {usage} so far | request {last.request_id}]"
+    reason = pb.FinishReason.Name(last.finish_reason)
+    timings = last.timings
+    return (
+        f"[{reason} | {usage} | ttft {timings.time_to_first_token_seconds:.3f}s, total {timings.total_seconds:.3f}s"
+        f" | seed {last.seed} | request {last.request_id}]"
+    )
+
+
+def _logprob_lines(rows: Sequence[pb.TokenLogprobs]) -> list[str]:
+    """--logprobs' table: index, token, logprob, then the alternatives, in aligned columns."""
+    if not rows:
+        return ["logprobs: none arrived"]
+    tokens = [repr(row.chosen.token) for row in rows]
+    width = max(len(t) for t in tokens)
+    index_width = len(str(len(rows) - 1))
+    lines = ["logprobs (natural log): index, token, its logprob | the most likely tokens, each with its logprob"]
+    for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        line = f"{i:>{index_width}}  {token:<{width}}  {row.chosen.logprob:9.4f}"
+        if row.top:
+            line += "  | " + "  ".join(f"{alt.token!r} {alt.logprob:.4f}" for alt in row.top)
+        lines.append(line.rstrip())
+    return lines
+
+
+def _generate(client: ModelServeClient, ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    prompt = _read_prompt(ns)
+    last: pb.GenerateResponse | None = None
+    logprobs: list[pb.TokenLogprobs] = []
+    wrote_text = False
+    status: grpc.RpcError | None = None
+    with contextlib.closing(client.stream(prompt, _params(ns))) as stream:
+        try:
+            for message in stream:
+                last = message
+                logprobs.extend(message.logprobs)
+                if message.text:
+                    out.write(message.text)
+                    out.flush()
+                    wrote_text = True
+        except grpc.RpcError as exc:
+            status = exc
+    if status is None or wrote_text:
+        out.write("\n")
+        out.flush()
+    if ns.logprobs is not None and (logprobs or status is None):
+        err.write("\n".join(_logprob_lines(logprobs)) + "\n")
+    if ns.verbose and last is not None:
+        print(_summary(last), file=err)
+    if status is None:
+        return EXIT_OK
+    _print_status(status, err, verbose=ns.verbose)
+    return EXIT_ERROR
+
+
+def _print_status(exc: grpc.RpcError, err: TextIO, verbose: bool) -> None:
+    """`error: CODE: details`; with verbose, also the retry pushback the server asked for."""
+    if not isinstance(exc, grpc.Call):
+        print(f"error: {exc}", file=err)
+        return
+    print(f"error: {exc.code().name}: {exc.details()}", file=err)
+    if verbose:
+        for key, value in exc.trailing_metadata() or ():
+            if key == RETRY_PUSHBACK_KEY:
+                print(f"retry after: {value} ms (the server's {RETRY_PUSHBACK_KEY})", file=err)
+
+
+# ---- health and info --------------------------------------------------------------------------------------------
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit} ({n:,} bytes)"
+
+
+def _scalar(field: Field, value: Any) -> str:
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        enum = field.enum_type
+        assert enum is not None
+        name = enum.values_by_number[value].name if value in enum.values_by_number else str(value)
+        prefix = "".join(f"_{c}" if c.isupper() else c.upper() for c in enum.name).lstrip("_") + "_"
+        return name.removeprefix(prefix)  # SERVER_STATE_SERVING -> SERVING
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if field.name.endswith("_seconds"):
+            return f"{value:.3f} s"
+        if field.name.endswith("_usage"):
+            return f"{value:.1%}"
+        return f"{value:g}"
+    if isinstance(value, int) and field.name.endswith("_bytes"):
+        return _human_bytes(value)
+    if isinstance(value, str):
+        return value if value else "-"
+    return str(value)
+
+
+def _inline(message: Message) -> str:
+    """A small message on one line: role=bos token='<s>' token_id=1."""
+    parts = []
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        shown = repr(value) if isinstance(value, str) else _scalar(field, value)
+        parts.append(f"{field.name}={shown}")
+    return " ".join(parts)
+
+
+def _rows(message: Message, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, value) for every field, unset ones too; nested messages as dotted keys."""
+    rows: list[tuple[str, str]] = []
+    for field in message.DESCRIPTOR.fields:
+        key, value = prefix + field.name, getattr(message, field.name)
+        is_message = field.type == FieldDescriptor.TYPE_MESSAGE
+        if field.is_repeated:
+            items = [_inline(v) if is_message else _scalar(field, v) for v in value]
+            if is_message and items:
+                rows.extend((key if i == 0 else "", item) for i, item in enumerate(items))
+            else:
+                rows.append((key, ", ".join(items) if items else "-"))
+        elif is_message:
+            rows.extend(_rows(value, key + "."))
+        else:
+            rows.append((key, _scalar(field, value)))
+    return rows
+
+
+def human_view(message: Message) -> str:
+    """Aligned `key: value` lines, one per field (the default output of `health` and `info`)."""
+    rows = _rows(message)
+    width = max(len(key) for key, _ in rows) + 1
+    return "\n".join(f"{key + ':' if key else '':<{width}} {value}".rstrip() for key, value in rows)
+
+
+def _print_message(message: Message, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(json_format.MessageToJson(message, always_print_fields_with_no_presence=True), file=out)
+    else:
+        print(human_view(message), file=out)
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+
+
+def run(argv: Iterable[str] | None = None) -> int:
+    """The CLI with its exit status; errors it expects are printed, never raised."""
+    ns = build_parser().parse_args(None if argv is None else list(argv))
     try:
         client = ModelServeClient(
             ns.address,
@@ -92,52 +359,41 @@ def main(argv: list[str] | None = None) -> None:
             token=_token(ns),
         )
     except ValueError as exc:
-        sys.exit(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     with client:
+        if ns.command == "generate":
+            return _generate(client, ns, sys.stdout, sys.stderr)
         try:
-            if ns.command == "generate":
-                params = {
-                    k: getattr(ns, k)
-                    for k in (
-                        "max_new_tokens",
-                        "min_new_tokens",
-                        "temperature",
-                        "top_p",
-                        "top_k",
-                        "seed",
-                        "repetition_penalty",
-                    )
-                }
-                params["stop"] = ns.stop
-                params["ignore_eos"] = ns.ignore_eos or None
-                last = None
-                for message in client.stream(ns.prompt, params):
-                    if message.text:
-                        sys.stdout.write(message.text)
-                        sys.stdout.flush()
-                    last = message
-                sys.stdout.write("\n")
-                if ns.verbose and last is not None:
-                    reason = pb.FinishReason.Name(last.finish_reason)
-                    print(
-                        f"[{reason} | {last.usage.input_tokens} in, {last.usage.output_tokens} out | "
-                        f"ttft {last.timings.time_to_first_token_seconds:.3f}s, total {last.timings.total_seconds:.3f}s"
-                        f" | seed {last.seed}]",
-                        file=sys.stderr,
-                    )
-            elif ns.command == "health":
-                _print_message(client.health())
+            if ns.command == "health":
+                _print_message(client.health(), ns.json, sys.stdout)
             elif ns.command == "info":
-                _print_message(client.model_info())
+                _print_message(client.model_info(), ns.json, sys.stdout)
             else:
-                _print_message(client.tokenize(ns.text, return_tokens=True))
+                _print_message(client.tokenize(ns.text, return_tokens=True), True, sys.stdout)
         except grpc.RpcError as exc:
-            call = exc if isinstance(exc, grpc.Call) else None
-            detail = f"{call.code().name}: {call.details()}" if call else str(exc)
-            print(f"error: {detail}", file=sys.stderr)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            sys.exit(130)
+            _print_status(exc, sys.stderr, verbose=False)
+            return EXIT_ERROR
+    return EXIT_OK
+
+
+def _stdout_closed() -> NoReturn:
+    """Python's advice for SIGPIPE: point stdout at devnull (so the flush at exit cannot fail again)
+    and exit; https://docs.python.org/3/library/signal.html#note-on-sigpipe"""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+    except BrokenPipeError:
+        _stdout_closed()
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ ever repeated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Generator, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -109,30 +110,82 @@ class _Connection:
             self.metadata += (("authorization", f"Bearer {token}"),)
 
 
+#: The keyword arguments `generation_parameters()` accepts: the fields of GenerationParameters.
+PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields)
+#: Keywords of GenerateRequest itself that `stream()`, `generate()` and `complete()` also accept.
+REQUEST_NAMES: tuple[str, ...] = ("priority", "request_id")
+_REPEATED = frozenset(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.is_repeated)
+
+
+def _check_names(given: Iterable[str], accepted: Iterable[str], where: str) -> None:
+    """TypeError, as for a misspelt keyword argument, naming every keyword `where` accepts."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        raise TypeError(
+            f"{where} got unexpected keyword argument(s) {names}; it accepts: " + ", ".join(sorted(accepted))
+        )
+
+
 def generation_parameters(params: Params = None, **overrides: Any) -> pb.GenerationParameters:
-    """Build GenerationParameters from a message, a dict, keyword arguments, or a mix."""
+    """Build GenerationParameters from a message, a dict, keyword arguments, or a mix.
+
+    Keys are the fields of GenerationParameters (PARAMETER_NAMES); any other raises TypeError.
+    A repeated field (`stop`, `stop_token_ids`) takes one value or an iterable of them: a str
+    is one stop sequence, never its characters. None leaves a field unset.
+    """
     message = pb.GenerationParameters()
     if isinstance(params, pb.GenerationParameters):
         message.CopyFrom(params)
     elif params:
         overrides = {**params, **overrides}
+    _check_names(overrides, PARAMETER_NAMES, "generation_parameters()")
     for key, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, list | tuple):
-            getattr(message, key).extend(value)
+        if key in _REPEATED:
+            getattr(message, key).extend(_as_list(value))
         else:
             setattr(message, key, value)
     return message
 
 
-def _request(prompt: str, params: Params, request_id: str, overrides: dict[str, Any]) -> pb.GenerateRequest:
-    """`priority` among the overrides is the request's own field; the rest are GenerationParameters."""
+def _as_list(value: Any) -> list[Any]:
+    """One value or an iterable of them; str and bytes count as one value."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
+
+
+def _request(prompt: str, params: Params, request_id: str, overrides: Mapping[str, Any]) -> pb.GenerateRequest:
+    """The one place both clients turn a prompt and keywords into a request (raising TypeError for
+    an unknown keyword before any call starts). `priority` and `request_id`, as keywords or keys of
+    a dict `params`, are the request's own fields; the rest are GenerationParameters."""
+    if params is not None and not isinstance(params, pb.GenerationParameters):
+        overrides, params = {**params, **overrides}, None
+    _check_names(overrides, PARAMETER_NAMES + REQUEST_NAMES, "a Generate request")
     overrides = dict(overrides)
     priority = int(overrides.pop("priority", None) or 0)
+    request_id = overrides.pop("request_id", None) or request_id
     return pb.GenerateRequest(
         prompt=prompt, params=generation_parameters(params, **overrides), request_id=request_id, priority=priority
     )
+
+
+def _texts(messages: Generator[pb.GenerateResponse]) -> Generator[str]:
+    """The text deltas of a stream; closing this closes (cancels) the stream."""
+    with contextlib.closing(messages):
+        for message in messages:
+            if message.text:
+                yield message.text
+
+
+async def _async_texts(messages: AsyncGenerator[pb.GenerateResponse]) -> AsyncGenerator[str]:
+    """The text deltas of a stream; closing this closes (cancels) the stream."""
+    async with contextlib.aclosing(messages):
+        async for message in messages:
+            if message.text:
+                yield message.text
 
 
 def _batch(items: Iterable[str | tuple[str, Params]]) -> pb.BatchGenerateRequest:
@@ -190,21 +243,22 @@ class ModelServeClient:
 
     def stream(
         self, prompt: str, params: Params = None, *, request_id: str = "", **overrides: Any
-    ) -> Iterator[pb.GenerateResponse]:
-        """Every GenerateResponse of the stream. Closing the iterator cancels the call."""
-        call = self._stub.Generate(
-            _request(prompt, params, request_id, overrides), timeout=self._timeout_s, metadata=self._metadata
-        )
+    ) -> Generator[pb.GenerateResponse]:
+        """Every GenerateResponse of the stream. The call starts at the first next(); closing the
+        iterator cancels it. `overrides` are GenerationParameters fields and `priority`; any
+        other keyword raises TypeError here, at once."""
+        return self._stream(_request(prompt, params, request_id, overrides))
+
+    def _stream(self, request: pb.GenerateRequest) -> Generator[pb.GenerateResponse]:
+        call = self._stub.Generate(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             yield from call
         finally:
             call.cancel()
 
-    def generate(self, prompt: str, params: Params = None, **overrides: Any) -> Iterator[str]:
+    def generate(self, prompt: str, params: Params = None, **overrides: Any) -> Generator[str]:
         """The output's text deltas, as they arrive."""
-        for message in self.stream(prompt, params, **overrides):
-            if message.text:
-                yield message.text
+        return _texts(self._stream(_request(prompt, params, "", overrides)))
 
     def complete(self, prompt: str, params: Params = None, **overrides: Any) -> str:
         """The whole output text."""
@@ -274,22 +328,23 @@ class AsyncModelServeClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def stream(
+    def stream(
         self, prompt: str, params: Params = None, *, request_id: str = "", **overrides: Any
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        call = self._stub.Generate(
-            _request(prompt, params, request_id, overrides), timeout=self._timeout_s, metadata=self._metadata
-        )
+    ) -> AsyncGenerator[pb.GenerateResponse]:
+        """As ModelServeClient.stream: an unknown keyword raises TypeError here, at once."""
+        return self._stream(_request(prompt, params, request_id, overrides))
+
+    async def _stream(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateResponse]:
+        call = self._stub.Generate(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             async for message in call:
                 yield message
         finally:
             call.cancel()
 
-    async def generate(self, prompt: str, params: Params = None, **overrides: Any) -> AsyncIterator[str]:
-        async for message in self.stream(prompt, params, **overrides):
-            if message.text:
-                yield message.text
+    def generate(self, prompt: str, params: Params = None, **overrides: Any) -> AsyncGenerator[str]:
+        """The output's text deltas, as they arrive."""
+        return _async_texts(self._stream(_request(prompt, params, "", overrides)))
 
     async def complete(self, prompt: str, params: Params = None, **overrides: Any) -> str:
         return "".join([t async for t in self.generate(prompt, params, **overrides)])
