@@ -4,6 +4,8 @@
 # yet; a user's own CUDA torch is kept. Use your own build with
 #   make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>" serve
 # or install torch into .venv first. Nothing here installs an unpinned torch.
+#
+# `make` alone (or `make help`) lists the targets: each target's `## ` comment is its line there.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,24 +16,37 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install serve test lint proto bench bench-quick bench-telemetry soak clean
+.PHONY: help install serve test lint proto bench bench-quick bench-telemetry soak clean
+.DEFAULT_GOAL := help
+
+help: ## list the targets and the variables they take (also what `make` alone does)
+	@echo "usage: make TARGET [VARIABLE=value ...]"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo
+	@echo "variables:"
+	@echo "  SERVE_ARGS       flags for modelserve serve, e.g. SERVE_ARGS=\"--model /models/llama --port 50051\""
+	@echo "  PYTEST_ARGS      flags for pytest, e.g. PYTEST_ARGS=\"-k stop -x\""
+	@echo "  BENCH_ARGS       flags for the bench and soak scripts"
+	@echo "  TORCH_SPEC       the torch pip installs when .venv has none (default: $(TORCH_SPEC))"
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
+	@echo "installing into $(VENV): the first time downloads torch and transformers (a few minutes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e clients/python -e ".[dev]"
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
+	$(BIN)/python -m pip install -c constraints.txt -e clients/python -e ".[dev]"
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) ## create .venv and install the server, the client and the dev tools (torch only if missing)
 
-serve: $(STAMP)
+serve: $(STAMP) ## install, then serve the demo model (or SERVE_ARGS="--model DIR") on 0.0.0.0:50051
 	$(BIN)/modelserve serve $(SERVE_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) ## install, then run the test suite (PYTEST_ARGS="-k stop -x" to pick)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict and buf lint
 	$(BIN)/ruff check src clients tests bench scripts
 	$(BIN)/ruff format --check src clients tests bench scripts
 	$(BIN)/mypy
@@ -40,25 +55,25 @@ lint: $(STAMP)
 # The serving benchmark (bench/serving_bench.py): modelserve over gRPC vs sequential generate(),
 # static batches, transformers' continuous batching and the in-process engine, on a
 # GPT-2-small-shaped random model. `bench` writes its table into docs/benchmarks.md.
-bench: $(STAMP)
+bench: $(STAMP) ## the full serving benchmark (~30 min on 2 cores); writes docs/benchmarks.md
 	$(BIN)/python bench/serving_bench.py --write-docs $(BENCH_ARGS)
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) ## the serving benchmark, small (a few minutes); results in bench/results/ only
 	$(BIN)/python bench/serving_bench.py --quick $(BENCH_ARGS)
 
 # Telemetry on vs off as an A/B in one server process (bench/telemetry_cost.py); writes its table into
 # docs/benchmarks.md. BENCH_ARGS="--rounds 96" for a tighter interval.
-bench-telemetry: $(STAMP)
+bench-telemetry: $(STAMP) ## what telemetry costs: on vs off in one server; writes docs/benchmarks.md
 	$(BIN)/python bench/telemetry_cost.py --write-docs $(BENCH_ARGS)
 
 # Soak and overload (bench/soak.py): thousands of streams with cancels, deadlines, disconnects and
 # crashed clients, then 10x the capacity against a small waiting queue; checks for leaks and wrong
 # outputs, exits non-zero when a pass condition fails. Writes its table into docs/reliability.md.
-soak: $(STAMP)
+soak: $(STAMP) ## soak and 10x overload; fails on leaks or wrong outputs; writes docs/reliability.md
 	$(BIN)/python bench/soak.py --write-docs $(BENCH_ARGS)
 
-proto: $(STAMP)
+proto: $(STAMP) ## regenerate the Python stubs in clients/python from protos/
 	$(BIN)/python scripts/generate_protos.py
 
-clean:
+clean: ## remove .venv and the tool caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

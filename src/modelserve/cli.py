@@ -3,6 +3,11 @@
 Every Config field is a flag (`--max-batch-size`) and an environment variable
 (`MODELSERVE_MAX_BATCH_SIZE`); a flag wins over the environment, which wins
 over the default.
+
+A bad environment value is refused exactly like a bad flag (argparse's usage
+line, a message naming the variable and what it takes, exit code 2), before
+anything is loaded: a typo in a Deployment's env must not end in a traceback,
+nor be read silently as "off".
 """
 
 from __future__ import annotations
@@ -71,17 +76,49 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _InvalidEnv:
+    """The default of a flag whose environment variable holds a bad value: an error once it is used."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __str__(self) -> str:  # what --help shows as the default
+        return f"<invalid: {self.message}>"
+
+
 def _env_default(field: dataclasses.Field[Any]) -> Any:
-    raw = os.environ.get(f"MODELSERVE_{field.name.upper()}")
+    name = f"MODELSERVE_{field.name.upper()}"
+    raw = os.environ.get(name)
     if raw is None:
         return field.default
     kind: Any = type(field.default) if field.default is not None else str
     if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        value = raw.strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        return _InvalidEnv(f"{name}={raw!r}: use one of 1/0, true/false, yes/no, on/off")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            return _InvalidEnv(f"{name}={raw!r} is not an integer")
+    if kind is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            return _InvalidEnv(f"{name}={raw!r} is not a number")
     return kind(raw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `modelserve` parser and its `serve` subparser."""
     parser = argparse.ArgumentParser(prog="modelserve", description="Serve a causal language model over gRPC.")
     parser.add_argument("--version", action="version", version=f"modelserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,7 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind: Any = type(field.default) if field.default is not None else str
             serve.add_argument(flag, type=kind, default=default, help=help_text)
-    return parser
+    return parser, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _build_parsers()[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags over the environment; a bad value of either exits 2 with argparse's message."""
+    parser, serve = _build_parsers()
+    ns = parser.parse_args(argv)
+    for field in dataclasses.fields(Config):
+        value = getattr(ns, field.name)
+        if isinstance(value, _InvalidEnv):  # the flag was not given, so the bad variable would be used
+            serve.error(value.message)
+    if ns.log_level.upper() not in _LOG_LEVELS:
+        serve.error(f"--log-level / MODELSERVE_LOG_LEVEL {ns.log_level!r}: use one of {', '.join(_LOG_LEVELS)}")
+    return ns
 
 
 def config_from_args(ns: argparse.Namespace) -> Config:
@@ -105,7 +159,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(argv)
     config = config_from_args(ns)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -3,11 +3,20 @@
 Only architectures the batched engine is tested with are accepted: their caches
 are plain full-attention layers that the engine can pad and concatenate.
 Others fail at start-up with a message naming the supported ones.
+
+A wrong --model is the most common first mistake, and transformers' own errors
+for it mislead (a missing directory is reported as a malformed hub repo id, an
+empty one as a config without model_type). So a local path is checked here
+first, and every failure is one ModelLoadError line that names the directory
+and what is missing; only what looks like a hub id ("org/name") and is not a
+local directory is fetched from the hub.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +29,55 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 
 
+# A hub repo id: "name" or "owner/name", letters, digits, "-", "_", "." (no leading "/", ".", "~").
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 class ModelLoadError(RuntimeError):
-    """The model cannot be served; the message says why."""
+    """The model cannot be served; the message (one line) says why."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers' messages span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_model_dir(path: Path) -> None:
+    """Fail with a plain message unless `path` holds a config.json with a model_type."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"model directory {path} has no config.json: a Hugging Face model directory holds config.json, "
+            "the weights (*.safetensors) and tokenizer.json"
+        )
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {config_file}: {_one_line(exc)}") from exc
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelLoadError(
+            f"{config_file} has no model_type key (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
+            "is this a Hugging Face transformers model directory?"
+        )
+
+
+def resolve_source(source: str) -> tuple[str, bool]:
+    """(what to load, whether it is a local directory) for a --model value; ModelLoadError if hopeless.
+
+    An existing directory is checked for config.json and its model_type; a path that
+    does not exist is reported as such, unless it also reads as a hub id.
+    """
+    if not source.strip():
+        raise ModelLoadError("--model is empty: give a model directory or hub id, or leave it unset for the demo model")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        _check_model_dir(path)
+        return str(path), True
+    if path.exists():
+        raise ModelLoadError(f"--model {source}: {path} is a file, not a model directory")
+    if _HUB_ID.fullmatch(source) is None:
+        raise ModelLoadError(f"model directory {path.absolute()} does not exist")
+    return source, False
 
 
 @dataclass(frozen=True)
@@ -80,23 +136,38 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one log line per load, not a progress bar per shard
-    local = Path(source).expanduser().is_dir()
+    requested = source
+    source, local = resolve_source(source)
+    if not local:
+        log.info("%s is not a local directory: fetching it from the Hugging Face hub", source)
     kwargs = dict(local_files_only=local, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
+    except Exception as exc:  # hub errors come in many classes (HTTP, offline, not found, gated)
+        if local:
+            raise ModelLoadError(f"cannot read the model config in {source}: {_one_line(exc)}") from exc
+        where = Path(source).expanduser().absolute()
+        raise ModelLoadError(
+            f"{source!r} is not a local directory ({where} does not exist) and could not be fetched from the hub: "
+            f"{_one_line(exc)}"
+        ) from exc
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"model type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if getattr(config, "use_sliding_window", False):
         raise ModelLoadError("sliding-window attention is not supported yet (use_sliding_window=true)")
-    hf_tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {source}: {_one_line(exc)}") from exc
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
         raise ModelLoadError(f"{source!r} has no fast tokenizer (tokenizer.json); modelserve needs one")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the weights of {source}: {_one_line(exc)}") from exc
     model.to(device)
     model.eval()
 
@@ -119,7 +190,7 @@ def load_model(
     return LoadedModel(
         model=model,
         tokenizer=backend,
-        model_id=model_id or source,
+        model_id=model_id or requested,
         architecture=(config.architectures or [type(model).__name__])[0],
         model_type=config.model_type,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),

@@ -1,20 +1,33 @@
-"""Small models with seeded random weights and locally trained tokenizers.
+"""Small models with seeded random weights and locally built tokenizers.
 
 The demo model, the tests and the benchmark all need real Hugging Face model
 directories without a model hub. This builds them: a byte-level BPE tokenizer
-trained on a short built-in text (so any Unicode round-trips), and a GPT-2,
-Llama or Qwen2 shaped model from a config with seeded random weights, saved
-with save_pretrained so the ordinary loader reads them like any user's model.
+trained on a short built-in text (so any Unicode round-trips: what the tests
+need), and a GPT-2, Llama or Qwen2 shaped model from a config with seeded random
+weights, saved with save_pretrained so the ordinary loader reads them like any
+user's model.
+
+Random weights pick random tokens, and a byte-level token is often a part of a
+UTF-8 character, so such a model's text is mostly U+FFFD. The demo model, which
+people read, takes a word tokenizer instead (`build_word_tokenizer`): every
+piece is a whole word or one whole character, so any token sequence decodes to
+readable text.
 """
 
 from __future__ import annotations
 
+import string
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
+UNK_TOKEN = "<unk>"
+_SPACE = "\u2581"  # "▁": sentencepiece's visible space, the start of a word
+# Single characters a word tokenizer spells unknown words with; anything else is UNK_TOKEN.
+_WORD_ALPHABET = string.ascii_letters + string.digits + string.punctuation
 
 # A little of several scripts, so the trained merges are not English-only.
 _CORPUS = [
@@ -40,6 +53,27 @@ def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def build_word_tokenizer(words: Iterable[str]) -> Tokenizer:
+    """A tokenizer whose pieces are whole words and single characters, never parts of one.
+
+    A Unigram model over a fixed vocabulary (nothing is learned, so it is the same on
+    every machine): each of `words` is one piece "▁word" (a space, then the word);
+    ASCII letters, digits and punctuation are pieces of their own, so any ASCII text
+    is spelled out; every other character (newlines and tabs too) encodes as
+    UNK_TOKEN. Text is split at spaces and a Metaspace decoder turns "▁" back into
+    spaces, so a random sequence of pieces reads as words separated by spaces.
+    """
+    vocab: list[tuple[str, float]] = [(UNK_TOKEN, 0.0), (EOS_TOKEN, 0.0), (_SPACE, -8.0)]
+    # A whole word (one piece, -5) always beats spelling it (at least two pieces, -10 each).
+    vocab += [(_SPACE + word, -5.0) for word in sorted(set(words)) if word and not any(c.isspace() for c in word)]
+    vocab += [(char, -10.0) for char in _WORD_ALPHABET]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always", split=True)
+    tok.add_special_tokens([UNK_TOKEN, EOS_TOKEN])
     return tok
 
 
@@ -88,9 +122,12 @@ def build_random_model(
     max_len: int = 2048,
     vocab_size: int | None = None,
     tokenizer_vocab: int = 1024,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write a model directory (config, safetensors weights, tokenizer) and return it.
 
+    The tokenizer is `tokenizer` when given (it must hold EOS_TOKEN), else a
+    byte-level BPE of `tokenizer_vocab` pieces from `build_tokenizer`.
     `vocab_size` may exceed the tokenizer's (as in GPT-2-small's 50,257 rows); by
     default the model has exactly the tokenizer's vocabulary.
     """
@@ -100,9 +137,10 @@ def build_random_model(
 
     hf_logging.disable_progress_bar()
 
-    tok = build_tokenizer(tokenizer_vocab)
+    tok = tokenizer if tokenizer is not None else build_tokenizer(tokenizer_vocab)
     eos_id = tok.token_to_id(EOS_TOKEN)
-    assert eos_id is not None, "the trained tokenizer lost its EOS token"
+    if eos_id is None:
+        raise ValueError(f"the tokenizer has no {EOS_TOKEN} token")
     config = _config(
         arch,
         vocab_size or tok.get_vocab_size(),
@@ -118,12 +156,10 @@ def build_random_model(
                 param.normal_(0.0, 0.08)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        model_max_length=max_len,
-    )
+    specials: dict[str, str] = {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN}
+    if tok.token_to_id(UNK_TOKEN) is not None:
+        specials["unk_token"] = UNK_TOKEN
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, **specials)
     fast.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     return out_dir
