@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from modelserve import __version__
-from modelserve.config import Config
+from modelserve.config import (
+    AUTO_PREFILL_CHUNK_CPU,
+    AUTO_PREFILL_CHUNK_CUDA,
+    AUTO_WAITING_KV_BUDGETS,
+    DEFAULT_CPU_KV_BYTES,
+    Config,
+)
 
 _HELP = {
     "model": "local Hugging Face model directory or hub id (default: the embedded demo model, random text)",
@@ -31,15 +37,18 @@ _HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "dtype": "auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
     "max_batch_size": "most sequences decoded together in one step",
-    "prefill_chunk_tokens": "prompt tokens prefilled per step while streams run (0 = auto: 128 on CPU, 512 on CUDA)",
-    "kv_cache_bytes": "KV cache budget in bytes (0 = auto: gpu_memory_fraction of free GPU memory, 4 GiB on CPU)",
+    "prefill_chunk_tokens": "prompt tokens prefilled per step while streams run "
+    f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",
+    "kv_cache_bytes": "KV cache budget in bytes "
+    f"(0 = auto: gpu_memory_fraction of free GPU memory, {DEFAULT_CPU_KV_BYTES >> 30} GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",
     "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
     "max_max_new_tokens": "the largest max_new_tokens a request may ask for",
     "max_prompt_bytes": "largest prompt, in UTF-8 bytes",
     "max_prompt_tokens": "largest prompt in tokens (0 = the model's context less one)",
     "max_waiting_requests": "most requests queued for a batch slot; more get RESOURCE_EXHAUSTED with a retry hint",
-    "max_waiting_tokens": "most tokens (prompt + max_new_tokens) queued; 0 = four times the KV cache budget",
+    "max_waiting_tokens": "most tokens (prompt + max_new_tokens) queued; "
+    f"0 = {AUTO_WAITING_KV_BUDGETS} times the KV cache budget",
     "max_batch_requests": "most items in one BatchGenerate",
     "max_stop_sequences": "most stop sequences (and stop token ids) per request",
     "max_stop_sequence_chars": "longest stop sequence, in characters",
