@@ -73,6 +73,12 @@ def _long_request() -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(max_new_tokens=2000, ignore_eos=True))
 
 
+def _assert_quiet(server: ServerProcess) -> None:
+    """Normal caller behaviour (cancel, disconnect, deadline) writes no ERROR line and no traceback."""
+    log = server.log()
+    assert " ERROR " not in log and "Traceback" not in log, log
+
+
 def test_cancelled_stream_frees_the_engine(demo: tuple[ServerProcess, list[int]]) -> None:
     server, _ = demo
     with server.channel() as channel:
@@ -83,6 +89,7 @@ def test_cancelled_stream_frees_the_engine(demo: tuple[ServerProcess, list[int]]
         assert _second_request_completes(channel).finish_reason == pb.FINISH_REASON_LENGTH
         health = stub.Health(pb.HealthRequest())
         assert (health.requests_running, health.requests_waiting) == (0, 0)
+    _assert_quiet(server)
 
 
 def test_deadline_ends_generation_and_frees_the_engine(demo: tuple[ServerProcess, list[int]]) -> None:
@@ -93,6 +100,7 @@ def test_deadline_ends_generation_and_frees_the_engine(demo: tuple[ServerProcess
             list(stub.Generate(_long_request(), timeout=0.5))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
         assert _second_request_completes(channel).finish_reason == pb.FINISH_REASON_LENGTH
+    _assert_quiet(server)
 
 
 def test_sigterm_stops_cleanly(model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -26,7 +26,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from modelserve.config import Config
 from modelserve.server.parsing import RequestParsingInterceptor
@@ -39,6 +38,7 @@ from modelserve.server.security import (
 from modelserve.server.servicer import SERVICE_NAME, GenerationServicer, Phase
 from modelserve.telemetry.rpc_metrics import RpcMetricsInterceptor
 from modelserve.telemetry.setup import Telemetry, start_telemetry
+from modelserve.telemetry.tracing import server_interceptor
 
 if TYPE_CHECKING:
     from modelserve.engine.engine import Engine
@@ -74,7 +74,7 @@ def _interceptors(config: Config, telemetry: Telemetry | None, token: str | None
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if telemetry is not None:  # spans continue the caller's W3C trace context from metadata
         interceptors += [
-            aio_server_interceptor(tracer_provider=telemetry.tracer_provider),
+            server_interceptor(telemetry.tracer_provider),
             RpcMetricsInterceptor(telemetry.meter),
         ]
     if token is not None:  # inside telemetry, so refused calls still show in spans and RPC metrics

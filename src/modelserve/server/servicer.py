@@ -46,6 +46,7 @@ from modelserve.server.validation import (
     check_prompt_size,
     truncate_prompt,
 )
+from modelserve.telemetry.call_status import ended_early_code
 from modelserve.telemetry.metrics import GenerationMetrics
 from modelserve.telemetry.request_outcome import OutcomeTracker
 
@@ -358,8 +359,9 @@ async def _abort(
 
 def _ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> FinishReason:
     """Why a handler that stops reading its stream stops: its deadline passed, or the caller went away."""
-    remaining = context.time_remaining()
-    return FinishReason.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else FinishReason.CANCELLED
+    if ended_early_code(context) is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return FinishReason.DEADLINE_EXCEEDED
+    return FinishReason.CANCELLED
 
 
 def _item_error(exc: _RequestFailed) -> pb.BatchItem:

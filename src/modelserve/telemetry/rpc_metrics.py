@@ -1,12 +1,13 @@
 """rpc.server.call.duration for every RPC, as the OpenTelemetry RPC conventions name it.
 
-Hand-written: opentelemetry-instrumentation-grpc's aio interceptor makes spans
-only, and grpcio-observability does not support grpc.aio. A stream is measured
-from its start to its last message, with the status it ended with.
+Hand-written: the tracing interceptor (tracing.py) makes spans only, and
+grpcio-observability does not support grpc.aio. A stream is measured from its
+start to its last message, with the status it ended with.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import time
@@ -15,6 +16,8 @@ from typing import Any
 
 import grpc
 from opentelemetry.metrics import Meter
+
+from modelserve.telemetry.call_status import ended_early_code
 
 RPC_DURATION_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
 
@@ -91,9 +94,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _status_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    import asyncio
-
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
+    # A stream closed while it waits at a yield sees GeneratorExit: its caller went away, or time ran out.
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return ended_early_code(context)
     code = context.code()
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
