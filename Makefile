@@ -56,21 +56,21 @@ lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict and buf lint
 # static batches, transformers' continuous batching and the in-process engine, on a
 # GPT-2-small-shaped random model. `bench` writes its table into docs/benchmarks.md.
 bench: $(STAMP) ## the full serving benchmark (~30 min on 2 cores); writes docs/benchmarks.md
-	$(BIN)/python bench/serving_bench.py --write-docs $(BENCH_ARGS)
+	$(BIN)/python -m bench.serving_bench --write-docs $(BENCH_ARGS)
 
 bench-quick: $(STAMP) ## the serving benchmark, small (a few minutes); results in bench/results/ only
-	$(BIN)/python bench/serving_bench.py --quick $(BENCH_ARGS)
+	$(BIN)/python -m bench.serving_bench --quick $(BENCH_ARGS)
 
-# Telemetry on vs off as an A/B in one server process (bench/telemetry_cost.py); writes its table into
-# docs/benchmarks.md. BENCH_ARGS="--rounds 96" for a tighter interval.
-bench-telemetry: $(STAMP) ## what telemetry costs: on vs off in one server; writes docs/benchmarks.md
-	$(BIN)/python bench/telemetry_cost.py --write-docs $(BENCH_ARGS)
+# Telemetry's own cost (bench/telemetry_cost.py): one request's, one engine step's and one /metrics scrape's
+# telemetry, timed in-process; exits non-zero over its bounds; writes its table into docs/benchmarks.md.
+bench-telemetry: $(STAMP) ## telemetry's cost per request, step and scrape, bounded; writes docs/benchmarks.md
+	$(BIN)/python -m bench.telemetry_cost --write-docs $(BENCH_ARGS)
 
 # Soak and overload (bench/soak.py): thousands of streams with cancels, deadlines, disconnects and
 # crashed clients, then 10x the capacity against a small waiting queue; checks for leaks and wrong
 # outputs, exits non-zero when a pass condition fails. Writes its table into docs/reliability.md.
 soak: $(STAMP) ## soak and 10x overload; fails on leaks or wrong outputs; writes docs/reliability.md
-	$(BIN)/python bench/soak.py --write-docs $(BENCH_ARGS)
+	$(BIN)/python -m bench.soak --write-docs $(BENCH_ARGS)
 
 proto: $(STAMP) ## regenerate the Python stubs in clients/python from protos/
 	$(BIN)/python scripts/generate_protos.py

@@ -7,48 +7,43 @@ machine, so every ratio compares figures taken side by side:
   (a) sequential `generate()` per request (the classic one-at-a-time server)
   (b) static batches of fixed size through padded `generate()`
   (c) transformers' continuous batching (`init_continuous_batching`), offline
-  (d) modelserve's engine in-process, no gRPC (its own ceiling)
+  (d) modelserve's engine in-process, no gRPC (its own ceiling), built as the server builds it
 
-Writes JSON and a markdown table (bench/results/), and with --write-docs puts
+Writes JSON and a markdown table (bench/results/), and with --write-docs
 the table into docs/benchmarks.md.
 
-    python bench/serving_bench.py --quick          # make bench-quick
-    python bench/serving_bench.py --write-docs     # make bench
+    python -m bench.serving_bench --quick          # make bench-quick
+    python -m bench.serving_bench --write-docs     # make bench
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import itertools
-import json
 import os
-import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # GPT-2-small shape: 12 layers, 768 wide, 50,257 vocabulary.
-    "gpt2-small": dict(arch="gpt2", hidden=768, layers=12, heads=12, vocab_size=50257, max_len=4096),
-    # A tiny model for a smoke run of the benchmark itself.
-    "tiny": dict(arch="gpt2", hidden=64, layers=2, heads=4, vocab_size=None, max_len=4096),
-    # Llama-3.2-1B-like shape (for a lent GPU).
-    "llama-1b": dict(arch="llama", hidden=2048, layers=16, heads=32, vocab_size=128256, max_len=4096),
-}
+from bench.harness import (
+    CACHE_DIR,
+    PRESETS,
+    RESULTS,
+    header,
+    model_dir,
+    pct,
+    run_info,
+    save,
+    start_server,
+    write_docs,
+)
 
 
 @dataclass
@@ -79,16 +74,11 @@ class RunStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summarise(name: str, results: list[Result], wall_s: float, **extra: Any) -> RunStats:
+def summarise(name: str, results: list[Result], wall_s: float) -> RunStats:
     tokens = sum(r.output_tokens for r in results)
     ttft = [r.ttft_s for r in results if r.ttft_s is not None]
     itl = [x for r in results for x in r.itl_s]
-    stats = RunStats(name, len(results), tokens, wall_s, tokens / wall_s, len(results) / wall_s, extra=extra)
+    stats = RunStats(name, len(results), tokens, wall_s, tokens / wall_s, len(results) / wall_s)
     if ttft:
         stats.ttft_p50_ms, stats.ttft_p99_ms = 1e3 * pct(ttft, 0.5), 1e3 * pct(ttft, 0.99)
     if itl:
@@ -131,68 +121,7 @@ def make_workload(
     ]
 
 
-# ---- modelserve over gRPC -------------------------------------------------------------------------------------
-
-
-def bench_model_dir(preset_name: str, cache_dir: Path) -> Path:
-    """The preset's random-weight model directory, built on first use and kept in cache_dir."""
-    from modelserve.models.random_init import build_random_model
-
-    preset = PRESETS[preset_name]
-    model_dir = cache_dir / f"bench-{preset_name}"
-    if not (model_dir / "config.json").exists():
-        print(f"building {preset_name} with random weights into {model_dir} ...", flush=True)
-        build_random_model(
-            model_dir,
-            preset["arch"],
-            seed=0,
-            hidden=preset["hidden"],
-            layers=preset["layers"],
-            heads=preset["heads"],
-            max_len=preset["max_len"],
-            vocab_size=preset["vocab_size"],
-        )
-    return model_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(model_dir: Path, device: str, dtype: str, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "modelserve",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--device",
-        device,
-        "--dtype",
-        dtype,
-        "--max-batch-size",
-        "32",
-        *extra,
-    ]
-    with open(RESULTS / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    address = f"127.0.0.1:{port}"
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for message in stub.Watch(health_pb2.HealthCheckRequest(), timeout=600, wait_for_ready=True):
-            if message.status == health_pb2.HealthCheckResponse.SERVING:
-                break
-    return proc, address
+# ---- modelserve over gRPC, and its engine in-process ------------------------------------------------------------
 
 
 def ids_request(req: Req, tokenizer: Any) -> Any:
@@ -203,7 +132,7 @@ def ids_request(req: Req, tokenizer: Any) -> Any:
     return pb.GenerateRequest(prompt=tokenizer.decode(req.prompt_ids), params=params)
 
 
-async def timed_tokens(messages: Any) -> Result:
+async def timed_tokens(messages: AsyncIterator[Any]) -> Result:
     """Time a stream of messages or engine events (anything with token_ids) as they arrive."""
     start = time.perf_counter()
     last = first = None
@@ -222,8 +151,20 @@ async def timed_tokens(messages: Any) -> Result:
     return Result(tokens, first or 0.0, gaps)
 
 
-async def grpc_one(stub: Any, request: Any) -> Result:
-    return await timed_tokens(stub.Generate(request, timeout=3600))
+async def closed_loop(
+    reqs: list[Req], concurrency: int, one: Callable[[Req], Awaitable[Result]]
+) -> tuple[list[Result], float]:
+    """`concurrency` clients, each sending the next request when its last one has ended."""
+    todo = list(reqs)
+    results: list[Result] = []
+
+    async def client() -> None:
+        while todo:
+            results.append(await one(todo.pop(0)))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
 
 
 async def grpc_closed_loop(
@@ -233,16 +174,7 @@ async def grpc_closed_loop(
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        todo = list(reqs)
-        results: list[Result] = []
-
-        async def client() -> None:
-            while todo:
-                results.append(await grpc_one(stub, ids_request(todo.pop(0), tokenizer)))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        return results, time.perf_counter() - start
+        return await closed_loop(reqs, concurrency, lambda r: timed_tokens(stub.Generate(ids_request(r, tokenizer))))
 
 
 async def grpc_poisson(
@@ -256,7 +188,7 @@ async def grpc_poisson(
         start = time.perf_counter()
         tasks = []
         for req in reqs:
-            tasks.append(asyncio.ensure_future(grpc_one(stub, ids_request(req, tokenizer))))
+            tasks.append(asyncio.ensure_future(timed_tokens(stub.Generate(ids_request(req, tokenizer)))))
             await asyncio.sleep(rng.expovariate(rate))  # the arrival process itself, not a wait for state
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - start
@@ -275,7 +207,7 @@ async def grpc_long_prompt(
 
         async def running(i: int) -> None:
             req = Req(make_prompt(tokenizer, pool, 32, rng), 160)
-            async for message in stub.Generate(ids_request(req, tokenizer), timeout=3600):
+            async for message in stub.Generate(ids_request(req, tokenizer)):
                 if message.token_ids:
                     stamps[i].append(time.perf_counter())
 
@@ -286,7 +218,7 @@ async def grpc_long_prompt(
         long_req = Req(make_prompt(tokenizer, pool, long_len, rng), 4)
         t0 = time.perf_counter()
         long_ttft = None
-        async for message in stub.Generate(ids_request(long_req, tokenizer), timeout=3600):
+        async for message in stub.Generate(ids_request(long_req, tokenizer)):
             if message.token_ids and long_ttft is None:
                 long_ttft = time.perf_counter() - t0
         await asyncio.gather(*tasks)
@@ -304,52 +236,51 @@ async def grpc_long_prompt(
         }
 
 
+async def run_engine_inprocess(config: Any, loaded: Any, reqs: list[Req], concurrency: int) -> RunStats:
+    """The server's engine (build_engine from the server's Config) in this process, no gRPC."""
+    from modelserve.engine.request import Request, SamplingParams
+    from modelserve.server.lifecycle import build_engine
+
+    engine = build_engine(config, loaded)
+    engine.start(asyncio.get_running_loop())
+
+    def one(req: Req) -> Awaitable[Result]:
+        params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=0.0, ignore_eos=True)
+        return timed_tokens(engine.submit(Request("b", tuple(req.prompt_ids), params)))
+
+    results, wall = await closed_loop(reqs, concurrency, one)
+    engine.shutdown()
+    return summarise(f"(d) modelserve engine in-process, C={concurrency}", results, wall)
+
+
 # ---- baselines in this process --------------------------------------------------------------------------------
 
 
-def run_sequential(model: Any, reqs: list[Req], device: Any) -> RunStats:
+def generate_batch(model: Any, group: list[Req], device: Any) -> None:
+    """One padded, greedy `generate()` of `group` to its longest max_new_tokens, EOS off."""
     import torch
 
-    results = []
-    start = time.perf_counter()
-    for req in reqs:
-        ids = torch.tensor([req.prompt_ids], device=device)
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=req.max_new_tokens,
-            min_new_tokens=req.max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        results.append(Result(out.shape[1] - ids.shape[1], None, []))
-    return summarise("(a) sequential generate()", results, time.perf_counter() - start)
+    width = max(len(r.prompt_ids) for r in group)
+    ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group], device=device)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in group], device=device)
+    longest = max(r.max_new_tokens for r in group)
+    model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=longest,
+        min_new_tokens=longest,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
 
 
-def run_static(model: Any, reqs: list[Req], batch: int, device: Any) -> RunStats:
-    import torch
-
-    results = []
+def run_batches(name: str, model: Any, reqs: list[Req], batch: int, device: Any) -> RunStats:
+    """(a) is batches of one; (b) static batches, where only each request's own tokens are useful."""
     start = time.perf_counter()
     for i in range(0, len(reqs), batch):
-        group = reqs[i : i + batch]
-        width = max(len(r.prompt_ids) for r in group)
-        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in group], device=device)
-        longest = max(r.max_new_tokens for r in group)
-        model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=longest,
-            min_new_tokens=longest,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        # Only each request's own tokens are useful; the rest of the batch's steps are waste.
-        results.extend(Result(r.max_new_tokens, None, []) for r in group)
-    return summarise(f"(b) static batches of {batch}, padded generate()", results, time.perf_counter() - start)
+        generate_batch(model, reqs[i : i + batch], device)
+    return summarise(name, [Result(r.max_new_tokens, None, []) for r in reqs], time.perf_counter() - start)
 
 
 def run_hf_continuous(model: Any, reqs: list[Req], concurrency: int) -> RunStats:
@@ -373,7 +304,7 @@ def run_hf_continuous(model: Any, reqs: list[Req], concurrency: int) -> RunStats
         start = time.perf_counter()
         for i, req in enumerate(reqs):
             manager.add_request(req.prompt_ids, request_id=str(i), max_new_tokens=req.max_new_tokens)
-        results = []
+        results: list[Result] = []
         while len(results) < len(reqs):
             out = manager.get_result(timeout=600)
             if out is None:
@@ -385,35 +316,6 @@ def run_hf_continuous(model: Any, reqs: list[Req], concurrency: int) -> RunStats
     return summarise("(c) transformers continuous batching", results, wall)
 
 
-async def run_engine_inprocess(loaded: Any, reqs: list[Req], concurrency: int) -> RunStats:
-    from modelserve.engine.engine import Engine, EngineConfig
-    from modelserve.engine.request import Request, SamplingParams
-
-    engine = Engine(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.eos_token_ids,
-        EngineConfig(max_batch_size=32),
-        loaded.max_sequence_length,
-    )
-    engine.start(asyncio.get_running_loop())
-    todo = list(reqs)
-    results: list[Result] = []
-
-    async def client() -> None:
-        while todo:
-            req = todo.pop(0)
-            prompt = req.prompt_ids  # what the server gets from the text sent over gRPC
-            params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=0.0, ignore_eos=True)
-            results.append(await timed_tokens(engine.submit(Request("b", tuple(prompt), params))))
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    engine.shutdown()
-    return summarise(f"(d) modelserve engine in-process, C={concurrency}", results, wall)
-
-
 # ---- report -----------------------------------------------------------------------------------------------------
 
 
@@ -423,13 +325,7 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"### {report['title']}",
-        "",
-        f"- date: {report['date']}; machine: {report['machine']}",
-        f"- versions: {report['versions']}",
-        f"- command: `{report['command']}`",
-        f"- workload: {report['workload']}",
-        "",
+        *header(report["title"], report, f"workload: {report['workload']}"),
         "| run | requests | output tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -443,48 +339,15 @@ def markdown(report: dict[str, Any]) -> str:
     for name, (ratio, target) in report["ratios"].items():
         verdict = "met" if ratio >= target else f"MISSED by {100 * (1 - ratio / target):.0f}%"
         lines.append(f"- vs {name}: **{ratio:.2f}x** (>= {target}x: {verdict})")
-    lp = report.get("long_prompt")
-    if lp:
-        lines += [
-            "",
-            f"Long prompt: one {lp['long_prompt_tokens']}-token prompt arrives among {lp['running_streams']} running "
-            f"streams: their ITL p50 {lp['itl_p50_ms']:.1f} ms, p99 {lp['itl_p99_ms']:.1f} ms "
-            f"(p99/p50 = **{lp['itl_p99_over_p50']:.2f}**, target <= 3); worst gap while it was prefilled "
-            f"{fmt(lp['itl_max_during_prefill_ms'])} ms; its TTFT {fmt(lp['long_prompt_ttft_s'], 2)} s.",
-        ]
+    lp = report["long_prompt"]
+    lines += [
+        "",
+        f"Long prompt: one {lp['long_prompt_tokens']}-token prompt arrives among {lp['running_streams']} running "
+        f"streams: their ITL p50 {lp['itl_p50_ms']:.1f} ms, p99 {lp['itl_p99_ms']:.1f} ms "
+        f"(p99/p50 = **{lp['itl_p99_over_p50']:.2f}**, target <= 3); worst gap while it was prefilled "
+        f"{fmt(lp['itl_max_during_prefill_ms'])} ms; its TTFT {fmt(lp['long_prompt_ttft_s'], 2)} s.",
+    ]
     return "\n".join(lines) + "\n"
-
-
-def write_docs(section: str, marker: str) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n\nFigures from `bench/serving_bench.py`.\n"
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    block = f"{begin}\n{section}{end}\n"
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    docs.parent.mkdir(exist_ok=True)
-    docs.write_text(text)
-
-
-def versions() -> str:
-    import torch
-    import transformers
-
-    return (
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, grpcio {grpc.__version__}"
-    )
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
 
 
 def main() -> None:
@@ -500,20 +363,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None, help="requests at the largest concurrency")
     parser.add_argument("--long-prompt", type=int, default=2048)
     parser.add_argument("--write-docs", action="store_true", help="put the table into docs/benchmarks.md")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "modelserve")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ns = parser.parse_args()
 
     import torch
-
-    from modelserve.models.loader import load_model
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    preset = PRESETS[ns.preset]
-    model_dir = bench_model_dir(ns.preset, ns.cache_dir)
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    from modelserve.config import Config
+    from modelserve.server.lifecycle import load
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = model_dir(ns.preset, ns.cache_dir)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     pool = clean_token_ids(tokenizer)
     top_c = max(ns.concurrency)
     n_top = ns.requests or (32 if ns.quick else 96)
@@ -521,43 +382,41 @@ def main() -> None:
     workload = make_workload(tokenizer, pool, n_top, 1, prompt_range, new_range)
     runs: list[RunStats] = []
 
+    def ran(stats: RunStats) -> RunStats:
+        runs.append(stats)
+        print(f"  {stats.name}: {stats.tok_per_s:.1f} tok/s", flush=True)
+        return stats
+
     # ---- modelserve over gRPC (the server is its own process) ----
-    proc, address = start_server(model_dir, ns.device, ns.dtype, [])
+    config = Config(model=str(path), device=ns.device, dtype=ns.dtype, max_batch_size=32)
+    flags = ("--device", ns.device, "--dtype", ns.dtype, "--max-batch-size", str(config.max_batch_size))
+    server = start_server(RESULTS, "--model", str(path), *flags, name="serving-server")
     try:
+        server.wait_serving(timeout_s=600)
         by_c: dict[int, RunStats] = {}
         for c in sorted(ns.concurrency):
             reqs = workload[: max(c * (2 if ns.quick else 3), 4)] if c < top_c else workload
-            results, wall = asyncio.run(grpc_closed_loop(address, reqs, c, tokenizer))
-            by_c[c] = summarise(f"modelserve gRPC, closed loop C={c}", results, wall)
-            runs.append(by_c[c])
-            print(f"  {by_c[c].name}: {by_c[c].tok_per_s:.1f} tok/s", flush=True)
+            results, wall = asyncio.run(grpc_closed_loop(server.address, reqs, c, tokenizer))
+            by_c[c] = ran(summarise(f"modelserve gRPC, closed loop C={c}", results, wall))
         rate = ns.rate if ns.rate is not None else (None if ns.quick else by_c[top_c].req_per_s * 0.8)
         if rate:
-            results, wall = asyncio.run(grpc_poisson(address, workload, rate, tokenizer, seed=2))
-            runs.append(summarise(f"modelserve gRPC, Poisson {rate:.2f} req/s", results, wall))
-        long_len = min(ns.long_prompt, preset["max_len"] - 200)
-        long_prompt = asyncio.run(grpc_long_prompt(address, tokenizer, pool, long_len, 16))
+            results, wall = asyncio.run(grpc_poisson(server.address, workload, rate, tokenizer, seed=2))
+            ran(summarise(f"modelserve gRPC, Poisson {rate:.2f} req/s", results, wall))
+        long_len = min(ns.long_prompt, PRESETS[ns.preset].get("max_len", 2048) - 200)
+        long_prompt = asyncio.run(grpc_long_prompt(server.address, tokenizer, pool, long_len, 16))
         print(f"  long prompt: {long_prompt}", flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        server.terminate(120)
 
     # ---- baselines, here, after the server has gone ----
-    loaded = load_model(str(model_dir), torch.device(ns.device), getattr(torch, ns.dtype))
-    engine_run = asyncio.run(run_engine_inprocess(loaded, workload, top_c))
-    runs.append(engine_run)
-    print(f"  {engine_run.name}: {engine_run.tok_per_s:.1f} tok/s", flush=True)
+    loaded = load(config)
+    engine_run = ran(asyncio.run(run_engine_inprocess(config, loaded, workload, top_c)))
     seq_n = 4 if ns.quick else 8
-    seq = run_sequential(loaded.model, workload[:seq_n], loaded.device)
-    seq.name += f", first {seq_n} requests"
-    runs.append(seq)
-    print(f"  {seq.name}: {seq.tok_per_s:.1f} tok/s", flush=True)
-    static = run_static(loaded.model, workload, top_c, loaded.device)
-    runs.append(static)
-    print(f"  {static.name}: {static.tok_per_s:.1f} tok/s", flush=True)
-    hf = run_hf_continuous(loaded.model, workload, top_c)
-    runs.append(hf)
-    print(f"  {hf.name}: {hf.tok_per_s:.1f} tok/s", flush=True)
+    name = f"(a) sequential generate(), first {seq_n} requests"
+    seq = ran(run_batches(name, loaded.model, workload[:seq_n], 1, loaded.device))
+    name = f"(b) static batches of {top_c}, padded generate()"
+    static = ran(run_batches(name, loaded.model, workload, top_c, loaded.device))
+    hf = ran(run_hf_continuous(loaded.model, workload, top_c))
 
     ours = by_c[top_c].tok_per_s
     ratios = {
@@ -566,13 +425,9 @@ def main() -> None:
         "(c) transformers continuous batching": (ours / hf.tok_per_s, 1.0),
         "(d) modelserve engine in-process": (ours / engine_run.tok_per_s, 0.9),
     }
-    command = "python bench/serving_bench.py " + " ".join(sys.argv[1:])
     report = {
         "title": f"Serving benchmark: {ns.preset}, {ns.dtype} on {ns.device}{' (quick)' if ns.quick else ''}",
-        "date": dt.date.today().isoformat(),
-        "machine": machine(ns.device),
-        "versions": versions(),
-        "command": command.strip(),
+        **run_info(ns.device, "bench.serving_bench"),
         "workload": (
             f"{n_top} requests, prompts {prompt_range[0]}-{prompt_range[1]} tokens, max_new_tokens "
             f"{new_range[0]}-{new_range[1]}, greedy, EOS off; "
@@ -583,14 +438,10 @@ def main() -> None:
         "ratios": {k: [round(v[0], 3), v[1]] for k, v in ratios.items()},
         "long_prompt": long_prompt,
     }
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"serving-{ns.preset}-{ns.device}-{stamp}.json").write_text(json.dumps(report, indent=2))
-    table = markdown({**report, "ratios": {k: tuple(v) for k, v in report["ratios"].items()}})
-    (RESULTS / f"serving-{ns.preset}-{ns.device}-{stamp}.md").write_text(table)
-    print("\n" + table)
+    table = markdown(report)
+    save(f"serving-{ns.preset}-{ns.device}", report, table)
     if ns.write_docs:
-        marker = f"serving-{ns.preset}-{ns.device}{'-quick' if ns.quick else ''}"
-        write_docs(table, marker)
+        write_docs("benchmarks.md", f"serving-{ns.preset}-{ns.device}{'-quick' if ns.quick else ''}", table)
 
 
 if __name__ == "__main__":

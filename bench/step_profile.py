@@ -1,21 +1,25 @@
 """Where an engine step's time goes: bare transformers decode vs our runner, and the sampler.
 
-Builds a random model of a bench preset in memory (nothing is saved) and times,
-at each batch size: a transformers DynamicCache decode step, our runner's decode
-step on the KV pool, and sampling; then prints the torch profiler's top ops for
-one of our steps. For finding regressions and device-specific costs.
+Loads a bench preset's random-weight model (bench.harness.model_dir) as the server loads it and
+times, at each batch size: a transformers DynamicCache decode step, our runner's decode step on the
+KV pool, and sampling; then prints the torch profiler's top ops for one of our steps. For finding
+regressions and device-specific costs.
 
-    python bench/step_profile.py --preset gpt2-small --device cpu
-    python bench/step_profile.py --preset llama-1b --device cuda --dtype bfloat16
+    python -m bench.step_profile --preset gpt2-small --device cpu
+    python -m bench.step_profile --preset llama-1b --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from bench.harness import CACHE_DIR, PRESETS, model_dir, pct
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
@@ -30,33 +34,30 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         samples.append(1e3 * (time.perf_counter() - start))
-    return sorted(samples)[len(samples) // 2]
+    return pct(samples, 0.5)
 
 
 def main() -> None:
-    from serving_bench import PRESETS
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
     from modelserve.engine.kv_cache import KVPool, PrefillBuffer
     from modelserve.engine.request import SamplingParams
     from modelserve.engine.runner import ModelRunner
     from modelserve.engine.sampler import SamplingRow, sample
-    from modelserve.models.random_init import _config
+    from modelserve.models.loader import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="gpt2-small")
+    parser.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--context", type=int, default=256, help="tokens already in each row's cache")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ns = parser.parse_args()
 
     device, dtype = torch.device(ns.device), getattr(torch, ns.dtype)
-    preset = PRESETS[ns.preset]
-    size = dict(hidden=preset["hidden"], layers=preset["layers"], heads=preset["heads"], max_len=preset["max_len"])
-    config = _config(preset["arch"], preset["vocab_size"] or 1024, 0, size)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model = load_model(str(model_dir(ns.preset, ns.cache_dir)), device, dtype).model
     runner = ModelRunner(model)
     print(f"{ns.preset} {ns.dtype} on {device}, {ns.context} tokens of context per row")
     print("| batch | transformers decode ms | our decode ms | sample ms |")
@@ -88,7 +89,7 @@ def main() -> None:
             ]
             hf_ms = timed(hf_step, device, ns.repeat)
             our_ms = timed(our_step, device, ns.repeat)
-            sample_ms = timed(lambda logits=logits, rows=rows: sample(logits, rows), device, ns.repeat)
+            sample_ms = timed(functools.partial(sample, logits, rows), device, ns.repeat)
             print(f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {sample_ms:.2f} |")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from tokenizers import Tokenizer
 
+from bench import harness
 from tests.conftest import ServerProcess, start_server
 
 # The server's limits (flags below) and the contract's fixed ranges.
@@ -153,15 +153,10 @@ def fuzz(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def wait_idle(fuzz: Fuzz) -> None:
-    """Poll the detailed health (bounded) until no request runs, waits or holds KV cache."""
-    deadline = time.monotonic() + IDLE_TIMEOUT_S
-    while True:
-        view = fuzz.stub.Health(pb.HealthRequest(), timeout=CALL_TIMEOUT_S)
-        assert view.state == pb.SERVER_STATE_SERVING and view.model_loaded, view
-        if view.requests_running == 0 and view.requests_waiting == 0 and view.kv_cache_tokens_used == 0:
-            return
-        assert time.monotonic() < deadline, f"not idle {IDLE_TIMEOUT_S}s after the fuzzing: {view}"
-        time.sleep(0.05)
+    """Every request, cancelled ones included, has left the engine (bounded)."""
+    view = harness.wait_idle(fuzz.stub, IDLE_TIMEOUT_S)
+    assert view.state == pb.SERVER_STATE_SERVING and view.model_loaded, view
+    assert harness.is_idle(view), f"not idle {IDLE_TIMEOUT_S}s after the fuzzing: {view}"
 
 
 def assert_alive_and_idle(fuzz: Fuzz) -> None:

@@ -23,6 +23,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import is_idle, wait_idle
 from tests.conftest import ServerProcess, start_server
 from tests.faulty_model import FAULT_FILE_ENV, build_faulty_model
 
@@ -78,20 +79,6 @@ def _start_stream(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateReque
     stream = Stream(stub.Generate(request, timeout=CALL_TIMEOUT_S))
     threading.Thread(target=stream.read, daemon=True).start()
     return stream
-
-
-def _eventually(read: Callable[[], pb.HealthResponse], ok: Callable[[pb.HealthResponse], bool]) -> pb.HealthResponse:
-    """Poll the detailed Health RPC until `ok` (an abort reaches the engine at its next step)."""
-    deadline = time.monotonic() + CALL_TIMEOUT_S
-    while True:
-        health = read()
-        if ok(health) or time.monotonic() > deadline:
-            return health
-        time.sleep(0.02)
-
-
-def _idle(health: pb.HealthResponse) -> bool:
-    return health.requests_running == 0 and health.requests_waiting == 0 and health.kv_cache_tokens_used == 0
 
 
 def _completes(stub: pb_grpc.GenerationServiceStub) -> None:
@@ -157,7 +144,7 @@ def test_a_failed_prefill_fails_only_its_request(
     assert bystander.code is grpc.StatusCode.OK
     assert bystander.messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert bystander.messages[-1].usage.output_tokens == 300
-    assert _idle(_eventually(_health(faulty_stub), _idle))
+    assert is_idle(wait_idle(faulty_stub, CALL_TIMEOUT_S))
     _completes(faulty_stub)
 
 
@@ -174,7 +161,7 @@ def test_a_failed_decode_step_fails_its_batch_and_the_engine_goes_on(
         assert "injected by the test" in stream.details
         # The last message before the status says how it ended.
         assert stream.messages[-1].finish_reason == pb.FINISH_REASON_ERROR
-    assert _idle(_eventually(_health(faulty_stub), _idle))
+    assert is_idle(wait_idle(faulty_stub, CALL_TIMEOUT_S))
     _completes(faulty_stub)
     assert faulty.server.proc.poll() is None
 
@@ -201,8 +188,8 @@ def test_out_of_memory_fails_its_step_with_resource_exhausted_and_halves_the_bat
         stream.result()
         assert stream.code is grpc.StatusCode.RESOURCE_EXHAUSTED, stream.details
         assert "out of memory in a decode step" in stream.details and "batch size is now at most 2" in stream.details
-    after = _eventually(health, _idle)
-    assert _idle(after) and after.max_batch_size == 2
+    after = wait_idle(faulty_stub, CALL_TIMEOUT_S)
+    assert is_idle(after) and after.max_batch_size == 2
     _completes(faulty_stub)
     assert "out of memory in a decode step of 4" in faulty.server.log()
 
@@ -256,7 +243,7 @@ def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(queue_server:
         running = _start_stream(stub, _request("Holds the only row", LONG))
         running.wait_running()
         waiting = [_start_stream(stub, _request(f"Waits {i}", LONG)) for i in range(2)]
-        health = _eventually(_health(stub), lambda h: h.requests_waiting == 2)
+        health = wait_idle(stub, CALL_TIMEOUT_S, until=lambda h: h.requests_waiting == 2)
         assert health.requests_waiting == 2 and health.waiting_tokens > 0
         started = time.monotonic()
         refused = _start_stream(stub, _request("One too many", 5)).result()
@@ -288,8 +275,8 @@ def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(queue_server:
         assert refusals == 3 if call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED else refusals >= 1
         for stream in (running, *waiting):
             stream.call.cancel()
-        after = _eventually(_health(stub), lambda h: _idle(h) and h.waiting_tokens == 0)
-        assert _idle(after) and after.waiting_tokens == 0 and after.kv_cache_usage == 0.0
+        after = wait_idle(stub, CALL_TIMEOUT_S)
+        assert is_idle(after) and after.waiting_tokens == 0 and after.kv_cache_usage == 0.0
         _completes(stub)
 
 
@@ -322,10 +309,10 @@ def test_a_deadline_that_passes_while_waiting_ends_the_request(queue_server: Ser
             list(stub.Generate(_request("In a hurry", 5), timeout=0.5))
         assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         # Dropped from the queue without waiting for the row.
-        assert _eventually(_health(stub), lambda h: h.requests_waiting == 0).requests_waiting == 0
+        assert wait_idle(stub, CALL_TIMEOUT_S, until=lambda h: h.requests_waiting == 0).requests_waiting == 0
         assert not running.done.is_set()
         running.call.cancel()
-        assert _idle(_eventually(_health(stub), _idle))
+        assert is_idle(wait_idle(stub, CALL_TIMEOUT_S))
 
 
 def _refused_by_the_drain(error: grpc.RpcError | None) -> bool:
@@ -398,4 +385,4 @@ def test_every_call_during_the_drain_is_refused_unavailable(model_dirs: dict[str
         holder.call.cancel()
         assert holder.result().code is grpc.StatusCode.CANCELLED
     assert server.proc.wait(CALL_TIMEOUT_S) == 0
-    assert " ERROR " not in server.log()
+    assert server.log_errors() == []

@@ -1,0 +1,264 @@
+"""What the benchmarks and the tests share, one of each: a real `modelserve serve` process, the wait until
+it is idle, the random-weight models they serve, a percentile, and the reports' header, result files and
+docs sections.
+
+tests/ imports it as `bench.harness` (pytest runs from the repository root, which is then on sys.path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CACHE_DIR = Path.home() / ".cache" / "modelserve"
+START_TIMEOUT_S = 120.0
+IDLE_TIMEOUT_S = 60.0
+
+# ---- a real server ----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A `modelserve serve` process on a loopback port, its output in a log file."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    metrics_port: int
+
+    def channel(self) -> grpc.Channel:
+        # Retry a not-yet-open port quickly, so a Watch sees the server from its first moment.
+        return grpc.insecure_channel(
+            self.address, options=[("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_errors(self) -> list[str]:
+        return log_errors(self.log())
+
+    @contextlib.contextmanager
+    def watch_health(self, service: str = "", timeout_s: float = START_TIMEOUT_S) -> Iterator[Iterator[int]]:
+        """Statuses from grpc.health.v1 Watch, from the first moment the port answers.
+
+        A context manager, not a generator: the call and its channel are closed when the block ends,
+        also when a test fails inside it, never later by the garbage collector (closing a sync channel
+        from a finalizer can hang the interpreter).
+        """
+        channel = self.channel()
+        call = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout_s, wait_for_ready=True
+        )
+        try:
+            yield (message.status for message in call)
+        finally:
+            call.cancel()
+            channel.close()
+
+    def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> list[int]:
+        """Block until SERVING (a Watch stream, not polling); return the statuses seen."""
+        seen: list[int] = []
+        try:
+            with self.watch_health(timeout_s=timeout_s) as statuses:
+                for status in statuses:
+                    seen.append(status)
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return seen
+        except grpc.RpcError as exc:
+            raise AssertionError(f"server never became SERVING ({exc}); log:\n{self.log()}") from exc
+        raise AssertionError(f"health stream ended before SERVING; log:\n{self.log()}")
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then its exit code; killed (exit code -9) if it has not exited within `timeout_s`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "server") -> ServerProcess:
+    """`modelserve serve *args` on free loopback ports (gRPC and --metrics-port), its output in
+    log_dir/<name>-<port>.log; returns at once (wait_serving() waits until it serves)."""
+    port, metrics_port = free_port(), free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{port}.log"
+    address = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
+    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelserve", "serve", *address, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    return ServerProcess(proc, f"127.0.0.1:{port}", log_path, metrics_port)
+
+
+# A record in the server's log format (cli.py: "%(asctime)s %(levelname)s %(name)s: %(message)s"), and
+# gRPC core's own error and fatal lines (absl: E1130 04:53:41.553 ...).
+_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) ")
+_CORE_ERROR = re.compile(r"[EF]\d{4} \d\d:\d\d:\d\d")
+
+
+def log_errors(log: str) -> list[str]:
+    """The errors a server log reports: records at ERROR or CRITICAL, gRPC core's E and F lines, and
+    tracebacks that no record carries (an exception nobody caught: a thread's, an "Exception ignored in").
+
+    A traceback that follows a record, or chains onto one that does, belongs to that record: it counts
+    with an ERROR record (once), not with a record below ERROR. So what the server logs below ERROR,
+    such as a caller's cancel or deadline, is not an error, and whatever it logs at ERROR is one.
+    """
+    errors: list[str] = []
+    previous = ""
+    for line in log.splitlines():
+        record = _RECORD.match(line)
+        at_error = record is not None and record[1] in ("ERROR", "CRITICAL")
+        carried = _RECORD.match(previous) or previous.startswith(("During handling", "The above exception"))
+        if at_error or _CORE_ERROR.match(line) or (line.startswith("Traceback") and not carried):
+            errors.append(line)
+        if line.strip():
+            previous = line
+    return errors
+
+
+def is_idle(health: Any, kv_tokens_idle: int = 0) -> bool:
+    """A detailed HealthResponse with nothing running or waiting, no queued tokens counted and the KV
+    cache back to `kv_tokens_idle`."""
+    return bool(
+        health.requests_running == 0
+        and health.requests_waiting == 0
+        and health.waiting_tokens == 0
+        and health.kv_cache_tokens_used == kv_tokens_idle
+    )
+
+
+def wait_idle(stub: Any, timeout_s: float = IDLE_TIMEOUT_S, until: Callable[[Any], bool] = is_idle) -> Any:
+    """Poll the detailed Health RPC of a sync GenerationServiceStub until `until` (is_idle) holds or
+    `timeout_s` has passed; return the last HealthResponse, for the caller to assert on. From asyncio
+    code, run it in a thread (asyncio.to_thread)."""
+    from modelserve_client.v1 import generation_pb2 as pb
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = stub.Health(pb.HealthRequest(), timeout=10)
+        if until(health) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.02)  # the server's own state (an abort reaches the engine at its next step), bounded
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2-small shape: 12 layers, 768 wide, 50,257 vocabulary.
+    "gpt2-small": dict(arch="gpt2", hidden=768, layers=12, heads=12, vocab_size=50257, max_len=4096),
+    # A tiny model for a smoke run of a benchmark.
+    "tiny": dict(arch="gpt2", max_len=4096),
+    # Llama-3.2-1B-like shape (for a lent GPU).
+    "llama-1b": dict(arch="llama", hidden=2048, layers=16, heads=32, vocab_size=128256, max_len=4096),
+    # The tests' and the soak's: build_random_model's own size (2 layers, 64 wide, 1,024 tokens), seed 7.
+    **{f"tiny-{arch}": dict(arch=arch, seed=7) for arch in ("gpt2", "llama", "qwen2")},
+}
+
+
+def model_dir(preset: str, cache_dir: Path = CACHE_DIR) -> Path:
+    """The preset's random-weight model directory, built on first use and kept in cache_dir."""
+    from modelserve.models.random_init import build_random_model
+
+    path = cache_dir / f"bench-{preset}"
+    if not (path / "config.json").exists():
+        print(f"building {preset} with random weights into {path} ...", flush=True)
+        spec = {"seed": 0, **PRESETS[preset]}
+        build_random_model(path, spec.pop("arch"), **spec)
+    return path
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile of `values` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ---- reports ----------------------------------------------------------------------------------------------------
+
+
+def run_info(device: str, module: str) -> dict[str, str]:
+    """Date, machine, versions and command line of this run, for a report's JSON and its header."""
+    import torch
+    import transformers
+
+    if device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs"
+    else:
+        machine = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
+    return {
+        "date": dt.date.today().isoformat(),
+        "machine": machine,
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, grpcio {grpc.__version__}",
+        "command": " ".join(["python -m", module, *sys.argv[1:]]),
+    }
+
+
+def header(title: str, info: dict[str, Any], *details: str) -> list[str]:
+    """A report's first lines: its title, then date, machine, versions, command and `details` as a list."""
+    return [
+        f"### {title}",
+        "",
+        f"- date: {info['date']}; machine: {info['machine']}",
+        f"- versions: {info['versions']}",
+        f"- command: `{info['command']}`",
+        *(f"- {detail}" for detail in details),
+        "",
+    ]
+
+
+def save(stem: str, report: dict[str, Any], table: str) -> None:
+    """Write bench/results/<stem>-<time>.json and .md, and print the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"{stem}-{stamp}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{stem}-{stamp}.md").write_text(table)
+    print("\n" + table)
+
+
+def write_docs(doc: str, marker: str, section: str) -> None:
+    """Put `section` between `<!-- marker:begin -->` and `<!-- marker:end -->` in docs/<doc>, or at its
+    end where the markers are not there yet."""
+    path = ROOT / "docs" / doc
+    text = path.read_text()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
