@@ -1,6 +1,6 @@
 """What the benchmarks and the tests share, one of each: a real `modelserve serve` process, the wait until
-it is idle, the random-weight models they serve, a percentile, and the reports' header, result files and
-docs sections.
+it is idle, the random-weight models they serve, their prompts and Generate requests, a percentile, and the
+reports' header, result files and docs sections.
 
 tests/ imports it as `bench.harness` (pytest runs from the repository root, which is then on sys.path).
 """
@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import signal
 import socket
@@ -197,6 +198,40 @@ def model_dir(preset: str, cache_dir: Path = CACHE_DIR) -> Path:
         spec = {"seed": 0, **PRESETS[preset]}
         build_random_model(path, spec.pop("arch"), **spec)
     return path
+
+
+def clean_token_ids(tokenizer: Any) -> list[int]:
+    """Ids whose text is printable and encodes back to the same id: prompts built from them
+    keep their length through decode -> encode, so every run sees the same prompt tokens."""
+    ids = []
+    for i in range(tokenizer.get_vocab_size()):
+        piece = tokenizer.decode([i])
+        if piece and piece.isprintable() and "\ufffd" not in piece and tokenizer.encode(piece).ids == [i]:
+            ids.append(i)
+    return ids
+
+
+def make_prompt(tokenizer: Any, pool: list[int], length: int, rng: random.Random) -> list[int]:
+    """`length` tokens (within one or two) of text, exactly as the tokenizer encodes it."""
+    pieces = [rng.choice(pool) for _ in range(length)]
+    ids: list[int] = list(tokenizer.encode(tokenizer.decode(pieces)).ids)
+    while len(ids) < length:  # neighbouring pieces merge: add more until long enough
+        pieces += [rng.choice(pool) for _ in range(length - len(ids))]
+        ids = list(tokenizer.encode(tokenizer.decode(pieces)).ids)
+    for _ in range(8):  # cut to length; a cut can re-merge at the edge, so settle it
+        settled = list(tokenizer.encode(tokenizer.decode(ids[:length])).ids)
+        if settled == ids[:length] or len(settled) <= length:
+            return settled
+        ids = settled
+    return ids
+
+
+def generate_request(prompt: str, max_new: int) -> Any:
+    """A greedy GenerateRequest of exactly `max_new` tokens (EOS ignored)."""
+    from modelserve_client.v1 import generation_pb2 as pb
+
+    params = pb.GenerationParameters(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
+    return pb.GenerateRequest(prompt=prompt, params=params)
 
 
 def pct(values: list[float], q: float) -> float:

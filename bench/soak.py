@@ -1,24 +1,13 @@
 """Soak and overload: does modelserve stay correct, leak-free and responsive under abuse?
 
-Each scenario starts a real `modelserve serve` process of its own (bench.harness), serving the tests'
-tiny seeded Llama, and drives it with grpc.aio clients from this process; docs/reliability.md says
-what each does and checks.
+Each scenario starts a `modelserve serve` of its own (bench.harness) on the tests' tiny seeded Llama and
+drives it with grpc.aio clients from this process. SOAK: thousands of streams of a seeded mix of normal
+requests, cancels, deadlines, disconnects and crashed clients, every output checked against a lone
+reference. OVERLOAD: the capacity, then Poisson arrivals at 10x it against a small waiting queue. Both
+then check for leaks, the server's log and its exit; docs/reliability.md has the details.
 
-SOAK  thousands of Generate streams at bounded concurrency, a seeded mix of normal greedy requests,
-      client cancellations, short deadlines, deadlines that expire while generating, disconnects (a
-      channel of its own, closed mid-stream) and crashed clients (a child process that os._exit()s
-      mid-stream). Every output is checked against a lone reference request per prompt: exact when
-      complete, a prefix when cut short. Then, once the Health RPC says idle: no leaked rows, queued
-      tokens or KV, RSS within a bound of its value after a warm-up, the server still correct, no
-      errors in its log, a clean exit on SIGTERM.
-OVERLOAD  the capacity (closed loop at concurrency = max_batch_size), then Poisson arrivals at 10x its
-      request rate against a small --max-waiting-requests: refusals (RESOURCE_EXHAUSTED with
-      grpc-retry-pushback-ms) and how fast they come, every admitted request correct, the same leak
-      and log checks, and a probe that the waiting queue takes max_waiting_requests again.
-
-Writes JSON and markdown to bench/results/ (the servers' logs beside them), with --write-docs the
-table into docs/reliability.md, and exits 1 when a pass condition fails. tests/test_soak.py runs both
-scenarios at small scale through the functions here.
+Writes bench/results/soak-<time>.{json,md} (the servers' logs beside them), with --write-docs the table
+into docs/reliability.md, and exits 1 when a pass condition fails. tests/test_soak.py runs both small.
 
     python -m bench.soak              # make soak: 8,000 streams, about 5-10 minutes on 2 CPUs
     python -m bench.soak --quick      # a few hundred streams, about a minute
@@ -32,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,30 +31,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
 
-from bench.harness import (
-    CACHE_DIR,
-    RESULTS,
-    ROOT,
-    ServerProcess,
-    header,
-    is_idle,
-    model_dir,
-    pct,
-    run_info,
-    save,
-    start_server,
-    wait_idle,
-    write_docs,
-)
-from bench.serving_bench import clean_token_ids, make_prompt
+from bench import harness
 
 MODEL = "tiny-llama"  # the tests' model: 2 layers, 64 wide, a 1,024-token vocabulary, seed 7
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -72,13 +46,9 @@ GENEROUS_TIMEOUT_S = 120.0  # for requests that are meant to complete
 MIB = 1 << 20
 
 # The mix of the soak (weights); crashed clients come on top, one every `crash_every` requests.
-MIX = {
-    "normal": 0.55,
-    "cancel": 0.12,
-    "deadline_short": 0.08,
-    "deadline_running": 0.12,
-    "disconnect": 0.13,
-}
+MIX = {"normal": 0.55, "cancel": 0.12, "deadline_short": 0.08, "deadline_running": 0.12, "disconnect": 0.13}
+# The kinds that end their stream early, and how that stream ends.
+STOPPED = {"cancel": "cancelled", "disconnect": "disconnected"}
 # Every way a stream can end, as this script sees it.
 STATUSES = (
     "completed",
@@ -107,11 +77,8 @@ class SoakConfig:
     crash_every: int = 150
     crash_streams: int = 4
     seed: int = 1
-    idle_timeout_s: float = 60.0
-    # RSS may grow by at most max(32 MiB, 5%) from after the warm-up to the end. Past the warm-up a
-    # leak-free server is flat (allocator pools, the KV pool within its budget and gRPC's buffers have
-    # reached their peak; measured: under 1 MiB over thousands of streams), so 32 MiB is well above
-    # the noise yet catches a leak of 4 KiB a stream over 8,000 streams.
+    # RSS may grow by at most max(32 MiB, 5%) from after the warm-up to the end: a leak-free server is
+    # flat by then (under 1 MiB over thousands of streams), and 4 KiB a stream over 8,000 streams is 32 MiB.
     rss_bound_mib: float = 32.0
     rss_bound_frac: float = 0.05
 
@@ -131,13 +98,12 @@ class OverloadConfig:
     overload_s: float = 30.0
     prompts: int = 16
     seed: int = 2
-    idle_timeout_s: float = 60.0
 
 
 QUICK_OVERLOAD = OverloadConfig(capacity_requests=24, new_tokens=128, overload_s=5.0, prompts=8)
 
 
-# ---- prompts, references, one stream ------------------------------------------------------------------------------
+# ---- one stream ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -153,7 +119,6 @@ class Outcome:
     kind: str
     status: str
     latency_s: float
-    messages: int = 0
     tokens: int = 0
     max_new: int = 0
     ttft_s: float | None = None
@@ -163,101 +128,66 @@ class Outcome:
     retry_hint: bool = False
 
 
-def make_prompts(tokenizer: Any, n: int, long_share: float, rng: random.Random) -> list[str]:
-    pool = clean_token_ids(tokenizer)
+def correct(outcomes: list[Outcome]) -> list[Outcome]:
+    return [o for o in outcomes if o.status == "completed" and not o.problem]
+
+
+def make_prompts(path: Path, n: int, long_share: float, rng: random.Random) -> list[str]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    pool = harness.clean_token_ids(tokenizer)
     prompts = []
     for i in range(n):
-        long = i < round(n * long_share)
-        length = rng.randint(128, 400) if long else rng.randint(4, 48)
-        prompts.append(tokenizer.decode(make_prompt(tokenizer, pool, length, rng)))
+        length = rng.randint(128, 400) if i < round(n * long_share) else rng.randint(4, 48)
+        prompts.append(tokenizer.decode(harness.make_prompt(tokenizer, pool, length, rng)))
     return prompts
 
 
-def generate_request(prompt: str, max_new: int) -> Any:
-    from modelserve_client.v1 import generation_pb2 as pb
-
-    params = pb.GenerationParameters(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
-    return pb.GenerateRequest(prompt=prompt, params=params)
-
-
-async def compute_references(stub: Any, prompts: list[str], max_new: int, tokenizer: Any) -> list[Reference]:
-    """Each prompt's greedy output, from a lone request on an idle server."""
-    refs = []
-    for prompt in prompts:
-        start = time.perf_counter()
-        ids: list[int] = []
-        text: list[str] = []
-        async for message in stub.Generate(generate_request(prompt, max_new), timeout=GENEROUS_TIMEOUT_S):
-            ids.extend(message.token_ids)
-            text.append(message.text)
-        if len(ids) != max_new:
-            raise RuntimeError(f"a lone reference request gave {len(ids)} tokens, not {max_new}")
-        refs.append(Reference(prompt, ids, "".join(text), time.perf_counter() - start))
-    return refs
-
-
-class Checker:
-    """Greedy outputs against the references: exact when complete, a prefix when cut short."""
-
-    def __init__(self, refs: list[Reference], tokenizer: Any) -> None:
-        self.refs = refs
-        self._tokenizer = tokenizer
-
-    def problem(self, ref_index: int, ids: list[int], text: str, max_new: int, complete: bool) -> str:
-        ref = self.refs[ref_index]
-        if ids != ref.ids[: len(ids)]:
-            at = next(i for i, (a, b) in enumerate(zip(ids, ref.ids, strict=False)) if a != b) if ids else 0
-            return f"prompt {ref_index}: token ids differ from the reference at position {at}"
-        if not complete:
-            return ""
-        if len(ids) != max_new:
-            return f"prompt {ref_index}: {len(ids)} tokens, expected {max_new}"
-        want = ref.text if max_new == len(ref.ids) else self._tokenizer.decode(ids, skip_special_tokens=True)
-        if text != want:
-            return f"prompt {ref_index}: text {text[-40:]!r} differs from {want[-40:]!r} (n={max_new})"
-        return ""
-
-
 async def run_stream(
+    s: Session,
     stub: Any,
-    checker: Checker,
     kind: str,
-    ref_index: int,
+    ref: int,
     max_new: int,
-    timeout_s: float,
+    timeout_s: float = GENEROUS_TIMEOUT_S,
     stop_after: int = 0,
-    stop: Callable[[Any], Awaitable[None]] | None = None,
-    stopped_status: str = "",
+    channel: grpc.aio.Channel | None = None,
 ) -> Outcome:
-    """One Generate stream to its end; with `stop_after`, `stop(call)` ends it after that many messages."""
+    """One Generate stream to its end. The kinds in STOPPED end it after `stop_after` messages: a cancel
+    calls call.cancel(), a disconnect closes `channel`, the stream's own."""
     start = time.perf_counter()
-    call = stub.Generate(generate_request(checker.refs[ref_index].prompt, max_new), timeout=timeout_s)
+    call = stub.Generate(harness.generate_request(s.refs[ref].prompt, max_new), timeout=timeout_s)
     out = Outcome(kind, "error", 0.0, max_new=max_new)
     ids: list[int] = []
     text: list[str] = []
-    finish = 0
+    messages = finish = 0
     try:
         async for message in call:
-            out.messages += 1
+            messages += 1
             if message.token_ids and out.ttft_s is None:
                 out.ttft_s = time.perf_counter() - start
             ids.extend(message.token_ids)
             text.append(message.text)
             finish = message.finish_reason or finish
-            if stop is not None and out.messages >= stop_after and not finish:
-                await stop(call)
-                out.status = stopped_status
+            if kind in STOPPED and messages >= stop_after and not finish:
+                if channel is None:
+                    call.cancel()
+                else:
+                    await channel.close(grace=None)
+                out.status = STOPPED[kind]
                 break
         else:
             out.status = "completed"
+            if not finish:
+                out.status, out.error = "error", "the stream ended without a finish reason"
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            out.status = "deadline_running" if ids else "deadline_waiting" if out.messages else "deadline_at_admission"
-        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and not out.messages:
+            out.status = "deadline_running" if ids else "deadline_waiting" if messages else "deadline_at_admission"
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and not messages:
             out.status = "rejected"
-            trailers = dict(exc.trailing_metadata() or ())
-            raw = trailers.get(RETRY_PUSHBACK_KEY)
+            raw = dict(exc.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY)
             out.pushback_ms = int(raw) if raw is not None and str(raw).isdigit() else None
             out.retry_hint = "retry" in (exc.details() or "").lower()
         else:
@@ -266,11 +196,8 @@ async def run_stream(
         out.error = f"{type(exc).__name__}: {exc}"
     out.latency_s = time.perf_counter() - start
     out.tokens = len(ids)
-    complete = out.status == "completed"
-    if complete and finish == 0:
-        out.status, out.error = "error", "the stream ended without a finish reason"
     if out.status != "error":
-        out.problem = checker.problem(ref_index, ids, "".join(text), max_new, complete)
+        out.problem = s.problem(ref, ids, "".join(text), max_new, out.status == "completed")
     return out
 
 
@@ -282,48 +209,47 @@ async def crash_client_main() -> None:
     from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
     spec = json.loads(sys.stdin.read())
-    channel = grpc.aio.insecure_channel(spec["address"])
-    stub = pb_grpc.GenerationServiceStub(channel)
-    received: list[list[int]] = [[] for _ in spec["streams"]]
-    finished = [False] * len(spec["streams"])
-    errors = [""] * len(spec["streams"])
+    stub = pb_grpc.GenerationServiceStub(grpc.aio.insecure_channel(spec["address"]))
+    n = len(spec["streams"])
+    report: dict[str, list[Any]] = {"ids": [[] for _ in range(n)], "finished": [False] * n, "errors": [""] * n}
     reached = asyncio.Semaphore(0)
 
     async def one(i: int, stream: dict[str, Any]) -> None:
         messages, released = 0, False
         try:
-            call = stub.Generate(generate_request(stream["prompt"], stream["max_new"]), timeout=GENEROUS_TIMEOUT_S)
+            call = stub.Generate(
+                harness.generate_request(stream["prompt"], stream["max_new"]), timeout=GENEROUS_TIMEOUT_S
+            )
             async for message in call:
                 messages += 1
-                received[i].extend(message.token_ids)
+                report["ids"][i].extend(message.token_ids)
                 if messages == stream["after"]:
                     reached.release()
                     released = True
-            finished[i] = True
+            report["finished"][i] = True
         except grpc.aio.AioRpcError as exc:
-            errors[i] = f"{exc.code().name}: {exc.details()}"
+            report["errors"][i] = f"{exc.code().name}: {exc.details()}"
         finally:
             if not released:
                 reached.release()
 
-    tasks = [asyncio.ensure_future(one(i, s)) for i, s in enumerate(spec["streams"])]
+    tasks = [asyncio.ensure_future(one(i, stream)) for i, stream in enumerate(spec["streams"])]
     for _ in tasks:
         await reached.acquire()
-    sys.stdout.write(json.dumps({"ids": received, "finished": finished, "errors": errors}) + "\n")
-    sys.stdout.flush()
+    print(json.dumps(report), flush=True)
     os._exit(0)  # no goodbye: the kernel closes the socket under the open streams
 
 
-async def run_crash_client(address: str, checker: Checker, streams: list[tuple[int, int, int]]) -> list[Outcome]:
+async def run_crash_client(s: Session, streams: list[tuple[int, int, int]]) -> list[Outcome]:
     """Run a child that opens `streams` ((prompt, max_new, after) each) and dies mid-stream."""
     spec = {
-        "address": address,
-        "streams": [{"prompt": checker.refs[r].prompt, "max_new": n, "after": k} for r, n, k in streams],
+        "address": s.server.address,
+        "streams": [{"prompt": s.refs[r].prompt, "max_new": n, "after": k} for r, n, k in streams],
     }
     start = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "bench.soak", "--crash-client"),
-        cwd=ROOT,
+        cwd=harness.ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -342,19 +268,25 @@ async def run_crash_client(address: str, checker: Checker, streams: list[tuple[i
         return [Outcome("crash", "error", latency, max_new=n, error=error) for _, n, _ in streams]
     outcomes = []
     for (r, n, _), ids, done, error in zip(streams, report["ids"], report["finished"], report["errors"], strict=True):
+        out = Outcome("crash", "completed" if done else "crashed", latency, tokens=len(ids), max_new=n)
         if error:
-            outcomes.append(Outcome("crash", "error", latency, tokens=len(ids), max_new=n, error=error))
-            continue
-        status = "completed" if done else "crashed"
-        # A stream that finished first is checked on its token ids (the child does not keep text).
-        problem = checker.problem(r, ids, "", n, complete=False)
-        if done and not problem and len(ids) != n:
-            problem = f"prompt {r}: {len(ids)} tokens, expected {n}"
-        outcomes.append(Outcome("crash", status, latency, tokens=len(ids), max_new=n, problem=problem))
+            out.status, out.error = "error", error
+        else:
+            # Checked on token ids only (the child keeps no text); one that finished must be full length.
+            out.problem = s.problem(r, ids, "", n, complete=False)
+            if done and not out.problem and len(ids) != n:
+                out.problem = f"prompt {r}: {len(ids)} tokens, expected {n}"
+        outcomes.append(out)
     return outcomes
 
 
 # ---- the server of a scenario -------------------------------------------------------------------------------------
+
+
+def health(stub: Any) -> Any:
+    from modelserve_client.v1 import generation_pb2 as pb
+
+    return stub.Health(pb.HealthRequest(), timeout=10)
 
 
 def health_view(h: Any) -> dict[str, Any]:
@@ -373,31 +305,43 @@ def health_view(h: Any) -> dict[str, Any]:
 @dataclass
 class Session:
     """A scenario's server and clients: the load on grpc.aio channels, Health on a sync channel of its own
-    (read from threads, so a wait never blocks the load's event loop). The last fields are filled when
-    the server has stopped."""
+    (called from threads, so a wait never blocks the load's event loop), each prompt's reference, and,
+    once the server has stopped, how it ended."""
 
-    server: ServerProcess
+    server: harness.ServerProcess
     args: tuple[str, ...]
     stubs: list[Any]
     health_stub: Any
-    checker: Checker
+    tokenizer: Any
+    refs: list[Reference]
     before: Any  # Health before the load
     exit_code: int | None = None
     stop_s: float = 0.0
     log_errors: list[str] = field(default_factory=list)
 
-    async def health(self) -> Any:
-        from modelserve_client.v1 import generation_pb2 as pb
-
-        return await asyncio.to_thread(self.health_stub.Health, pb.HealthRequest(), timeout=10)
-
-    async def wait_idle(self, timeout_s: float) -> tuple[Any, float]:
-        """The Health once idle (or at the timeout), and the seconds it took."""
+    async def wait_idle(self) -> tuple[Any, float]:
+        """The Health once idle (or at harness.IDLE_TIMEOUT_S), and the seconds it took."""
         start, kv_idle = time.perf_counter(), self.before.kv_cache_tokens_used
-        end = await asyncio.to_thread(wait_idle, self.health_stub, timeout_s, lambda h: is_idle(h, kv_idle))
+        until = functools.partial(harness.is_idle, kv_tokens_idle=kv_idle)
+        end = await asyncio.to_thread(harness.wait_idle, self.health_stub, harness.IDLE_TIMEOUT_S, until)
         return end, time.perf_counter() - start
 
-    def report(self, end: Any, idle_s: float) -> dict[str, Any]:
+    def problem(self, ref_index: int, ids: list[int], text: str, max_new: int, complete: bool) -> str:
+        """What is wrong with a greedy output: it must be a prefix of the reference, all of it when complete."""
+        ref = self.refs[ref_index]
+        if ids != ref.ids[: len(ids)]:
+            at = next(i for i, (a, b) in enumerate(zip(ids, ref.ids, strict=False)) if a != b) if ids else 0
+            return f"prompt {ref_index}: token ids differ from the reference at position {at}"
+        if not complete:
+            return ""
+        if len(ids) != max_new:
+            return f"prompt {ref_index}: {len(ids)} tokens, expected {max_new}"
+        want = ref.text if max_new == len(ref.ids) else self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text != want:
+            return f"prompt {ref_index}: text {text[-40:]!r} differs from {want[-40:]!r} (n={max_new})"
+        return ""
+
+    def end_figures(self, end: Any, idle_s: float) -> dict[str, Any]:
         """The figures of the leak checks and of the server's end, for the scenario's report."""
         return {
             "leaked_rows": end.requests_running + end.requests_waiting,
@@ -413,31 +357,46 @@ class Session:
         }
 
 
+async def compute_references(stub: Any, prompts: list[str], max_new: int) -> list[Reference]:
+    """Each prompt's greedy output, from a lone request on an idle server."""
+    refs = []
+    for prompt in prompts:
+        start = time.perf_counter()
+        ids: list[int] = []
+        text: list[str] = []
+        async for message in stub.Generate(harness.generate_request(prompt, max_new), timeout=GENEROUS_TIMEOUT_S):
+            ids.extend(message.token_ids)
+            text.append(message.text)
+        if len(ids) != max_new:
+            raise RuntimeError(f"a lone reference request gave {len(ids)} tokens, not {max_new}")
+        refs.append(Reference(prompt, ids, "".join(text), time.perf_counter() - start))
+    return refs
+
+
 @contextlib.asynccontextmanager
 async def serving(
     path: Path, log_dir: Path, name: str, prompts: list[str], max_new: int, channels: int, *args: str
 ) -> AsyncIterator[Session]:
     """A scenario's server, SERVING and with each prompt's reference computed; SIGTERM when the block ends."""
-    from modelserve_client.v1 import generation_pb2 as pb
     from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
     from tokenizers import Tokenizer
 
-    args = ("--model", str(path), "--device", "cpu", "--dtype", "float32", *args)
-    server = start_server(log_dir, *args, name=name)
+    args = ("--model", str(path), "--device", "cpu", "--dtype", "float32", *args, "--grace-s", "10")
+    server = harness.start_server(log_dir, *args, name=name)
     aio_channels: list[grpc.aio.Channel] = []
     health_channel = server.channel()
     session = None
     try:
         server.wait_serving()  # blocks this loop, which has nothing else to do yet
         health_stub = pb_grpc.GenerationServiceStub(health_channel)
-        before = health_stub.Health(pb.HealthRequest(), timeout=10)
+        before = health(health_stub)
         aio_channels = [grpc.aio.insecure_channel(server.address) for _ in range(channels)]
         stubs = [pb_grpc.GenerationServiceStub(c) for c in aio_channels]
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         t0 = time.perf_counter()
-        checker = Checker(await compute_references(stubs[0], prompts, max_new, tokenizer), tokenizer)
+        refs = await compute_references(stubs[0], prompts, max_new)
         print(f"  {name}: {len(prompts)} references in {time.perf_counter() - t0:.1f}s", flush=True)
-        session = Session(server, args, stubs, health_stub, checker, before)
+        session = Session(server, args, stubs, health_stub, tokenizer, refs, before)
         yield session
     finally:
         for c in aio_channels:
@@ -450,35 +409,30 @@ async def serving(
             session.log_errors = server.log_errors()
 
 
-class Monitor:
-    """Samples Health in a thread while the `with` block runs: the peaks and the RSS series for the report."""
+@contextlib.contextmanager
+def monitor(s: Session, period_s: float) -> Iterator[list[dict[str, Any]]]:
+    """Health sampled in a thread while the block runs: the peaks and the RSS series for the report."""
+    samples: list[dict[str, Any]] = []
+    stop = threading.Event()
 
-    def __init__(self, session: Session, period_s: float) -> None:
-        self._session, self._period = session, period_s
-        self.samples: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Monitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        from modelserve_client.v1 import generation_pb2 as pb
-
+    def sample() -> None:
         t0 = time.perf_counter()
-        while not self._stop.is_set():
+        while not stop.is_set():
             with contextlib.suppress(grpc.RpcError):
-                h = self._session.health_stub.Health(pb.HealthRequest(), timeout=10)
-                self.samples.append({"t_s": round(time.perf_counter() - t0, 2), **health_view(h)})
-            self._stop.wait(self._period)
+                samples.append({"t_s": round(time.perf_counter() - t0, 2), **health_view(health(s.health_stub))})
+            stop.wait(period_s)
 
-    def peak(self, key: str) -> Any:
-        return max((s[key] for s in self.samples), default=0)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
+def peak(samples: list[dict[str, Any]], key: str) -> Any:
+    return max((sample[key] for sample in samples), default=0)
 
 
 # ---- the load -----------------------------------------------------------------------------------------------------
@@ -497,7 +451,6 @@ class Planned:
 
 def plan(cfg: SoakConfig, n: int, rng: random.Random) -> list[Planned]:
     """`n` streams of the mix; every `crash_every` streams, a crashed client (counted as its streams)."""
-    kinds, weights = list(MIX), list(MIX.values())
     items: list[Planned] = []
     streams = crashes = 0
     while streams < n:
@@ -507,7 +460,7 @@ def plan(cfg: SoakConfig, n: int, rng: random.Random) -> list[Planned]:
             items.append(Planned("crash", 0, cfg.max_new, crash=crash))
             streams, crashes = streams + k, crashes + 1
             continue
-        kind = rng.choices(kinds, weights)[0]
+        kind = rng.choices(list(MIX), list(MIX.values()))[0]
         ref = rng.randrange(cfg.prompts)
         if kind == "normal":
             items.append(Planned(kind, ref, rng.randint(1, cfg.max_new)))
@@ -554,43 +507,38 @@ async def drive(
     todo = collections.deque(items)
     outcomes: list[Outcome] = []
 
-    async def cancel(call: Any) -> None:
-        call.cancel()
-
     async def one(stub: Any, item: Planned) -> Outcome:
         timeout = item.timeout_s
         if item.kind == "deadline_running" and full is not None:
             timeout = item.deadline_fraction * full.now()
         planned = (item.kind, item.ref, item.max_new, timeout, item.stop_after)
         if item.kind != "disconnect":
-            return await run_stream(stub, s.checker, *planned, cancel if item.kind == "cancel" else None, "cancelled")
-        channel = grpc.aio.insecure_channel(s.server.address)  # its own: closing it ends this stream only
-
-        async def close(call: Any) -> None:
-            await channel.close(grace=None)
-
-        try:
-            return await run_stream(pb_grpc.GenerationServiceStub(channel), s.checker, *planned, close, "disconnected")
-        finally:
-            await channel.close(grace=None)
+            return await run_stream(s, stub, *planned)
+        # A channel of its own: closing it ends this stream only.
+        async with grpc.aio.insecure_channel(s.server.address) as channel:
+            return await run_stream(s, pb_grpc.GenerationServiceStub(channel), *planned, channel)
 
     async def worker(w: int) -> None:
         stub = s.stubs[w % len(s.stubs)]
         while todo:
             item = todo.popleft()
-            if item.kind == "crash":
-                results = await run_crash_client(s.server.address, s.checker, item.crash)
-            else:
-                results = [await one(stub, item)]
+            results = await run_crash_client(s, item.crash) if item.kind == "crash" else [await one(stub, item)]
             for r in results:
                 if full is not None:
                     full.saw(r)
-                outcomes.append(r)
+            outcomes.extend(results)
             if on_done is not None:
                 on_done(len(outcomes))
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return outcomes
+
+
+# ---- figures and checks -------------------------------------------------------------------------------------------
+
+
+def ms(values: list[float], q: float, digits: int = 2) -> float | None:
+    return round(1e3 * harness.pct(values, q), digits) if values else None
 
 
 def tally(outcomes: list[Outcome]) -> dict[str, Any]:
@@ -601,8 +549,8 @@ def tally(outcomes: list[Outcome]) -> dict[str, Any]:
         by_kind[o.kind][o.status] += 1
     return {
         "requests": len(outcomes),
-        **{s: counts.get(s, 0) for s in STATUSES},
-        "deadline_exceeded": sum(counts.get(s, 0) for s in STATUSES if s.startswith("deadline")),
+        **{status: counts[status] for status in STATUSES},
+        "deadline_exceeded": sum(counts[status] for status in STATUSES if status.startswith("deadline")),
         "wrong_outputs": sum(1 for o in outcomes if o.problem),
         "output_tokens": sum(o.tokens for o in outcomes),
         "by_kind": by_kind,
@@ -611,28 +559,32 @@ def tally(outcomes: list[Outcome]) -> dict[str, Any]:
     }
 
 
-def check(checks: dict[str, dict[str, Any]], name: str, ok: bool, detail: str) -> None:
-    """Record a pass condition (all are required: one that fails fails the run)."""
-    checks[name] = {"ok": bool(ok), "detail": detail}
+def check(ok: bool, detail: str) -> dict[str, Any]:
+    """A pass condition (all are required: one that fails fails the run)."""
+    return {"ok": bool(ok), "detail": detail}
 
 
-def leak_checks(checks: dict[str, dict[str, Any]], report: dict[str, Any]) -> None:
+def all_of(good: int, total: int) -> dict[str, Any]:
+    return check(good == total, f"{good}/{total}")
+
+
+def leak_checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     leaked, before, after = report["leaked_rows"], report["kv_tokens_before"], report["kv_tokens_after"]
-    check(checks, "no leaked rows", leaked == 0, f"running+waiting after idle = {leaked} ({report['idle_after_s']}s)")
-    check(checks, "KV back to idle", after == before, f"{after} vs {before} before")
     waiting = report["waiting_tokens_after"]
-    check(checks, "no queued tokens counted", waiting == 0, f"waiting_tokens = {waiting}")
+    return {
+        "no leaked rows": check(leaked == 0, f"running+waiting after idle = {leaked} ({report['idle_after_s']}s)"),
+        "KV back to idle": check(after == before, f"{after} vs {before} before"),
+        "no queued tokens counted": check(waiting == 0, f"waiting_tokens = {waiting}"),
+    }
 
 
-def server_checks(checks: dict[str, dict[str, Any]], s: Session) -> None:
+def server_checks(s: Session) -> dict[str, dict[str, Any]]:
     """The server's log reports no error (see bench.harness.log_errors), and it exits with 0 on SIGTERM."""
     first = f"; first: {s.log_errors[0][:200]}" if s.log_errors else ""
-    check(checks, "no ERROR lines in the server log", not s.log_errors, f"{len(s.log_errors)} lines{first}")
-    check(checks, "server exits cleanly on SIGTERM", s.exit_code == 0, f"exit code {s.exit_code} after {s.stop_s:.1f}s")
-
-
-def ms(values: list[float], q: float, digits: int = 2) -> float | None:
-    return round(1e3 * pct(values, q), digits) if values else None
+    return {
+        "no ERROR lines in the server log": check(not s.log_errors, f"{len(s.log_errors)} lines{first}"),
+        "server exits cleanly on SIGTERM": check(s.exit_code == 0, f"exit code {s.exit_code} after {s.stop_s:.1f}s"),
+    }
 
 
 # ---- the scenarios ------------------------------------------------------------------------------------------------
@@ -647,51 +599,42 @@ def kv_bytes_per_token(path: Path) -> int:
 
 async def soak_scenario(path: Path, cfg: SoakConfig, log_dir: Path) -> dict[str, Any]:
     """The soak against its own server; returns the report (report['checks'][name]['ok'] all True = pass)."""
-    from tokenizers import Tokenizer
-
     rng = random.Random(cfg.seed)
-    prompts = make_prompts(Tokenizer.from_file(str(path / "tokenizer.json")), cfg.prompts, cfg.long_prompt_share, rng)
+    prompts = make_prompts(path, cfg.prompts, cfg.long_prompt_share, rng)
     args = (
         *("--max-batch-size", str(cfg.max_batch_size)),
         *("--kv-cache-bytes", str(cfg.kv_tokens * kv_bytes_per_token(path))),
         # The soak is about churn, not refusals: the queue holds every client (overload tests refusals).
         *("--max-waiting-requests", str(max(256, 2 * cfg.concurrency))),
         *("--max-waiting-tokens", str(4 * cfg.concurrency * (400 + cfg.max_new))),
-        *("--grace-s", "10"),
     )
     async with serving(path, log_dir, "soak-server", prompts, cfg.max_new, cfg.channels, *args) as s:
-        full_lone = statistics.median(r.lone_s for r in s.checker.refs)
+        full_lone = statistics.median(r.lone_s for r in s.refs)
         full = FullLatency(4 * full_lone * cfg.concurrency / cfg.max_batch_size, cfg.max_new)
-        with Monitor(s, 1.0) as monitor:
+        with monitor(s, 1.0) as samples:
             warm_items, items = plan(cfg, cfg.warmup, rng), plan(cfg, cfg.requests, rng)
             t0 = time.perf_counter()
             warm = await drive(s, warm_items, cfg.concurrency, full)
-            after_warm, _ = await s.wait_idle(cfg.idle_timeout_s)
-            rss_base = after_warm.memory.process_rss_bytes
+            after_warm, _ = await s.wait_idle()
             print(f"  soak: warm-up of {len(warm)} streams in {time.perf_counter() - t0:.1f}s", flush=True)
 
             half: list[asyncio.Future[Any]] = []
 
             def on_done(done: int) -> None:
                 if done >= len(items) // 2 and not half:
-                    half.append(asyncio.ensure_future(s.health()))
+                    half.append(asyncio.ensure_future(asyncio.to_thread(health, s.health_stub)))
 
             t0 = time.perf_counter()
             outcomes = await drive(s, items, cfg.concurrency, full, on_done)
             wall = time.perf_counter() - t0
             print(f"  soak: {len(outcomes)} streams in {wall:.1f}s", flush=True)
-            end, idle_s = await s.wait_idle(cfg.idle_timeout_s)
+            end, idle_s = await s.wait_idle()
         rss_half = (await half[0]).memory.process_rss_bytes if half else None
-
-        # The server still answers every prompt correctly after the soak.
-        n_refs = len(s.checker.refs)
-        probe = [
-            await run_stream(s.stubs[0], s.checker, "probe", i, cfg.max_new, GENEROUS_TIMEOUT_S) for i in range(n_refs)
-        ]
-        probe_ok = sum(1 for o in probe if o.status == "completed" and not o.problem)
+        # The server still answers every prompt correctly after the soak, one lone request at a time.
+        probe = await drive(s, [Planned("probe", i, cfg.max_new) for i in range(len(prompts))], 1)
 
     counts, warm_counts = tally(outcomes), tally(warm)
-    rss_end = end.memory.process_rss_bytes
+    rss_base, rss_end = after_warm.memory.process_rss_bytes, end.memory.process_rss_bytes
     growth = rss_end - rss_base
     bound = max(cfg.rss_bound_mib * MIB, cfg.rss_bound_frac * rss_base)
     normal_lat = [o.latency_s for o in outcomes if o.kind == "normal" and o.status == "completed"]
@@ -704,12 +647,12 @@ async def soak_scenario(path: Path, cfg: SoakConfig, log_dir: Path) -> dict[str,
         "normal_latency_p99_ms": ms(normal_lat, 0.99, 1),
         **counts,
         "warmup": {k: warm_counts[k] for k in ("requests", "completed", "error", "wrong_outputs")},
-        "peak_running": monitor.peak("requests_running"),
-        "peak_waiting": monitor.peak("requests_waiting"),
-        "peak_kv_cache_usage": monitor.peak("kv_cache_usage"),
+        "peak_running": peak(samples, "requests_running"),
+        "peak_waiting": peak(samples, "requests_waiting"),
+        "peak_kv_cache_usage": peak(samples, "kv_cache_usage"),
         "health_before": health_view(s.before),
         "health_after_idle": health_view(end),
-        **s.report(end, idle_s),
+        **s.end_figures(end, idle_s),
         "rss_after_warmup_mib": round(rss_base / MIB, 1),
         "rss_half_mib": round(rss_half / MIB, 1) if rss_half is not None else None,
         "rss_end_mib": round(rss_end / MIB, 1),
@@ -717,53 +660,47 @@ async def soak_scenario(path: Path, cfg: SoakConfig, log_dir: Path) -> dict[str,
         "rss_growth_pct": round(100 * growth / rss_base, 2),
         "rss_growth_per_1k_streams_kib": round(growth / 1024 / (len(outcomes) / 1000), 1),
         "rss_bound_mib": round(bound / MIB, 1),
-        "post_probe_correct": f"{probe_ok}/{len(probe)}",
-        "rss_series": [(sample["t_s"], sample["rss_mib"]) for sample in monitor.samples],
+        "post_probe_correct": f"{len(correct(probe))}/{len(probe)}",
+        "rss_series": [(sample["t_s"], sample["rss_mib"]) for sample in samples],
     }
-    checks: dict[str, dict[str, Any]] = {}
-    budget = s.before.kv_cache_budget_tokens
-    check(checks, "health reports the KV budget", budget > 0, "kv_cache_budget_tokens > 0")
-    errors, wrong = counts["error"] + warm_counts["error"], counts["wrong_outputs"] + warm_counts["wrong_outputs"]
-    check(checks, "no other errors", errors == 0, f"{counts['error']} (+{warm_counts['error']} in warm-up)")
-    check(
-        checks,
-        "no wrong outputs",
-        wrong == 0,
-        f"{counts['wrong_outputs']} (+{warm_counts['wrong_outputs']} in warm-up)",
-    )
+
+    def none_in_either(key: str) -> dict[str, Any]:
+        return check(counts[key] + warm_counts[key] == 0, f"{counts[key]} (+{warm_counts[key]} in warm-up)")
+
     normal = counts["by_kind"].get("normal", {})
-    done, n_normal = normal.get("completed", 0), sum(normal.values())
-    check(checks, "every normal request completed", done == n_normal, f"{done}/{n_normal}")
-    leak_checks(checks, report)
     growth_detail = f"{growth / MIB:+.1f} MiB ({100 * growth / rss_base:+.1f}%) <= {bound / MIB:.0f} MiB"
-    check(checks, "RSS growth within bound", growth <= bound, growth_detail)
-    check(checks, "server answers correctly after", probe_ok == len(probe), report["post_probe_correct"])
-    server_checks(checks, s)
-    report["checks"] = checks
+    report["checks"] = {
+        "health reports the KV budget": check(s.before.kv_cache_budget_tokens > 0, "kv_cache_budget_tokens > 0"),
+        "no other errors": none_in_either("error"),
+        "no wrong outputs": none_in_either("wrong_outputs"),
+        "every normal request completed": all_of(normal.get("completed", 0), sum(normal.values())),
+        **leak_checks(report),
+        "RSS growth within bound": check(growth <= bound, growth_detail),
+        "server answers correctly after": all_of(len(correct(probe)), len(probe)),
+        **server_checks(s),
+    }
     return report
 
 
 async def overload_scenario(path: Path, cfg: OverloadConfig, log_dir: Path) -> dict[str, Any]:
     """Capacity, then `factor` x capacity offered against a small waiting queue; returns the report."""
-    from tokenizers import Tokenizer
-
     rng = random.Random(cfg.seed)
-    prompts = make_prompts(Tokenizer.from_file(str(path / "tokenizer.json")), cfg.prompts, 0.0, rng)
+    prompts = make_prompts(path, cfg.prompts, 0.0, rng)
     args = ("--max-batch-size", str(cfg.max_batch_size), "--max-waiting-requests", str(cfg.max_waiting_requests))
-    async with serving(path, log_dir, "overload-server", prompts, cfg.new_tokens, 4, *args, "--grace-s", "10") as s:
+    async with serving(path, log_dir, "overload-server", prompts, cfg.new_tokens, 4, *args) as s:
         # Capacity: closed loop, one client per batch row.
         items = [Planned("capacity", rng.randrange(len(prompts)), cfg.new_tokens) for _ in range(cfg.capacity_requests)]
         t0 = time.perf_counter()
         capacity = await drive(s, items, cfg.max_batch_size)
         cap_wall = time.perf_counter() - t0
         cap_rate = len(capacity) / cap_wall
-        await s.wait_idle(cfg.idle_timeout_s)
+        await s.wait_idle()
         print(f"  overload: capacity {cap_rate:.1f} req/s at C={cfg.max_batch_size}", flush=True)
 
         # Overload: open loop, Poisson arrivals at factor x capacity.
         rate = cfg.factor * cap_rate
         tasks: list[asyncio.Task[Outcome]] = []
-        with Monitor(s, 0.5) as monitor:
+        with monitor(s, 0.5) as samples:
             t0 = time.perf_counter()
             next_at = 0.0
             while next_at < cfg.overload_s:
@@ -771,35 +708,29 @@ async def overload_scenario(path: Path, cfg: OverloadConfig, log_dir: Path) -> d
                 if delay > 0:
                     await asyncio.sleep(delay)  # the arrival process itself
                 stub, r = s.stubs[len(tasks) % len(s.stubs)], rng.randrange(len(prompts))
-                stream = run_stream(stub, s.checker, "overload", r, cfg.new_tokens, GENEROUS_TIMEOUT_S)
-                tasks.append(asyncio.ensure_future(stream))
+                tasks.append(asyncio.ensure_future(run_stream(s, stub, "overload", r, cfg.new_tokens)))
                 next_at += rng.expovariate(rate)
             offered_s = time.perf_counter() - t0
             overload = list(await asyncio.gather(*tasks))
             over_wall = time.perf_counter() - t0
-        end, idle_s = await s.wait_idle(cfg.idle_timeout_s)
+        end, idle_s = await s.wait_idle()
 
         # The waiting queue's count came back to zero: max_waiting_requests requests at once all get in.
-        probe = await asyncio.gather(
-            *(
-                run_stream(
-                    s.stubs[j % len(s.stubs)], s.checker, "probe", j % len(prompts), cfg.new_tokens, GENEROUS_TIMEOUT_S
-                )
-                for j in range(cfg.max_waiting_requests)
-            )
-        )
-        probe_ok = sum(1 for o in probe if o.status == "completed" and not o.problem)
-        end2, _ = await s.wait_idle(cfg.idle_timeout_s)
+        n = cfg.max_waiting_requests
+        probe = await drive(s, [Planned("probe", j % len(prompts), cfg.new_tokens) for j in range(n)], n)
+        end2, _ = await s.wait_idle()
 
     admitted = [o for o in overload if o.status != "rejected"]
     rejected = [o for o in overload if o.status == "rejected"]
-    completed = [o for o in admitted if o.status == "completed" and not o.problem]
-    cap_ok = [o for o in capacity if o.status == "completed" and not o.problem]
-    cap_lat = [o.latency_s for o in cap_ok]
-    adm_lat = [o.latency_s for o in completed]
+    completed, cap_ok = correct(admitted), correct(capacity)
+    cap_lat, adm_lat = [o.latency_s for o in cap_ok], [o.latency_s for o in completed]
     rej_lat = [o.latency_s for o in rejected]
     pushbacks = [o.pushback_ms for o in rejected if o.pushback_ms is not None]
-    both = bool(adm_lat and cap_lat)
+    everything = overload + capacity
+
+    def over_capacity(q: float) -> float | None:
+        return round(harness.pct(adm_lat, q) / harness.pct(cap_lat, q), 2) if adm_lat and cap_lat else None
+
     report: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "capacity": {
@@ -828,152 +759,115 @@ async def overload_scenario(path: Path, cfg: OverloadConfig, log_dir: Path) -> d
         "admitted_latency_p50_ms": ms(adm_lat, 0.5),
         "admitted_latency_p99_ms": ms(adm_lat, 0.99),
         "admitted_ttft_p50_ms": ms([o.ttft_s for o in completed if o.ttft_s is not None], 0.5),
-        "admitted_p50_over_capacity_p50": round(pct(adm_lat, 0.5) / pct(cap_lat, 0.5), 2) if both else None,
-        "admitted_p99_over_capacity_p99": round(pct(adm_lat, 0.99) / pct(cap_lat, 0.99), 2) if both else None,
+        "admitted_p50_over_capacity_p50": over_capacity(0.5),
+        "admitted_p99_over_capacity_p99": over_capacity(0.99),
         "goodput_tok_per_s": round(sum(o.tokens for o in completed) / over_wall, 1),
-        "peak_running": monitor.peak("requests_running"),
-        "peak_waiting": monitor.peak("requests_waiting"),
-        "other_errors": sum(1 for o in overload + capacity if o.status == "error"),
-        "errors_sample": sorted({o.error for o in overload + capacity if o.error})[:10],
-        "wrong_outputs": sum(1 for o in overload + capacity if o.problem),
-        "wrong_sample": [o.problem for o in overload + capacity if o.problem][:10],
+        "peak_running": peak(samples, "requests_running"),
+        "peak_waiting": peak(samples, "requests_waiting"),
+        "other_errors": sum(1 for o in everything if o.status == "error"),
+        "errors_sample": sorted({o.error for o in everything if o.error})[:10],
+        "wrong_outputs": sum(1 for o in everything if o.problem),
+        "wrong_sample": [o.problem for o in everything if o.problem][:10],
         "by_status": dict(collections.Counter(o.status for o in overload)),
-        **s.report(end, idle_s),
-        "queue_probe_admitted": f"{probe_ok}/{len(probe)}",
+        **s.end_figures(end, idle_s),
+        "queue_probe_admitted": f"{len(correct(probe))}/{len(probe)}",
         "health_after_probe": health_view(end2),
     }
-    checks: dict[str, dict[str, Any]] = {}
-    check(checks, "capacity run all correct", len(cap_ok) == len(capacity), f"{len(cap_ok)}/{len(capacity)}")
-    check(checks, "overload reached (some rejected)", bool(rejected), f"{len(rejected)} of {len(overload)} rejected")
-    ok = len(completed) == len(admitted)
-    check(checks, "every admitted request completed correctly", ok, f"{len(completed)}/{len(admitted)}")
-    check(checks, "no other errors", report["other_errors"] == 0, str(report["other_errors"]))
-    ok = len(pushbacks) == len(rejected)
-    check(checks, "every rejection carries grpc-retry-pushback-ms", ok, f"{len(pushbacks)}/{len(rejected)}")
-    check(
-        checks,
-        "rejections are fast (p99 below the admitted p50)",
-        bool(rej_lat and adm_lat) and pct(rej_lat, 0.99) < pct(adm_lat, 0.5),
-        f"rejection p99 {report['rejection_latency_p99_ms']} ms vs admitted p50 {report['admitted_latency_p50_ms']} ms",
-    )
-    leak_checks(checks, report)
-    check(checks, "queue takes max_waiting_requests again", probe_ok == len(probe), report["queue_probe_admitted"])
-    server_checks(checks, s)
-    report["checks"] = checks
+    fast = bool(rej_lat and adm_lat) and harness.pct(rej_lat, 0.99) < harness.pct(adm_lat, 0.5)
+    p99, p50 = report["rejection_latency_p99_ms"], report["admitted_latency_p50_ms"]
+    report["checks"] = {
+        "capacity run all correct": all_of(len(cap_ok), len(capacity)),
+        "overload reached (some rejected)": check(bool(rejected), f"{len(rejected)} of {len(overload)} rejected"),
+        "every admitted request completed correctly": all_of(len(completed), len(admitted)),
+        "no other errors": check(report["other_errors"] == 0, str(report["other_errors"])),
+        "every rejection carries grpc-retry-pushback-ms": all_of(len(pushbacks), len(rejected)),
+        "rejections are fast (p99 below the admitted p50)": check(
+            fast, f"rejection p99 {p99} ms vs admitted p50 {p50} ms"
+        ),
+        **leak_checks(report),
+        "queue takes max_waiting_requests again": all_of(len(correct(probe)), len(probe)),
+        **server_checks(s),
+    }
     return report
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
 
-
-def failed(report: dict[str, Any]) -> list[str]:
-    return [
-        f"{scenario}: {name} ({c['detail']})"
-        for scenario in ("soak", "overload")
-        for name, c in report.get(scenario, {}).get("checks", {}).items()
-        if not c["ok"]
-    ]
+# Each scenario's paragraph and table rows, filled from its report with str.format.
+SOAK_TABLE = (
+    "**Soak**: {requests} streams (+{warmup[requests]} warm-up) at concurrency {config[concurrency]}, "
+    "max_batch_size {config[max_batch_size]}, KV budget {config[kv_tokens]} tokens, {config[prompts]} prompts, "
+    "max_new_tokens 1-{config[max_new]}; {wall_s} s, {streams_per_s} streams/s, {output_tokens_per_s} output tok/s.",
+    "| requests | {requests} |",
+    "| completed (checked against the lone reference) | {completed} |",
+    "| cancelled by the client | {cancelled} |",
+    "| disconnected (channel closed) | {disconnected} |",
+    "| crashed client (process exited) | {crashed} |",
+    "| deadline exceeded: at admission / waiting / running | "
+    "{deadline_at_admission} / {deadline_waiting} / {deadline_running} |",
+    "| rejected (RESOURCE_EXHAUSTED) | {rejected} |",
+    "| other errors | **{error}** |",
+    "| wrong outputs | **{wrong_outputs}** |",
+    "| leaked rows (running + waiting after idle) | **{leaked_rows}** (idle after {idle_after_s} s) |",
+    "| KV tokens used: before / after | {kv_tokens_before} / {kv_tokens_after} |",
+    "| queued tokens after | {waiting_tokens_after} |",
+    "| peak running / waiting / KV usage | {peak_running} / {peak_waiting} / {peak_kv_cache_usage:.0%} |",
+    "| RSS after warm-up / half-way / end | {rss_after_warmup_mib} / {rss_half_mib} / {rss_end_mib} MiB |",
+    "| RSS growth (bound) | {rss_growth_mib:+} MiB, {rss_growth_pct:+}% "
+    "({rss_growth_per_1k_streams_kib} KiB per 1k streams; bound {rss_bound_mib} MiB) |",
+    "| normal request latency p50 / p99 | {normal_latency_p50_ms} / {normal_latency_p99_ms} ms |",
+    "| after the soak: lone requests correct | {post_probe_correct} |",
+    "| server log errors; exit code on SIGTERM | {server_log_errors}; {server_exit_code} |",
+)
+OVERLOAD_TABLE = (
+    "**Overload**: max_batch_size {config[max_batch_size]}, --max-waiting-requests {config[max_waiting_requests]}, "
+    "{config[new_tokens]} new tokens a request; capacity = closed loop at C={config[max_batch_size]} "
+    "({capacity[requests]} requests); overload = Poisson arrivals at {config[factor]:g}x the capacity's "
+    "request rate for {config[overload_s]:g} s.",
+    "| capacity: throughput | {capacity[req_per_s]} req/s, {capacity[tok_per_s]} tok/s |",
+    "| capacity: latency p50 / p99 | {capacity[latency_p50_ms]} / {capacity[latency_p99_ms]} ms |",
+    "| offered (rate achieved / target) | {offered} ({offered_rate} / {offered_rate_target} req/s) |",
+    "| admitted / completed correctly | {admitted} / {admitted_completed_correct} |",
+    "| rejected (RESOURCE_EXHAUSTED) | {rejected} ({rejected_pct}%) |",
+    "| rejection latency p50 / p99 / max | "
+    "{rejection_latency_p50_ms} / {rejection_latency_p99_ms} / {rejection_latency_max_ms} ms |",
+    "| rejections with grpc-retry-pushback-ms (range) | {rejections_with_pushback}/{rejected} "
+    "({pushback_ms_min}-{pushback_ms_max} ms) |",
+    "| admitted latency p50 / p99 | {admitted_latency_p50_ms} / {admitted_latency_p99_ms} ms |",
+    "| admitted p50 / capacity p50 (p99 / p99) | **{admitted_p50_over_capacity_p50}** "
+    "({admitted_p99_over_capacity_p99}) |",
+    "| time to first token p50: capacity / admitted | {capacity[ttft_p50_ms]} / {admitted_ttft_p50_ms} ms |",
+    "| goodput under overload vs capacity | {goodput_tok_per_s} vs {capacity[tok_per_s]} tok/s |",
+    "| peak running / waiting | {peak_running} / {peak_waiting} |",
+    "| other errors; wrong outputs | **{other_errors}**; **{wrong_outputs}** |",
+    "| leaked rows; KV before / after; queued tokens after | **{leaked_rows}**; "
+    "{kv_tokens_before} / {kv_tokens_after}; {waiting_tokens_after} |",
+    "| queue probe ({config[max_waiting_requests]} at once after idle) | {queue_probe_admitted} admitted |",
+)
+TABLES = {"soak": SOAK_TABLE, "overload": OVERLOAD_TABLE}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = header(report["title"], report)
-    s = report.get("soak")
-    if s:
-        c = s["config"]
-        lines += [
-            f"**Soak**: {s['requests']} streams (+{s['warmup']['requests']} warm-up) "
-            f"at concurrency {c['concurrency']}, "
-            f"max_batch_size {c['max_batch_size']}, KV budget {c['kv_tokens']} tokens, {c['prompts']} prompts, "
-            f"max_new_tokens 1-{c['max_new']}; {s['wall_s']} s, {s['streams_per_s']} streams/s, "
-            f"{s['output_tokens_per_s']} output tok/s.",
-            "",
-            "| figure | value |",
-            "|---|---:|",
-            f"| requests | {s['requests']} |",
-            f"| completed (checked against the lone reference) | {s['completed']} |",
-            f"| cancelled by the client | {s['cancelled']} |",
-            f"| disconnected (channel closed) | {s['disconnected']} |",
-            f"| crashed client (process exited) | {s['crashed']} |",
-            f"| deadline exceeded: at admission / waiting / running | {s['deadline_at_admission']} / "
-            f"{s['deadline_waiting']} / {s['deadline_running']} |",
-            f"| rejected (RESOURCE_EXHAUSTED) | {s['rejected']} |",
-            f"| other errors | **{s['error']}** |",
-            f"| wrong outputs | **{s['wrong_outputs']}** |",
-            f"| leaked rows (running + waiting after idle) | **{s['leaked_rows']}** "
-            f"(idle after {s['idle_after_s']} s) |",
-            f"| KV tokens used: before / after | {s['kv_tokens_before']} / {s['kv_tokens_after']} |",
-            f"| queued tokens after | {s['waiting_tokens_after']} |",
-            f"| peak running / waiting / KV usage | {s['peak_running']} / {s['peak_waiting']} / "
-            f"{s['peak_kv_cache_usage']:.0%} |",
-            f"| RSS after warm-up / half-way / end | {s['rss_after_warmup_mib']} / {s['rss_half_mib']} / "
-            f"{s['rss_end_mib']} MiB |",
-            f"| RSS growth (bound) | {s['rss_growth_mib']:+} MiB, {s['rss_growth_pct']:+}% "
-            f"({s['rss_growth_per_1k_streams_kib']} KiB per 1k streams; bound {s['rss_bound_mib']} MiB) |",
-            f"| normal request latency p50 / p99 | {s['normal_latency_p50_ms']} / {s['normal_latency_p99_ms']} ms |",
-            f"| after the soak: lone requests correct | {s['post_probe_correct']} |",
-            f"| server log errors; exit code on SIGTERM | {s['server_log_errors']}; {s['server_exit_code']} |",
-            "",
-        ]
-    o = report.get("overload")
-    if o:
-        cap = o["capacity"]
-        c = o["config"]
-        lines += [
-            f"**Overload**: max_batch_size {c['max_batch_size']}, --max-waiting-requests {c['max_waiting_requests']}, "
-            f"{c['new_tokens']} new tokens a request; capacity = closed loop at C={c['max_batch_size']} "
-            f"({cap['requests']} requests); overload = Poisson arrivals at {c['factor']:g}x the capacity's "
-            f"request rate for {c['overload_s']:g} s.",
-            "",
-            "| figure | value |",
-            "|---|---:|",
-            f"| capacity: throughput | {cap['req_per_s']} req/s, {cap['tok_per_s']} tok/s |",
-            f"| capacity: latency p50 / p99 | {cap['latency_p50_ms']} / {cap['latency_p99_ms']} ms |",
-            f"| offered (rate achieved / target) | {o['offered']} "
-            f"({o['offered_rate']} / {o['offered_rate_target']} req/s) |",
-            f"| admitted / completed correctly | {o['admitted']} / {o['admitted_completed_correct']} |",
-            f"| rejected (RESOURCE_EXHAUSTED) | {o['rejected']} ({o['rejected_pct']}%) |",
-            f"| rejection latency p50 / p99 / max | {o['rejection_latency_p50_ms']} / "
-            f"{o['rejection_latency_p99_ms']} / {o['rejection_latency_max_ms']} ms |",
-            f"| rejections with grpc-retry-pushback-ms (range) | {o['rejections_with_pushback']}/{o['rejected']} "
-            f"({o['pushback_ms_min']}-{o['pushback_ms_max']} ms) |",
-            f"| admitted latency p50 / p99 | {o['admitted_latency_p50_ms']} / {o['admitted_latency_p99_ms']} ms |",
-            f"| admitted p50 / capacity p50 (p99 / p99) | **{o['admitted_p50_over_capacity_p50']}** "
-            f"({o['admitted_p99_over_capacity_p99']}) |",
-            f"| time to first token p50: capacity / admitted | {cap['ttft_p50_ms']} / {o['admitted_ttft_p50_ms']} ms |",
-            f"| goodput under overload vs capacity | {o['goodput_tok_per_s']} vs {cap['tok_per_s']} tok/s |",
-            f"| peak running / waiting | {o['peak_running']} / {o['peak_waiting']} |",
-            f"| other errors; wrong outputs | **{o['other_errors']}**; **{o['wrong_outputs']}** |",
-            f"| leaked rows; KV before / after; queued tokens after | **{o['leaked_rows']}**; "
-            f"{o['kv_tokens_before']} / {o['kv_tokens_after']}; {o['waiting_tokens_after']} |",
-            f"| queue probe ({c['max_waiting_requests']} at once after idle) | {o['queue_probe_admitted']} admitted |",
-            "",
-        ]
+    lines = harness.header(report["title"], report)
+    for scenario, (intro, *rows) in TABLES.items():
+        if scenario in report:
+            figures = report[scenario]
+            lines += [intro.format(**figures), "", "| figure | value |", "|---|---:|"]
+            lines += [row.format(**figures) for row in rows] + [""]
     lines += ["Pass conditions:", ""]
-    for scenario in ("soak", "overload"):
+    for scenario in TABLES:
         for name, c in report.get(scenario, {}).get("checks", {}).items():
             lines.append(f"- {scenario}: {name}: {'pass' if c['ok'] else '**FAIL**'} ({c['detail']})")
     return "\n".join(lines) + "\n"
 
 
-async def run(ns: argparse.Namespace) -> dict[str, Any]:
-    path = model_dir(MODEL, ns.cache_dir)
-    soak_cfg = QUICK_SOAK if ns.quick else SoakConfig()
-    over_cfg = QUICK_OVERLOAD if ns.quick else OverloadConfig()
-    if ns.requests:
-        soak_cfg = dataclasses.replace(soak_cfg, requests=ns.requests)
-    if ns.concurrency:
-        soak_cfg = dataclasses.replace(soak_cfg, concurrency=ns.concurrency)
-    if ns.overload_s:
-        over_cfg = dataclasses.replace(over_cfg, overload_s=ns.overload_s)
-    report: dict[str, Any] = {
-        "title": f"Soak and overload: tiny llama on CPU{' (quick)' if ns.quick else ''}",
-        **run_info("cpu", "bench.soak"),
-    }
-    if ns.scenario in ("soak", "both"):
-        report["soak"] = await soak_scenario(path, soak_cfg, ns.log_dir)
-    if ns.scenario in ("overload", "both"):
-        report["overload"] = await overload_scenario(path, over_cfg, ns.log_dir)
-    return report
+def failed(report: dict[str, Any]) -> list[str]:
+    return [
+        f"{scenario}: {name} ({c['detail']})"
+        for scenario in TABLES
+        for name, c in report.get(scenario, {}).get("checks", {}).items()
+        if not c["ok"]
+    ]
 
 
 def main() -> None:
@@ -983,18 +877,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred streams, about a minute")
     parser.add_argument("--scenario", choices=("soak", "overload", "both"), default="both")
-    parser.add_argument("--requests", type=int, default=None, help="soak streams in the measured phase")
-    parser.add_argument("--concurrency", type=int, default=None, help="soak streams at once")
-    parser.add_argument("--overload-s", type=float, default=None, help="seconds of overload")
     parser.add_argument("--write-docs", action="store_true", help="put the table into docs/reliability.md")
-    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
-    parser.add_argument("--log-dir", type=Path, default=RESULTS, help="where the servers' logs go")
+    parser.add_argument("--cache-dir", type=Path, default=harness.CACHE_DIR)
     ns = parser.parse_args()
-    report = asyncio.run(run(ns))
+    path, logs = harness.model_dir(MODEL, ns.cache_dir), harness.RESULTS
+    report: dict[str, Any] = {
+        "title": f"Soak and overload: tiny llama on CPU{' (quick)' if ns.quick else ''}",
+        **harness.run_info("cpu", "bench.soak"),
+    }
+    if ns.scenario in ("soak", "both"):
+        report["soak"] = asyncio.run(soak_scenario(path, QUICK_SOAK if ns.quick else SoakConfig(), logs))
+    if ns.scenario in ("overload", "both"):
+        report["overload"] = asyncio.run(
+            overload_scenario(path, QUICK_OVERLOAD if ns.quick else OverloadConfig(), logs)
+        )
     table = markdown(report)
-    save("soak", report, table)
+    harness.save("soak", report, table)
     if ns.write_docs:
-        write_docs("reliability.md", "soak", table)
+        harness.write_docs("reliability.md", "soak", table)
     problems = failed(report)
     if problems:
         print("FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
