@@ -258,7 +258,18 @@ def run_info(device: str, module: str) -> dict[str, str]:
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, grpcio {grpc.__version__}",
         "command": " ".join(["python -m", module, *sys.argv[1:]]),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The commit the measured code came from; `+changes` when the tree differed from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "src", "bench") else "")
 
 
 def header(title: str, info: dict[str, Any], *details: str) -> list[str]:
@@ -266,7 +277,7 @@ def header(title: str, info: dict[str, Any], *details: str) -> list[str]:
     return [
         f"### {title}",
         "",
-        f"- date: {info['date']}; machine: {info['machine']}",
+        f"- date: {info['date']}; commit: {info['commit']}; machine: {info['machine']}",
         f"- versions: {info['versions']}",
         f"- command: `{info['command']}`",
         *(f"- {detail}" for detail in details),
