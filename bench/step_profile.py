@@ -72,15 +72,18 @@ def main() -> None:
                 cache.crop(-1)
                 model(input_ids=torch.ones((batch, 1), dtype=torch.long, device=device), cache=cache, use_cache=True)
 
-            pool = KVPool(runner.kv_shape, batch * (ns.context + 64), batch, ns.context + 64)
+            headroom = 2 * ns.repeat + 16  # every timed step adds a column
+            pool = KVPool(runner.kv_shape, batch * (ns.context + headroom), batch, ns.context + headroom)
             for _ in range(batch):
                 buffer = PrefillBuffer(runner.kv_shape, ns.context)
                 buffer.past = ns.context
-                pool.add(buffer, ns.context + 64)
+                pool.add(buffer, ns.context + headroom, torch.tensor(1, device=device))
+            next_tokens = torch.ones(batch, dtype=torch.long, device=device)
 
-            def our_step(pool: KVPool = pool, batch: int = batch) -> torch.Tensor:
-                pool.lengths = [ns.context] * batch
-                return runner.decode(pool, [1] * batch)
+            def our_step(pool: KVPool = pool, next_tokens: torch.Tensor = next_tokens) -> torch.Tensor:
+                logits = runner.decode(pool)
+                pool.end_decode(next_tokens)
+                return logits
 
             logits = our_step()
             rows = [

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from modelserve.engine.engine import Engine, EngineConfig, RequestStream
+from modelserve.engine.protocol import StepOutput
 from modelserve.engine.request import EngineClosedError, FinishReason, Request, SamplingParams, StreamEvent
 from modelserve.models.loader import LoadedModel, load_model
 
@@ -118,7 +121,7 @@ async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path])
         assert len(ids) == 3 and last.finish is not None and last.finish.reason is FinishReason.LENGTH
         stats = engine.stats()
         assert (stats.running, stats.waiting) == (0, 0)
-        assert engine._pool.rows == 0 and not engine._live
+        assert engine.core.pool.rows == 0 and not engine.core.has_work()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -137,7 +140,7 @@ async def test_chunked_prefill_matches_generate(arch: str, model_dirs: dict[str,
 async def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["llama"])
     async with _running(model, 4) as probe:
-        per_token = probe._runner.kv_shape.bytes_per_token
+        per_token = probe.core.runner.kv_shape.bytes_per_token
     # Room for exactly one 300-token sequence at a time.
     async with _running(model, 4, kv_cache_bytes=300 * per_token) as engine:
         assert engine.max_sequence_tokens == 300
@@ -158,7 +161,7 @@ async def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dirs: dict[s
         # The second waited for the first: it was queued for at least the first's whole run.
         assert second_done[2].finish.timings.queue_s > 0.5 * first_done[2].finish.timings.total_s
         assert small_done[2].finish is not None
-        assert engine._pool.rows == 0 and engine._pool.allocated_tokens() <= 300
+        assert engine.core.pool.rows == 0 and engine.core.pool.allocated_tokens() <= 300
 
 
 async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Path]) -> None:
@@ -174,11 +177,11 @@ async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Pa
             await asyncio.gather(*(_collect(s) for s in streams))
 
         await wave(0)
-        allocated = engine._pool.allocated_tokens()
+        allocated = engine.core.pool.allocated_tokens()
         for seed in range(1, 4):
             await wave(seed * 100)
-        assert engine._pool.allocated_tokens() == allocated  # no growth with requests served
-        assert engine._pool.capacity[0] <= 4 and engine._pool.rows == 0 and not engine._live
+        assert engine.core.pool.allocated_tokens() == allocated  # no growth with requests served
+        assert engine.core.pool.capacity[0] <= 4 and engine.core.pool.rows == 0 and not engine.core.has_work()
 
 
 async def test_a_closed_engine_refuses_new_requests(model_dirs: dict[str, Path]) -> None:
@@ -188,3 +191,51 @@ async def test_a_closed_engine_refuses_new_requests(model_dirs: dict[str, Path])
     assert not engine.alive
     with pytest.raises(EngineClosedError):
         engine.submit(_greedy(0, model.encode("Hello"), 2))
+
+
+async def test_a_stop_sequence_costs_the_core_at_most_one_extra_step(model_dirs: dict[str, Path]) -> None:
+    """The frontend finds the stop string and aborts the row; however far the frontend lags (its event loop
+    is kept busy here), the core runs at most one step past the token that completed the stop."""
+    model = _load(model_dirs["llama"])
+    prompt = tuple(model.encode("The quick brown fox"))
+    free_params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=7, ignore_eos=True)  # varied text
+    async with _running(model, 2) as engine:
+        free_ids, free_text, _ = await _collect(engine.submit(Request("free", prompt, free_params)))
+        # A stop string that first appears in the text after the 12th token.
+        start = len(model.tokenizer.decode(free_ids[:12]))
+        stop = next(
+            free_text[p : p + 3]
+            for p in range(start, len(free_text) - 3)
+            if free_text.find(free_text[p : p + 3]) == p and "\ufffd" not in free_text[p : p + 3]
+        )
+
+        produced: dict[int, int] = {}
+        real_step = engine.core.step
+
+        def counting_step() -> StepOutput:
+            out = real_step()
+            for row in out.rows:
+                if row.token_id >= 0:
+                    produced[row.key] = produced.get(row.key, 0) + 1
+            return out
+
+        engine.core.step = counting_step  # type: ignore[method-assign]
+        params = dataclasses.replace(free_params, stop=(stop,))
+        stream = engine.submit(Request("stopped", prompt, params))
+
+        async def keep_the_loop_busy() -> None:
+            while True:
+                time.sleep(0.02)  # noqa: ASYNC251  (blocking on purpose: the frontend falls behind the core)
+                await asyncio.sleep(0)
+
+        busy = asyncio.ensure_future(keep_the_loop_busy())
+        try:
+            ids, text, last = await _collect(stream)
+        finally:
+            busy.cancel()
+        assert last.finish is not None and last.finish.reason is FinishReason.STOP_SEQUENCE
+        assert stop not in text and free_text.startswith(text) and 12 <= len(ids) < 40
+        # The abort went to the core before this request: once this one is done, so is the stopped row.
+        await _collect(engine.submit(Request("after", prompt, dataclasses.replace(free_params, max_new_tokens=1))))
+        key = min(produced)
+        assert len(ids) <= produced[key] <= len(ids) + 1, (len(ids), produced[key])

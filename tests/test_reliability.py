@@ -7,6 +7,7 @@ Faults come from a model with custom code (tests/faulty_model.py) loaded the way
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2
 from modelserve_client import retry_service_config
@@ -194,7 +196,14 @@ def test_out_of_memory_fails_its_step_with_resource_exhausted_and_halves_the_bat
     assert "out of memory in a decode step of 4" in faulty.server.log()
 
 
-def test_a_dead_engine_turns_health_not_serving(tmp_path: Path) -> None:
+def _core_pid(server: ServerProcess) -> int:
+    """The engine-core process: the server's child started by multiprocessing's spawn."""
+    children = psutil.Process(server.proc.pid).children()
+    (core,) = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+    return int(core.pid)
+
+
+def test_an_exception_in_the_core_loop_turns_health_not_serving_and_exits_non_zero(tmp_path: Path) -> None:
     faulty = _start_faulty(tmp_path)
     try:
         with faulty.server.watch_health() as statuses, faulty.server.channel() as channel:
@@ -205,16 +214,39 @@ def test_a_dead_engine_turns_health_not_serving(tmp_path: Path) -> None:
             faulty.arm("any:fatal")
             assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
             running.result()
-            assert running.code is grpc.StatusCode.UNAVAILABLE and "the engine stopped" in running.details
-            with pytest.raises(grpc.RpcError) as refused:
-                list(stub.Generate(_request("Anyone?", 3), timeout=CALL_TIMEOUT_S))
-            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
-            assert "the engine has failed" in (refused.value.details() or "")
-            assert stub.Health(pb.HealthRequest(), timeout=CALL_TIMEOUT_S).state == pb.SERVER_STATE_FAILED
+            assert running.code is grpc.StatusCode.UNAVAILABLE, running.details
+            assert "the engine core process ended (exit code 1)" in running.details
+        # It exits by itself, non-zero, so that Kubernetes restarts it.
+        assert faulty.server.proc.wait(CALL_TIMEOUT_S) == 1
     finally:
-        code = faulty.server.terminate()
-    assert code == 1  # the process says it failed
-    assert "the engine loop died" in faulty.server.log()
+        faulty.server.terminate()
+    log = faulty.server.log()
+    assert "the engine core process died" in log and "this process exits so that it is restarted" in log
+
+
+def test_a_killed_core_ends_running_streams_unavailable_and_the_server_exits(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    server = start_server(tmp_path, "--model", str(model_dirs["llama"]), "--max-batch-size", "4")
+    server.wait_serving()
+    try:
+        with server.watch_health() as statuses, server.channel() as channel:
+            assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.GenerationServiceStub(channel)
+            streams = [_start_stream(stub, _request(f"Mid-stream {i}", LONG)) for i in range(3)]
+            for stream in streams:
+                stream.wait_running()
+            killed_at = time.monotonic()
+            os.kill(_core_pid(server), signal.SIGKILL)
+            assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+            print(f"NOT_SERVING {time.monotonic() - killed_at:.3f}s after SIGKILL of the engine core")
+            for stream in streams:
+                stream.result()
+                assert stream.code is grpc.StatusCode.UNAVAILABLE, stream.details
+                assert "the engine core process ended (exit code -9)" in stream.details
+        assert server.proc.wait(CALL_TIMEOUT_S) == 1
+    finally:
+        server.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def test_same_seed_same_output_and_utf8_round_trip(stub: object) -> None:
         return _stream(stub, "絵文字 🙂 and 中文", max_new_tokens=48, temperature=1.0, seed=99, ignore_eos=True)
 
     a, b = run(), run()
-    assert [m.token_ids for m in a] == [m.token_ids for m in b]
+    # The same tokens; how they are split into messages depends on how fast the caller reads (deltas merge).
+    assert [t for m in a for t in m.token_ids] == [t for m in b for t in m.token_ids]
     text = "".join(m.text for m in a)
     assert text == "".join(m.text for m in b)
     # Every delta is whole, valid UTF-8 (protobuf strings would refuse anything else).

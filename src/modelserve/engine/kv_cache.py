@@ -123,8 +123,12 @@ class KVPool:
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._capacity = (0, 0)  # (rows, columns) allocated
-        self._rows_index = torch.arange(0)
-        self._positions = torch.zeros(0, dtype=torch.long)
+        # The decode step's inputs live on the device and are updated in place, never rebuilt from lists:
+        # each row's next input token (the one it sampled last) and its length (= its next position).
+        self._next_tokens = torch.zeros(max_rows, dtype=torch.long, device=shape.device)
+        self._lengths = torch.zeros(max_rows, dtype=torch.long, device=shape.device)
+        self._rows_index = torch.arange(max_rows, device=shape.device)
+        self._columns_index = torch.arange(self.max_columns + 1, device=shape.device)
         self.past = 0
         # Take the whole budget now (as vLLM does): no allocation in steady state, and an
         # out-of-memory shows at start-up, not under load. A request wider than this reshapes it.
@@ -151,8 +155,8 @@ class KVPool:
         """Could rows with these column needs join the live rows (after a resize if need be)?"""
         return self._plan([*self.needs, *needs]) is not None
 
-    def add(self, buffer: PrefillBuffer, need: int) -> int:
-        """Copy a finished prefill into the next slot; return the row index."""
+    def add(self, buffer: PrefillBuffer, need: int, first_token: torch.Tensor) -> int:
+        """Copy a finished prefill into the next slot, with the token it decodes first; return the row."""
         self.reserve([need])
         row, length = self.rows, buffer.past
         for layer in range(self.shape.n_layers):
@@ -160,6 +164,8 @@ class KVPool:
             self._values[layer][row, :, :length] = buffer.values[layer][0, :, :length]
         self.lengths.append(length)
         self.needs.append(need)
+        self._lengths[row] = length
+        self._next_tokens[row] = first_token
         return row
 
     def reserve(self, extra_needs: list[int]) -> None:
@@ -171,7 +177,7 @@ class KVPool:
             self._resize(*plan)
 
     def remove(self, row: int) -> None:
-        """Free a row; the last row moves into its slot (callers mirror this swap)."""
+        """Free a row; the last row moves into its slot (the scheduler moves its sequence alike)."""
         last = self.rows - 1
         if row != last:
             length = self.lengths[last]
@@ -179,6 +185,8 @@ class KVPool:
                 for t in tensors:
                     t[row, :, :length] = t[last, :, :length]
             self.lengths[row], self.needs[row] = self.lengths[last], self.needs[last]
+            self._lengths[row] = self._lengths[last]
+            self._next_tokens[row] = self._next_tokens[last]
         self.lengths.pop()
         self.needs.pop()
 
@@ -188,26 +196,29 @@ class KVPool:
 
     # ---- one decode forward --------------------------------------------------
 
-    def begin_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Set up a decode step; return (attention mask [rows, width], positions [rows])."""
-        device = self.shape.device
-        positions = torch.tensor(self.lengths, device=device)
+    def begin_decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Set up a decode step: (input ids [rows, 1], attention mask [rows, width], positions [rows, 1])."""
+        rows = self.rows
         width = max(self.lengths) + 1
         self.past = width - 1
-        self._rows_index = torch.arange(self.rows, device=device)
-        self._positions = positions
-        mask = (torch.arange(width, device=device)[None, :] <= positions[:, None]).long()
-        return mask, positions
+        positions = self._lengths[:rows]
+        mask = (self._columns_index[None, :width] <= positions[:, None]).long()
+        return self._next_tokens[:rows, None], mask, positions[:, None]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        width = self.past + 1
+        rows, width = self.rows, self.past + 1
         k, v = self._keys[layer], self._values[layer]
-        k[self._rows_index, :, self._positions] = keys[:, :, 0]
-        v[self._rows_index, :, self._positions] = values[:, :, 0]
-        return k[: self.rows, :, :width], v[: self.rows, :, :width]
+        index, positions = self._rows_index[:rows], self._lengths[:rows]
+        k[index, :, positions] = keys[:, :, 0]
+        v[index, :, positions] = values[:, :, 0]
+        return k[:rows, :, :width], v[:rows, :, :width]
 
-    def end_decode(self) -> None:
+    def end_decode(self, next_tokens: torch.Tensor) -> None:
+        """The step ran: every row grew by one token, and `next_tokens` [rows] are what they decode next."""
+        rows = self.rows
         self.lengths = [n + 1 for n in self.lengths]
+        self._lengths[:rows] += 1
+        self._next_tokens[:rows] = next_tokens
 
     # ---- sizing --------------------------------------------------------------
 

@@ -119,6 +119,7 @@ class StepRecord:
     prefill_tokens: int
     prefill_s: float
     decode_s: float
+    step_s: float = 0.0  # the whole step, scheduling included
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ class EngineStats:
     kv_tokens_used: int = 0  # tokens held by decoding rows
     waiting_tokens: int = 0  # prompt + max_new_tokens of the queued requests
     max_batch_size: int = 0  # rows allowed now (lowered after an out-of-memory step)
+    gpu_allocated_bytes: int = 0  # by the engine's tensors, on CUDA
+    gpu_reserved_bytes: int = 0  # by its caching allocator, on CUDA
 
     @property
     def kv_usage(self) -> float:

@@ -68,18 +68,17 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def decode(self, pool: KVPool, token_ids: list[int]) -> torch.Tensor:
-        """Feed each row its last token at its own position; return logits [rows, vocab]."""
-        mask, positions = pool.begin_decode()
+    def decode(self, pool: KVPool) -> torch.Tensor:
+        """Feed each row its next token at its own position (both kept in the pool); return logits [rows, vocab]."""
+        input_ids, mask, positions = pool.begin_decode()
         self._cache.target = pool
         with self._attention_backends():
             out = self.model(
-                input_ids=torch.tensor(token_ids, device=self.device)[:, None],
+                input_ids=input_ids,
                 attention_mask=mask,
-                position_ids=positions[:, None],
+                position_ids=positions,
                 cache=self._cache,
                 use_cache=True,
             )
-        pool.end_decode()
         logits: torch.Tensor = out.logits[:, -1]
         return logits

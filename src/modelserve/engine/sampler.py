@@ -37,16 +37,22 @@ class RowLogprobs:
 
 @dataclass
 class SampleResult:
+    tokens: torch.Tensor  # [rows] on the device: what each row decodes next
     token_ids: list[int]
-    logprobs: list[RowLogprobs | None]
-    chosen_logprobs: list[float]  # every row's token under the raw model distribution
+    chosen_logprobs: list[float] | None  # every row's token under the raw model distribution, when asked
+    logprobs: list[RowLogprobs | None]  # for the rows that asked for log-probabilities
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-    """Choose one token per row of `logits` ([rows, vocab])."""
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], chosen_logprobs: bool = False) -> SampleResult:
+    """Choose one token per row of `logits` ([rows, vocab]).
+
+    Everything the host needs (the tokens, their log-probabilities when `chosen_logprobs` or a row asks,
+    the top alternatives) comes back in ONE device-to-host copy: each sync costs a GPU step its overlap.
+    """
     logits = raw_logits = logits.float()
     n_rows, vocab = logits.shape
-    want_logprobs = any(r.params.logprobs for r in rows)
+    top_n = max((r.params.top_logprobs for r in rows if r.params.logprobs), default=-1)
+    want_logprobs = top_n >= 0
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     penalised = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.seen_ids]
     suppressed = [i for i, r in enumerate(rows) if r.suppress_ids]
@@ -59,25 +65,37 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         rows_index = torch.tensor(suppressed, device=logits.device)[:, None]
         logits[rows_index, ids] = float("-inf")
 
-    chosen = torch.empty(n_rows, dtype=torch.long, device=logits.device)
-    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if greedy:
-        chosen[greedy] = logits[greedy].argmax(dim=-1)
-    if sampled:
+    if not sampled:
+        chosen = logits.argmax(dim=-1)
+    else:
+        chosen = torch.empty(n_rows, dtype=torch.long, device=logits.device)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        if greedy:
+            chosen[greedy] = logits[greedy].argmax(dim=-1)
         chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled], vocab)
 
-    token_ids = chosen.tolist()
+    columns = [chosen[:, None].double()]
     if raw_logprobs is not None:
-        chosen_logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
-    else:  # one logsumexp per row is all it takes
-        chosen_logprobs = (raw_logits.gather(1, chosen[:, None])[:, 0] - raw_logits.logsumexp(dim=-1)).tolist()
+        columns.append(raw_logprobs.gather(1, chosen[:, None]).double())
+    elif chosen_logprobs:  # one logsumexp per row is all it takes
+        columns.append((raw_logits.gather(1, chosen[:, None]) - raw_logits.logsumexp(dim=-1, keepdim=True)).double())
+    if raw_logprobs is not None and top_n > 0:
+        values, ids = raw_logprobs.topk(top_n, dim=-1)
+        columns += [ids.double(), values.double()]
+    host = torch.cat(columns, dim=1).tolist()  # the one sync
+    token_ids = [int(row[0]) for row in host]
+    lps = [row[1] for row in host] if len(columns) > 1 else None
     out_logprobs: list[RowLogprobs | None] = [None] * n_rows
-    if raw_logprobs is not None:
+    if want_logprobs:
+        assert lps is not None
         for i, row in enumerate(rows):
             if row.params.logprobs:
-                out_logprobs[i] = _row_logprobs(raw_logprobs[i], token_ids[i], row.params.top_logprobs)
-    return SampleResult(token_ids, out_logprobs, chosen_logprobs)
+                n = row.params.top_logprobs
+                top_ids = [int(t) for t in host[i][2 : 2 + n]]
+                top_values = host[i][2 + top_n : 2 + top_n + n]
+                out_logprobs[i] = RowLogprobs(lps[i], top_ids, top_values)
+    return SampleResult(chosen, token_ids, lps, out_logprobs)
 
 
 def _padded_ids(device: torch.device, id_lists: list[list[int]]) -> torch.Tensor:
@@ -123,12 +141,3 @@ def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) 
     if needs_filter:
         picks = order.gather(1, picks)
     return picks[:, 0]
-
-
-def _row_logprobs(row: torch.Tensor, token_id: int, top_n: int) -> RowLogprobs:
-    top_ids: list[int] = []
-    top_values: list[float] = []
-    if top_n:
-        values, ids = row.topk(top_n)
-        top_ids, top_values = ids.tolist(), values.tolist()
-    return RowLogprobs(float(row[token_id]), top_ids, top_values)

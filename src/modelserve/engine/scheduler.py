@@ -11,8 +11,10 @@ split over several steps, and running streams keep getting a token every step.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
 
+import torch
+
+from modelserve.engine.kv_cache import KVPool, PrefillBuffer
 from modelserve.engine.request import FinishReason
 from modelserve.engine.sequence import Sequence
 
@@ -20,6 +22,8 @@ IDLE_PREFILL_FACTOR = 8
 
 
 class Scheduler:
+    """Owns the three queues; the engine core changes them only through these methods."""
+
     def __init__(self, max_batch_size: int, prefill_chunk_tokens: int) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -40,24 +44,25 @@ class Scheduler:
             if deadline is not None and now_s >= deadline and seq.abort_reason is None and seq.finish is None:
                 seq.abort_reason = FinishReason.DEADLINE_EXCEEDED
 
-    def take_aborted(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Remove aborted sequences that hold no pool row: (were waiting, were prefilling)."""
-        waiting = [s for s in self.waiting if s.abort_reason is not None]
-        prefilling = [s for s in self.prefilling if s.abort_reason is not None]
-        if waiting:
+    def take_aborted(self) -> list[Sequence]:
+        """Remove and return the aborted sequences that hold no pool row (waiting or prefilling)."""
+        aborted = [s for s in (*self.waiting, *self.prefilling) if s.abort_reason is not None]
+        if aborted:
             self.waiting = [s for s in self.waiting if s.abort_reason is None]
-        if prefilling:
             self.prefilling = [s for s in self.prefilling if s.abort_reason is None]
-        return waiting, prefilling
+            for seq in aborted:
+                seq.prefill = None
+        return aborted
 
-    def admit(self, fits: Callable[[list[int]], bool]) -> list[Sequence]:
-        """Move waiting sequences to prefilling while rows and the KV budget allow."""
+    def admit(self, pool: KVPool) -> list[Sequence]:
+        """Move waiting sequences to prefilling while rows and the KV budget allow; each gets its buffer."""
         admitted: list[Sequence] = []
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
             head = self.waiting[0]
-            if not fits([s.need for s in self.prefilling] + [head.need]):
+            if not pool.fits([s.need for s in self.prefilling] + [head.need]):
                 break
             self.prefilling.append(self.waiting.pop(0))
+            head.prefill = PrefillBuffer(pool.shape, len(head.request.prompt_ids))
             admitted.append(head)
         return admitted
 
@@ -77,15 +82,45 @@ class Scheduler:
             budget -= n
         return plan
 
-    def finished_rows(self) -> list[int]:
-        """Rows of running sequences that have finished, highest first (the order to free them in)."""
-        return [i for i in range(len(self.running) - 1, -1, -1) if self.running[i].finish is not None]
+    def start_decoding(self, seq: Sequence, pool: KVPool, first_token: torch.Tensor) -> None:
+        """A prefilled sequence takes the next pool row, to decode from `first_token` on."""
+        assert seq.prefill is not None
+        self.prefilling.remove(seq)
+        seq.row = pool.add(seq.prefill, seq.need, first_token)
+        seq.prefill = None
+        self.running.append(seq)
 
-    def remove_row(self, row: int) -> None:
-        """Mirror of KVPool.remove: the last row takes the freed one's place."""
-        last = self.running.pop()
-        if row < len(self.running):
-            self.running[row] = last
+    def drop_prefill(self, seq: Sequence) -> None:
+        """A prefilling sequence ends before it decodes (it failed, or its first token ended it)."""
+        self.prefilling.remove(seq)
+        seq.prefill = None
+
+    def retire_finished(self, pool: KVPool) -> None:
+        """Free the rows of finished sequences; the last row fills each gap, in the pool as here."""
+        for row in range(len(self.running) - 1, -1, -1):
+            seq = self.running[row]
+            if seq.finish is None:
+                continue
+            pool.remove(row)
+            last = self.running.pop()
+            if row < len(self.running):
+                self.running[row] = last
+                last.row = row
+            seq.row = None
+
+    def drop_running(self, pool: KVPool) -> list[Sequence]:
+        """After a failed decode step every row is suspect: take them all out, free the pool."""
+        dropped, self.running = self.running, []
+        for seq in dropped:
+            seq.row = None
+        pool.clear()
+        return dropped
+
+    def drop_all(self, pool: KVPool) -> list[Sequence]:
+        """The loop is ending: every sequence, in any queue."""
+        every = [*self.waiting, *self.prefilling, *self.drop_running(pool)]
+        self.waiting, self.prefilling = [], []
+        return every
 
 
 def _admission_order(seq: Sequence) -> tuple[int, int]:

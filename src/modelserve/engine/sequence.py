@@ -1,4 +1,4 @@
-"""A request's live state inside the engine: its tokens, text state and finish."""
+"""A request's live state inside the engine core: its tokens, its KV row and its finish."""
 
 from __future__ import annotations
 
@@ -6,30 +6,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modelserve.engine.detokenizer import IncrementalDetokenizer
 from modelserve.engine.kv_cache import PrefillBuffer
 from modelserve.engine.request import FinishReason, Request, SamplingParams
-from modelserve.engine.stop import StopSequenceMatcher
 
 
 @dataclass(eq=False)
 class Sequence:
-    """Owned by the engine thread alone."""
+    """Owned by the engine core alone."""
 
-    key: int  # the engine's own id, unique for the process
+    key: int  # the frontend's id for the request, unique for the process
     request: Request
-    arrival_s: float
-    detokenizer: IncrementalDetokenizer
-    stops: StopSequenceMatcher
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
-    scheduled_s: float | None = None
-    first_token_s: float | None = None
+    row: int | None = None  # its row in the KV pool while it decodes
     finish: FinishReason | None = None
-    abort_reason: FinishReason | None = None  # set by abort(); acted on at the next step
+    abort_reason: FinishReason | None = None  # set by an abort or a deadline; acted on at the next step
     abort_error: str = ""  # why, when the server (not the caller) ended the request
     prefill: PrefillBuffer | None = None  # while the prompt is being prefilled
-    logprob_sum: float = 0.0  # of the output tokens, under the raw model distribution
 
     @property
     def params(self) -> SamplingParams:

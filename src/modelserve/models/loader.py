@@ -14,15 +14,16 @@ local directory is fetched from the hub.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ def resolve_source(source: str) -> tuple[str, bool]:
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    model: PreTrainedModel
+class ModelInfo:
+    """What the frontend knows of a model: its tokenizer and description, without its weights."""
+
     tokenizer: Tokenizer  # the fast (Rust) tokenizer behind the HF wrapper
     model_id: str
     architecture: str
@@ -93,10 +95,18 @@ class LoadedModel:
     special_tokens: tuple[tuple[str, str, int], ...]  # (role, token, id)
     device: torch.device
     dtype: torch.dtype
+    source: str  # what to load the weights from: a local directory or a hub id
     is_demo: bool = False
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+
+@dataclass(frozen=True)
+class LoadedModel(ModelInfo):
+    """A model with its weights on its device."""
+
+    model: PreTrainedModel = field(kw_only=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,7 +133,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def load_model(
+def load_model_info(
     source: str,
     device: torch.device,
     dtype: torch.dtype,
@@ -131,8 +141,8 @@ def load_model(
     model_id: str | None = None,
     trust_remote_code: bool = False,
     is_demo: bool = False,
-) -> LoadedModel:
-    """Load `source` (a local model directory, or a hub id when online)."""
+) -> ModelInfo:
+    """Read `source`'s config and tokenizer (a local model directory, or a hub id when online), not its weights."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one log line per load, not a progress bar per shard
@@ -164,15 +174,12 @@ def load_model(
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
         raise ModelLoadError(f"{source!r} has no fast tokenizer (tokenizer.json); modelserve needs one")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the weights of {source}: {_one_line(exc)}") from exc
-    model.to(device)
-    model.eval()
 
     eos: set[int] = set()
-    for value in (model.generation_config.eos_token_id, config.eos_token_id, hf_tokenizer.eos_token_id):
+    generation_eos = None
+    with contextlib.suppress(OSError, ValueError):
+        generation_eos = GenerationConfig.from_pretrained(source, **kwargs).eos_token_id
+    for value in (generation_eos, config.eos_token_id, hf_tokenizer.eos_token_id):
         if isinstance(value, int):
             eos.add(value)
         elif isinstance(value, list):
@@ -187,17 +194,51 @@ def load_model(
         token_id = getattr(hf_tokenizer, f"{role}_token_id", None)
         if isinstance(token, str) and isinstance(token_id, int):
             specials.append((role, token, token_id))
-    return LoadedModel(
-        model=model,
+    return ModelInfo(
         tokenizer=backend,
         model_id=model_id or requested,
-        architecture=(config.architectures or [type(model).__name__])[0],
+        architecture=(config.architectures or [config.model_type])[0],
         model_type=config.model_type,
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        vocab_size=int(config.vocab_size),
         max_sequence_length=max_len,
         eos_token_ids=tuple(sorted(eos)),
         special_tokens=tuple(specials),
         device=device,
         dtype=dtype,
+        source=source,
         is_demo=is_demo,
     )
+
+
+def load_weights(info: ModelInfo, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `info`'s weights onto its device, in its dtype."""
+    kwargs = dict(local_files_only=Path(info.source).expanduser().is_dir(), trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            info.source, dtype=info.dtype, attn_implementation="sdpa", **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the weights of {info.source}: {_one_line(exc)}") from exc
+    model.to(info.device)
+    model.eval()
+    fields = {f: getattr(info, f) for f in info.__dataclass_fields__}
+    fields["vocab_size"] = int(model.get_output_embeddings().weight.shape[0])
+    if not info.architecture.endswith("ForCausalLM"):
+        fields["architecture"] = type(model).__name__
+    return LoadedModel(**fields, model=model)
+
+
+def load_model(
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    model_id: str | None = None,
+    trust_remote_code: bool = False,
+    is_demo: bool = False,
+) -> LoadedModel:
+    """Load `source` (a local model directory, or a hub id when online), weights and all."""
+    info = load_model_info(
+        source, device, dtype, model_id=model_id, trust_remote_code=trust_remote_code, is_demo=is_demo
+    )
+    return load_weights(info, trust_remote_code=trust_remote_code)

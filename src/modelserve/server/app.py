@@ -41,8 +41,8 @@ from modelserve.telemetry.setup import Telemetry, start_telemetry
 from modelserve.telemetry.tracing import server_interceptor
 
 if TYPE_CHECKING:
-    from modelserve.engine.engine import Engine
-    from modelserve.models.loader import LoadedModel
+    from modelserve.engine.client import ProcessEngine
+    from modelserve.models.loader import ModelInfo
 
 log = logging.getLogger("modelserve")
 
@@ -113,31 +113,29 @@ async def _set_health(health_servicer: health.aio.HealthServicer, status: int) -
         await health_servicer.set(name, status)
 
 
-async def _start_engine(config: Config, model: LoadedModel, telemetry: Telemetry | None) -> Engine:
-    """Build, start and warm up the engine, with telemetry watching it."""
-    from modelserve.server.lifecycle import build_engine, warm_up
+async def _start_engine(
+    config: Config, info: ModelInfo, telemetry: Telemetry | None
+) -> tuple[ProcessEngine, ModelInfo]:
+    """Start the engine core process, warm it up, and let telemetry watch it."""
+    from modelserve.server.lifecycle import start_engine_core, warm_up
 
     if telemetry is not None:  # before the engine's first step, so every point names the model
-        telemetry.metrics.set_model(model.model_id)
-    engine = build_engine(config, model, on_step=telemetry.metrics.record_step if telemetry else None)
-    engine.start(asyncio.get_running_loop())
+        telemetry.metrics.set_model(info.model_id)
+    engine, info = await start_engine_core(config, info, on_step=telemetry.metrics.record_step if telemetry else None)
     if config.warmup:
-        await warm_up(engine, model)
+        await warm_up(engine, info)
     if telemetry is not None:
         telemetry.metrics.attach_engine(engine.stats)
-        if model.device.type == "cuda":
-            import torch
-
-            device = model.device
+        if info.device.type == "cuda":
             telemetry.metrics.attach_gpu_memory(
-                lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+                lambda: (engine.stats().gpu_allocated_bytes, engine.stats().gpu_reserved_bytes)
             )
-    return engine
+    return engine, info
 
 
 async def serve(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
-    from modelserve.server.lifecycle import drain, in_daemon_thread, load
+    from modelserve.server.lifecycle import FINAL_MESSAGE_S, drain, in_daemon_thread, load_info
 
     try:
         credentials = server_credentials(config)
@@ -187,20 +185,19 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, begin_shutdown)
     stopping = asyncio.ensure_future(stop.wait())
 
-    engine: Engine | None = None
+    engine: ProcessEngine | None = None
     exit_code = 0
     try:
         started = time.monotonic()
-        loading = asyncio.ensure_future(in_daemon_thread(lambda: load(config)))
+        loading = asyncio.ensure_future(in_daemon_thread(lambda: load_info(config)))
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             try:
-                model = loading.result()
+                engine, model = await _start_engine(config, loading.result(), telemetry)
             except Exception as exc:
                 log.error("could not load the model: %s", exc)
                 servicer.phase = Phase.FAILED
                 return 1
-            engine = await _start_engine(config, model, telemetry)
             log.info(
                 "loaded %s (%s) on %s as %s in %.1fs",
                 model.model_id,
@@ -216,11 +213,11 @@ async def serve(config: Config) -> int:
             engine_stopped = asyncio.ensure_future(engine.wait_stopped())
             await asyncio.wait({stopping, engine_stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not stopping.done():
-                log.error("the engine loop died: health NOT_SERVING until this process is restarted")
+                log.error("the engine stopped: health NOT_SERVING; this process exits so that it is restarted")
                 servicer.phase = Phase.FAILED
                 await _set_health(health_servicer, NOT_SERVING)
-                exit_code = 1
-                await stopping
+                await servicer.wait_idle(FINAL_MESSAGE_S)  # the open calls send their UNAVAILABLE
+                return 1
         else:
             loading.cancel()
         log.info("shutting down: health NOT_SERVING, new calls refused, running streams get %gs", config.grace_s)

@@ -16,6 +16,7 @@ policy retries.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -26,9 +27,11 @@ from modelserve.config import Config
 if TYPE_CHECKING:
     import grpc
 
+    from modelserve.engine.client import ProcessEngine
     from modelserve.engine.engine import Engine
+    from modelserve.engine.frontend import EngineFrontend
     from modelserve.engine.request import StepRecord
-    from modelserve.models.loader import LoadedModel
+    from modelserve.models.loader import LoadedModel, ModelInfo
     from modelserve.server.servicer import GenerationServicer
 
 log = logging.getLogger("modelserve")
@@ -66,25 +69,38 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
     return await future
 
 
-def load(config: Config) -> LoadedModel:
-    """Load the configured model (or build and load the demo model)."""
-    from modelserve.models.demo import DEMO_MODEL_ID, demo_model_dir
-    from modelserve.models.loader import load_model, resolve_device, resolve_dtype
+def load_info(config: Config) -> ModelInfo:
+    """The configured model's tokenizer and description (building the demo model first if need be);
+    its weights are the engine core's to load."""
+    import torch
 
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    from modelserve.models.demo import DEMO_MODEL_ID, demo_model_dir
+    from modelserve.models.loader import load_model_info
+
+    # Placeholders until the core says which device and dtype it chose (it alone touches the GPU).
+    device, dtype = torch.device("cpu"), torch.float32
     if config.model is None:
         log.warning(
             "no --model given: serving the embedded DEMO model (random weights, so its text is random). "
             "Pass --model PATH to serve a real Hugging Face model."
         )
         path = demo_model_dir(config.cache_dir)
-        return load_model(str(path), device, dtype, model_id=DEMO_MODEL_ID, is_demo=True)
-    return load_model(config.model, device, dtype, trust_remote_code=config.trust_remote_code)
+        return load_model_info(str(path), device, dtype, model_id=DEMO_MODEL_ID, is_demo=True)
+    return load_model_info(config.model, device, dtype, trust_remote_code=config.trust_remote_code)
+
+
+def load(config: Config) -> LoadedModel:
+    """The configured model with its weights, in this process (the benchmark's in-process engine)."""
+    from modelserve.models.loader import load_weights, resolve_device, resolve_dtype
+
+    info = load_info(config)
+    device = resolve_device(config.device)
+    info = dataclasses.replace(info, device=device, dtype=resolve_dtype(config.dtype, device))
+    return load_weights(info, trust_remote_code=config.trust_remote_code)
 
 
 def build_engine(config: Config, model: LoadedModel, on_step: Callable[[StepRecord], None] | None = None) -> Engine:
-    """The engine for `model` with the limits of `config` (built, not started)."""
+    """The in-process engine for `model` with the limits of `config` (built, not started)."""
     from modelserve.engine.engine import Engine, EngineConfig
 
     return Engine(
@@ -97,7 +113,40 @@ def build_engine(config: Config, model: LoadedModel, on_step: Callable[[StepReco
     )
 
 
-async def warm_up(engine: Engine, model: LoadedModel) -> None:
+async def start_engine_core(
+    config: Config, info: ModelInfo, on_step: Callable[[StepRecord], None] | None = None
+) -> tuple[ProcessEngine, ModelInfo]:
+    """Start the engine core process on `info`'s model; return the engine and the info as the core runs it."""
+    import torch
+
+    from modelserve.engine.client import ProcessEngine
+    from modelserve.engine.core_process import CoreSpec
+    from modelserve.engine.engine import EngineConfig
+
+    engine_config = EngineConfig.from_config(config)
+
+    def spec_for(commands_address: str, outputs_address: str) -> CoreSpec:
+        return CoreSpec(
+            model_source=info.source,
+            device=config.device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            engine=engine_config,
+            observed=on_step is not None,
+            commands_address=commands_address,
+            outputs_address=outputs_address,
+            log_level=config.log_level,
+        )
+
+    engine = await ProcessEngine.start(spec_for, info.tokenizer, engine_config.queue_limits, on_step)
+    ready = engine.ready
+    info = dataclasses.replace(
+        info, device=torch.device(ready.device), dtype=getattr(torch, ready.dtype), vocab_size=ready.vocab_size
+    )
+    return engine, info
+
+
+async def warm_up(engine: EngineFrontend, model: ModelInfo) -> None:
     """One short greedy generation through the whole path before we say SERVING."""
     from modelserve.engine.request import Request, SamplingParams
 
@@ -108,7 +157,9 @@ async def warm_up(engine: Engine, model: LoadedModel) -> None:
             raise RuntimeError(f"warm-up generation failed: {event.finish.error}")
 
 
-async def drain(server: grpc.aio.Server, servicer: GenerationServicer, engine: Engine | None, grace_s: float) -> None:
+async def drain(
+    server: grpc.aio.Server, servicer: GenerationServicer, engine: EngineFrontend | None, grace_s: float
+) -> None:
     """With the servicer already refusing new calls: let running calls finish for `grace_s`, end the
     rest with a last message, then stop the gRPC server."""
     if engine is not None and not await servicer.wait_idle(grace_s):

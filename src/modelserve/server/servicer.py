@@ -51,8 +51,9 @@ from modelserve.telemetry.metrics import GenerationMetrics
 from modelserve.telemetry.request_outcome import OutcomeTracker
 
 if TYPE_CHECKING:
-    from modelserve.engine.engine import Engine, RequestStream
-    from modelserve.models.loader import LoadedModel
+    from modelserve.engine.frontend import EngineFrontend as Engine
+    from modelserve.engine.frontend import RequestStream
+    from modelserve.models.loader import ModelInfo as ServedModel  # the name ModelInfo is an RPC here
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self._config = config
         self._started_s = time.monotonic()
         self.phase = Phase.LOADING
-        self._model: LoadedModel | None = None
+        self._model: ServedModel | None = None
         self._engine: Engine | None = None
         self._limits: Limits | None = None
         self._metrics: GenerationMetrics | None = None
@@ -90,7 +91,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def attach(self, model: LoadedModel, engine: Engine, metrics: GenerationMetrics | None = None) -> None:
+    def attach(self, model: ServedModel, engine: Engine, metrics: GenerationMetrics | None = None) -> None:
         self._model, self._engine, self._metrics = model, engine, metrics
         cfg = self._config
         longest_prompt = engine.max_sequence_tokens - 1  # leaves room for one new token
@@ -119,7 +120,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     async def _generate(
         self,
         engine: Engine,
-        model: LoadedModel,
+        model: ServedModel,
         limits: Limits,
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse],
@@ -241,11 +242,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         if model is not None:
             response.model_id, response.device = model.model_id, str(model.device)
             response.dtype = str(model.dtype).removeprefix("torch.")
-            if model.device.type == "cuda":
-                import torch
-
-                response.memory.gpu_allocated_bytes = torch.cuda.memory_allocated(model.device)
-                response.memory.gpu_reserved_bytes = torch.cuda.memory_reserved(model.device)
+            if stats is not None:
+                response.memory.gpu_allocated_bytes = stats.gpu_allocated_bytes
+                response.memory.gpu_reserved_bytes = stats.gpu_reserved_bytes
         return response
 
     # ---- drain --------------------------------------------------------------
@@ -271,7 +270,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
 
     # ---- helpers ------------------------------------------------------------
 
-    async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Engine, LoadedModel, Limits]:
+    async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Engine, ServedModel, Limits]:
         if self.phase is Phase.SERVING and self._engine is not None and self._engine.alive:
             assert self._model is not None and self._limits is not None
             return self._engine, self._model, self._limits
@@ -296,7 +295,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self,
         engine: Engine,
         request: pb.GenerateRequest,
-        model: LoadedModel,
+        model: ServedModel,
         limits: Limits,
         time_remaining_s: float | None,
         field: str = "",

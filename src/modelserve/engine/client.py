@@ -1,0 +1,188 @@
+"""The engine as the server runs it: the frontend here, the engine core in a process of its own.
+
+Two processes because the model's Python (most of a step on a GPU, and all of
+it for a small model) and the gRPC event loop would otherwise take turns on one
+GIL. The core is started with multiprocessing's spawn (a clean interpreter: no
+copied CUDA state, no inherited threads) and talks over two ZeroMQ sockets on
+ipc:// paths in a private temporary directory; see core_process.py for why
+ZeroMQ and msgpack.
+
+The core can die (an exception in its loop, kill -9, the kernel's OOM killer):
+its process sentinel is watched on the event loop, so within milliseconds every
+open request ends with "the engine core process died" and `wait_stopped()`
+returns; the server then reports NOT_SERVING and exits non-zero, and its
+orchestrator restarts it. Restarting the core in place was decided against: the
+requests it held cannot be resumed without repeating or losing output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import shutil
+import tempfile
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+
+import msgspec
+import zmq
+import zmq.asyncio
+from tokenizers import Tokenizer
+
+from modelserve.engine.admission import QueueLimits
+from modelserve.engine.core_process import CoreSpec, main
+from modelserve.engine.frontend import EngineFrontend
+from modelserve.engine.protocol import Command, CoreFailed, CoreMessage, CoreReady, Shutdown, StepOutput
+from modelserve.engine.request import StepRecord
+
+log = logging.getLogger(__name__)
+
+
+class CoreStartError(RuntimeError):
+    """The engine core process could not load its model or died while starting."""
+
+
+class ProcessEngine(EngineFrontend):
+    """An EngineFrontend whose core runs in a child process."""
+
+    def __init__(
+        self,
+        process: BaseProcess,
+        ready: CoreReady,
+        sockets: _Sockets,
+        tokenizer: Tokenizer,
+        limits: QueueLimits,
+        on_step: Callable[[StepRecord], None] | None,
+    ) -> None:
+        super().__init__(tokenizer, limits, ready.max_sequence_tokens, on_step)
+        self.ready = ready
+        self._process = process
+        self._sockets = sockets
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        spec_for: Callable[[str, str], CoreSpec],
+        tokenizer: Tokenizer,
+        limits_for: Callable[[int], QueueLimits],
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> ProcessEngine:
+        """Start the core process and wait until its model is loaded. `spec_for(commands, outputs)` builds
+        its spec around the socket addresses; `limits_for(kv_budget_tokens)` the queue limits."""
+        sockets = _Sockets()
+        spec = spec_for(sockets.commands_address, sockets.outputs_address)
+        process = multiprocessing.get_context("spawn").Process(
+            target=main, args=(spec,), name="modelserve-engine-core", daemon=True
+        )
+        process.start()
+        loop = asyncio.get_running_loop()
+        died = loop.create_future()
+
+        def on_exit() -> None:
+            if not died.done():
+                died.set_result(None)
+
+        loop.add_reader(process.sentinel, on_exit)
+        first = asyncio.ensure_future(sockets.receive())
+        try:
+            await asyncio.wait({first, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(process.sentinel)
+        if not first.done():
+            first.cancel()
+            process.join(1)
+            sockets.close()
+            raise CoreStartError(f"the engine core process exited with code {process.exitcode} while starting")
+        message = first.result()
+        if not isinstance(message, CoreReady):
+            process.join(10)
+            sockets.close()
+            error = message.error if isinstance(message, CoreFailed) else f"unexpected {type(message).__name__}"
+            raise CoreStartError(error)
+        engine = cls(process, message, sockets, tokenizer, limits_for(message.kv_budget_tokens), on_step)
+        engine._reader = asyncio.ensure_future(engine._read())
+        loop.add_reader(process.sentinel, engine._on_death)
+        log.info("engine core: process %d on %s (%s)", process.pid, message.device, message.dtype)
+        return engine
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._send(Shutdown())
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            log.warning("the engine core did not stop within %gs; killing it", timeout_s)
+            self._process.kill()
+            self._process.join(timeout_s)
+        self._stop_watching()
+        if not self._closed:
+            self._core_stopped("the engine stopped")
+        self._sockets.close()
+
+    def _send(self, command: Command) -> None:
+        if self._closed:
+            return
+        try:
+            self._sockets.send(command)
+        except zmq.ZMQError as exc:  # the core is gone; its death is reported through its sentinel
+            log.debug("could not send %s to the engine core: %s", type(command).__name__, exc)
+
+    async def _read(self) -> None:
+        while True:
+            message = await self._sockets.receive()
+            if isinstance(message, StepOutput):
+                self._on_output(message)
+
+    def _on_death(self) -> None:
+        self._stop_watching()
+        self._process.join(5)  # its sentinel closes as it exits, a moment before it can be reaped
+        code = self._process.exitcode
+        if code not in (0, None):
+            log.error("the engine core process died (exit code %s)", code)
+        self._core_stopped(f"the engine core process ended (exit code {code})")
+
+    def _stop_watching(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._process.sentinel)
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+
+
+class _Sockets:
+    """The frontend's two ZeroMQ sockets, bound on ipc:// paths in a private temporary directory."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="modelserve-")
+        self.commands_address = f"ipc://{self._dir}/commands"
+        self.outputs_address = f"ipc://{self._dir}/outputs"
+        self._sync = zmq.Context()
+        self._async = zmq.asyncio.Context()
+        self._commands = self._sync.socket(zmq.PUSH)
+        self._commands.setsockopt(zmq.SNDHWM, 0)  # commands are bounded by admission, never dropped
+        self._commands.setsockopt(zmq.LINGER, 0)
+        self._commands.bind(self.commands_address)
+        self._outputs = self._async.socket(zmq.PULL)
+        self._outputs.setsockopt(zmq.LINGER, 0)
+        self._outputs.bind(self.outputs_address)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(CoreMessage)
+
+    def send(self, command: Command) -> None:
+        self._commands.send(self._encoder.encode(command), zmq.NOBLOCK)
+
+    async def receive(self) -> CoreMessage:
+        frame = await self._outputs.recv()
+        message: CoreMessage = self._decoder.decode(frame)
+        return message
+
+    def close(self) -> None:
+        self._commands.close()
+        self._outputs.close()
+        self._sync.term()
+        self._async.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""The engine-core process: load the weights, then take commands, step and send, until told to stop.
+
+ZeroMQ sockets (as vLLM's engine core uses) with msgpack through msgspec: ZeroMQ
+does its socket I/O on its own C++ threads, so sending a step's output never
+stalls the next step, and msgspec encodes a step in microseconds. The process
+ignores SIGINT and SIGTERM (the frontend drains, then tells it to stop) and
+exits when its parent is gone, so it is never left holding a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+
+from modelserve.engine.core_loop import run_core_loop
+from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
+
+if TYPE_CHECKING:
+    from modelserve.engine.core import EngineCore
+    from modelserve.engine.engine import EngineConfig
+
+log = logging.getLogger("modelserve.engine")
+
+PARENT_CHECK_MS = 1000  # how often an idle core checks that its frontend is still there
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """What the core process needs to start: where the model is and how to run it."""
+
+    model_source: str  # a local directory or hub id, already resolved by the frontend
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    engine: EngineConfig
+    observed: bool  # telemetry reads step timings and the confidence signal
+    commands_address: str  # the frontend's PUSH socket, bound
+    outputs_address: str  # the frontend's PULL socket, bound
+    log_level: str
+
+
+def main(spec: CoreSpec) -> None:
+    """The process's entry point (multiprocessing, spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    parent = os.getppid()
+    context = zmq.Context()
+    commands = context.socket(zmq.PULL)
+    commands.connect(spec.commands_address)
+    outputs = context.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.LINGER, 5000)
+    outputs.connect(spec.outputs_address)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(Command)
+
+    try:
+        core = _build_core(spec)
+    except Exception as exc:
+        outputs.send(encoder.encode(CoreFailed(" ".join(str(exc).split()) or type(exc).__name__)))
+        outputs.close()
+        context.term()
+        return
+    outputs.send(
+        encoder.encode(
+            CoreReady(
+                vocab_size=int(core.runner.model.get_output_embeddings().weight.shape[0]),
+                max_sequence_tokens=core.max_sequence_tokens,
+                kv_budget_tokens=core.pool.budget_tokens,
+                device=str(core.runner.device),
+                dtype=str(core.pool.shape.dtype).removeprefix("torch."),
+            )
+        )
+    )
+
+    def take(block: bool) -> list[Command]:
+        received: list[Command] = []
+        while True:
+            if not commands.poll(PARENT_CHECK_MS if block and not received else 0):
+                if block and not received and os.getppid() != parent:
+                    log.warning("the frontend process is gone; the engine core stops")
+                    sys.exit(1)
+                return received
+            received.append(decoder.decode(commands.recv()))
+
+    def emit(out: StepOutput) -> None:
+        outputs.send(encoder.encode(out), copy=False)
+
+    run_core_loop(core, take, emit)  # an exception here ends the process non-zero: the frontend sees it die
+    outputs.close()
+    commands.close()
+    context.term()
+
+
+def _build_core(spec: CoreSpec) -> EngineCore:
+    from modelserve.models.loader import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    loaded = load_model(spec.model_source, device, dtype, trust_remote_code=spec.trust_remote_code)
+    return spec.engine.build_core(loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed)

@@ -1,0 +1,264 @@
+"""The engine as the servicer sees it: submit, stream, abort, stats; token ids in, text out.
+
+The frontend half of the engine runs on the server's event loop: admission
+control (so a refusal costs no trip to the core), and for each StepOutput the
+core sends, every row's incremental detokenization, stop-sequence matching and
+log-probability token strings. A stop sequence found here aborts its row in the
+core at once; the core waits for each step's acknowledgement before running two
+steps past it, so it runs at most one step past a stop (and never far ahead of
+a frontend that lags). A consumer that reads slower than the core steps gets
+its deltas merged into one event: nothing queues per token.
+
+Two engines share this: `Engine` (engine.py) runs the core on a thread of this
+process; `ProcessEngine` (client.py) runs it in a process of its own.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from tokenizers import Tokenizer
+
+from modelserve.engine.admission import AdmissionControl, QueueLimits
+from modelserve.engine.detokenizer import IncrementalDetokenizer
+from modelserve.engine.protocol import Abort, AbortAll, Ack, AddRequest, Command, RowOutput, StepOutput
+from modelserve.engine.request import (
+    EngineClosedError,
+    EngineStats,
+    Finish,
+    FinishReason,
+    Request,
+    StepRecord,
+    StreamEvent,
+    Timings,
+    TokenLogprob,
+    TokenLogprobs,
+)
+from modelserve.engine.stop import StopSequenceMatcher
+
+log = logging.getLogger(__name__)
+
+_NO_TEXT_ENDINGS = (FinishReason.STOP_TOKEN, FinishReason.EOS_TOKEN)  # an ending token adds no text
+
+
+class _RequestState:
+    """One request's progress on the frontend side, and what its consumer has not read yet."""
+
+    def __init__(self, key: int, request: Request, tokenizer: Tokenizer, arrival_s: float) -> None:
+        self.key = key
+        self.request = request
+        self.arrival_s = arrival_s
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
+        self.stops = StopSequenceMatcher(request.params.stop, request.params.include_stop_sequence)
+        self.admitted_s: float | None = None
+        self.first_token_s: float | None = None
+        self.output_tokens = 0
+        self.logprob_sum = 0.0
+        self.logprob_count = 0
+        self.finish: Finish | None = None
+        self.delivered_finish = False
+        self.aborted = False  # its consumer stopped reading
+        # Not yet read by the consumer (merged when it lags):
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
+        self.ready = asyncio.Event()
+
+    def take(self) -> StreamEvent:
+        event = StreamEvent(
+            "".join(self.text), tuple(self.token_ids), self.output_tokens, tuple(self.logprobs), self.finish
+        )
+        self.text, self.token_ids, self.logprobs = [], [], []
+        self.delivered_finish = self.finish is not None
+        self.ready.clear()
+        return event
+
+    @property
+    def has_news(self) -> bool:
+        return bool(self.text or self.token_ids) or (self.finish is not None and not self.delivered_finish)
+
+
+class RequestStream:
+    """The async stream of one request's events; `abort()` ends it early."""
+
+    def __init__(self, engine: EngineFrontend, state: _RequestState) -> None:
+        self._engine = engine
+        self._state = state
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        state = self._state
+        while not state.has_news:
+            if state.delivered_finish:
+                raise StopAsyncIteration
+            await state.ready.wait()
+        return state.take()
+
+    def abort(self, reason: FinishReason = FinishReason.CANCELLED, error: str = "") -> None:
+        """Stop generating for this request at the next step (no-op once finished)."""
+        self._engine._abort(self._state, reason, error)
+
+
+class EngineFrontend(abc.ABC):
+    """Admission, streams and text for an engine core that runs elsewhere (a thread or a process)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        limits: QueueLimits,
+        max_sequence_tokens: int,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self.max_sequence_tokens = max_sequence_tokens
+        """The longest sequence (prompt + max_new_tokens) that can ever run: context and KV budget."""
+        self._admission = AdmissionControl(limits)
+        self._on_step = on_step
+        self._keys = itertools.count(1)
+        self._states: dict[int, _RequestState] = {}
+        self._stats = EngineStats()
+        self._closed = False
+        self._stopped = asyncio.Event()
+
+    # ---- what the servicer calls ----------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request; iterate the returned stream for its events.
+
+        Raises EngineClosedError, QueueFullError (the waiting queue is at its limit) or
+        DeadlineUnreachableError (the queue ahead makes request.deadline_s impossible).
+        """
+        if self._closed:
+            raise EngineClosedError("the engine is not running")
+        now = time.monotonic()
+        self._admission.enter(request, now)
+        state = _RequestState(next(self._keys), request, self._tokenizer, now)
+        self._states[state.key] = state
+        self._send(AddRequest(state.key, request))
+        return RequestStream(self, state)
+
+    def check_queue(self) -> None:
+        """Raise QueueFullError when the waiting queue has no room for any request."""
+        self._admission.check()
+
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(self._stats, waiting_tokens=self._admission.waiting()[1])
+
+    def abort_all(self, reason: FinishReason, error: str) -> None:
+        """End every request at the next step, each with a last event saying `error`."""
+        self._send(AbortAll(reason, error))
+
+    async def wait_stopped(self) -> None:
+        """Return once the engine core has ended, by shutdown() or by dying."""
+        await self._stopped.wait()
+
+    @abc.abstractmethod
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the core; requests still in it end with CANCELLED."""
+
+    # ---- the core's side --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _send(self, command: Command) -> None:
+        """Hand a command to the core (never blocks)."""
+
+    def _on_output(self, out: StepOutput) -> None:
+        """Take in one step's output (on the event loop), then acknowledge it."""
+        now = time.monotonic()
+        for key in out.admitted:
+            state = self._states.get(key)
+            if state is not None and state.admitted_s is None:
+                state.admitted_s = now
+                self._admission.leave(state.request)
+        for row in out.rows:
+            state = self._states.get(row.key)
+            if state is not None:
+                self._take_row(state, row, now)
+        self._stats = out.stats
+        record = out.record
+        if record is not None:
+            self._admission.observe_step(record.prefill_tokens, record.prefill_s, record.batch_size, record.step_s)
+            if self._on_step is not None:
+                try:
+                    self._on_step(record)
+                except Exception:  # an observer's failure is not the engine's
+                    log.exception("step observer failed")
+        self._send(Ack(out.step))
+
+    def _take_row(self, state: _RequestState, row: RowOutput, now: float) -> None:
+        reason, error = row.finish, row.error
+        if row.token_id >= 0:
+            token = row.token_id
+            state.output_tokens += 1
+            state.token_ids.append(token)
+            if state.first_token_s is None:
+                state.first_token_s = now
+            if row.logprob is not None:
+                state.logprob_sum += row.logprob
+                state.logprob_count += 1
+            if state.request.params.logprobs:
+                state.logprobs.append(self._token_logprobs(token, row))
+            last = reason is not None
+            piece = "" if reason in _NO_TEXT_ENDINGS else state.detokenizer.step(token)
+            match = state.stops.push(piece + state.detokenizer.flush() if last else piece)
+            state.text.append(match.text)
+            if match.stopped:
+                if reason is None:  # the core goes on with this row until the abort reaches it
+                    self._send(Abort(state.key, FinishReason.STOP_SEQUENCE))
+                reason = FinishReason.STOP_SEQUENCE
+            elif last:
+                state.text.append(state.stops.flush())
+        if reason is not None:
+            self._finish(state, reason, error, now)
+        state.ready.set()
+
+    def _token_logprobs(self, token: int, row: RowOutput) -> TokenLogprobs:
+        decode = self._tokenizer.decode
+        top = tuple(
+            TokenLogprob(t, decode([t], skip_special_tokens=False), v)
+            for t, v in zip(row.top_ids or (), row.top_logprobs or (), strict=True)
+        )
+        chosen = row.logprob if row.logprob is not None else float("nan")
+        return TokenLogprobs(TokenLogprob(token, decode([token], skip_special_tokens=False), chosen), top)
+
+    def _finish(self, state: _RequestState, reason: FinishReason, error: str, now: float) -> None:
+        """The request's one ending: timings from the frontend's own clock, and it stops taking rows."""
+        del self._states[state.key]
+        if state.admitted_s is None:  # it never left the waiting queue
+            self._admission.leave(state.request)
+        timings = Timings(
+            queue_s=(state.admitted_s or now) - state.arrival_s,
+            time_to_first_token_s=(state.first_token_s or now) - state.arrival_s,
+            total_s=now - state.arrival_s,
+        )
+        mean = state.logprob_sum / state.logprob_count if state.logprob_count else None
+        state.finish = Finish(reason, timings, state.request.params.seed, error, mean)
+        state.ready.set()
+
+    def _abort(self, state: _RequestState, reason: FinishReason, error: str) -> None:
+        if state.finish is None and not state.aborted and not self._closed:
+            state.aborted = True
+            self._send(Abort(state.key, reason, error))
+
+    def _core_stopped(self, error: str) -> None:
+        """The core is gone (shut down or dead): every request still open ends now, saying `error`."""
+        if self._closed:
+            return
+        self._closed = True
+        now = time.monotonic()
+        for state in list(self._states.values()):
+            self._finish(state, FinishReason.CANCELLED, error, now)
+        self._stats = dataclasses.replace(self._stats, running=0, waiting=0, kv_tokens_used=0)
+        self._stopped.set()

@@ -1,0 +1,85 @@
+"""The messages between the frontend and the engine core.
+
+In: a request, an abort, an acknowledgement of a step, a shutdown. Out: ONE
+StepOutput per step, carrying every row's new token (and its log-probabilities
+when asked) and every row that finished. The core sends token ids only; text,
+stop strings and logprob token strings are the frontend's work.
+
+msgspec Structs, because when the core runs in its own process (core_process.py)
+they are msgpack-encoded and decoded in microseconds, with their types checked;
+the in-process engine hands the same objects over without encoding them.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from modelserve.engine.request import EngineStats, FinishReason, Request, StepRecord
+
+
+class AddRequest(msgspec.Struct, tag=True, array_like=True):
+    key: int
+    request: Request
+
+
+class Abort(msgspec.Struct, tag=True, array_like=True):
+    key: int
+    reason: FinishReason
+    error: str = ""
+
+
+class AbortAll(msgspec.Struct, tag=True, array_like=True):
+    reason: FinishReason
+    error: str
+
+
+class Ack(msgspec.Struct, tag=True, array_like=True):
+    """The frontend has taken in step `step`'s output (the core never runs more than one step ahead)."""
+
+    step: int
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+Command = AddRequest | Abort | AbortAll | Ack | Shutdown
+
+
+class RowOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One row's news from one step: a token, a finish, or both."""
+
+    key: int
+    token_id: int = -1  # -1: no token this step (the row ended without one)
+    logprob: float | None = None  # the token's raw log-probability, when logprobs or confidence are tracked
+    top_ids: list[int] | None = None  # the most likely tokens at this step, when asked
+    top_logprobs: list[float] | None = None
+    finish: FinishReason | None = None
+    error: str = ""  # why, for an ERROR, OUT_OF_MEMORY or a server-side CANCELLED
+
+
+class StepOutput(msgspec.Struct, tag=True, array_like=True):
+    step: int
+    rows: list[RowOutput]
+    admitted: list[int]  # keys that left the waiting queue for a batch row this step
+    stats: EngineStats
+    record: StepRecord | None  # None for a step that ran no model work
+
+
+class CoreReady(msgspec.Struct, tag=True, array_like=True):
+    """The core process loaded its model and sized its KV pool."""
+
+    vocab_size: int
+    max_sequence_tokens: int
+    kv_budget_tokens: int
+    device: str
+    dtype: str
+
+
+class CoreFailed(msgspec.Struct, tag=True, array_like=True):
+    """The core process could not start (its error, one line)."""
+
+    error: str
+
+
+CoreMessage = StepOutput | CoreReady | CoreFailed
