@@ -112,6 +112,8 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None, n
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     address = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
+    if "--dtype" not in args:  # correctness is checked in float32, whatever --dtype auto picks on this CPU
+        address += ["--dtype", "float32"]
     with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             [sys.executable, "-m", "modelserve", "serve", *address, *args],

@@ -35,7 +35,8 @@ _HELP = {
     "host": "address to listen on",
     "port": "port to listen on",
     "device": "auto | cpu | cuda | cuda:N",
-    "dtype": "auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
+    "dtype": "auto (bf16/fp16 on CUDA; bf16 on a CPU with AMX or AVX512-BF16, else fp32) "
+    "| float32 | bfloat16 | float16",
     "max_batch_size": "most sequences decoded together in one step",
     "prefill_chunk_tokens": "prompt tokens prefilled per step while streams run "
     f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",

@@ -121,11 +121,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), per /proc/cpuinfo's flags."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto -> bfloat16 (or float16 where bf16 is unsupported) on CUDA, float32 on CPU."""
+    """auto -> bfloat16 (or float16 where bf16 is unsupported) on CUDA; on a CPU, bfloat16 where it computes
+    bf16 natively (half the memory traffic of float32, which bounds a decode step), else float32."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cpu_computes_bf16():
+            log.info("--dtype auto: bfloat16, as this CPU computes it natively (AMX or AVX512-BF16)")
+            return torch.bfloat16
+        log.info("--dtype auto: float32, as this CPU has no native bfloat16 (neither AMX nor AVX512-BF16)")
         return torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
