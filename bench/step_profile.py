@@ -1,9 +1,10 @@
-"""Where an engine step's time goes: bare transformers decode vs our runner, and the sampler.
+"""Where an engine step's time goes: bare transformers decode vs our runner, the sampler, a whole step.
 
 Loads a bench preset's random-weight model (bench.harness.model_dir) as the server loads it and
 times, at each batch size: a transformers DynamicCache decode step, our runner's decode step on the
-KV pool, and sampling; then prints the torch profiler's top ops for one of our steps. For finding
-regressions and device-specific costs.
+KV pool, sampling, and one whole engine-core step in steady decode (scheduling, decode, sampling,
+the step's output message: everything the core does per token); then prints the torch profiler's
+top ops for one of our decode steps. For finding regressions and device-specific costs.
 
     python -m bench.step_profile --preset gpt2-small --device cpu
     python -m bench.step_profile --preset llama-1b --device cuda --dtype bfloat16
@@ -37,6 +38,23 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
     return pct(samples, 0.5)
 
 
+def engine_step_ms(model: torch.nn.Module, batch: int, context: int, repeat: int, device: torch.device) -> float:
+    """Median milliseconds of EngineCore.step() with `batch` greedy rows decoding after a `context`-token prompt."""
+    from modelserve.engine.engine import EngineConfig
+    from modelserve.engine.protocol import AddRequest
+    from modelserve.engine.request import Request, SamplingParams
+
+    steps = 4 * repeat + 8
+    config = EngineConfig(max_batch_size=batch, kv_cache_bytes=0, prefill_chunk_tokens=batch * context)
+    core = config.build_core(model, (), context + steps + 8, observed=False)
+    params = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
+    for key in range(batch):
+        core.apply(AddRequest(key, Request(str(key), (1,) * context, params)))
+    while len(core.scheduler.running) < batch:  # prefill every prompt first
+        core.step()
+    return timed(core.step, device, repeat)
+
+
 def main() -> None:
     from transformers import DynamicCache
 
@@ -60,8 +78,8 @@ def main() -> None:
     model = load_model(str(model_dir(ns.preset, ns.cache_dir)), device, dtype).model
     runner = ModelRunner(model)
     print(f"{ns.preset} {ns.dtype} on {device}, {ns.context} tokens of context per row")
-    print("| batch | transformers decode ms | our decode ms | sample ms |")
-    print("|---:|---:|---:|---:|")
+    print("| batch | transformers decode ms | our decode ms | sample ms | whole engine step ms |")
+    print("|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for batch in ns.batch:
             cache = DynamicCache(config=model.config)
@@ -93,7 +111,8 @@ def main() -> None:
             hf_ms = timed(hf_step, device, ns.repeat)
             our_ms = timed(our_step, device, ns.repeat)
             sample_ms = timed(functools.partial(sample, logits, rows), device, ns.repeat)
-            print(f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {sample_ms:.2f} |")
+            step_ms = engine_step_ms(model, batch, ns.context, ns.repeat, device)
+            print(f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {sample_ms:.2f} | {step_ms:.2f} |")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
