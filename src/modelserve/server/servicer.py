@@ -231,7 +231,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             model_loaded=self.phase is Phase.SERVING or (self.phase is Phase.DRAINING and model is not None),
             server_version=__version__,
             uptime_seconds=time.monotonic() - self._started_s,
-            memory=pb.MemoryUsage(process_rss_bytes=psutil.Process().memory_info().rss),
+            memory=pb.MemoryUsage(process_rss_bytes=_rss_bytes()),
         )
         if stats is not None:
             response.requests_running, response.requests_waiting = stats.running, stats.waiting
@@ -361,6 +361,16 @@ def _ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> FinishReason:
     if ended_early_code(context) is grpc.StatusCode.DEADLINE_EXCEEDED:
         return FinishReason.DEADLINE_EXCEEDED
     return FinishReason.CANCELLED
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process and its children (the engine core), so a leak in either shows."""
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # it may have just exited
+            total += child.memory_info().rss
+    return total
 
 
 def _item_error(exc: _RequestFailed) -> pb.BatchItem:
