@@ -366,7 +366,7 @@ def _ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> FinishReason:
 def _rss_bytes() -> int:
     """Resident memory of this process and its children (the engine core), so a leak in either shows."""
     me = psutil.Process()
-    total = me.memory_info().rss
+    total: int = me.memory_info().rss
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.Error):  # it may have just exited
             total += child.memory_info().rss

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from opentelemetry.metrics import Meter
 
-from modelserve.telemetry.call_status import ended_early_code
+from modelserve.telemetry.call_status import ended_early_code, wrapped_handler
 
 RPC_DURATION_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
 
@@ -36,17 +36,10 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(details)  # an RpcMethodHandler namedtuple, or None
-        if handler is None:
-            return None
-        method = str(details.method).lstrip("/")
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                return handler._replace(**{kind: self._measured(behavior, method, kind.endswith("stream"))})
-        return handler
+        return await wrapped_handler(continuation, details, self._measured)
 
     def _measured(self, behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
+        method = method.lstrip("/")
         timed = self._timed
 
         if streams:

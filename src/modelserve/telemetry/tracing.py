@@ -41,7 +41,7 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from modelserve import __version__
-from modelserve.telemetry.call_status import ended_early_code
+from modelserve.telemetry.call_status import ended_early_code, wrapped_handler
 
 # Server-side gRPC codes the OpenTelemetry conventions count as errors.
 SERVER_ERROR_CODES = frozenset(
@@ -72,16 +72,10 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(details)  # an RpcMethodHandler namedtuple, or None
-        if handler is None:
-            return None
-        method = str(details.method)
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                wrap = self._stream if kind.endswith("stream") else self._unary
-                return handler._replace(**{kind: wrap(behavior, method)})
-        return handler
+        return await wrapped_handler(continuation, details, self._wrap)
+
+    def _wrap(self, behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
+        return self._stream(behavior, method) if streams else self._unary(behavior, method)
 
     def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def unary(request: Any, context: _Context) -> Any:
