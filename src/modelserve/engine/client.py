@@ -132,10 +132,16 @@ class ProcessEngine(EngineFrontend):
             log.debug("could not send %s to the engine core: %s", type(command).__name__, exc)
 
     async def _read(self) -> None:
-        while True:
-            message = await self._sockets.receive()
-            if isinstance(message, StepOutput):
-                self._on_output(message)
+        try:
+            while True:
+                message = await self._sockets.receive()
+                if isinstance(message, StepOutput):
+                    self._on_output(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a frame we cannot read: the two halves no longer agree, so stop the core
+            log.exception("cannot read the engine core's output; stopping it")
+            self._process.kill()
 
     def _on_death(self) -> None:
         self._stop_watching()
