@@ -75,35 +75,19 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
         return await wrapped_handler(continuation, details, self._wrap)
 
     def _wrap(self, behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
-        return self._stream(behavior, method) if streams else self._unary(behavior, method)
-
-    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def unary(request: Any, context: _Context) -> Any:
+        async def traced(request: Any, context: _Context) -> Any:
             span, active = self._start(method, context)
             error: BaseException | None = None
             token = otel_context.attach(active)
             try:
-                return await behavior(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                otel_context.detach(token)
-                _end(span, context, error)
-
-        return unary
-
-    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def stream(request: Any, context: _Context) -> None:
-            span, active = self._start(method, context)
-            error: BaseException | None = None
-            token = otel_context.attach(active)
-            try:
+                if not streams:
+                    return await behavior(request, context)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     await _write_all(result, context)
                 else:
                     await result  # a handler that writes with context.write() itself
+                return None
             except BaseException as exc:
                 error = exc
                 raise
@@ -111,7 +95,7 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
                 otel_context.detach(token)
                 _end(span, context, error)
 
-        return stream
+        return traced
 
     def _start(self, method: str, context: _Context) -> tuple[Span, otel_context.Context]:
         """Start the span under the caller's trace; return it and the context that makes it current."""
