@@ -124,7 +124,7 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None, n
     return ServerProcess(proc, f"127.0.0.1:{port}", log_path, metrics_port)
 
 
-# A record in the server's log format (cli.py: "%(asctime)s %(levelname)s %(name)s: %(message)s"), and
+# A record in the server's log format (modelserve.config.LOG_FORMAT), and
 # gRPC core's own error and fatal lines (absl: E1130 04:53:41.553 ...).
 _RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) ")
 _CORE_ERROR = re.compile(r"[EF]\d{4} \d\d:\d\d:\d\d")

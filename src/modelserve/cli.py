@@ -27,6 +27,7 @@ from modelserve.config import (
     AUTO_PREFILL_CHUNK_CUDA,
     AUTO_WAITING_KV_BUDGETS,
     DEFAULT_CPU_KV_BYTES,
+    LOG_FORMAT,
     Config,
 )
 
@@ -171,9 +172,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
     config = config_from_args(ns)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     from modelserve.server.app import serve
 
     sys.exit(asyncio.run(serve(config)))

@@ -18,6 +18,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "modelserve"
 
 
+# Every process of a server logs in this format (the tests' harness parses it).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # The "0 = auto" values, written once; the engine resolves them and the CLI's help quotes them.
 DEFAULT_CPU_KV_BYTES = 4 << 30  # KV budget on CPU when kv_cache_bytes is 0
 # On a CPU a prompt token costs about what a decode step's token does, so a small chunk keeps

@@ -49,7 +49,7 @@ class EngineCore:
         kv_cache_bytes: int,
         gpu_memory_fraction: float,
         max_sequence_length: int,
-        track_confidence: bool = False,
+        observed: bool = False,
     ) -> None:
         self.runner = ModelRunner(model)
         self._eos_ids = frozenset(eos_token_ids)
@@ -62,9 +62,9 @@ class EngineCore:
             AUTO_PREFILL_CHUNK_CUDA if self.runner.device.type == "cuda" else AUTO_PREFILL_CHUNK_CPU
         )
         self.scheduler = Scheduler(max_batch_size, chunk)
-        # The mean log-probability of a response is a telemetry signal: it costs a logsumexp over the
-        # vocabulary per row and step, so it is computed only when someone reads it.
-        self._track_confidence = track_confidence
+        # Telemetry watches this core: it reads each response's mean log-probability (a logsumexp over the
+        # vocabulary per row and step) and each phase's own time (a device sync), so only then are they paid.
+        self._observed = observed
         self._live: dict[int, Sequence] = {}
         self._step = 0
         log.info(
@@ -130,7 +130,7 @@ class EngineCore:
                 continue
             if logits is not None:
                 completed.append((seq, logits))
-        if prefilled and self._track_confidence:
+        if prefilled and self._observed:
             self.runner.synchronize()  # so the prefill's time is its own in the step metrics
         prefill_s = time.perf_counter() - prefill_started
 
@@ -216,7 +216,7 @@ class EngineCore:
                 suppress = params.stop_token_ids | (frozenset() if params.ignore_eos else self._eos_ids)
             seen = seq.seen_ids if params.repetition_penalty != 1.0 else ()
             rows.append(SamplingRow(params, seq.generator, seen, suppress))
-        return sample(logits, rows, chosen_logprobs=self._track_confidence)
+        return sample(logits, rows, chosen_logprobs=self._observed)
 
     def _append(self, seq: Sequence, result: SampleResult, i: int) -> RowOutput:
         """Add row i's sampled token to its sequence, and end the sequence if the token does."""

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
+from modelserve.config import LOG_FORMAT
 from modelserve.engine.core_loop import run_core_loop
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
 
 if TYPE_CHECKING:
     from modelserve.engine.core import EngineCore
     from modelserve.engine.engine import EngineConfig
+    from modelserve.models.loader import LoadedModel, ModelInfo
 
 log = logging.getLogger("modelserve.engine")
 
@@ -36,7 +38,7 @@ SMALL_MODEL_PARAMETERS = 20_000_000  # below this, a CPU core leaves one CPU to 
 class CoreSpec:
     """What the core process needs to start: where the model is and how to run it."""
 
-    model_source: str  # a local directory or hub id, already resolved by the frontend
+    model: ModelInfo  # as the frontend read it: where the weights are, EOS ids, context length
     device: str
     dtype: str
     trust_remote_code: bool
@@ -51,9 +53,7 @@ def main(spec: CoreSpec) -> None:
     """The process's entry point (multiprocessing, spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=spec.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     parent = os.getppid()
     context = zmq.Context()
     commands = context.socket(zmq.PULL)
@@ -65,7 +65,7 @@ def main(spec: CoreSpec) -> None:
     decoder = msgspec.msgpack.Decoder(Command)
 
     try:
-        core = _build_core(spec)
+        loaded, core = _build_core(spec)
     except Exception as exc:
         outputs.send(encoder.encode(CoreFailed(" ".join(str(exc).split()) or type(exc).__name__)))
         outputs.close()
@@ -74,7 +74,7 @@ def main(spec: CoreSpec) -> None:
     outputs.send(
         encoder.encode(
             CoreReady(
-                vocab_size=int(core.runner.model.get_output_embeddings().weight.shape[0]),
+                vocab_size=loaded.vocab_size,
                 max_sequence_tokens=core.max_sequence_tokens,
                 kv_budget_tokens=core.pool.budget_tokens,
                 device=str(core.runner.device),
@@ -102,18 +102,18 @@ def main(spec: CoreSpec) -> None:
     context.term()
 
 
-def _build_core(spec: CoreSpec) -> EngineCore:
+def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
     import torch
 
-    from modelserve.models.loader import load_model, resolve_device, resolve_dtype
+    from modelserve.models.loader import load_weights_on
 
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
-    loaded = load_model(spec.model_source, device, dtype, trust_remote_code=spec.trust_remote_code)
+    loaded = load_weights_on(spec.model, spec.device, spec.dtype, trust_remote_code=spec.trust_remote_code)
+    device = loaded.device
     parameters = sum(p.numel() for p in loaded.model.parameters())
     if device.type == "cpu" and parameters < SMALL_MODEL_PARAMETERS and "OMP_NUM_THREADS" not in os.environ:
         # A small model's step is all dispatch: more torch threads only spin against the frontend, which
         # needs a CPU of its own. A larger one's matrix products need every CPU. Measured on 2 CPUs: a tiny
         # model served 1.5x faster with one thread, GPT-2-small (124M) 1.85x faster with two.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
-    return spec.engine.build_core(loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed)
+    core = spec.engine.build_core(loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed)
+    return loaded, core

@@ -63,7 +63,7 @@ class EngineConfig:
             self.kv_cache_bytes,
             self.gpu_memory_fraction,
             max_sequence_length,
-            track_confidence=observed,
+            observed=observed,
         )
 
 

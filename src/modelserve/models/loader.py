@@ -15,6 +15,7 @@ local directory is fetched from the hub.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -240,6 +241,13 @@ def load_weights(info: ModelInfo, *, trust_remote_code: bool = False) -> LoadedM
     if not info.architecture.endswith("ForCausalLM"):
         fields["architecture"] = type(model).__name__
     return LoadedModel(**fields, model=model)
+
+
+def load_weights_on(info: ModelInfo, device: str, dtype: str, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `info`'s weights onto the device and in the dtype these flag values (auto included) choose."""
+    resolved = resolve_device(device)
+    info = dataclasses.replace(info, device=resolved, dtype=resolve_dtype(dtype, resolved))
+    return load_weights(info, trust_remote_code=trust_remote_code)
 
 
 def load_model(

@@ -91,12 +91,9 @@ def load_info(config: Config) -> ModelInfo:
 
 def load(config: Config) -> LoadedModel:
     """The configured model with its weights, in this process (the benchmark's in-process engine)."""
-    from modelserve.models.loader import load_weights, resolve_device, resolve_dtype
+    from modelserve.models.loader import load_weights_on
 
-    info = load_info(config)
-    device = resolve_device(config.device)
-    info = dataclasses.replace(info, device=device, dtype=resolve_dtype(config.dtype, device))
-    return load_weights(info, trust_remote_code=config.trust_remote_code)
+    return load_weights_on(load_info(config), config.device, config.dtype, trust_remote_code=config.trust_remote_code)
 
 
 def build_engine(config: Config, model: LoadedModel, on_step: Callable[[StepRecord], None] | None = None) -> Engine:
@@ -127,7 +124,7 @@ async def start_engine_core(
 
     def spec_for(commands_address: str, outputs_address: str) -> CoreSpec:
         return CoreSpec(
-            model_source=info.source,
+            model=info,
             device=config.device,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
