@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelserve.engine.cuda_graphs import DecodeGraphs, Replay, batch_bucket, width_bucket
 from modelserve.engine.engine import Engine, EngineConfig, RequestStream
+from modelserve.engine.kv_cache import PrefillBuffer
 from modelserve.engine.protocol import StepOutput
 from modelserve.engine.request import EngineClosedError, FinishReason, Request, SamplingParams, StreamEvent
 from modelserve.models.loader import LoadedModel, load_model
@@ -73,10 +75,30 @@ def _greedy(i: int, prompt_ids: list[int], n: int) -> Request:
     return Request(f"r{i}", tuple(prompt_ids), SamplingParams(max_new_tokens=n, temperature=0.0))
 
 
+class _EagerGraphs(DecodeGraphs):
+    """The CUDA-graph decode path (padded buckets, static buffers) with each "replay" run eagerly: on a
+    CPU it checks everything the graphs do except the recording itself."""
+
+    def _record(self, forward: Replay) -> Replay:
+        return forward
+
+
+def _bucketed(engine: Engine) -> DecodeGraphs:
+    runner = engine.core.runner
+    if runner.graphs is None:  # not CUDA: the same path, replayed eagerly
+        runner.graphs = _EagerGraphs(runner.model.get_decoder(), runner._cache, runner.device)
+    return runner.graphs
+
+
+@pytest.mark.parametrize("decode", ["eager", "bucketed"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
-async def test_greedy_matches_generate_alone_and_joining_mid_flight(arch: str, model_dirs: dict[str, Path]) -> None:
+async def test_greedy_matches_generate_alone_and_joining_mid_flight(
+    arch: str, decode: str, model_dirs: dict[str, Path]
+) -> None:
+    """Also through decode's CUDA-graph path (padded rows and width): greedy output must not change."""
     model = _load(model_dirs[arch])
-    async with _running(model, 8) as engine:
+    async with _running(model, 8, enforce_eager=decode == "eager") as engine:
+        graphs = _bucketed(engine) if decode == "bucketed" else None
         lengths = [24, 9, 17, 30]
         prompts = [model.encode(p) for p in PROMPTS]
         # The first request runs alone for a few steps; the others join it mid-flight.
@@ -95,6 +117,53 @@ async def test_greedy_matches_generate_alone_and_joining_mid_flight(arch: str, m
                 assert last.finish.reason is FinishReason.EOS_TOKEN
         alone = await _collect(engine.submit(_greedy(9, prompts[2], lengths[2])))
         assert alone[0] == results[2][0]
+        if graphs is not None:
+            assert graphs.captured >= 3, "rows 1, 2 and 4 (3 live rows padded to 4) are buckets of their own"
+
+
+def test_decode_buckets() -> None:
+    assert [batch_bucket(n, 64) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 32]
+    assert batch_bucket(30, 24) == 24  # never more slots than the pool has
+    assert [width_bucket(n, 4096) for n in (1, 256, 257, 1000, 1025, 4096)] == [256, 256, 512, 1024, 2048, 4096]
+    assert width_bucket(3000, 2304) == 2304
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operation that reads a device value back to the host (a sync on a GPU)."""
+
+    READS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "item", "equal"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.__name__.split(".")[0] in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("decode", ["eager", "bucketed"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+async def test_a_decode_forward_never_reads_the_device(arch: str, decode: str, model_dirs: dict[str, Path]) -> None:
+    """The step's one device-to-host read is the sampler's; a read inside the forward would be a second
+    sync per step, and would make the forward impossible to record into a CUDA graph."""
+    model = _load(model_dirs[arch])
+    async with _running(model, 8, enforce_eager=decode == "eager") as engine:
+        if decode == "bucketed":
+            _bucketed(engine)
+        streams = [engine.submit(_greedy(i, model.encode(PROMPTS[i]), 4)) for i in range(3)]
+        await asyncio.gather(*(_collect(s) for s in streams))
+        core = engine.core
+    # The engine is stopped; drive its pool by hand: three rows of different lengths.
+    for i, n in enumerate((3, 7, 5)):
+        buffer = PrefillBuffer(core.runner.kv_shape, n)
+        core.runner.prefill_chunk(buffer, list(range(1, n + 1)))
+        core.pool.add(buffer, 64, torch.tensor(i + 1))
+    watch = _HostReads()
+    with watch:
+        core.runner.decode(core.pool)
+    assert watch.reads == []
 
 
 async def test_seeded_sampling_repeats_and_text_is_the_decoded_output(model_dirs: dict[str, Path]) -> None:

@@ -44,6 +44,7 @@ _HELP = {
     "kv_cache_bytes": "KV cache budget in bytes "
     f"(0 = auto: gpu_memory_fraction of free GPU memory, {DEFAULT_CPU_KV_BYTES >> 30} GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",
+    "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs (for debugging)",
     "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
     "max_max_new_tokens": "the largest max_new_tokens a request may ask for",
     "max_prompt_bytes": "largest prompt, in UTF-8 bytes",

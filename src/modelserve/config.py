@@ -46,6 +46,7 @@ class Config:
     prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while streams run; 0 = AUTO_PREFILL_CHUNK_*
     kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9
+    enforce_eager: bool = False  # on CUDA, decode without CUDA graphs
     default_max_new_tokens: int = 256
     max_max_new_tokens: int = 4096
     max_prompt_bytes: int = 1 << 20

@@ -50,8 +50,9 @@ class EngineCore:
         gpu_memory_fraction: float,
         max_sequence_length: int,
         observed: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, cuda_graphs)
         self._eos_ids = frozenset(eos_token_ids)
         shape = self.runner.kv_shape
         budget_tokens = self._kv_budget_bytes(kv_cache_bytes, gpu_memory_fraction) // shape.bytes_per_token

@@ -40,6 +40,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = Config.prefill_chunk_tokens  # 0 = AUTO_PREFILL_CHUNK_CPU / _CUDA
     kv_cache_bytes: int = Config.kv_cache_bytes  # 0 = a share of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = Config.gpu_memory_fraction
+    enforce_eager: bool = Config.enforce_eager  # on CUDA: no CUDA graphs for decode
     max_waiting_requests: int = Config.max_waiting_requests  # more are refused (QueueFullError)
     max_waiting_tokens: int = Config.max_waiting_tokens  # 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
 
@@ -64,6 +65,7 @@ class EngineConfig:
             self.gpu_memory_fraction,
             max_sequence_length,
             observed=observed,
+            cuda_graphs=not self.enforce_eager,
         )
 
 

@@ -54,6 +54,11 @@ class _TargetLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyp
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._cache.target.past + query_length, 0
 
+    # transformers checks whether a decode step's padding mask is all ones, to drop the mask: a read of a
+    # device value, so a host sync on every decode step (and an error inside a CUDA graph's capture). A
+    # "compileable" cache tells it not to look; the mask is then always passed.
+    is_compileable = True
+
 
 class ForwardCache(Cache):  # type: ignore[misc]  # transformers is untyped here
     """The transformers Cache a forward pass sees; `target` says where its K/V go."""
@@ -130,6 +135,8 @@ class KVPool:
         self._rows_index = torch.arange(max_rows, device=shape.device)
         self._columns_index = torch.arange(self.max_columns + 1, device=shape.device)
         self.past = 0
+        self.generation = 0  # bumped when the KV tensors are reallocated (a CUDA graph holds their addresses)
+        self._step_rows = 0  # slots the current decode forward covers (live rows, or a padded bucket of them)
         # Take the whole budget now (as vLLM does): no allocation in steady state, and an
         # out-of-memory shows at start-up, not under load. A request wider than this reshapes it.
         columns = min(self.max_columns, max(COLUMN_QUANTUM, budget_tokens // max_rows))
@@ -196,17 +203,28 @@ class KVPool:
 
     # ---- one decode forward --------------------------------------------------
 
-    def begin_decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Set up a decode step: (input ids [rows, 1], attention mask [rows, width], positions [rows, 1])."""
-        rows = self.rows
-        width = max(self.lengths) + 1
+    def decode_width(self) -> int:
+        """Columns the next decode step attends over: the longest row and its new token."""
+        return max(self.lengths) + 1
+
+    def begin_decode(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Set up a decode forward over slots [0, rows) and columns [0, width): (input ids [rows, 1],
+        attention mask [rows, width], positions [rows, 1]). `rows` and `width` may exceed the live rows and
+        `decode_width()` (a CUDA graph's bucket); slots past the live rows must be `pad_rows`' blanks."""
+        self._step_rows = rows
         self.past = width - 1
         positions = self._lengths[:rows]
         mask = (self._columns_index[None, :width] <= positions[:, None]).long()
         return self._next_tokens[:rows, None], mask, positions[:, None]
 
+    def pad_rows(self, rows: int) -> None:
+        """Blank slots [live rows, rows) for a padded decode: token 0 at position 0 of a free slot, so their
+        writes land where no live row reads and their outputs, which are dropped, stay finite."""
+        self._lengths[self.rows : rows] = 0
+        self._next_tokens[self.rows : rows] = 0
+
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, width = self.rows, self.past + 1
+        rows, width = self._step_rows, self.past + 1
         k, v = self._keys[layer], self._values[layer]
         index, positions = self._rows_index[:rows], self._lengths[:rows]
         k[index, :, positions] = keys[:, :, 0]
@@ -252,3 +270,4 @@ class KVPool:
                 else:
                     tensors.append(new)
         self._capacity = (rows, columns)
+        self.generation += 1
