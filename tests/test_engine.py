@@ -16,7 +16,7 @@ import torch
 
 from modelserve.engine.cuda_graphs import DecodeGraphs, Replay, batch_bucket, width_bucket
 from modelserve.engine.engine import Engine, EngineConfig, RequestStream
-from modelserve.engine.kv_cache import PrefillBuffer
+from modelserve.engine.kv_cache import ForwardCache, PrefillBuffer
 from modelserve.engine.protocol import StepOutput
 from modelserve.engine.request import EngineClosedError, FinishReason, Request, SamplingParams, StreamEvent
 from modelserve.models.loader import LoadedModel, load_model
@@ -150,6 +150,8 @@ async def test_a_decode_forward_never_reads_the_device(arch: str, decode: str, m
     sync per step, and would make the forward impossible to record into a CUDA graph."""
     model = _load(model_dirs[arch])
     async with _running(model, 8, enforce_eager=decode == "eager") as engine:
+        runner = engine.core.runner
+        runner._cache = ForwardCache(runner.kv_shape.n_layers, check_mask=False)  # as on a GPU (a CPU may read)
         if decode == "bucketed":
             _bucketed(engine)
         streams = [engine.submit(_greedy(i, model.encode(PROMPTS[i]), 4)) for i in range(3)]

@@ -34,7 +34,7 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.kv_shape = self._probe_kv_shape()
-        self._cache = ForwardCache(self.kv_shape.n_layers)
+        self._cache = ForwardCache(self.kv_shape.n_layers, check_mask=self.device.type == "cpu")
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = self._decode_graphs()
