@@ -76,10 +76,11 @@ def main() -> None:
 
     device, dtype = torch.device(ns.device), getattr(torch, ns.dtype)
     model = load_model(str(model_dir(ns.preset, ns.cache_dir)), device, dtype).model
-    runner = ModelRunner(model)
+    runner = ModelRunner(model)  # eager, as --enforce-eager
+    graphs = ModelRunner(model, cuda_graphs=True) if device.type == "cuda" else None
     print(f"{ns.preset} {ns.dtype} on {device}, {ns.context} tokens of context per row")
-    print("| batch | transformers decode ms | our decode ms | sample ms | whole engine step ms |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | transformers decode ms | our decode ms | with CUDA graphs ms | sample ms | whole engine step ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for batch in ns.batch:
             cache = DynamicCache(config=model.config)
@@ -90,7 +91,7 @@ def main() -> None:
                 cache.crop(-1)
                 model(input_ids=torch.ones((batch, 1), dtype=torch.long, device=device), cache=cache, use_cache=True)
 
-            headroom = 2 * ns.repeat + 16  # every timed step adds a column
+            headroom = 3 * ns.repeat + 16  # every timed step adds a column
             pool = KVPool(runner.kv_shape, batch * (ns.context + headroom), batch, ns.context + headroom)
             for _ in range(batch):
                 buffer = PrefillBuffer(runner.kv_shape, ns.context)
@@ -110,9 +111,20 @@ def main() -> None:
             ]
             hf_ms = timed(hf_step, device, ns.repeat)
             our_ms = timed(our_step, device, ns.repeat)
+            graph_ms = "-"
+            if graphs is not None:
+
+                def graph_step(
+                    pool: KVPool = pool, next_tokens: torch.Tensor = next_tokens, graphs: ModelRunner = graphs
+                ) -> torch.Tensor:
+                    logits = graphs.decode(pool)  # the warm-up call captures this bucket; the timed ones replay it
+                    pool.end_decode(next_tokens)
+                    return logits
+
+                graph_ms = f"{timed(graph_step, device, ns.repeat):.1f}"
             sample_ms = timed(functools.partial(sample, logits, rows), device, ns.repeat)
             step_ms = engine_step_ms(model, batch, ns.context, ns.repeat, device)
-            print(f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {sample_ms:.2f} | {step_ms:.2f} |")
+            print(f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {graph_ms} | {sample_ms:.2f} | {step_ms:.2f} |")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -49,11 +49,12 @@ async def _running(model: LoadedModel, max_batch_size: int, **kw: int) -> AsyncI
         engine.shutdown()
 
 
-def _reference(model: LoadedModel, prompt_ids: list[int], n: int) -> list[int]:
+def _reference(model: LoadedModel, prompt_ids: list[int], n: int, min_new_tokens: int = 0) -> list[int]:
     out = model.model.generate(
         torch.tensor([prompt_ids], device=DEVICE),
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=DEVICE),
         max_new_tokens=n,
+        min_new_tokens=min_new_tokens,
         do_sample=False,
         pad_token_id=model.eos_token_ids[0],
     )
@@ -86,7 +87,7 @@ class _EagerGraphs(DecodeGraphs):
 def _bucketed(engine: Engine) -> DecodeGraphs:
     runner = engine.core.runner
     if runner.graphs is None:  # not CUDA: the same path, replayed eagerly
-        runner.graphs = _EagerGraphs(runner.model.get_decoder(), runner._cache, runner.device)
+        runner.graphs = _EagerGraphs(runner.model.get_decoder(), runner._cache, runner.masks, runner.device)
     return runner.graphs
 
 

@@ -27,17 +27,27 @@ from modelserve.config import (
     AUTO_PREFILL_CHUNK_CUDA,
     AUTO_WAITING_KV_BUDGETS,
     DEFAULT_CPU_KV_BYTES,
+    DEFAULT_MAX_NEW_TOKENS,
     LOG_FORMAT,
+    PREFIX_CACHE_KV_SHARE,
+    QUANTIZATIONS,
     Config,
 )
 
 _HELP = {
     "model": "local Hugging Face model directory or hub id (default: the embedded demo model, random text)",
+    "served_model_name": "the model id that ModelInfo, Health and the metrics report (default: the --model value)",
+    "revision": "hub branch, tag or commit of --model to load (default: the main branch; "
+    "ignored, with a warning, for a local directory)",
+    "max_model_len": "most tokens (prompt + output) a sequence may hold, to cap the model's context "
+    "(0 = the model's own; a larger value is refused at start-up)",
     "host": "address to listen on",
     "port": "port to listen on",
     "device": "auto | cpu | cuda | cuda:N",
     "dtype": "auto (bf16/fp16 on CUDA; bf16 on a CPU with AMX or AVX512-BF16, else fp32) "
     "| float32 | bfloat16 | float16",
+    "quantization": "none | int8: int8 keeps the linear layers' weights as int8 with one scale per output "
+    "channel (a quarter of their float32 bytes); the LM head and embeddings stay in --dtype",
     "max_batch_size": "most sequences decoded together in one step",
     "prefill_chunk_tokens": "prompt tokens prefilled per step while streams run "
     f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",
@@ -45,7 +55,11 @@ _HELP = {
     f"(0 = auto: gpu_memory_fraction of free GPU memory, {DEFAULT_CPU_KV_BYTES >> 30} GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs (for debugging)",
-    "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
+    "prefix_caching": "reuse the keys and values an earlier prompt computed for the same start (a shared system "
+    f"prompt, a chat's history) instead of prefilling it again; the cache takes {PREFIX_CACHE_KV_SHARE:g} "
+    "of the KV budget, less if that would leave no room for one sequence of the model's whole context",
+    "default_max_new_tokens": "max_new_tokens when a request leaves it unset "
+    f"(0 = the model's generation_config.json max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS})",
     "max_max_new_tokens": "the largest max_new_tokens a request may ask for",
     "max_prompt_bytes": "largest prompt, in UTF-8 bytes",
     "max_prompt_tokens": "largest prompt in tokens (0 = the model's context less one)",
@@ -161,6 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             serve.error(value.message)
     if ns.log_level.upper() not in _LOG_LEVELS:
         serve.error(f"--log-level / MODELSERVE_LOG_LEVEL {ns.log_level!r}: use one of {', '.join(_LOG_LEVELS)}")
+    if ns.quantization not in QUANTIZATIONS:
+        serve.error(
+            f"--quantization / MODELSERVE_QUANTIZATION {ns.quantization!r}: use one of {', '.join(QUANTIZATIONS)}"
+        )
     return ns
 
 

@@ -31,6 +31,12 @@ AUTO_PREFILL_CHUNK_CUDA = 512
 # The default queue holds this many full KV caches' worth of work: enough to keep the batch full
 # through a burst, little enough that a queued request still starts within a few batch lifetimes.
 AUTO_WAITING_KV_BUDGETS = 4
+# The prefix cache's share of the KV budget (engine/prefix_cache.py says why a share, and what caps it).
+PREFIX_CACHE_KV_SHARE = 0.25
+# max_new_tokens for a request that leaves it unset, unless the flag or the model's generation_config.json sets one.
+DEFAULT_MAX_NEW_TOKENS = 256
+# --quantization values: "none" keeps the weights as loaded; "int8" is weight-only int8 (models/quantize.py).
+QUANTIZATIONS = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -38,16 +44,21 @@ class Config:
     """What one server runs and the limits it enforces."""
 
     model: str | None = None  # local HF model dir or hub id; None = the embedded demo model
+    served_model_name: str = ""  # the model id ModelInfo, Health and telemetry report; "" = the --model value
+    revision: str = ""  # hub branch, tag or commit of --model; "" = the default branch; ignored for a local directory
+    max_model_len: int = 0  # most tokens (prompt + output) a sequence holds; 0 = the model's context; above it: refused
     host: str = "0.0.0.0"
     port: int = 50051
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantization: str = "none"  # one of QUANTIZATIONS: none | int8 (weight-only, per output channel)
     max_batch_size: int = 32  # sequences decoded together in one step
     prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while streams run; 0 = AUTO_PREFILL_CHUNK_*
     kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False  # on CUDA, decode without CUDA graphs
-    default_max_new_tokens: int = 256
+    prefix_caching: bool = True  # reuse the keys and values of prompt prefixes seen before
+    default_max_new_tokens: int = 0  # 0 = the model's generation_config.json's, else DEFAULT_MAX_NEW_TOKENS
     max_max_new_tokens: int = 4096
     max_prompt_bytes: int = 1 << 20
     max_prompt_tokens: int = 0  # 0 = the model's context (less one token to generate)

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from modelserve.config import AUTO_PREFILL_CHUNK_CPU, AUTO_PREFILL_CHUNK_CUDA, DEFAULT_CPU_KV_BYTES
 from modelserve.engine.kv_cache import KVPool
+from modelserve.engine.prefix_cache import PrefixCache, prefix_budget_tokens
 from modelserve.engine.protocol import Abort, AbortAll, AddRequest, Command, RowOutput, StepOutput
 from modelserve.engine.request import EngineStats, FinishReason, Request, StepRecord
 from modelserve.engine.runner import ModelRunner
@@ -51,12 +52,15 @@ class EngineCore:
         max_sequence_length: int,
         observed: bool = False,
         cuda_graphs: bool = False,
+        prefix_caching: bool = True,
     ) -> None:
         self.runner = ModelRunner(model, cuda_graphs)
         self._eos_ids = frozenset(eos_token_ids)
         shape = self.runner.kv_shape
         budget_tokens = self._kv_budget_bytes(kv_cache_bytes, gpu_memory_fraction) // shape.bytes_per_token
-        self.pool = KVPool(shape, budget_tokens, max_batch_size, max_sequence_length)
+        prefix_tokens = prefix_budget_tokens(budget_tokens, max_sequence_length) if prefix_caching else 0
+        self.prefix = PrefixCache(shape, prefix_tokens) if prefix_tokens else None
+        self.pool = KVPool(shape, budget_tokens - prefix_tokens, max_batch_size, max_sequence_length)
         self.max_sequence_tokens = self.pool.max_columns
         """The longest sequence (prompt + max_new_tokens) that can ever run: context and KV budget."""
         chunk = prefill_chunk_tokens or (
@@ -70,11 +74,23 @@ class EngineCore:
         self._step = 0
         log.info(
             "KV pool: budget %d tokens (%.2f GiB at %d bytes/token), up to %d rows",
-            budget_tokens,
-            budget_tokens * shape.bytes_per_token / 2**30,
+            self.pool.budget_tokens,
+            self.pool.budget_tokens * shape.bytes_per_token / 2**30,
             shape.bytes_per_token,
             max_batch_size,
         )
+        if self.prefix is not None:
+            log.info(
+                "prefix cache: %d tokens (%.2f GiB) of the KV budget",
+                prefix_tokens,
+                prefix_tokens * shape.bytes_per_token / 2**30,
+            )
+        elif prefix_caching:
+            log.info(
+                "prefix cache: off (a KV budget of %d tokens leaves no room beside one %d-token sequence)",
+                budget_tokens,
+                max_sequence_length,
+            )
 
     def _kv_budget_bytes(self, kv_cache_bytes: int, gpu_memory_fraction: float) -> int:
         if kv_cache_bytes:
@@ -118,6 +134,8 @@ class EngineCore:
                 out.append(self._end(seq, seq.abort_reason, seq.abort_error))
         scheduler.retire_finished(pool)
         admitted = [seq.key for seq in scheduler.admit(pool)]
+        if self.prefix is not None:
+            self._restore_prefixes(self.prefix)
 
         prefill_started, prefilled = time.perf_counter(), 0
         completed: list[tuple[Sequence, torch.Tensor]] = []  # prompts done this step, with their last logits
@@ -193,6 +211,9 @@ class EngineCore:
             waiting=len(scheduler.waiting) + len(scheduler.prefilling),
             kv_budget_tokens=pool.budget_tokens,
             kv_tokens_used=pool.tokens_held(),
+            prefix_cache_budget_tokens=self.prefix.budget_tokens if self.prefix else 0,
+            prefix_cache_tokens=self.prefix.tokens_held() if self.prefix else 0,
+            prefix_cache_hit_tokens=self.prefix.hit_tokens if self.prefix else 0,
             max_batch_size=scheduler.max_batch_size,
             gpu_allocated_bytes=gpu_allocated,
             gpu_reserved_bytes=gpu_reserved,
@@ -206,7 +227,27 @@ class EngineCore:
         assert buffer is not None
         prompt = seq.request.prompt_ids
         logits = self.runner.prefill_chunk(buffer, list(prompt[buffer.past : buffer.past + n_tokens]))
-        return logits if buffer.past == len(prompt) else None
+        if buffer.past < len(prompt):
+            return None
+        if self.prefix is not None:
+            try:
+                self.prefix.insert(prompt, buffer)
+            except Exception:  # the cache misses this prompt; the request itself is fine
+                log.exception("prefix cache: caching a prompt's blocks failed")
+        return logits
+
+    def _restore_prefixes(self, prefix: PrefixCache) -> None:
+        """Prompts about to start prefilling begin after their longest cached prefix. Looked up again each step
+        until they start, so a prompt queued behind the first with its prefix still finds it once that is in."""
+        for seq in self.scheduler.prefilling:
+            buffer = seq.prefill
+            assert buffer is not None
+            if buffer.past:
+                continue
+            try:
+                seq.cached_tokens = prefix.restore(seq.request.prompt_ids, buffer)
+            except Exception:  # a failed copy is a miss: the prompt is prefilled in full
+                log.exception("prefix cache: restoring a prompt's prefix failed; it is prefilled in full")
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         rows = []
@@ -232,6 +273,8 @@ class EngineCore:
         elif len(seq.output_ids) >= params.max_new_tokens:
             reason = FinishReason.LENGTH
         row = RowOutput(seq.key, token)
+        if len(seq.output_ids) == 1:
+            row.cached_tokens = seq.cached_tokens
         if result.chosen_logprobs is not None:
             row.logprob = result.chosen_logprobs[i]
         top = result.logprobs[i]

@@ -41,6 +41,7 @@ class CoreSpec:
     model: ModelInfo  # as the frontend read it: where the weights are, EOS ids, context length
     device: str
     dtype: str
+    quantization: str  # Config.quantization: none | int8
     trust_remote_code: bool
     engine: EngineConfig
     observed: bool  # telemetry reads step timings and the confidence signal
@@ -105,9 +106,17 @@ def main(spec: CoreSpec) -> None:
 def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
     import torch
 
+    from modelserve.engine.self_check import check_greedy_matches_generate
+    from modelserve.models.capability import FAMILIES
     from modelserve.models.loader import load_weights_on
 
-    loaded = load_weights_on(spec.model, spec.device, spec.dtype, trust_remote_code=spec.trust_remote_code)
+    loaded = load_weights_on(
+        spec.model,
+        spec.device,
+        spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        quantization=spec.quantization,
+    )
     device = loaded.device
     parameters = sum(p.numel() for p in loaded.model.parameters())
     if device.type == "cpu" and parameters < SMALL_MODEL_PARAMETERS and "OMP_NUM_THREADS" not in os.environ:
@@ -116,4 +125,13 @@ def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
         # model served 1.5x faster with one thread, GPT-2-small (124M) 1.85x faster with two.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     core = spec.engine.build_core(loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed)
+    if loaded.model_type not in FAMILIES:
+        seconds = check_greedy_matches_generate(core, loaded.architecture)
+        log.info(
+            "%s (%s) is not among the families the tests check; its greedy self-check against generate() "
+            "passed in %.2f s",
+            loaded.architecture,
+            loaded.model_type,
+            seconds,
+        )
     return loaded, core

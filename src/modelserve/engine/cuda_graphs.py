@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from modelserve.engine.kv_cache import COLUMN_QUANTUM, ForwardCache, KVPool
+from modelserve.engine.masks import DecodeMasks
 
 DecoderStack = Callable[..., object]  # a transformers base model: (input_ids, attention_mask, ...) -> its output
 Replay = Callable[[], torch.Tensor]  # runs a recorded step; returns its hidden states [bucket rows, hidden]
@@ -57,9 +58,10 @@ def width_bucket(width: int, columns: int) -> int:
 class DecodeGraphs:
     """The decoder stack's decode forward, recorded once per (rows, width) bucket and replayed."""
 
-    def __init__(self, decoder: DecoderStack, cache: ForwardCache, device: torch.device) -> None:
+    def __init__(self, decoder: DecoderStack, cache: ForwardCache, masks: DecodeMasks, device: torch.device) -> None:
         self._decoder = decoder
         self._cache = cache
+        self._masks = masks
         self._device = device
         self._replays: dict[tuple[int, int], Replay] = {}
         self._generation = -1  # the pool allocation the recorded graphs point into
@@ -83,10 +85,14 @@ class DecodeGraphs:
         return replay()[: pool.rows]
 
     def _forward(self, pool: KVPool, rows: int, width: int) -> torch.Tensor:
-        input_ids, mask, positions = pool.begin_decode(rows, width)
+        input_ids, positions, columns = pool.begin_decode(rows, width)
         self._cache.target = pool
         out = self._decoder(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True
+            input_ids=input_ids,
+            attention_mask=self._masks.build(columns, positions),
+            position_ids=positions[:, None],
+            cache=self._cache,
+            use_cache=True,
         )
         hidden: torch.Tensor = out.last_hidden_state[:, -1]  # type: ignore[attr-defined]
         return hidden

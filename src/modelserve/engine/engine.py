@@ -41,6 +41,7 @@ class EngineConfig:
     kv_cache_bytes: int = Config.kv_cache_bytes  # 0 = a share of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = Config.gpu_memory_fraction
     enforce_eager: bool = Config.enforce_eager  # on CUDA: no CUDA graphs for decode
+    prefix_caching: bool = Config.prefix_caching  # reuse cached keys and values of shared prompt prefixes
     max_waiting_requests: int = Config.max_waiting_requests  # more are refused (QueueFullError)
     max_waiting_tokens: int = Config.max_waiting_tokens  # 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
 
@@ -66,6 +67,7 @@ class EngineConfig:
             max_sequence_length,
             observed=observed,
             cuda_graphs=not self.enforce_eager,
+            prefix_caching=self.prefix_caching,
         )
 
 

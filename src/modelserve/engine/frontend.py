@@ -59,6 +59,7 @@ class _RequestState:
         self.admitted_s: float | None = None
         self.first_token_s: float | None = None
         self.output_tokens = 0
+        self.cached_tokens = 0
         self.logprob_sum = 0.0
         self.logprob_count = 0
         self.finish: Finish | None = None
@@ -72,7 +73,12 @@ class _RequestState:
 
     def take(self) -> StreamEvent:
         event = StreamEvent(
-            "".join(self.text), tuple(self.token_ids), self.output_tokens, tuple(self.logprobs), self.finish
+            "".join(self.text),
+            tuple(self.token_ids),
+            self.output_tokens,
+            tuple(self.logprobs),
+            self.finish,
+            self.cached_tokens,
         )
         self.text, self.token_ids, self.logprobs = [], [], []
         self.delivered_finish = self.finish is not None
@@ -202,6 +208,8 @@ class EngineFrontend(abc.ABC):
         if row.token_id >= 0:
             token = row.token_id
             state.output_tokens += 1
+            if state.output_tokens == 1:  # the core says it with the first token
+                state.cached_tokens = row.cached_tokens
             state.token_ids.append(token)
             if state.first_token_s is None:
                 state.first_token_s = now

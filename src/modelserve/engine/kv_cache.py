@@ -60,7 +60,6 @@ class _TargetLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyp
         return self._cache.target.past + query_length, 0
 
 
-
 class ForwardCache(Cache):  # type: ignore[misc]  # transformers is untyped here
     """The transformers Cache a forward pass sees; `target` says where its K/V go.
 
@@ -212,13 +211,11 @@ class KVPool:
 
     def begin_decode(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Set up a decode forward over slots [0, rows) and columns [0, width): (input ids [rows, 1],
-        attention mask [rows, width], positions [rows, 1]). `rows` and `width` may exceed the live rows and
+        positions [rows], column indices [width]). `rows` and `width` may exceed the live rows and
         `decode_width()` (a CUDA graph's bucket); slots past the live rows must be `pad_rows`' blanks."""
         self._step_rows = rows
         self.past = width - 1
-        positions = self._lengths[:rows]
-        mask = (self._columns_index[None, :width] <= positions[:, None]).long()
-        return self._next_tokens[:rows, None], mask, positions[:, None]
+        return self._next_tokens[:rows, None], self._lengths[:rows], self._columns_index[:width]
 
     def pad_rows(self, rows: int) -> None:
         """Blank slots [live rows, rows) for a padded decode: token 0 at position 0 of a free slot, so their

@@ -56,6 +56,7 @@ class RowOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     top_logprobs: list[float] | None = None
     finish: FinishReason | None = None
     error: str = ""  # why, for an ERROR, OUT_OF_MEMORY or a server-side CANCELLED
+    cached_tokens: int = 0  # with a row's first token: its prompt tokens that came from the prefix cache
 
 
 class StepOutput(msgspec.Struct, tag=True, array_like=True):

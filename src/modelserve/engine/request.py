@@ -109,6 +109,7 @@ class StreamEvent:
     output_tokens: int  # generated so far, in all
     logprobs: tuple[TokenLogprobs, ...] = ()
     finish: Finish | None = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache (known from the first token on)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class EngineStats:
     waiting: int = 0  # queued or being prefilled
     kv_budget_tokens: int = 0
     kv_tokens_used: int = 0  # tokens held by decoding rows
+    prefix_cache_budget_tokens: int = 0  # the prefix cache's share of the KV budget (0: off)
+    prefix_cache_tokens: int = 0  # tokens it holds
+    prefix_cache_hit_tokens: int = 0  # prompt tokens it saved from prefilling, since the start
     waiting_tokens: int = 0  # prompt + max_new_tokens of the queued requests
     max_batch_size: int = 0  # rows allowed now (lowered after an out-of-memory step)
     gpu_allocated_bytes: int = 0  # by the engine's tensors, on CUDA

@@ -23,6 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from modelserve.engine.cuda_graphs import DecodeGraphs
 from modelserve.engine.kv_cache import ForwardCache, KVPool, KVShape, PrefillBuffer
+from modelserve.engine.masks import DecodeMasks
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ModelRunner:
         self.device = model.device
         self.kv_shape = self._probe_kv_shape()
         self._cache = ForwardCache(self.kv_shape.n_layers, check_mask=self.device.type == "cpu")
+        self.masks = DecodeMasks.for_model(model)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = self._decode_graphs()
@@ -45,7 +47,7 @@ class ModelRunner:
             log.info("decode runs eagerly: this model's logits are more than its LM head (a soft-cap or a scale)")
             return None
         log.info("decode replays CUDA graphs, captured per batch and width bucket on first use (--enforce-eager: off)")
-        return DecodeGraphs(self.model.get_decoder(), self._cache, self.device)
+        return DecodeGraphs(self.model.get_decoder(), self._cache, self.masks, self.device)
 
     @torch.inference_mode()
     def _logits_are_lm_head(self) -> bool:
@@ -98,12 +100,12 @@ class ModelRunner:
             if self.graphs is not None:
                 logits: torch.Tensor = self.model.get_output_embeddings()(self.graphs.hidden_states(pool))
                 return logits
-            input_ids, mask, positions = pool.begin_decode(pool.rows, pool.decode_width())
+            input_ids, positions, columns = pool.begin_decode(pool.rows, pool.decode_width())
             self._cache.target = pool
             out = self.model(
                 input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
+                attention_mask=self.masks.build(columns, positions),
+                position_ids=positions[:, None],
                 cache=self._cache,
                 use_cache=True,
             )

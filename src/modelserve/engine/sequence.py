@@ -23,6 +23,7 @@ class Sequence:
     abort_reason: FinishReason | None = None  # set by an abort or a deadline; acted on at the next step
     abort_error: str = ""  # why, when the server (not the caller) ended the request
     prefill: PrefillBuffer | None = None  # while the prompt is being prefilled
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def params(self) -> SamplingParams:

@@ -9,27 +9,42 @@ for it mislead (a missing directory is reported as a malformed hub repo id, an
 empty one as a config without model_type). So a local path is checked here
 first, and every failure is one ModelLoadError line that names the directory
 and what is missing; only what looks like a hub id ("org/name") and is not a
-local directory is fetched from the hub.
+local directory is fetched from the hub. A local directory's weights are
+checked here too (a single file, or an index whose every shard is present), so
+a missing shard fails before a second process starts to load it.
+
+Besides its EOS ids, a model's generation_config.json carries its authors'
+sampling defaults (ModelInfo.generation_defaults); the server applies them to
+the parameters a request leaves unset.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
+from modelserve.models.capability import unsupported_reason
+from modelserve.models.quantize import quantize_model
+
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 
+# The weights transformers looks for in a directory, in its order of preference: a file, or an index of shards.
+_WEIGHTS = (
+    ("model.safetensors", False),
+    ("model.safetensors.index.json", True),
+    ("pytorch_model.bin", False),
+    ("pytorch_model.bin.index.json", True),
+)
 
 # A hub repo id: "name" or "owner/name", letters, digits, "-", "_", "." (no leading "/", ".", "~").
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -58,9 +73,36 @@ def _check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"cannot read {config_file}: {_one_line(exc)}") from exc
     if not isinstance(data, dict) or "model_type" not in data:
         raise ModelLoadError(
-            f"{config_file} has no model_type key (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
+            f"{config_file} has no model_type key (such as llama, qwen3, mistral or gemma3_text); "
             "is this a Hugging Face transformers model directory?"
         )
+
+
+def _check_weights(path: Path) -> None:
+    """Fail with a message naming the directory and the missing file unless `path` holds weights that
+    transformers will load: the first of _WEIGHTS present, and for an index, every shard it lists."""
+    for name, sharded in _WEIGHTS:
+        weights = path / name
+        if not weights.is_file():
+            continue
+        if not sharded:
+            return
+        try:
+            shards = sorted(set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot read the shard list (weight_map) of {weights}: {_one_line(exc)}") from exc
+        missing = [shard for shard in shards if not (path / str(shard)).is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ModelLoadError(
+                f"model directory {path} is missing the weights shard {missing[0]}{more} that {name} lists "
+                f"({len(missing)} of {len(shards)} shards missing)"
+            )
+        return
+    raise ModelLoadError(
+        f"model directory {path} has no weights: expected model.safetensors, or model.safetensors.index.json "
+        "and the shards it lists"
+    )
 
 
 def resolve_source(source: str) -> tuple[str, bool]:
@@ -83,6 +125,18 @@ def resolve_source(source: str) -> tuple[str, bool]:
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    """The sampling defaults a model's generation_config.json sets (None: it does not set that one), so that
+    a request that leaves a parameter unset generates as the model's authors tuned it to."""
+
+    temperature: float | None = None  # 0 = greedy: what `do_sample: false` means
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the frontend knows of a model: its tokenizer and description, without its weights."""
 
@@ -98,6 +152,8 @@ class ModelInfo:
     dtype: torch.dtype
     source: str  # what to load the weights from: a local directory or a hub id
     is_demo: bool = False
+    revision: str | None = None  # the hub revision the config and tokenizer came from (None: local, or the default)
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -154,55 +210,52 @@ def load_model_info(
     dtype: torch.dtype,
     *,
     model_id: str | None = None,
+    revision: str | None = None,
+    max_model_len: int = 0,
     trust_remote_code: bool = False,
     is_demo: bool = False,
 ) -> ModelInfo:
-    """Read `source`'s config and tokenizer (a local model directory, or a hub id when online), not its weights."""
+    """Read `source`'s config, tokenizer and generation config (a local model directory, or a hub id at
+    `revision` when online), not its weights; `max_model_len` (0 = the model's) caps the context."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one log line per load, not a progress bar per shard
     requested = source
     source, local = resolve_source(source)
-    if not local:
+    if local:
+        _check_weights(Path(source))
+        if revision:
+            log.warning("--revision %s is ignored: %s is a local directory, read as it is", revision, source)
+            revision = None
+    else:
         log.info("%s is not a local directory: fetching it from the Hugging Face hub", source)
-    kwargs = dict(local_files_only=local, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(local_files_only=local, trust_remote_code=trust_remote_code, revision=revision)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:  # hub errors come in many classes (HTTP, offline, not found, gated)
         if local:
             raise ModelLoadError(f"cannot read the model config in {source}: {_one_line(exc)}") from exc
         where = Path(source).expanduser().absolute()
+        at = f" at revision {revision!r}" if revision else ""
         raise ModelLoadError(
-            f"{source!r} is not a local directory ({where} does not exist) and could not be fetched from the hub: "
-            f"{_one_line(exc)}"
+            f"{source!r} is not a local directory ({where} does not exist) and could not be fetched from the hub"
+            f"{at}: {_one_line(exc)}"
         ) from exc
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"model type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if getattr(config, "use_sliding_window", False):
-        raise ModelLoadError("sliding-window attention is not supported yet (use_sliding_window=true)")
-    try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {source}: {_one_line(exc)}") from exc
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        raise ModelLoadError(f"{source!r} has no fast tokenizer (tokenizer.json); modelserve needs one")
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ModelLoadError(f"cannot serve {source}: {reason}")
+    hf_tokenizer = _load_tokenizer(source, local, kwargs)
+    backend = hf_tokenizer.backend_tokenizer
 
+    generation = _read_generation_config(source, local, kwargs)
     eos: set[int] = set()
-    generation_eos = None
-    with contextlib.suppress(OSError, ValueError):
-        generation_eos = GenerationConfig.from_pretrained(source, **kwargs).eos_token_id
+    generation_eos = generation.eos_token_id if generation is not None else None
     for value in (generation_eos, config.eos_token_id, hf_tokenizer.eos_token_id):
         if isinstance(value, int):
             eos.add(value)
         elif isinstance(value, list):
             eos.update(v for v in value if isinstance(v, int))
-    max_len = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
-    tok_max = getattr(hf_tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and 0 < tok_max < max_len:
-        max_len = tok_max
+    max_len = _context_length(config, hf_tokenizer, max_model_len)
     specials = []
     for role in ("bos", "eos", "pad", "unk"):
         token = getattr(hf_tokenizer, f"{role}_token", None)
@@ -222,19 +275,111 @@ def load_model_info(
         dtype=dtype,
         source=source,
         is_demo=is_demo,
+        revision=revision,
+        generation_defaults=_generation_defaults(generation),
     )
 
 
-def load_weights(info: ModelInfo, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load `info`'s weights onto its device, in its dtype."""
+def _load_tokenizer(source: str, local: bool, kwargs: dict[str, Any]) -> Any:
+    """The HF fast tokenizer of `source`; a local directory without tokenizer.json is named as such, since
+    that is why its tokenizer fails to load (or loads without the Rust tokenizer the server runs)."""
+    no_file = f"model directory {source} has no tokenizer.json: modelserve needs a fast (Rust) tokenizer"
+    lacks_file = local and not (Path(source) / "tokenizer.json").is_file()
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if lacks_file:
+            raise ModelLoadError(f"{no_file} ({_one_line(exc)})") from exc
+        raise ModelLoadError(f"cannot load the tokenizer of {source}: {_one_line(exc)}") from exc
+    if not isinstance(getattr(hf_tokenizer, "backend_tokenizer", None), Tokenizer):
+        raise ModelLoadError(
+            no_file if lacks_file else f"{source!r} has no fast tokenizer (tokenizer.json); modelserve needs one"
+        )
+    return hf_tokenizer
+
+
+def _read_generation_config(source: str, local: bool, kwargs: dict[str, Any]) -> Any:
+    """`source`'s generation_config.json as a GenerationConfig, or None when it has none (most of its
+    values are then None: transformers leaves what the file does not set unset)."""
+    if local and not (Path(source) / "generation_config.json").is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:  # OSError: also a hub repo without one
+        if local:
+            log.warning("ignoring %s: %s", Path(source) / "generation_config.json", _one_line(exc))
+        else:
+            log.info("%s has no usable generation_config.json: %s", source, _one_line(exc))
+        return None
+
+
+def _generation_defaults(generation: Any) -> GenerationDefaults:
+    """The sampling defaults `generation` (a GenerationConfig or None) sets; `do_sample: false` means greedy,
+    whatever temperature it also names (transformers would not sample either)."""
+    if generation is None:
+        return GenerationDefaults()
+
+    def number(name: str) -> float | None:
+        value = getattr(generation, name, None)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def integer(name: str) -> int | None:
+        value = getattr(generation, name, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return GenerationDefaults(
+        temperature=0.0 if generation.do_sample is False else number("temperature"),
+        top_p=number("top_p"),
+        top_k=integer("top_k"),
+        repetition_penalty=number("repetition_penalty"),
+        max_new_tokens=integer("max_new_tokens"),
+    )
+
+
+def _context_length(config: Any, hf_tokenizer: Any, max_model_len: int) -> int:
+    """Most tokens a sequence may hold: the model's own context (its position embeddings, or the
+    tokenizer's model_max_length when lower), or `max_model_len` below it; above it is refused, as
+    positions past the trained ones give garbage rather than an error."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    own, where = int(positions or 2048), "its config.json" if positions else "the default for a config without one"
+    tok_max = getattr(hf_tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < own:
+        own, where = tok_max, "its tokenizer's model_max_length"
+    if max_model_len == 0:
+        return own
+    if max_model_len < 2:
+        raise ModelLoadError(f"--max-model-len {max_model_len}: use 0 (the model's own context) or at least 2")
+    if max_model_len > own:
+        raise ModelLoadError(
+            f"--max-model-len {max_model_len} is above this model's context of {own} tokens ({where}); "
+            f"use at most {own}, or 0 for the model's own"
+        )
+    log.info(
+        "--max-model-len %d: sequences hold at most that many tokens (the model's own context: %d)", max_model_len, own
+    )
+    return max_model_len
+
+
+def load_weights(info: ModelInfo, *, trust_remote_code: bool = False, quantization: str = "none") -> LoadedModel:
+    """Load `info`'s weights onto its device, in its dtype, quantised as `quantization` says (on the device)."""
     kwargs = dict(local_files_only=Path(info.source).expanduser().is_dir(), trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            info.source, dtype=info.dtype, attn_implementation="sdpa", **kwargs
-        )
+        try:  # at the revision the config and tokenizer came from
+            model = AutoModelForCausalLM.from_pretrained(
+                info.source, dtype=info.dtype, attn_implementation="sdpa", revision=info.revision, **kwargs
+            )
+        except ValueError as exc:
+            if "scaled_dot_product_attention" not in str(exc) and "sdpa" not in str(exc):
+                raise
+            # Some models cannot run SDPA (Gemma 2: it has no attention soft-capping); they get eager attention.
+            log.info("%s does not support SDPA attention; it runs eager attention", info.architecture)
+            model = AutoModelForCausalLM.from_pretrained(
+                info.source, dtype=info.dtype, attn_implementation="eager", revision=info.revision, **kwargs
+            )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the weights of {info.source}: {_one_line(exc)}") from exc
     model.to(info.device)
+    quantize_model(model, quantization)
     model.eval()
     fields = {f: getattr(info, f) for f in info.__dataclass_fields__}
     fields["vocab_size"] = int(model.get_output_embeddings().weight.shape[0])
@@ -243,11 +388,13 @@ def load_weights(info: ModelInfo, *, trust_remote_code: bool = False) -> LoadedM
     return LoadedModel(**fields, model=model)
 
 
-def load_weights_on(info: ModelInfo, device: str, dtype: str, *, trust_remote_code: bool = False) -> LoadedModel:
+def load_weights_on(
+    info: ModelInfo, device: str, dtype: str, *, trust_remote_code: bool = False, quantization: str = "none"
+) -> LoadedModel:
     """Load `info`'s weights onto the device and in the dtype these flag values (auto included) choose."""
     resolved = resolve_device(device)
     info = dataclasses.replace(info, device=resolved, dtype=resolve_dtype(dtype, resolved))
-    return load_weights(info, trust_remote_code=trust_remote_code)
+    return load_weights(info, trust_remote_code=trust_remote_code, quantization=quantization)
 
 
 def load_model(
@@ -256,11 +403,20 @@ def load_model(
     dtype: torch.dtype,
     *,
     model_id: str | None = None,
+    revision: str | None = None,
+    max_model_len: int = 0,
     trust_remote_code: bool = False,
     is_demo: bool = False,
 ) -> LoadedModel:
-    """Load `source` (a local model directory, or a hub id when online), weights and all."""
+    """Load `source` (a local model directory, or a hub id at `revision` when online), weights and all."""
     info = load_model_info(
-        source, device, dtype, model_id=model_id, trust_remote_code=trust_remote_code, is_demo=is_demo
+        source,
+        device,
+        dtype,
+        model_id=model_id,
+        revision=revision,
+        max_model_len=max_model_len,
+        trust_remote_code=trust_remote_code,
+        is_demo=is_demo,
     )
     return load_weights(info, trust_remote_code=trust_remote_code)

@@ -77,7 +77,7 @@ def build_word_tokenizer(words: Iterable[str]) -> Tokenizer:
     return tok
 
 
-def _config(arch: str, vocab_size: int, eos_id: int, size: dict[str, int]) -> Any:
+def _config(arch: str, vocab_size: int, eos_id: int, size: dict[str, int], overrides: dict[str, Any]) -> Any:
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     hidden, layers, heads = size["hidden"], size["layers"], size["heads"]
@@ -91,6 +91,7 @@ def _config(arch: str, vocab_size: int, eos_id: int, size: dict[str, int]) -> An
             n_head=heads,
             bos_token_id=eos_id,
             eos_token_id=eos_id,
+            **overrides,
         )
     common = dict(
         vocab_size=vocab_size,
@@ -105,10 +106,15 @@ def _config(arch: str, vocab_size: int, eos_id: int, size: dict[str, int]) -> An
         tie_word_embeddings=False,
     )
     if arch == "llama":
-        return LlamaConfig(**common)
+        return LlamaConfig(**common, **overrides)
     if arch == "qwen2":
-        return Qwen2Config(**common, use_sliding_window=False)
-    raise ValueError(f"unknown architecture {arch!r}: expected gpt2, llama or qwen2")
+        return Qwen2Config(**{**common, "use_sliding_window": False, **overrides})
+    from transformers import AutoConfig
+
+    try:  # any other transformers model type, sized by the common names (most configs map them)
+        return AutoConfig.for_model(arch, **common, **overrides)
+    except ValueError as exc:
+        raise ValueError(f"unknown model type {arch!r}: {exc}") from exc
 
 
 def build_random_model(
@@ -123,13 +129,15 @@ def build_random_model(
     vocab_size: int | None = None,
     tokenizer_vocab: int = 1024,
     tokenizer: Tokenizer | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a model directory (config, safetensors weights, tokenizer) and return it.
 
     The tokenizer is `tokenizer` when given (it must hold EOS_TOKEN), else a
     byte-level BPE of `tokenizer_vocab` pieces from `build_tokenizer`.
     `vocab_size` may exceed the tokenizer's (as in GPT-2-small's 50,257 rows); by
-    default the model has exactly the tokenizer's vocabulary.
+    default the model has exactly the tokenizer's vocabulary. `arch` is gpt2, llama,
+    qwen2 or any other transformers model type, whose config takes `config_overrides`.
     """
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -146,6 +154,7 @@ def build_random_model(
         vocab_size or tok.get_vocab_size(),
         eos_id,
         dict(hidden=hidden, layers=layers, heads=heads, max_len=max_len),
+        config_overrides or {},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -25,13 +25,17 @@ def logprobs_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:
     return pb.TokenLogprobs(chosen=one(lp.chosen), top=[one(t) for t in lp.top])
 
 
+def _usage(n_prompt: int, event: StreamEvent) -> pb.Usage:
+    return pb.Usage(input_tokens=n_prompt, output_tokens=event.output_tokens, cached_tokens=event.cached_tokens)
+
+
 def response_proto(request_id: str, n_prompt: int, event: StreamEvent) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         request_id=request_id,
         text=event.text,
         token_ids=event.token_ids,
         logprobs=[logprobs_proto(lp) for lp in event.logprobs],
-        usage=pb.Usage(input_tokens=n_prompt, output_tokens=event.output_tokens),
+        usage=_usage(n_prompt, event),
     )
     if event.finish is not None:
         set_final(response, n_prompt, event)
@@ -42,7 +46,7 @@ def set_final(message: pb.GenerateResponse | pb.GenerateResult, n_prompt: int, e
     finish = event.finish
     assert finish is not None
     message.finish_reason = FINISH_REASONS[finish.reason]
-    message.usage.CopyFrom(pb.Usage(input_tokens=n_prompt, output_tokens=event.output_tokens))
+    message.usage.CopyFrom(_usage(n_prompt, event))
     message.timings.CopyFrom(
         pb.Timings(
             queue_seconds=finish.timings.queue_s,

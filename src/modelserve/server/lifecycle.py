@@ -85,15 +85,37 @@ def load_info(config: Config) -> ModelInfo:
             "Pass --model PATH to serve a real Hugging Face model."
         )
         path = demo_model_dir(config.cache_dir)
-        return load_model_info(str(path), device, dtype, model_id=DEMO_MODEL_ID, is_demo=True)
-    return load_model_info(config.model, device, dtype, trust_remote_code=config.trust_remote_code)
+        return load_model_info(
+            str(path),
+            device,
+            dtype,
+            model_id=config.served_model_name or DEMO_MODEL_ID,
+            revision=config.revision or None,
+            max_model_len=config.max_model_len,
+            is_demo=True,
+        )
+    return load_model_info(
+        config.model,
+        device,
+        dtype,
+        model_id=config.served_model_name or None,
+        revision=config.revision or None,
+        max_model_len=config.max_model_len,
+        trust_remote_code=config.trust_remote_code,
+    )
 
 
 def load(config: Config) -> LoadedModel:
     """The configured model with its weights, in this process (the benchmark's in-process engine)."""
     from modelserve.models.loader import load_weights_on
 
-    return load_weights_on(load_info(config), config.device, config.dtype, trust_remote_code=config.trust_remote_code)
+    return load_weights_on(
+        load_info(config),
+        config.device,
+        config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        quantization=config.quantization,
+    )
 
 
 def build_engine(config: Config, model: LoadedModel, on_step: Callable[[StepRecord], None] | None = None) -> Engine:
@@ -127,6 +149,7 @@ async def start_engine_core(
             model=info,
             device=config.device,
             dtype=config.dtype,
+            quantization=config.quantization,
             trust_remote_code=config.trust_remote_code,
             engine=engine_config,
             observed=on_step is not None,

@@ -44,6 +44,7 @@ from modelserve.server.validation import (
     build_request,
     check_priority,
     check_prompt_size,
+    resolve_defaults,
     truncate_prompt,
 )
 from modelserve.telemetry.call_status import ended_early_code
@@ -95,11 +96,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self._model, self._engine, self._metrics = model, engine, metrics
         cfg = self._config
         longest_prompt = engine.max_sequence_tokens - 1  # leaves room for one new token
+        max_max_new_tokens = min(cfg.max_max_new_tokens, longest_prompt)
         self._limits = Limits(
             vocab_size=model.vocab_size,
             max_sequence_length=engine.max_sequence_tokens,
-            default_max_new_tokens=min(cfg.default_max_new_tokens, cfg.max_max_new_tokens),
-            max_max_new_tokens=min(cfg.max_max_new_tokens, engine.max_sequence_tokens - 1),
+            defaults=resolve_defaults(
+                model.generation_defaults, cfg.default_max_new_tokens, max_max_new_tokens, model.vocab_size
+            ),
+            max_max_new_tokens=max_max_new_tokens,
             max_prompt_bytes=cfg.max_prompt_bytes,
             max_stop_sequences=cfg.max_stop_sequences,
             max_stop_sequence_chars=cfg.max_stop_sequence_chars,
@@ -206,6 +210,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[pb.ModelInfoRequest, pb.ModelInfoResponse]
     ) -> pb.ModelInfoResponse:
         _, model, limits = await self._serving(context)
+        defaults = limits.defaults
         return pb.ModelInfoResponse(
             model_id=model.model_id,
             architecture=model.architecture,
@@ -214,11 +219,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             max_sequence_length=limits.max_sequence_length,
             eos_token_ids=model.eos_token_ids,
             special_tokens=[pb.SpecialToken(role=r, token=t, token_id=i) for r, t, i in model.special_tokens],
-            default_max_new_tokens=limits.default_max_new_tokens,
+            default_max_new_tokens=defaults.max_new_tokens,
             max_max_new_tokens=limits.max_max_new_tokens,
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
             is_demo=model.is_demo,
+            generation_defaults=pb.GenerationDefaults(
+                max_new_tokens=defaults.max_new_tokens,
+                temperature=defaults.temperature,
+                top_p=defaults.top_p,
+                top_k=defaults.top_k,
+                repetition_penalty=defaults.repetition_penalty,
+                from_model=defaults.from_model,
+            ),
         )
 
     async def Health(

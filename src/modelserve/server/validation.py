@@ -1,15 +1,35 @@
 """Request validation: proto messages in, engine requests out, or a message that
-names the field and its allowed range (sent as INVALID_ARGUMENT)."""
+names the field and its allowed range (sent as INVALID_ARGUMENT).
+
+A parameter a request leaves unset takes the model's default from its
+generation_config.json where the file sets a valid one (resolve_defaults, once
+at start-up), else the server's own; a request's explicit value always wins.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from modelserve_client.v1 import generation_pb2 as pb
 
+from modelserve.config import DEFAULT_MAX_NEW_TOKENS
 from modelserve.engine.request import Request, SamplingParams
+
+if TYPE_CHECKING:
+    from modelserve.models.loader import GenerationDefaults
+
+log = logging.getLogger(__name__)
+
+# The float parameters' ranges, (low, high, low_open, note), for requests and the model's defaults alike.
+_FLOAT_RANGES = {
+    "temperature": (0.0, 100.0, False, " (0 = greedy)"),
+    "top_p": (0.0, 1.0, True, ""),
+    "repetition_penalty": (0.0, 10.0, True, " (1 = off)"),
+}
 
 
 class InvalidArgument(ValueError):
@@ -17,12 +37,24 @@ class InvalidArgument(ValueError):
 
 
 @dataclass(frozen=True)
+class RequestDefaults:
+    """What a request's unset parameters take; the server's own unless `from_model` names them."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    from_model: tuple[str, ...] = ()  # the parameters whose default the model's generation_config.json set
+
+
+@dataclass(frozen=True)
 class Limits:
-    """What a request may ask of this server and model."""
+    """What a request may ask of this server and model, and what it gets when it does not ask."""
 
     vocab_size: int
     max_sequence_length: int
-    default_max_new_tokens: int
+    defaults: RequestDefaults
     max_max_new_tokens: int
     max_prompt_bytes: int
     max_stop_sequences: int
@@ -81,15 +113,16 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
                 f"(or set params.truncate_input_tokens)"
             )
     else:
-        max_new = min(limits.default_max_new_tokens, room)
+        max_new = min(limits.defaults.max_new_tokens, room)
 
     min_new = params.min_new_tokens if params.HasField("min_new_tokens") else 0
     _in_range("params.min_new_tokens", min_new, 0, max_new, note=" (at most max_new_tokens)")
-    temperature = _float("params.temperature", params, 1.0, 0.0, 100.0, note=" (0 = greedy)")
-    top_p = _float("params.top_p", params, 1.0, 0.0, 1.0, low_open=True)
-    top_k = params.top_k if params.HasField("top_k") else 0
-    _in_range("params.top_k", top_k, 0, limits.vocab_size, note=" (0 = off)")
-    repetition_penalty = _float("params.repetition_penalty", params, 1.0, 0.0, 10.0, low_open=True, note=" (1 = off)")
+    defaults = limits.defaults
+    temperature = _float(params, "temperature", defaults.temperature)
+    top_p = _float(params, "top_p", defaults.top_p)
+    top_k = params.top_k if params.HasField("top_k") else defaults.top_k
+    _check_top_k("params.top_k", top_k, limits.vocab_size)
+    repetition_penalty = _float(params, "repetition_penalty", defaults.repetition_penalty)
 
     if len(params.stop) > limits.max_stop_sequences:
         raise InvalidArgument(f"params.stop has {len(params.stop)} sequences; at most {limits.max_stop_sequences}")
@@ -137,22 +170,94 @@ def _in_range(field: str, value: int, low: int, high: int, note: str = "") -> No
         raise InvalidArgument(f"{field} must be in [{low}, {high}]{note}, got {value}")
 
 
-def _float(
-    field: str,
-    params: pb.GenerationParameters,
-    default: float,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    note: str = "",
-) -> float:
-    name = field.removeprefix("params.")
+def _float(params: pb.GenerationParameters, name: str, default: float) -> float:
     if not params.HasField(name):
         return default
     value = float(getattr(params, name))
+    _check_float(f"params.{name}", name, value)
+    return value
+
+
+def _check_float(field: str, name: str, value: float) -> None:
+    low, high, low_open, note = _FLOAT_RANGES[name]
     ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
         raise InvalidArgument(f"{field} must be in {bracket}{low:g}, {high:g}]{note}, got {value:g}")
-    return value
+
+
+def _check_top_k(field: str, value: int, vocab_size: int) -> None:
+    _in_range(field, value, 0, vocab_size, note=" (0 = off)")
+
+
+def resolve_defaults(
+    model: GenerationDefaults, default_max_new_tokens: int, max_max_new_tokens: int, vocab_size: int
+) -> RequestDefaults:
+    """The defaults of this server for this model, logged once at start-up.
+
+    An explicit --default-max-new-tokens (non-zero) wins over the model's max_new_tokens, which is capped at
+    `max_max_new_tokens`. A model value outside the range a request may ask for is ignored with a warning:
+    the server's limits bind the model's authors as they bind callers.
+    """
+    server = RequestDefaults()
+    chosen: dict[str, float] = {}  # what the model sets and the server accepts, by parameter name
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = getattr(model, name)
+        if value is None:
+            continue
+        try:
+            if name == "top_k":
+                _check_top_k(name, value, vocab_size)
+            else:
+                _check_float(name, name, value)
+        except InvalidArgument as exc:
+            log.warning(
+                "the model's generation_config.json: %s; ignored, requests that leave it unset get %g",
+                exc,
+                getattr(server, name),
+            )
+            continue
+        chosen[name] = value
+
+    max_new = default_max_new_tokens or server.max_new_tokens
+    source = "--default-max-new-tokens" if default_max_new_tokens else "the server's default"
+    model_max_new = model.max_new_tokens
+    if model_max_new is not None and default_max_new_tokens:
+        log.info(
+            "--default-max-new-tokens %d overrides the model's generation_config.json max_new_tokens %d",
+            default_max_new_tokens,
+            model_max_new,
+        )
+        model_max_new = None
+    elif model_max_new is not None and model_max_new < 1:
+        log.warning(
+            "the model's generation_config.json: max_new_tokens must be at least 1, got %d; ignored", model_max_new
+        )
+        model_max_new = None
+    if model_max_new is not None:
+        max_new, source = model_max_new, "the model's generation_config.json"
+    if max_new > max_max_new_tokens:
+        log.info(
+            "default max_new_tokens %d (%s) is above the most a request may ask for (%d: --max-max-new-tokens, "
+            "and the context less one); requests that leave it unset get %d",
+            max_new,
+            source,
+            max_max_new_tokens,
+            max_max_new_tokens,
+        )
+        max_new = max_max_new_tokens
+    if model_max_new is not None:
+        chosen["max_new_tokens"] = max_new
+    if chosen:
+        log.info(
+            "defaults from the model's generation_config.json for requests that leave them unset: %s",
+            ", ".join(f"{name}={value:g}" for name, value in chosen.items()),
+        )
+    return RequestDefaults(
+        max_new_tokens=max_new,
+        temperature=chosen.get("temperature", server.temperature),
+        top_p=chosen.get("top_p", server.top_p),
+        top_k=int(chosen.get("top_k", server.top_k)),
+        repetition_penalty=chosen.get("repetition_penalty", server.repetition_penalty),
+        from_model=tuple(chosen),
+    )

@@ -148,6 +148,18 @@ class GenerationMetrics:
             description="Fraction of the KV cache budget held by live tokens",
         )
         meter.create_observable_gauge(
+            "modelserve.prefix_cache.tokens",
+            [self._observe("prefix_cache_tokens")],
+            unit="{token}",
+            description="Prompt tokens the prefix cache holds (within its share of the KV budget)",
+        )
+        meter.create_observable_counter(
+            "modelserve.prefix_cache.hit_tokens",
+            [self._observe("prefix_cache_hit_tokens")],
+            unit="{token}",
+            description="Prompt tokens reused from the prefix cache instead of prefilled",
+        )
+        meter.create_observable_gauge(
             "modelserve.requests.waiting_tokens",
             [self._observe("waiting_tokens")],
             unit="{token}",

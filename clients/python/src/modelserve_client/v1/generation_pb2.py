@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%modelserve_client/v1/generation.proto\x12\rmodelserve.v1\"\xd0\x03\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\x05\x12\x1d\n\x15truncate_input_tokens\x18\r \x01(\x05\x12\x1d\n\x15include_stop_sequence\x18\x0e \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"|\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.modelserve.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"f\n\rTokenLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.modelserve.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.modelserve.v1.TokenLogprob\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x87\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.modelserve.v1.TokenLogprobs\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.modelserve.v1.Usage\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.modelserve.v1.FinishReason\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.modelserve.v1.Timings\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"H\n\x14\x42\x61tchGenerateRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.modelserve.v1.GenerateRequest\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x85\x02\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.modelserve.v1.TokenLogprobs\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.modelserve.v1.Usage\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.modelserve.v1.FinishReason\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.modelserve.v1.Timings\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"r\n\tBatchItem\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1d.modelserve.v1.GenerateResultH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.modelserve.v1.ItemErrorH\x00\x42\t\n\x07outcome\"@\n\x15\x42\x61tchGenerateResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.modelserve.v1.BatchItem\"R\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\x12\x15\n\rreturn_tokens\x18\x03 \x01(\x08\"J\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\"\x12\n\x10ModelInfoRequest\"=\n\x0cSpecialToken\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x05\"\xb8\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x33\n\x0especial_tokens\x18\x07 \x03(\x0b\x32\x1b.modelserve.v1.SpecialToken\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\x05\x12\x1a\n\x12max_max_new_tokens\x18\t \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0f\n\x07is_demo\x18\x0c \x01(\x08\"\x0f\n\rHealthRequest\"a\n\x0bMemoryUsage\x12\x19\n\x11process_rss_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13gpu_allocated_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12gpu_reserved_bytes\x18\x03 \x01(\x04\"\x98\x03\n\x0eHealthResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.modelserve.v1.ServerState\x12\x14\n\x0cmodel_loaded\x18\x02 \x01(\x08\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12*\n\x06memory\x18\x06 \x01(\x0b\x32\x1a.modelserve.v1.MemoryUsage\x12\x18\n\x10requests_running\x18\x07 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x08 \x01(\x05\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x16\n\x0ekv_cache_usage\x18\x0b \x01(\x01\x12\x1c\n\x14kv_cache_tokens_used\x18\x0c \x01(\x03\x12\x1e\n\x16kv_cache_budget_tokens\x18\r \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x0e \x01(\x05\x12\x16\n\x0ewaiting_tokens\x18\x0f \x01(\x03*\xfe\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12#\n\x1f\x46INISH_REASON_DEADLINE_EXCEEDED\x10\x06\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x07*\x93\x01\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVER_STATE_LOADING\x10\x01\x12\x18\n\x14SERVER_STATE_SERVING\x10\x02\x12\x19\n\x15SERVER_STATE_DRAINING\x10\x03\x12\x17\n\x13SERVER_STATE_FAILED\x10\x04\x32\xa2\x03\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.modelserve.v1.GenerateRequest\x1a\x1f.modelserve.v1.GenerateResponse0\x01\x12Z\n\rBatchGenerate\x12#.modelserve.v1.BatchGenerateRequest\x1a$.modelserve.v1.BatchGenerateResponse\x12K\n\x08Tokenize\x12\x1e.modelserve.v1.TokenizeRequest\x1a\x1f.modelserve.v1.TokenizeResponse\x12N\n\tModelInfo\x12\x1f.modelserve.v1.ModelInfoRequest\x1a .modelserve.v1.ModelInfoResponse\x12\x45\n\x06Health\x12\x1c.modelserve.v1.HealthRequest\x1a\x1d.modelserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%modelserve_client/v1/generation.proto\x12\rmodelserve.v1\"\xd0\x03\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\x05\x12\x1d\n\x15truncate_input_tokens\x18\r \x01(\x05\x12\x1d\n\x15include_stop_sequence\x18\x0e \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"|\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x33\n\x06params\x18\x02 \x01(\x0b\x32#.modelserve.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"f\n\rTokenLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.modelserve.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.modelserve.v1.TokenLogprob\"K\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x87\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.modelserve.v1.TokenLogprobs\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.modelserve.v1.Usage\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.modelserve.v1.FinishReason\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.modelserve.v1.Timings\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"H\n\x14\x42\x61tchGenerateRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.modelserve.v1.GenerateRequest\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x85\x02\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.modelserve.v1.TokenLogprobs\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.modelserve.v1.Usage\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.modelserve.v1.FinishReason\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.modelserve.v1.Timings\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"r\n\tBatchItem\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1d.modelserve.v1.GenerateResultH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.modelserve.v1.ItemErrorH\x00\x42\t\n\x07outcome\"@\n\x15\x42\x61tchGenerateResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.modelserve.v1.BatchItem\"R\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\x12\x15\n\rreturn_tokens\x18\x03 \x01(\x08\"J\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\"\x12\n\x10ModelInfoRequest\"=\n\x0cSpecialToken\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x05\"\xf8\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x33\n\x0especial_tokens\x18\x07 \x03(\x0b\x32\x1b.modelserve.v1.SpecialToken\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\x05\x12\x1a\n\x12max_max_new_tokens\x18\t \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0f\n\x07is_demo\x18\x0c \x01(\x08\x12>\n\x13generation_defaults\x18\r \x01(\x0b\x32!.modelserve.v1.GenerationDefaults\"\x8f\x01\n\x12GenerationDefaults\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x12\n\nfrom_model\x18\x06 \x03(\t\"\x0f\n\rHealthRequest\"a\n\x0bMemoryUsage\x12\x19\n\x11process_rss_bytes\x18\x01 \x01(\x04\x12\x1b\n\x13gpu_allocated_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12gpu_reserved_bytes\x18\x03 \x01(\x04\"\x98\x03\n\x0eHealthResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.modelserve.v1.ServerState\x12\x14\n\x0cmodel_loaded\x18\x02 \x01(\x08\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12*\n\x06memory\x18\x06 \x01(\x0b\x32\x1a.modelserve.v1.MemoryUsage\x12\x18\n\x10requests_running\x18\x07 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x08 \x01(\x05\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x16\n\x0ekv_cache_usage\x18\x0b \x01(\x01\x12\x1c\n\x14kv_cache_tokens_used\x18\x0c \x01(\x03\x12\x1e\n\x16kv_cache_budget_tokens\x18\r \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x0e \x01(\x05\x12\x16\n\x0ewaiting_tokens\x18\x0f \x01(\x03*\xfe\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12#\n\x1f\x46INISH_REASON_DEADLINE_EXCEEDED\x10\x06\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x07*\x93\x01\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVER_STATE_LOADING\x10\x01\x12\x18\n\x14SERVER_STATE_SERVING\x10\x02\x12\x19\n\x15SERVER_STATE_DRAINING\x10\x03\x12\x17\n\x13SERVER_STATE_FAILED\x10\x04\x32\xa2\x03\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.modelserve.v1.GenerateRequest\x1a\x1f.modelserve.v1.GenerateResponse0\x01\x12Z\n\rBatchGenerate\x12#.modelserve.v1.BatchGenerateRequest\x1a$.modelserve.v1.BatchGenerateResponse\x12K\n\x08Tokenize\x12\x1e.modelserve.v1.TokenizeRequest\x1a\x1f.modelserve.v1.TokenizeResponse\x12N\n\tModelInfo\x12\x1f.modelserve.v1.ModelInfoRequest\x1a .modelserve.v1.ModelInfoResponse\x12\x45\n\x06Health\x12\x1c.modelserve.v1.HealthRequest\x1a\x1d.modelserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelserve_client.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2883
-  _globals['_FINISHREASON']._serialized_end=3137
-  _globals['_SERVERSTATE']._serialized_start=3140
-  _globals['_SERVERSTATE']._serialized_end=3287
+  _globals['_FINISHREASON']._serialized_start=3116
+  _globals['_FINISHREASON']._serialized_end=3370
+  _globals['_SERVERSTATE']._serialized_start=3373
+  _globals['_SERVERSTATE']._serialized_end=3520
   _globals['_GENERATIONPARAMETERS']._serialized_start=57
   _globals['_GENERATIONPARAMETERS']._serialized_end=521
   _globals['_GENERATEREQUEST']._serialized_start=523
@@ -44,37 +44,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROBS']._serialized_start=715
   _globals['_TOKENLOGPROBS']._serialized_end=817
   _globals['_USAGE']._serialized_start=819
-  _globals['_USAGE']._serialized_end=871
-  _globals['_TIMINGS']._serialized_start=873
-  _globals['_TIMINGS']._serialized_end=965
-  _globals['_GENERATERESPONSE']._serialized_start=968
-  _globals['_GENERATERESPONSE']._serialized_end=1231
-  _globals['_BATCHGENERATEREQUEST']._serialized_start=1233
-  _globals['_BATCHGENERATEREQUEST']._serialized_end=1305
-  _globals['_ITEMERROR']._serialized_start=1307
-  _globals['_ITEMERROR']._serialized_end=1349
-  _globals['_GENERATERESULT']._serialized_start=1352
-  _globals['_GENERATERESULT']._serialized_end=1613
-  _globals['_BATCHITEM']._serialized_start=1615
-  _globals['_BATCHITEM']._serialized_end=1729
-  _globals['_BATCHGENERATERESPONSE']._serialized_start=1731
-  _globals['_BATCHGENERATERESPONSE']._serialized_end=1795
-  _globals['_TOKENIZEREQUEST']._serialized_start=1797
-  _globals['_TOKENIZEREQUEST']._serialized_end=1879
-  _globals['_TOKENIZERESPONSE']._serialized_start=1881
-  _globals['_TOKENIZERESPONSE']._serialized_end=1955
-  _globals['_MODELINFOREQUEST']._serialized_start=1957
-  _globals['_MODELINFOREQUEST']._serialized_end=1975
-  _globals['_SPECIALTOKEN']._serialized_start=1977
-  _globals['_SPECIALTOKEN']._serialized_end=2038
-  _globals['_MODELINFORESPONSE']._serialized_start=2041
-  _globals['_MODELINFORESPONSE']._serialized_end=2353
-  _globals['_HEALTHREQUEST']._serialized_start=2355
-  _globals['_HEALTHREQUEST']._serialized_end=2370
-  _globals['_MEMORYUSAGE']._serialized_start=2372
-  _globals['_MEMORYUSAGE']._serialized_end=2469
-  _globals['_HEALTHRESPONSE']._serialized_start=2472
-  _globals['_HEALTHRESPONSE']._serialized_end=2880
-  _globals['_GENERATIONSERVICE']._serialized_start=3290
-  _globals['_GENERATIONSERVICE']._serialized_end=3708
+  _globals['_USAGE']._serialized_end=894
+  _globals['_TIMINGS']._serialized_start=896
+  _globals['_TIMINGS']._serialized_end=988
+  _globals['_GENERATERESPONSE']._serialized_start=991
+  _globals['_GENERATERESPONSE']._serialized_end=1254
+  _globals['_BATCHGENERATEREQUEST']._serialized_start=1256
+  _globals['_BATCHGENERATEREQUEST']._serialized_end=1328
+  _globals['_ITEMERROR']._serialized_start=1330
+  _globals['_ITEMERROR']._serialized_end=1372
+  _globals['_GENERATERESULT']._serialized_start=1375
+  _globals['_GENERATERESULT']._serialized_end=1636
+  _globals['_BATCHITEM']._serialized_start=1638
+  _globals['_BATCHITEM']._serialized_end=1752
+  _globals['_BATCHGENERATERESPONSE']._serialized_start=1754
+  _globals['_BATCHGENERATERESPONSE']._serialized_end=1818
+  _globals['_TOKENIZEREQUEST']._serialized_start=1820
+  _globals['_TOKENIZEREQUEST']._serialized_end=1902
+  _globals['_TOKENIZERESPONSE']._serialized_start=1904
+  _globals['_TOKENIZERESPONSE']._serialized_end=1978
+  _globals['_MODELINFOREQUEST']._serialized_start=1980
+  _globals['_MODELINFOREQUEST']._serialized_end=1998
+  _globals['_SPECIALTOKEN']._serialized_start=2000
+  _globals['_SPECIALTOKEN']._serialized_end=2061
+  _globals['_MODELINFORESPONSE']._serialized_start=2064
+  _globals['_MODELINFORESPONSE']._serialized_end=2440
+  _globals['_GENERATIONDEFAULTS']._serialized_start=2443
+  _globals['_GENERATIONDEFAULTS']._serialized_end=2586
+  _globals['_HEALTHREQUEST']._serialized_start=2588
+  _globals['_HEALTHREQUEST']._serialized_end=2603
+  _globals['_MEMORYUSAGE']._serialized_start=2605
+  _globals['_MEMORYUSAGE']._serialized_end=2702
+  _globals['_HEALTHRESPONSE']._serialized_start=2705
+  _globals['_HEALTHRESPONSE']._serialized_end=3113
+  _globals['_GENERATIONSERVICE']._serialized_start=3523
+  _globals['_GENERATIONSERVICE']._serialized_end=3941
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,157 @@
+"""INT8 weight-only quantisation (`--quantization int8`): linear weights kept as int8, one scale per output row.
+
+A decode step reads every weight once, so on a CPU, or a GPU at small batches, its time is
+mostly memory traffic; int8 weights are a quarter of float32's bytes and half of bf16's.
+
+The matrix product is torch's own `aten._weight_int8pack_mm(x, w_int8, scales)` (the kernel gpt-fast and
+torchchat use), which reads the int8 weight directly. Not torchao: its int8 weight-only layout is fast
+only under torch.compile; in eager mode, which is how modelserve runs, it dequantises each whole weight
+on every call and can be slower than bf16 (transformers issue 34310), and its first int8 configs were
+deprecated in early 2026.
+
+The op on torch 2.13, as read from its source and tried on this CPU (layer by layer, before this module):
+
+- x is 2-D [M, K], float32, float16 or bfloat16; w is int8 [N, K] and contiguous; scales are 1-D [N].
+- CPU: scales must have x's dtype. The x86 kernel is vectorised (AVX2/AVX512) for bfloat16 only; float32
+  and float16 run a scalar loop (a GPT-2-small layer: 9x slower than with a bfloat16 x at batch 1, 20x
+  at batch 32). So on a CPU activations go in as bfloat16 whatever the model's dtype, and the result is
+  cast back; the kernel accumulates in float32. It steps K by 16 with no tail (K = 24 gave garbage), so
+  layers whose K is not a multiple of 16 stay unquantised; it reads x's rows as K apart, so x is made
+  contiguous; and it loads x with 32-byte aligned vector loads (an x 16 bytes off crashed the process),
+  so an unaligned x is copied first.
+- CPU speed (2 threads of a Xeon with AMX): at batch 1 a GPT-2-small layer ran ~3x faster than in
+  float32 or bfloat16; at batch 32 ~1.3x slower than float32 and ~4x slower than bfloat16, which
+  oneDNN runs on AMX while this kernel does float32 FMAs. The whole model's decode
+  (bench/quant_bench.py, docs/benchmarks.md): 1.3-1.4x float32's tokens/s at batch 1, 0.5-0.7x
+  bfloat16's at batch 32. The gain is for small batches, and for memory.
+- CUDA: the kernel converts x and scales to float32 itself, so x goes in as it is (made contiguous: it
+  too reads row m at m * K) and scales stay float32. It is a plain loop, one thread per output
+  (aten/src/ATen/native/cuda/int8mm.cu), not a tuned GEMM, and it was not measured here (no GPU): expect
+  int8 to save GPU memory rather than time; `python -m bench.quant_bench --device cuda` measures it.
+  A torch without that kernel fails at start-up with a message saying so.
+
+The LM head and the embeddings stay as loaded. GPT-2 (and other tied models) share the LM head with the
+token embedding, so an int8 copy would add memory rather than save it; and the logits decide greedy
+tokens directly, where an error is least forgiven. GPT-2's Conv1D layers store their weight transposed
+([in, out]); they are quantised like nn.Linear from the transpose.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from modelserve.config import QUANTIZATIONS
+
+log = logging.getLogger(__name__)
+
+_CPU_K_MULTIPLE = 16  # the CPU kernel's step along K, with no tail loop
+_CPU_ALIGN_BYTES = 32  # the CPU kernel's aligned vector loads of x
+_INT8_MAX = 127  # symmetric: -127..127, so a row's scale is its largest |w| / 127
+
+
+class QuantizationError(ValueError):
+    """The model cannot be quantised as asked; the message (one line) says why."""
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """y = x Wᵀ + b with W stored as int8 [out, in] and one float scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """`weight` is a float [out_features, in_features] matrix (nn.Linear's layout)."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        on_cpu = weight.device.type == "cpu"
+        # The CPU kernel is fast for bfloat16 only and wants scales in x's dtype; CUDA's casts to float32.
+        self.activation_dtype: torch.dtype | None = torch.bfloat16 if on_cpu else None
+        scales_dtype = self.activation_dtype or torch.float32
+        w = weight.detach().float()
+        # Rounded to their stored dtype first, so each int8 value is the nearest for the scale actually used.
+        scales = (w.abs().amax(dim=1) / _INT8_MAX).clamp(min=torch.finfo(scales_dtype).tiny).to(scales_dtype)
+        quantised = torch.round(w / scales.float()[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        self.weight = nn.Parameter(quantised.contiguous(), requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.activation_dtype is not None:  # the CPU kernel
+            flat = flat.to(self.activation_dtype)
+        flat = flat.contiguous()  # both kernels read row m at m * K
+        if self.activation_dtype is not None and flat.data_ptr() % _CPU_ALIGN_BYTES:
+            flat = flat.clone()
+        out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers: what its weights take in memory."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _check_kernel(device: torch.device) -> None:
+    """Fail at start-up, not on the first request, where this torch has no int8 kernel for `device`."""
+    x = torch.zeros(1, _CPU_K_MULTIPLE, dtype=torch.bfloat16 if device.type == "cpu" else torch.float32, device=device)
+    w = torch.zeros(1, _CPU_K_MULTIPLE, dtype=torch.int8, device=device)
+    try:
+        torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(1, dtype=x.dtype, device=device))
+    except (NotImplementedError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantizationError(
+            f"--quantization int8: torch {torch.__version__} has no {device.type} kernel for "
+            f"aten._weight_int8pack_mm ({first_line})"
+        ) from exc
+
+
+def quantize_model(model: nn.Module, quantization: str) -> None:
+    """Quantise `model`'s linear layers in place as `quantization` says ("none" leaves it as it is).
+
+    Call it once the model is on its device: the int8 weights are made there, and the kernel is checked there.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise QuantizationError(f"--quantization {quantization}: expected one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "none":
+        return
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    # (parent, name) only: a replaced layer's float weight is freed as soon as its int8 one exists.
+    targets = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear | Conv1D) and child is not head
+    ]
+    if not targets:
+        raise QuantizationError(f"--quantization int8: {type(model).__name__} has no linear layers to quantise")
+    device = getattr(*targets[0]).weight.device
+    _check_kernel(device)
+    before = after = kept = 0
+    for parent, name in targets:
+        child = getattr(parent, name)
+        weight = child.weight.T if isinstance(child, Conv1D) else child.weight  # Conv1D's is [in, out]
+        if device.type == "cpu" and weight.shape[1] % _CPU_K_MULTIPLE:
+            kept += 1
+            continue
+        layer = Int8WeightOnlyLinear(weight, child.bias)
+        before += weight_bytes(child)
+        after += weight_bytes(layer)
+        setattr(parent, name, layer)
+    if device.type == "cuda":  # the float weights' memory back to the driver, where the KV budget is measured
+        torch.cuda.empty_cache()
+    log.info(
+        "--quantization int8: %d linear layers hold int8 weights with per-row scales (%.1f MiB -> %.1f MiB); "
+        "the LM head and embeddings keep the model's dtype%s",
+        len(targets) - kept,
+        before / 2**20,
+        after / 2**20,
+        f"; {kept} layers are kept as loaded (input width not a multiple of {_CPU_K_MULTIPLE})" if kept else "",
+    )
