@@ -30,12 +30,21 @@ help: ## list the targets and the variables they take (also what `make` alone do
 	@echo "  BENCH_ARGS       flags for the bench and soak scripts"
 	@echo "  TORCH_SPEC       the torch pip installs when .venv has none (default: $(TORCH_SPEC))"
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt clients/node/package-lock.json
 	@echo "installing into $(VENV): the first time downloads torch and transformers (a few minutes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
 	$(BIN)/python -m pip install -c constraints.txt -e clients/python -e ".[dev]"
+	@# The browser test drives Debian's chromium; install it where we may (root, apt-get), else it skips.
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "note: chromium is not installed (it needs root and apt-get): the browser test will skip"
+	@# The Node client (clients/node: its pinned packages, then its build); without npm its test skips.
+	@if command -v npm >/dev/null 2>&1; then cd clients/node && npm ci --no-audit --no-fund \
+		|| echo "note: npm ci failed in clients/node: the Node client test will skip"; \
+		else echo "note: npm is not installed: the Node client is not built and its test will skip"; fi
 	touch $@
 
 install: $(STAMP) ## create .venv and install the server, the client and the dev tools (torch only if missing)
@@ -72,8 +81,9 @@ bench-telemetry: $(STAMP) ## telemetry's cost per request, step and scrape, boun
 soak: $(STAMP) ## soak and 10x overload; fails on leaks or wrong outputs; writes docs/reliability.md
 	$(BIN)/python -m bench.soak --write-docs $(BENCH_ARGS)
 
-proto: $(STAMP) ## regenerate the Python stubs in clients/python from protos/
+proto: $(STAMP) ## regenerate the stubs from protos/: Python (clients/python), TypeScript and Go (buf.gen.yaml)
 	$(BIN)/python scripts/generate_protos.py
+	$(BIN)/python scripts/generate_buf_stubs.py
 
 clean: ## remove .venv and the tool caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

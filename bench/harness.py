@@ -50,6 +50,7 @@ class ServerProcess:
     address: str
     log_path: Path
     metrics_port: int
+    http_port: int  # the OpenAI-compatible HTTP API's (0: off)
 
     def channel(self) -> grpc.Channel:
         # Retry a not-yet-open port quickly, so a Watch sees the server from its first moment.
@@ -106,12 +107,18 @@ class ServerProcess:
 
 
 def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "server") -> ServerProcess:
-    """`modelserve serve *args` on free loopback ports (gRPC and --metrics-port), its output in
+    """`modelserve serve *args` on free loopback ports (gRPC, --metrics-port and, unless `args` name one,
+    --http-port: never the default 8000, which servers started side by side would share), its output in
     log_dir/<name>-<port>.log; returns at once (wait_serving() waits until it serves)."""
     port, metrics_port = free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     address = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
+    if "--http-port" in args:
+        http_port = int(args[args.index("--http-port") + 1])
+    else:
+        http_port = free_port()
+        address += ["--http-port", str(http_port)]
     if "--dtype" not in args:  # correctness is checked in float32, whatever --dtype auto picks on this CPU
         address += ["--dtype", "float32"]
     with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
@@ -121,7 +128,7 @@ def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None, n
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-    return ServerProcess(proc, f"127.0.0.1:{port}", log_path, metrics_port)
+    return ServerProcess(proc, f"127.0.0.1:{port}", log_path, metrics_port, http_port)
 
 
 # A record in the server's log format (modelserve.config.LOG_FORMAT), and

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelserve_client import AsyncModelServeClient, ModelServeClient
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+from modelserve_client.vllm import vllm_engine_pb2 as vpb
+from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelserve.cli import main as cli_main
@@ -257,6 +261,25 @@ def test_unary_methods_need_the_token_too(tls_channel: grpc.Channel) -> None:
     assert stub.ModelInfo(pb.ModelInfoRequest(), metadata=_bearer(), timeout=CALL_TIMEOUT_S).model_id
 
 
+def test_every_vllm_engine_method_needs_the_token(tls_channel: grpc.Channel) -> None:
+    """The vLLM-compatible service (server/vllm_compat.py) is behind the same interceptor, every method of it."""
+    stub = vpb_grpc.VllmEngineStub(tls_channel)
+    methods = vpb.DESCRIPTOR.services_by_name["VllmEngine"].methods
+    assert {m.name for m in methods} >= {"Generate", "Abort", "HealthCheck", "GetModelInfo", "GetLoads"}
+    for method in methods:
+        request = getattr(vpb, method.input_type.name)()
+        for metadata, refused in (((), True), (_bearer(), False)):
+            try:
+                answer = getattr(stub, method.name)(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+                if method.server_streaming:
+                    list(answer)  # a stream's status comes at its end
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+            # With the token: answered (an empty Generate or an Embed is refused, but not for want of it).
+            assert (code == grpc.StatusCode.UNAUTHENTICATED) == refused, (method.name, metadata, code)
+
+
 def test_right_token_streams_text(tls_channel: grpc.Channel) -> None:
     assert _generate(tls_channel, _bearer())
     lower_scheme = (("authorization", f"bearer {TOKEN}"),)  # the scheme is case-insensitive
@@ -310,6 +333,18 @@ def test_client_cli_with_tls_and_token_from_env(pki: Pki, tls_server: ServerProc
     assert '"modelId"' in ok.stdout
     refused = subprocess.run(command, env={}, capture_output=True, text=True, timeout=60, check=False)
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+def test_http_port_speaks_tls_with_the_grpc_certificate(pki: Pki, tls_server: ServerProcess) -> None:
+    """The token must not cross the HTTP port in clear text when the operator set TLS up for gRPC."""
+    url = f"https://localhost:{tls_server.http_port}"
+    trust = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    with httpx.Client(verify=trust, timeout=CALL_TIMEOUT_S) as client:
+        assert client.get(f"{url}/health").status_code == 200  # open, as standard health is
+        assert client.get(f"{url}/v1/models").status_code == 401
+        assert client.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
+        httpx.get(f"http://127.0.0.1:{tls_server.http_port}/health", timeout=CALL_TIMEOUT_S)
 
 
 # --- server 2: mutual TLS + token, also on health (--auth-health) -----------------------------------------------
@@ -390,6 +425,17 @@ def test_client_sdk_with_mtls(pki: Pki, mtls_server: ServerProcess) -> None:
         timeout_s=CALL_TIMEOUT_S,
     ) as client:
         assert client.health().model_loaded
+
+
+def test_http_port_needs_the_client_certificate_and_the_token_on_health(pki: Pki, mtls_server: ServerProcess) -> None:
+    url = f"https://localhost:{mtls_server.http_port}/health"
+    trust = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
+    with pytest.raises(httpx.TransportError):  # no client certificate: the handshake fails
+        httpx.get(url, verify=trust, timeout=CALL_TIMEOUT_S)
+    trust.load_cert_chain(pki.client.cert_path, pki.client.key_path)
+    with httpx.Client(verify=trust, timeout=CALL_TIMEOUT_S) as client:
+        assert client.get(url).status_code == 401  # --auth-health: health needs the token too
+        assert client.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
 # --- configuration errors: refused at start, before the model loads ---------------------------------------------

@@ -41,8 +41,12 @@ _HELP = {
     "ignored, with a warning, for a local directory)",
     "max_model_len": "most tokens (prompt + output) a sequence may hold, to cap the model's context "
     "(0 = the model's own; a larger value is refused at start-up)",
+    "chat_template": "Jinja chat template file that Chat renders messages with, in place of the model's own "
+    "(default: the model's; without either, Chat answers FAILED_PRECONDITION)",
     "host": "address to listen on",
-    "port": "port to listen on",
+    "port": "port to listen on (gRPC)",
+    "http_port": "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+    "/health) and the chat page at /, on --host (0 = off)",
     "device": "auto | cpu | cuda | cuda:N",
     "dtype": "auto (bf16/fp16 on CUDA; bf16 on a CPU with AMX or AVX512-BF16, else fp32) "
     "| float32 | bfloat16 | float16",
@@ -76,9 +80,14 @@ _HELP = {
     "log_content": "log each request's prompt and output (off by default: they may be private)",
     "metrics_port": "port of the Prometheus /metrics endpoint (0 = off)",
     "metrics_host": "address of the /metrics endpoint (empty = the same as --host)",
+    "vllm_metrics": "also export vllm:num_requests_waiting, vllm:num_requests_running, vllm:kv_cache_usage_perc "
+    "and vllm:cache_config_info on /metrics, the names LLM routers (the Gateway API Inference Extension's "
+    "endpoint picker) read by default",
     "reflection": "serve gRPC server reflection",
     "warmup": "run one generation before reporting SERVING",
     "grace_s": "seconds running streams may finish after SIGTERM",
+    "max_connection_age_s": "seconds after which a connection is asked to close (GOAWAY) so that clients "
+    "re-resolve DNS and rebalance over the replicas; streams running on it still finish (0 = never)",
     "tls_cert_file": "PEM certificate chain; with --tls-key-file the server speaks TLS only",
     "tls_key_file": "PEM private key for --tls-cert-file",
     "tls_client_ca_file": "PEM CA bundle: require client certificates signed by it (mutual TLS)",

@@ -33,6 +33,8 @@ AUTO_PREFILL_CHUNK_CUDA = 512
 AUTO_WAITING_KV_BUDGETS = 4
 # The prefix cache's share of the KV budget (engine/prefix_cache.py says why a share, and what caps it).
 PREFIX_CACHE_KV_SHARE = 0.25
+# The prefix cache's block: smaller reuses more of a partly shared prefix; larger means fewer lookups (vLLM: 16).
+PREFIX_CACHE_BLOCK_TOKENS = 32
 # max_new_tokens for a request that leaves it unset, unless the flag or the model's generation_config.json sets one.
 DEFAULT_MAX_NEW_TOKENS = 256
 # --quantization values: "none" keeps the weights as loaded; "int8" is weight-only int8 (models/quantize.py).
@@ -47,8 +49,10 @@ class Config:
     served_model_name: str = ""  # the model id ModelInfo, Health and telemetry report; "" = the --model value
     revision: str = ""  # hub branch, tag or commit of --model; "" = the default branch; ignored for a local directory
     max_model_len: int = 0  # most tokens (prompt + output) a sequence holds; 0 = the model's context; above it: refused
+    chat_template: str = ""  # Jinja file Chat renders messages with, in place of the model's own; "" = the model's
     host: str = "0.0.0.0"
     port: int = 50051
+    http_port: int = 8000  # OpenAI-compatible HTTP API and chat page, on host; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization: str = "none"  # one of QUANTIZATIONS: none | int8 (weight-only, per output channel)
@@ -74,9 +78,13 @@ class Config:
     log_content: bool = False  # log each request's prompt and output (off: ids and counts only)
     metrics_port: int = 9464  # Prometheus scrape endpoint (/metrics); 0 = off
     metrics_host: str = ""  # "" = the same as host
+    vllm_metrics: bool = True  # the load gauges under vLLM's names too, for LLM routers (telemetry/vllm_aliases.py)
     reflection: bool = True
     warmup: bool = True
     grace_s: float = 30.0  # how long running streams may finish after SIGTERM
+    # A connection is told to go (GOAWAY) when this old, so that clients re-resolve DNS and reach new
+    # replicas; its running streams still finish (server/app.py says why). 0 = connections never age out.
+    max_connection_age_s: float = 300.0
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file turns TLS on
     tls_key_file: str = ""  # PEM private key
     tls_client_ca_file: str = ""  # PEM CA bundle; set = mutual TLS (clients must present a certificate it signed)

@@ -2,10 +2,10 @@
 
 A small Llama-shaped model with seeded random weights and a word tokenizer built
 here; built once into the cache folder, then loaded like any local model. Its
-output is random text: it exists to show the service working. Random weights
-pick tokens at random, so the tokenizer has only whole English words and single
-characters (never a part of a UTF-8 character): the text reads as random words,
-not as a wall of U+FFFD.
+output is random text: it exists to show the service working, Chat included (it
+ships a small chat template). Random weights pick tokens at random, so the
+tokenizer has only whole English words and single characters (never a part of a
+UTF-8 character): the text reads as random words, not as a wall of U+FFFD.
 
 Building takes a few seconds on the first start with a cache folder; the log says
 where it goes and how long it took, so a first start does not look hung.
@@ -25,8 +25,15 @@ from modelserve.models.random_init import build_random_model, build_word_tokeniz
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_ID = "modelserve-demo"
-# Bump when the recipe changes, so old caches are not reused. 2: the word tokenizer (1 was byte-level BPE).
-DEMO_VERSION = 2
+# Bump when the recipe changes, so old caches are not reused. 2: the word tokenizer (1 was byte-level BPE);
+# 3: the chat template.
+DEMO_VERSION = 3
+# Each message as `role: content`, ended by EOS (the model's end of a turn), then `assistant:` for the reply.
+# Only spaces, ASCII and EOS: the word tokenizer encodes anything else (a newline too) as <unk>.
+DEMO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 # The demo vocabulary: common English words, lower case, one piece each.
 _WORD_LIST = """
@@ -110,6 +117,7 @@ def demo_model_dir(cache_dir: Path) -> Path:
             layers=4,
             heads=4,
             tokenizer=build_word_tokenizer(DEMO_WORDS),
+            chat_template=DEMO_CHAT_TEMPLATE,
         )
         try:
             os.replace(staging, target)  # atomic: two servers starting together both end well

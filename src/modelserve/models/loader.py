@@ -15,7 +15,8 @@ a missing shard fails before a second process starts to load it.
 
 Besides its EOS ids, a model's generation_config.json carries its authors'
 sampling defaults (ModelInfo.generation_defaults); the server applies them to
-the parameters a request leaves unset.
+the parameters a request leaves unset. Its tokenizer carries the chat template
+(ModelInfo.chat_template) that Chat renders messages with.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class ModelInfo:
     is_demo: bool = False
     revision: str | None = None  # the hub revision the config and tokenizer came from (None: local, or the default)
     generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    chat_template: str | None = None  # the Jinja template Chat renders messages with (None: the model has none)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -277,7 +279,17 @@ def load_model_info(
         is_demo=is_demo,
         revision=revision,
         generation_defaults=_generation_defaults(generation),
+        chat_template=_chat_template(hf_tokenizer),
     )
+
+
+def _chat_template(hf_tokenizer: Any) -> str | None:
+    """The tokenizer's chat template; from a dict of named templates, the "default" one (what
+    apply_chat_template picks without tools: the others, such as "tool_use", need tools Chat does not send)."""
+    template = getattr(hf_tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def _load_tokenizer(source: str, local: bool, kwargs: dict[str, Any]) -> Any:

@@ -129,6 +129,7 @@ def build_random_model(
     vocab_size: int | None = None,
     tokenizer_vocab: int = 1024,
     tokenizer: Tokenizer | None = None,
+    chat_template: str | None = None,
     config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a model directory (config, safetensors weights, tokenizer) and return it.
@@ -137,7 +138,8 @@ def build_random_model(
     byte-level BPE of `tokenizer_vocab` pieces from `build_tokenizer`.
     `vocab_size` may exceed the tokenizer's (as in GPT-2-small's 50,257 rows); by
     default the model has exactly the tokenizer's vocabulary. `arch` is gpt2, llama,
-    qwen2 or any other transformers model type, whose config takes `config_overrides`.
+    qwen2 or any other transformers model type, whose config takes `config_overrides`. A `chat_template`
+    is saved with the tokenizer, where a model's own chat template lives.
     """
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -168,7 +170,9 @@ def build_random_model(
     specials: dict[str, str] = {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN}
     if tok.token_to_id(UNK_TOKEN) is not None:
         specials["unk_token"] = UNK_TOKEN
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, **specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=max_len, chat_template=chat_template, **specials
+    )
     fast.save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     return out_dir

@@ -12,6 +12,10 @@ A shutdown drains (lifecycle.drain): new calls are refused (UNAVAILABLE) at
 once, running streams get `grace_s` to finish, and whatever still runs then is
 ended by the engine, so each caller gets a last message (finish_reason
 CANCELLED) and an UNAVAILABLE status that says why, not a cut connection.
+
+The OpenAI-compatible HTTP port (http.py, --http-port) shares the phases: it
+opens with the gRPC port, its /health says 200 only while serving, it answers
+503 from the moment a shutdown begins, and it closes after the same drain.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve.config import Config
+from modelserve.server.http import HttpServer
 from modelserve.server.parsing import RequestParsingInterceptor
 from modelserve.server.security import (
     OPEN_METHOD_PREFIXES,
@@ -35,7 +41,10 @@ from modelserve.server.security import (
     resolve_token,
     server_credentials,
 )
-from modelserve.server.servicer import SERVICE_NAME, GenerationServicer, Phase
+from modelserve.server.servicer import SERVICE_NAME, GenerationServicer
+from modelserve.server.serving import Phase, Serving
+from modelserve.server.vllm_compat import SERVICE_NAME as VLLM_SERVICE_NAME
+from modelserve.server.vllm_compat import VllmEngineServicer
 from modelserve.telemetry.rpc_metrics import RpcMetricsInterceptor
 from modelserve.telemetry.setup import Telemetry, start_telemetry
 from modelserve.telemetry.tracing import server_interceptor
@@ -84,32 +93,59 @@ def _interceptors(config: Config, telemetry: Telemetry | None, token: str | None
     return interceptors
 
 
+# gRPC core reads INT_MAX as "no limit".
+_NO_LIMIT_MS = 2**31 - 1
+
+
+def _connection_age_options(config: Config) -> list[tuple[str, int]]:
+    """GOAWAY on each connection once it is `max_connection_age_s` old (gRPC adds +-10% jitter, so clients do
+    not all reconnect at once): the client opens a new one, re-resolving DNS, and so reaches replicas started
+    since, while a replica's health Watch keeps it out of rotation until it serves.
+
+    No grace limit (`max_connection_age_grace_ms`): GOAWAY only stops new calls on the connection; a stream on
+    it runs to its own end. Any finite grace would cut a stream that outlives it with UNAVAILABLE and no last
+    message, which no retry policy repeats: it would have to cover the drain's `grace_s` at the very least, and
+    outside a shutdown a generation may run longer than that. A shutdown stays bounded all the same: the drain
+    ends every stream after `grace_s` with a last message, then stops the server.
+    """
+    if config.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_s * 1000))),
+        ("grpc.max_connection_age_grace_ms", _NO_LIMIT_MS),
+    ]
+
+
 def build_grpc_server(
     config: Config,
-    servicer: GenerationServicer,
+    serving: Serving,
     health_servicer: health.aio.HealthServicer,
     telemetry: Telemetry | None,
     token: str | None,
 ) -> grpc.aio.Server:
-    """The gRPC server with its interceptors and services (no port yet)."""
+    """The gRPC server with its interceptors and services (no port yet): ours and vLLM's VllmEngine
+    (vllm_compat.py), both over `serving`."""
     server = grpc.aio.server(
         interceptors=_interceptors(config, telemetry, token),
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *_connection_age_options(config),
         ],
     )
-    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(serving), server)
+    vpb_grpc.add_VllmEngineServicer_to_server(VllmEngineServicer(serving), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        names = (SERVICE_NAME, VLLM_SERVICE_NAME, health_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     return server
 
 
 async def _set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, VLLM_SERVICE_NAME):
         await health_servicer.set(name, status)
 
 
@@ -126,6 +162,10 @@ async def _start_engine(
         await warm_up(engine, info)
     if telemetry is not None:
         telemetry.metrics.attach_engine(engine.stats)
+        if config.vllm_metrics and telemetry.registry is not None:
+            from modelserve.telemetry.vllm_aliases import VllmAliases  # imports torch: not before the port is open
+
+            telemetry.registry.register(VllmAliases(engine.stats, info.model_id))
         if info.device.type == "cuda":
             telemetry.metrics.attach_gpu_memory(
                 lambda: (engine.stats().gpu_allocated_bytes, engine.stats().gpu_reserved_bytes)
@@ -158,8 +198,8 @@ async def serve(config: Config) -> int:
             log.info("metrics: http://%s:%d/metrics", metrics_host, config.metrics_port)
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, NOT_SERVING)
-    servicer = GenerationServicer(config)
-    server = build_grpc_server(config, servicer, health_servicer, telemetry, token)
+    serving = Serving(config)
+    server = build_grpc_server(config, serving, health_servicer, telemetry, token)
     address = f"{config.host}:{config.port}"
     try:
         if credentials is None:
@@ -169,15 +209,26 @@ async def serve(config: Config) -> int:
     except RuntimeError as exc:
         log.error("cannot listen on %s: %s", address, exc)
         return 2
+    http: HttpServer | None = None
+    if config.http_port:
+        http = HttpServer(config, serving, token, telemetry)
+        try:
+            http_port = http.bind()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d (--http-port): %s", config.host, config.http_port, exc)
+            return 2
     _log_security(config, credentials is not None, token is not None)
     await server.start()
     log.info("listening on %s:%d; health NOT_SERVING until the model is loaded and warmed up", config.host, port)
+    if http is not None:
+        http.start()
+        log.info("OpenAI-compatible HTTP API and chat page: %s://%s:%d/", http.scheme, config.host, http_port)
 
     stop = asyncio.Event()
 
     def begin_shutdown() -> None:
-        if servicer.phase is not Phase.FAILED:
-            servicer.phase = Phase.DRAINING  # from this moment every new call is answered UNAVAILABLE
+        if serving.phase is not Phase.FAILED:
+            serving.phase = Phase.DRAINING  # from this moment every new call is answered UNAVAILABLE
         stop.set()
 
     loop = asyncio.get_running_loop()
@@ -196,7 +247,7 @@ async def serve(config: Config) -> int:
                 engine, model = await _start_engine(config, loading.result(), telemetry)
             except Exception as exc:
                 log.error("could not load the model: %s", exc)
-                servicer.phase = Phase.FAILED
+                serving.phase = Phase.FAILED
                 return 1
             log.info(
                 "loaded %s (%s) on %s as %s in %.1fs",
@@ -206,17 +257,17 @@ async def serve(config: Config) -> int:
                 str(model.dtype).removeprefix("torch."),
                 time.monotonic() - started,
             )
-            servicer.attach(model, engine, telemetry.metrics if telemetry else None)
-            servicer.phase = Phase.SERVING
+            serving.attach(model, engine, telemetry.metrics if telemetry else None)
+            serving.phase = Phase.SERVING
             await _set_health(health_servicer, SERVING)
-            log.info("ready: serving %s on %s:%d", SERVICE_NAME, config.host, port)
+            log.info("ready: serving %s and %s on %s:%d", SERVICE_NAME, VLLM_SERVICE_NAME, config.host, port)
             engine_stopped = asyncio.ensure_future(engine.wait_stopped())
             await asyncio.wait({stopping, engine_stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not stopping.done():
                 log.error("the engine stopped: health NOT_SERVING; this process exits so that it is restarted")
-                servicer.phase = Phase.FAILED
+                serving.phase = Phase.FAILED
                 await _set_health(health_servicer, NOT_SERVING)
-                await servicer.wait_idle(FINAL_MESSAGE_S)  # the open calls send their UNAVAILABLE
+                await serving.wait_idle(FINAL_MESSAGE_S)  # the open calls send their UNAVAILABLE
                 return 1
         else:
             loading.cancel()
@@ -225,10 +276,10 @@ async def serve(config: Config) -> int:
         log.exception("server failed")
         exit_code = 1
     finally:
-        if servicer.phase is not Phase.FAILED:
-            servicer.phase = Phase.DRAINING
+        if serving.phase is not Phase.FAILED:
+            serving.phase = Phase.DRAINING
         await health_servicer.enter_graceful_shutdown()
-        await drain(server, servicer, engine, config.grace_s)
+        await drain(server, http, serving, engine, config.grace_s)
         if engine is not None:
             engine.shutdown()
         if telemetry is not None:

@@ -10,7 +10,9 @@ Only when the running calls have ended (or the grace period is over and the
 engine has ended the rest with a last message) is the gRPC server stopped.
 Stopping it at once instead would leave a window in which a call that reaches
 an open connection is killed by the transport as CANCELLED, which no retry
-policy retries.
+policy retries. The HTTP port (http.py) drains the same way: 503 for new
+requests on open connections, running ones counted with the gRPC calls, and
+the port closed with the gRPC server.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend
     from modelserve.engine.request import StepRecord
     from modelserve.models.loader import LoadedModel, ModelInfo
-    from modelserve.server.servicer import GenerationServicer
+    from modelserve.server.http import HttpServer
+    from modelserve.server.serving import Serving
 
 log = logging.getLogger("modelserve")
 
@@ -70,12 +73,13 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
 
 
 def load_info(config: Config) -> ModelInfo:
-    """The configured model's tokenizer and description (building the demo model first if need be);
-    its weights are the engine core's to load."""
+    """The configured model's tokenizer and description (building the demo model first if need be), with
+    the chat template of --chat-template if given; its weights are the engine core's to load."""
     import torch
 
     from modelserve.models.demo import DEMO_MODEL_ID, demo_model_dir
     from modelserve.models.loader import load_model_info
+    from modelserve.server.chat import with_chat_template
 
     # Placeholders until the core says which device and dtype it chose (it alone touches the GPU).
     device, dtype = torch.device("cpu"), torch.float32
@@ -85,7 +89,7 @@ def load_info(config: Config) -> ModelInfo:
             "Pass --model PATH to serve a real Hugging Face model."
         )
         path = demo_model_dir(config.cache_dir)
-        return load_model_info(
+        info = load_model_info(
             str(path),
             device,
             dtype,
@@ -94,15 +98,17 @@ def load_info(config: Config) -> ModelInfo:
             max_model_len=config.max_model_len,
             is_demo=True,
         )
-    return load_model_info(
-        config.model,
-        device,
-        dtype,
-        model_id=config.served_model_name or None,
-        revision=config.revision or None,
-        max_model_len=config.max_model_len,
-        trust_remote_code=config.trust_remote_code,
-    )
+    else:
+        info = load_model_info(
+            config.model,
+            device,
+            dtype,
+            model_id=config.served_model_name or None,
+            revision=config.revision or None,
+            max_model_len=config.max_model_len,
+            trust_remote_code=config.trust_remote_code,
+        )
+    return with_chat_template(info, config.chat_template)
 
 
 def load(config: Config) -> LoadedModel:
@@ -178,11 +184,15 @@ async def warm_up(engine: EngineFrontend, model: ModelInfo) -> None:
 
 
 async def drain(
-    server: grpc.aio.Server, servicer: GenerationServicer, engine: EngineFrontend | None, grace_s: float
+    server: grpc.aio.Server,
+    http: HttpServer | None,
+    serving: Serving,
+    engine: EngineFrontend | None,
+    grace_s: float,
 ) -> None:
-    """With the servicer already refusing new calls: let running calls finish for `grace_s`, end the
-    rest with a last message, then stop the gRPC server."""
-    if engine is not None and not await servicer.wait_idle(grace_s):
+    """With every face already refusing new calls: let running calls finish for `grace_s`, end the
+    rest with a last message, then stop the gRPC server and the HTTP port."""
+    if engine is not None and not await serving.wait_idle(grace_s):
         from modelserve.engine.request import FinishReason
 
         stats = engine.stats()
@@ -191,8 +201,8 @@ async def drain(
             FinishReason.CANCELLED,
             f"the server is shutting down and its {grace_s:g}s grace period is over; retry on another replica",
         )
-        if not await servicer.wait_idle(FINAL_MESSAGE_S):
+        if not await serving.wait_idle(FINAL_MESSAGE_S):
             log.warning(
                 "some calls did not end within %gs of the grace period; the server cancels them", FINAL_MESSAGE_S
             )
-    await server.stop(STOP_GRACE_S)
+    await asyncio.gather(server.stop(STOP_GRACE_S), *([http.stop()] if http is not None else []))

@@ -5,7 +5,8 @@ Owns three things, all read from the Config once at start-up:
   a client CA turns on mutual TLS, where grpc itself refuses a caller without a
   certificate signed by that CA before any handler runs.
 - `resolve_token()`: the bearer token from auth_token or auth_token_file.
-- `BearerTokenInterceptor`: checks `authorization: Bearer <token>` on every call.
+- `BearerTokenInterceptor`: checks `authorization: Bearer <token>` on every call; the
+  HTTP app checks its Authorization header with the same `bearer_refusal`.
 
 The interceptor is hand-written because grpc has no server-side token check:
 grpc.access_token_call_credentials and grpc.AuthMetadataPlugin are client-side only.
@@ -97,6 +98,17 @@ def _presented_token(metadata: Sequence[tuple[str, Any]] | None) -> bytes | None
     return None
 
 
+def bearer_refusal(metadata: Sequence[tuple[str, Any]] | None, expected: str, expected_how: str) -> str | None:
+    """Why a caller is refused (None: it sent `expected`), saying what is expected (`expected_how`) and
+    never echoing what was sent; gRPC metadata and HTTP headers alike, as (lower-case name, value) pairs."""
+    presented = _presented_token(metadata)
+    if presented is not None and hmac.compare_digest(presented, expected.encode("utf-8")):
+        return None
+    if presented is None:
+        return f"missing bearer token: this server requires {expected_how}"
+    return f"invalid bearer token: this server requires {expected_how} with its configured token"
+
+
 def _rejecting(handler: grpc.RpcMethodHandler[Any, Any], details: str) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED.
 
@@ -131,7 +143,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, *, open_method_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES) -> None:
         if not token:
             raise ValueError("BearerTokenInterceptor needs a non-empty token")
-        self._expected = token.encode("utf-8")
+        self._expected = token
         self._open = open_method_prefixes
 
     async def intercept_service(
@@ -142,14 +154,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.decode() if isinstance(details.method, bytes) else str(details.method)
         if method.startswith(self._open):
             return await continuation(details)
-        presented = _presented_token(details.invocation_metadata)
-        if presented is not None and hmac.compare_digest(presented, self._expected):
+        message = bearer_refusal(details.invocation_metadata, self._expected, EXPECTED_METADATA)
+        if message is None:
             return await continuation(details)
-        # Say what is expected; never echo what was sent.
-        if presented is None:
-            message = f"missing bearer token: this server requires {EXPECTED_METADATA}"
-        else:
-            message = f"invalid bearer token: this server requires {EXPECTED_METADATA} with its configured token"
         handler = await continuation(details)
         # An unknown method stays UNIMPLEMENTED: refusing it here would let any caller add
         # rpc.method values to the metrics (and reflection lists the methods anyway).

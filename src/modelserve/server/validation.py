@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,16 @@ def check_prompt_size(prompt: str, limits: Limits, field: str = "prompt") -> Non
     size = len(prompt.encode("utf-8", errors="surrogatepass"))
     if size > limits.max_prompt_bytes:
         raise InvalidArgument(f"{field} is {size} bytes; the limit is {limits.max_prompt_bytes} bytes")
+
+
+def check_token_ids(token_ids: Sequence[int], limits: Limits, field: str = "prompt_ids") -> list[int]:
+    """A prompt sent as token ids: each must be in the vocabulary, or the model's embedding lookup would
+    fail the whole step, and with it every request in the batch."""
+    ids = list(token_ids)
+    if max(ids, default=0) >= limits.vocab_size or min(ids, default=0) < 0:
+        for i, token_id in enumerate(ids):
+            _in_range(f"{field}[{i}]", token_id, 0, limits.vocab_size - 1)
+    return ids
 
 
 def truncate_prompt(prompt_ids: list[int], params: pb.GenerationParameters, limits: Limits) -> list[int]:

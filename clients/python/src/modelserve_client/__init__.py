@@ -8,8 +8,10 @@ from modelserve_client.client import (
     AsyncModelServeClient,
     ModelServeClient,
     channel_credentials,
+    channel_target,
     generation_parameters,
     retry_service_config,
+    service_config,
 )
 from modelserve_client.v1 import generation_pb2 as pb
 
@@ -17,7 +19,9 @@ __all__ = [
     "AsyncModelServeClient",
     "ModelServeClient",
     "channel_credentials",
+    "channel_target",
     "generation_parameters",
     "pb",
     "retry_service_config",
+    "service_config",
 ]

@@ -3,8 +3,11 @@
 modelserve-client generate "Hello" --max-new-tokens 32 --temperature 0
 modelserve-client generate --prompt-file prompt.txt --truncate-input-tokens 1024 -v
 some-command | modelserve-client generate - --logprobs 3
+modelserve-client chat --system "Answer briefly." --temperature 0.7
 modelserve-client health | info [--json] | tokenize "some text"
 modelserve-client --tls-ca ca.pem --token-file token.txt generate "Hello"
+modelserve-client --address dns:///modelserve-headless.NAMESPACE.svc.cluster.local:50051 generate "Hello"
+modelserve-client --address 10.0.0.7:50051,10.0.0.8:50051 generate "Hello"
 """
 
 from __future__ import annotations
@@ -81,7 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (default %(default)s)")
+    parser.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help="server host:port; or many replicas: a dns:///NAME:PORT target whose name resolves to them all, "
+        "or IP:PORT addresses separated by commas; calls go round robin over the SERVING ones "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-health-check",
+        action="store_true",
+        help="send calls whatever a replica's grpc.health.v1 says (needed when the server's health needs the "
+        "token, --auth-health, without TLS); `health` never checks, so that it reaches a loading or draining server",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="deadline for the call, in seconds")
     security = parser.add_argument_group("TLS and authentication")
     security.add_argument("--tls", action="store_true", help="use TLS, checked against the system's CA roots")
@@ -115,21 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="read the prompt from this UTF-8 file instead (for prompts too long for a command line; - is stdin)",
     )
-    gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--min-new-tokens", type=int)
-    gen.add_argument("--temperature", type=float, help="0 = greedy")
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--repetition-penalty", type=float)
-    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument(
-        "--truncate-input-tokens",
-        type=int,
-        metavar="N",
-        help="keep only the prompt's last N tokens (the server's default, 0, rejects a prompt that does not fit)",
-    )
+    _add_generation_args(gen)
     gen.add_argument(
         "--logprobs",
         type=int,
@@ -146,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
         "with an error, also what its last message said",
     )
 
+    chat = commands.add_parser(
+        "chat",
+        help="an interactive chat: each line is a user message, each reply streams to stdout",
+        description="Chat with the model: each line read is a user message, and the assistant's reply streams\n"
+        "to stdout as it is generated. The conversation is kept and sent whole each turn (the server lays it\n"
+        "out with the model's chat template). Ctrl-C stops the reply (its call is cancelled; what arrived stays\n"
+        "in the conversation, or the unanswered line leaves it), not the session; /exit or end of input\n"
+        "(Ctrl-D) ends it. A turn the server refuses is printed on stderr and left out of the conversation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
+    _add_generation_args(chat)
+    chat.add_argument(
+        "--verbose", "-v", action="store_true", help="after each reply, print its finish reason, usage and timings"
+    )
+
     health = commands.add_parser("health", help="print the server's detailed health")
     info = commands.add_parser("info", help="print the model's description and the server's limits")
     for sub in (health, info):
@@ -153,6 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     tok = commands.add_parser("tokenize", help="print the token ids of TEXT (JSON)")
     tok.add_argument("text")
     return parser
+
+
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """The GenerationParameters flags that generate and chat share."""
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--min-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="0 = greedy")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument(
+        "--truncate-input-tokens",
+        type=int,
+        metavar="N",
+        help="keep only the prompt's last N tokens (the server's default, 0, rejects a prompt that does not fit)",
+    )
 
 
 # ---- generate ---------------------------------------------------------------------------------------------------
@@ -185,9 +222,6 @@ def _params(ns: argparse.Namespace) -> dict[str, Any]:
     params["stop"] = ns.stop
     params["ignore_eos"] = ns.ignore_eos or None
     params["truncate_input_tokens"] = ns.truncate_input_tokens
-    if ns.logprobs is not None:
-        params["logprobs"] = True
-        params["top_logprobs"] = ns.logprobs
     return params
 
 
@@ -226,7 +260,10 @@ def _generate(client: ModelServeClient, ns: argparse.Namespace, out: TextIO, err
     logprobs: list[pb.TokenLogprobs] = []
     wrote_text = False
     status: grpc.RpcError | None = None
-    with contextlib.closing(client.stream(prompt, _params(ns))) as stream:
+    params = _params(ns)
+    if ns.logprobs is not None:
+        params.update(logprobs=True, top_logprobs=ns.logprobs)
+    with contextlib.closing(client.stream(prompt, params)) as stream:
         try:
             for message in stream:
                 last = message
@@ -260,6 +297,88 @@ def _print_status(exc: grpc.RpcError, err: TextIO, verbose: bool) -> None:
         for key, value in exc.trailing_metadata() or ():
             if key == RETRY_PUSHBACK_KEY:
                 print(f"retry after: {value} ms (the server's {RETRY_PUSHBACK_KEY})", file=err)
+
+
+# ---- chat -------------------------------------------------------------------------------------------------------
+
+EXIT_COMMAND = "/exit"
+
+
+def _chat(client: ModelServeClient, ns: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
+    """The chat session (see the chat command's description); EXIT_ERROR if a turn failed."""
+    interactive = stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        print(f"Ctrl-C stops a reply; {EXIT_COMMAND} or Ctrl-D ends the chat.", file=err)
+    history: list[dict[str, str]] = [{"role": "system", "content": ns.system}] if ns.system else []
+    params = _params(ns)
+    failed = False
+    while True:
+        try:
+            line = input("> ") if interactive else stdin.readline()
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt: like a shell, a fresh line, not the end
+            print(f"\n({EXIT_COMMAND} or Ctrl-D ends the chat)", file=err)
+            continue
+        if not interactive and not line:  # end of input
+            break
+        text = line.removesuffix("\n")
+        if text.strip() == EXIT_COMMAND:
+            break
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        reply, status = _chat_turn(client, history, params, out, err, ns.verbose)
+        if status is not None:
+            history.pop()
+            _print_status(status, err, verbose=ns.verbose)
+            if isinstance(status, grpc.Call) and status.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                return EXIT_ERROR  # the model has no chat template: no turn can succeed
+            failed = True
+        elif reply is None:
+            history.pop()  # stopped before any text: as if the line had not been sent
+        else:
+            history.append({"role": "assistant", "content": reply})
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _chat_turn(
+    client: ModelServeClient,
+    history: list[dict[str, str]],
+    params: dict[str, Any],
+    out: TextIO,
+    err: TextIO,
+    verbose: bool,
+) -> tuple[str | None, grpc.RpcError | None]:
+    """Stream one reply to `out`: (its text, None when stopped before any arrived; the error status, if any).
+    Ctrl-C cancels the call and keeps what arrived."""
+    texts: list[str] = []
+    last: pb.GenerateResponse | None = None
+    status: grpc.RpcError | None = None
+    with contextlib.closing(client.stream_chat(history, params)) as stream:
+        try:
+            for message in stream:
+                last = message
+                if message.text:
+                    out.write(message.text)
+                    out.flush()
+                    texts.append(message.text)
+        except grpc.RpcError as exc:
+            status = exc
+        except KeyboardInterrupt:
+            if texts:
+                out.write("\n")
+                out.flush()
+            print("[stopped]", file=err)
+            return "".join(texts) or None, None
+    if status is None or texts:
+        out.write("\n")
+        out.flush()
+    if verbose and last is not None and status is None:
+        print(_summary(last), file=err)
+    return "".join(texts), status
 
 
 # ---- health and info --------------------------------------------------------------------------------------------
@@ -357,6 +476,7 @@ def run(argv: Iterable[str] | None = None) -> int:
             tls_key=ns.tls_key,
             tls_server_name=ns.tls_server_name,
             token=_token(ns),
+            health_check=False if ns.no_health_check or ns.command == "health" else None,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -364,6 +484,8 @@ def run(argv: Iterable[str] | None = None) -> int:
     with client:
         if ns.command == "generate":
             return _generate(client, ns, sys.stdout, sys.stderr)
+        if ns.command == "chat":
+            return _chat(client, ns, sys.stdin, sys.stdout, sys.stderr)
         try:
             if ns.command == "health":
                 _print_message(client.health(), ns.json, sys.stdout)

@@ -1,5 +1,7 @@
 """Sync and asyncio clients. `generate()` yields text deltas; `stream()` yields the
 full GenerateResponse messages (token ids, logprobs, finish reason, usage).
+`chat()` and `stream_chat()` do the same for the next assistant reply of a
+conversation, which the server lays out with the model's chat template.
 
 Security: `tls=True` (or any `tls_*` argument) opens a TLS channel; `tls_cert` and
 `tls_key` add a client certificate for mutual TLS. `token` is sent as
@@ -11,15 +13,29 @@ Retries: a call the server refused before answering (RESOURCE_EXHAUSTED from a f
 queue, UNAVAILABLE from a server that is starting or draining) is retried by grpc
 itself, up to `max_attempts` in all, waiting what the server's `grpc-retry-pushback-ms`
 trailer asks. A stream that has received a message is never retried, so no output is
-ever repeated.
+ever repeated. Over many replicas a retry goes to the next one in the rotation.
+
+Many replicas: `address` is a gRPC target (`host:port`, `dns:///name:port`, `ipv4:a:p,b:p`)
+or several IP addresses with ports (a list, or one string with commas). Calls are spread
+over every address the target resolves to by gRPC's round_robin; with `health_check` (the
+default for a target that may name several replicas: a list, `ipv4:`/`ipv6:` with commas, or
+`dns:`) the channel also watches each replica's grpc.health.v1 status (gRPC A17), so a
+replica that is loading, draining or has lost its engine leaves the rotation the moment it
+says NOT_SERVING and comes back when it says SERVING. One `host:port` is not health-checked
+by default: with no other replica to go to, a call should reach the server and get its own
+answer ("the model is still loading; retry when …"), not gRPC's "backend unhealthy". A
+dns:/// name (a Kubernetes headless Service) is resolved again whenever a connection closes,
+which the server's --max-connection-age-s makes happen every few minutes: new pods are found
+that way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
-from collections.abc import AsyncGenerator, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -31,8 +47,16 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_ATTEMPTS = 3
 Params = pb.GenerationParameters | Mapping[str, Any] | None
+#: A chat message: a ChatMessage, or a mapping with "role" and "content" (the shape OpenAI's API uses).
+Message: TypeAlias = pb.ChatMessage | Mapping[str, str]
 #: PEM data as bytes, or the path of a PEM file.
 PemSource: TypeAlias = bytes | str | os.PathLike[str]
+#: A gRPC target, or several IP addresses with ports (see channel_target()).
+Address: TypeAlias = str | Sequence[str]
+#: The grpc.health.v1 name the channel watches on each replica: the one the server's readiness answers for.
+HEALTH_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# gRPC's name resolvers: a target that starts with one of these is passed on as it is.
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
 def _pem(source: PemSource | None, name: str) -> bytes | None:
@@ -81,6 +105,61 @@ def retry_service_config(max_attempts: int) -> str:
     return json.dumps(config)
 
 
+def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS, *, health_check: bool = True) -> str:
+    """gRPC service config: retry_service_config's retries, calls spread over every address the target
+    resolves to (round_robin) and, with `health_check`, only over replicas whose grpc.health.v1 Watch
+    says SERVING (gRPC A17)."""
+    config = json.loads(retry_service_config(max_attempts))
+    config["loadBalancingConfig"] = [{"round_robin": {}}]
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": HEALTH_SERVICE_NAME}
+    return json.dumps(config)
+
+
+def _spreads(address: Address) -> bool:
+    """Whether `address` may name several replicas (so calls are spread, and health-checked by default)."""
+    target = channel_target(address)
+    return target.startswith("dns:") or "," in target
+
+
+def channel_target(address: Address) -> str:
+    """The gRPC target for `address`: a target as it is (`host:port`, `dns:///name:port`, `ipv4:a:p,b:p`),
+    or several IP addresses with ports (a sequence, or one string with commas) as gRPC's multi-address
+    target, `ipv4:` or `ipv6:`. gRPC has no target for a list of host names: give one dns:/// name
+    that resolves to them all."""
+    if isinstance(address, str):
+        if address.startswith(_SCHEMES) or "," not in address:
+            return address
+        address = address.split(",")
+    items = [item.strip() for item in address]
+    if not items:
+        raise ValueError("no address given")
+    if len(items) == 1:
+        return items[0]
+    versions = {_ip_version(item) for item in items}
+    if len(versions) > 1:
+        raise ValueError(f"a list of addresses takes IPv4 or IPv6 ones, not both: {', '.join(items)}")
+    return f"ipv{versions.pop()}:" + ",".join(items)
+
+
+def _ip_version(address: str) -> int:
+    """4 for `a.b.c.d:port`, 6 for `[v6]:port` (gRPC's spelling); ValueError for anything else."""
+    host, _, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+            host[1:-1] if bracketed else host
+        )
+    except ValueError:
+        ip = None
+    if ip is None or not port.isdigit() or bracketed != (ip.version == 6):
+        raise ValueError(
+            f"{address!r}: a list of addresses takes IP addresses with ports (10.0.0.7:50051, [fd00::7]:50051); "
+            "for host names give one dns:///NAME:PORT target that resolves to them all"
+        )
+    return ip.version
+
+
 class _Connection:
     """What both clients decide the same way: TLS or not, and where the token goes."""
 
@@ -95,13 +174,16 @@ class _Connection:
         tls_server_name: str | None,
         token: str | None,
         max_attempts: int,
+        health_check: bool,
     ) -> None:
         uses_tls = tls or any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
         if channel_given and uses_tls:
             raise ValueError("pass either channel or TLS settings, not both (the channel has its own credentials)")
         self.metadata = tuple(metadata)
         self.credentials: grpc.ChannelCredentials | None = None
-        self.options: list[tuple[str, Any]] = [("grpc.service_config", retry_service_config(max_attempts))]
+        self.options: list[tuple[str, Any]] = [
+            ("grpc.service_config", service_config(max_attempts, health_check=health_check))
+        ]
         if uses_tls:
             self.credentials = channel_credentials(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
             if tls_server_name:
@@ -112,7 +194,8 @@ class _Connection:
 
 #: The keyword arguments `generation_parameters()` accepts: the fields of GenerationParameters.
 PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields)
-#: Keywords of GenerateRequest itself that `stream()`, `generate()` and `complete()` also accept.
+#: The request's own fields (GenerateRequest's and ChatRequest's) that `stream()`, `generate()`, `complete()`
+#: and the chat methods also accept as keywords.
 REQUEST_NAMES: tuple[str, ...] = ("priority", "request_id")
 _REPEATED = frozenset(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.is_repeated)
 
@@ -157,19 +240,39 @@ def _as_list(value: Any) -> list[Any]:
     return list(value)
 
 
-def _request(prompt: str, params: Params, request_id: str, overrides: Mapping[str, Any]) -> pb.GenerateRequest:
-    """The one place both clients turn a prompt and keywords into a request (raising TypeError for
-    an unknown keyword before any call starts). `priority` and `request_id`, as keywords or keys of
-    a dict `params`, are the request's own fields; the rest are GenerationParameters."""
+def _request_fields(params: Params, request_id: str, overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The one place both clients turn keywords into a request's fields (raising TypeError for an
+    unknown keyword before any call starts). `priority` and `request_id`, as keywords or keys of a
+    dict `params`, are the request's own fields; the rest are GenerationParameters."""
     if params is not None and not isinstance(params, pb.GenerationParameters):
         overrides, params = {**params, **overrides}, None
-    _check_names(overrides, PARAMETER_NAMES + REQUEST_NAMES, "a Generate request")
+    _check_names(overrides, PARAMETER_NAMES + REQUEST_NAMES, where)
     overrides = dict(overrides)
     priority = int(overrides.pop("priority", None) or 0)
     request_id = overrides.pop("request_id", None) or request_id
-    return pb.GenerateRequest(
-        prompt=prompt, params=generation_parameters(params, **overrides), request_id=request_id, priority=priority
-    )
+    return dict(params=generation_parameters(params, **overrides), request_id=request_id, priority=priority)
+
+
+def _request(prompt: str, params: Params, request_id: str, overrides: Mapping[str, Any]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, **_request_fields(params, request_id, overrides, "a Generate request"))
+
+
+def _chat_request(
+    messages: Iterable[Message], params: Params, request_id: str, overrides: Mapping[str, Any]
+) -> pb.ChatRequest:
+    fields = _request_fields(params, request_id, overrides, "a Chat request")
+    return pb.ChatRequest(messages=[_chat_message(m) for m in messages], **fields)
+
+
+def _chat_message(message: Message) -> pb.ChatMessage:
+    if isinstance(message, pb.ChatMessage):
+        return message
+    try:
+        return pb.ChatMessage(role=message["role"], content=message["content"])
+    except (KeyError, TypeError):
+        raise TypeError(
+            f"a chat message is a ChatMessage or a mapping with 'role' and 'content', got {message!r}"
+        ) from None
 
 
 def _texts(messages: Generator[pb.GenerateResponse]) -> Generator[str]:
@@ -201,12 +304,17 @@ class ModelServeClient:
 
     TLS and token: see the module docstring; `tls_ca`, `tls_cert` and `tls_key` take
     PEM bytes or a file path, `tls_server_name` overrides the name the server's
-    certificate is checked against.
+    certificate is checked against (needed with a list of IP addresses).
+
+    `address` and `health_check`: see the module docstring. `health_check=False` sends
+    calls to a replica whatever its health says: to ask a loading or draining server for
+    its health(), or when the server's grpc.health.v1 needs the token (--auth-health) and
+    the channel has no TLS (the watch carries no call metadata, only call credentials).
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: Address = DEFAULT_ADDRESS,
         *,
         channel: grpc.Channel | None = None,
         timeout_s: float | None = None,
@@ -218,15 +326,26 @@ class ModelServeClient:
         tls_server_name: str | None = None,
         token: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        health_check: bool | None = None,
     ) -> None:
         conn = _Connection(
-            channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token, max_attempts
+            channel is not None,
+            metadata,
+            tls,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            tls_server_name,
+            token,
+            max_attempts,
+            _spreads(address) if health_check is None else health_check,
         )
         if channel is None:
+            target = channel_target(address)
             if conn.credentials is None:
-                channel = grpc.insecure_channel(address, options=conn.options)
+                channel = grpc.insecure_channel(target, options=conn.options)
             else:
-                channel = grpc.secure_channel(address, conn.credentials, options=conn.options)
+                channel = grpc.secure_channel(target, conn.credentials, options=conn.options)
         self._channel = channel
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._timeout_s = timeout_s
@@ -238,6 +357,12 @@ class ModelServeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel, for other stubs over the same balanced connections, or to read a call's headers
+        (`modelserve-server-id` names the replica that accepted a stream)."""
+        return self._channel
+
     def close(self) -> None:
         self._channel.close()
 
@@ -247,10 +372,10 @@ class ModelServeClient:
         """Every GenerateResponse of the stream. The call starts at the first next(); closing the
         iterator cancels it. `overrides` are GenerationParameters fields and `priority`; any
         other keyword raises TypeError here, at once."""
-        return self._stream(_request(prompt, params, request_id, overrides))
+        return self._stream(self._stub.Generate, _request(prompt, params, request_id, overrides))
 
-    def _stream(self, request: pb.GenerateRequest) -> Generator[pb.GenerateResponse]:
-        call = self._stub.Generate(request, timeout=self._timeout_s, metadata=self._metadata)
+    def _stream(self, method: Callable[..., Any], request: Any) -> Generator[pb.GenerateResponse]:
+        call = method(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             yield from call
         finally:
@@ -258,7 +383,17 @@ class ModelServeClient:
 
     def generate(self, prompt: str, params: Params = None, **overrides: Any) -> Generator[str]:
         """The output's text deltas, as they arrive."""
-        return _texts(self._stream(_request(prompt, params, "", overrides)))
+        return _texts(self._stream(self._stub.Generate, _request(prompt, params, "", overrides)))
+
+    def stream_chat(
+        self, messages: Iterable[Message], params: Params = None, *, request_id: str = "", **overrides: Any
+    ) -> Generator[pb.GenerateResponse]:
+        """As stream(), for the next assistant reply to `messages` (oldest first); keywords as stream()."""
+        return self._stream(self._stub.Chat, _chat_request(messages, params, request_id, overrides))
+
+    def chat(self, messages: Iterable[Message], params: Params = None, **overrides: Any) -> Generator[str]:
+        """The next assistant reply's text deltas, as they arrive; closing the iterator cancels the call."""
+        return _texts(self._stream(self._stub.Chat, _chat_request(messages, params, "", overrides)))
 
     def complete(self, prompt: str, params: Params = None, **overrides: Any) -> str:
         """The whole output text."""
@@ -282,6 +417,7 @@ class ModelServeClient:
         return response
 
     def health(self) -> pb.HealthResponse:
+        """The detailed health of one replica, the next in the rotation (with `health_check`, a SERVING one)."""
         response: pb.HealthResponse = self._stub.Health(
             pb.HealthRequest(), timeout=self._timeout_s, metadata=self._metadata
         )
@@ -293,7 +429,7 @@ class AsyncModelServeClient:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: Address = DEFAULT_ADDRESS,
         *,
         channel: grpc.aio.Channel | None = None,
         timeout_s: float | None = None,
@@ -305,15 +441,26 @@ class AsyncModelServeClient:
         tls_server_name: str | None = None,
         token: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        health_check: bool | None = None,
     ) -> None:
         conn = _Connection(
-            channel is not None, metadata, tls, tls_ca, tls_cert, tls_key, tls_server_name, token, max_attempts
+            channel is not None,
+            metadata,
+            tls,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            tls_server_name,
+            token,
+            max_attempts,
+            _spreads(address) if health_check is None else health_check,
         )
         if channel is None:
+            target = channel_target(address)
             if conn.credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=conn.options)
+                channel = grpc.aio.insecure_channel(target, options=conn.options)
             else:
-                channel = grpc.aio.secure_channel(address, conn.credentials, options=conn.options)
+                channel = grpc.aio.secure_channel(target, conn.credentials, options=conn.options)
         self._channel = channel
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._timeout_s = timeout_s
@@ -325,6 +472,11 @@ class AsyncModelServeClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """As ModelServeClient.channel."""
+        return self._channel
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -332,10 +484,10 @@ class AsyncModelServeClient:
         self, prompt: str, params: Params = None, *, request_id: str = "", **overrides: Any
     ) -> AsyncGenerator[pb.GenerateResponse]:
         """As ModelServeClient.stream: an unknown keyword raises TypeError here, at once."""
-        return self._stream(_request(prompt, params, request_id, overrides))
+        return self._stream(self._stub.Generate, _request(prompt, params, request_id, overrides))
 
-    async def _stream(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.GenerateResponse]:
-        call = self._stub.Generate(request, timeout=self._timeout_s, metadata=self._metadata)
+    async def _stream(self, method: Callable[..., Any], request: Any) -> AsyncGenerator[pb.GenerateResponse]:
+        call = method(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             async for message in call:
                 yield message
@@ -344,7 +496,17 @@ class AsyncModelServeClient:
 
     def generate(self, prompt: str, params: Params = None, **overrides: Any) -> AsyncGenerator[str]:
         """The output's text deltas, as they arrive."""
-        return _async_texts(self._stream(_request(prompt, params, "", overrides)))
+        return _async_texts(self._stream(self._stub.Generate, _request(prompt, params, "", overrides)))
+
+    def stream_chat(
+        self, messages: Iterable[Message], params: Params = None, *, request_id: str = "", **overrides: Any
+    ) -> AsyncGenerator[pb.GenerateResponse]:
+        """As ModelServeClient.stream_chat."""
+        return self._stream(self._stub.Chat, _chat_request(messages, params, request_id, overrides))
+
+    def chat(self, messages: Iterable[Message], params: Params = None, **overrides: Any) -> AsyncGenerator[str]:
+        """The next assistant reply's text deltas, as they arrive."""
+        return _async_texts(self._stream(self._stub.Chat, _chat_request(messages, params, "", overrides)))
 
     async def complete(self, prompt: str, params: Params = None, **overrides: Any) -> str:
         return "".join([t async for t in self.generate(prompt, params, **overrides)])

@@ -40,6 +40,11 @@ class GenerationServiceStub:
                 request_serializer=modelserve__client_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=modelserve__client_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/modelserve.v1.GenerationService/Chat',
+                request_serializer=modelserve__client_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+                response_deserializer=modelserve__client_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.BatchGenerate = channel.unary_unary(
                 '/modelserve.v1.GenerationService/BatchGenerate',
                 request_serializer=modelserve__client_dot_v1_dot_generation__pb2.BatchGenerateRequest.SerializeToString,
@@ -89,6 +94,36 @@ class GenerationServiceServicer:
         - INTERNAL: a model step failed; only the requests in that step fail.
         - UNAUTHENTICATED: a bearer token is required and missing or wrong.
         - CANCELLED: the caller cancelled.
+
+        Chat streams GenerateResponse too (see there).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """Generates the next assistant reply of a conversation and streams it as
+        Generate does, in the same messages.
+
+        The messages are laid out by the model's own chat template (the one its
+        tokenizer ships, or the server's --chat-template FILE), with the prompt
+        for the assistant's reply added, exactly as transformers'
+        apply_chat_template does; the result is tokenized without adding the
+        tokenizer's special tokens, since the template writes them (so a template
+        that starts with BOS gives one BOS, not two). From then on the request is
+        a Generate request: the same parameters, limits, priorities, deadlines and
+        errors, plus:
+        - FAILED_PRECONDITION: the model has no chat template and the server was
+        started without --chat-template FILE.
+        - INVALID_ARGUMENT: the messages are wrong, the message naming which one
+        ("messages[2].role 'robot' is not one of system, user, assistant,
+        tool"), or the chat template refused them ("roles must alternate").
+
+        It streams GenerateResponse, as Generate does, so that a caller reads
+        both the same way (hence the two lint rules this RPC is exempt from).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +166,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=modelserve__client_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=modelserve__client_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=modelserve__client_dot_v1_dot_generation__pb2.ChatRequest.FromString,
                     response_serializer=modelserve__client_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'BatchGenerate': grpc.unary_unary_rpc_method_handler(
@@ -181,6 +221,33 @@ class GenerationService:
             target,
             '/modelserve.v1.GenerationService/Generate',
             modelserve__client_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            modelserve__client_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelserve.v1.GenerationService/Chat',
+            modelserve__client_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
             modelserve__client_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,253 @@
+"""What every face of the server shares: its phase, the served model and engine, the limits, the calls in
+flight (what a drain waits for), and one request's way from prompt text to an engine stream, with each
+refusal counted and each outcome tracked.
+
+The gRPC servicer (servicer.py) and the OpenAI-compatible HTTP app (http.py) both serve through one
+Serving, so a limit, a priority rule or a metric is written once, and a drain waits for the calls of
+both. A refusal is a RequestFailed carrying a gRPC status code: the server's one vocabulary of outcomes,
+which the HTTP app maps onto HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from modelserve_client.v1 import generation_pb2 as pb
+
+from modelserve.config import Config
+from modelserve.engine.request import (
+    DeadlineUnreachableError,
+    EngineClosedError,
+    FinishReason,
+    QueueFullError,
+    Request,
+    StreamEvent,
+)
+from modelserve.server.chat import ChatError, ChatMessage, check_chat_size, render_chat
+from modelserve.server.validation import (
+    InvalidArgument,
+    Limits,
+    build_request,
+    check_priority,
+    check_prompt_size,
+    check_token_ids,
+    resolve_defaults,
+    truncate_prompt,
+)
+from modelserve.telemetry.call_status import ended_early_code
+from modelserve.telemetry.metrics import GenerationMetrics
+from modelserve.telemetry.request_outcome import OutcomeTracker
+
+if TYPE_CHECKING:
+    from modelserve.engine.frontend import EngineFrontend as Engine
+    from modelserve.engine.frontend import RequestStream
+    from modelserve.models.loader import ModelInfo as ServedModel
+
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (gRFC A6), read by clients' retry policies
+
+
+class Phase(enum.Enum):
+    LOADING = pb.SERVER_STATE_LOADING
+    SERVING = pb.SERVER_STATE_SERVING
+    DRAINING = pb.SERVER_STATE_DRAINING
+    FAILED = pb.SERVER_STATE_FAILED
+
+
+class RequestFailed(Exception):
+    """A request the server refused or could not finish; str(exc) is what the caller is told."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s  # set when the queue was full: when a place should free up
+
+
+class Serving:
+    """One model served through one engine, once `attach` has been called; `phase` says whether it takes calls."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_s = time.monotonic()
+        self.phase = Phase.LOADING
+        self.model: ServedModel | None = None
+        self.engine: Engine | None = None
+        self._limits: Limits | None = None
+        self._metrics: GenerationMetrics | None = None
+        self._in_flight = 0  # generation calls past admission, not yet ended, over every face
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def attach(self, model: ServedModel, engine: Engine, metrics: GenerationMetrics | None = None) -> None:
+        self.model, self.engine, self._metrics = model, engine, metrics
+        cfg = self.config
+        longest_prompt = engine.max_sequence_tokens - 1  # leaves room for one new token
+        max_max_new_tokens = min(cfg.max_max_new_tokens, longest_prompt)
+        self._limits = Limits(
+            vocab_size=model.vocab_size,
+            max_sequence_length=engine.max_sequence_tokens,
+            defaults=resolve_defaults(
+                model.generation_defaults, cfg.default_max_new_tokens, max_max_new_tokens, model.vocab_size
+            ),
+            max_max_new_tokens=max_max_new_tokens,
+            max_prompt_bytes=cfg.max_prompt_bytes,
+            max_stop_sequences=cfg.max_stop_sequences,
+            max_stop_sequence_chars=cfg.max_stop_sequence_chars,
+            max_top_logprobs=cfg.max_top_logprobs,
+            max_prompt_tokens=min(cfg.max_prompt_tokens or longest_prompt, longest_prompt),
+        )
+
+    def ready(self, health_hint: str) -> tuple[Engine, ServedModel, Limits]:
+        """The engine, model and limits while serving; else RequestFailed UNAVAILABLE, counted as a refusal.
+
+        `health_hint` names the check a caller should wait on while the model loads (each face has its own).
+        """
+        if self.phase is Phase.SERVING and self.engine is not None and self.engine.alive:
+            assert self.model is not None and self._limits is not None
+            return self.engine, self.model, self._limits
+        why = {
+            Phase.LOADING: f"the model is still loading; retry when {health_hint}",
+            Phase.DRAINING: "the server is shutting down; retry on another replica",
+            Phase.FAILED: "the engine has failed; the server must be restarted",
+        }.get(self.phase, "the engine is not running")
+        self.rejected("unavailable")
+        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, why)
+
+    def start(
+        self,
+        engine: Engine,
+        model: ServedModel,
+        limits: Limits,
+        prompt: str,
+        params: pb.GenerationParameters,
+        *,
+        request_id: str = "",
+        priority: int = 0,
+        time_remaining_s: float | None = None,
+        field: str = "",
+        add_special_tokens: bool = True,
+        prompt_ids: Sequence[int] | None = None,
+    ) -> tuple[Request, RequestStream]:
+        """Validate and submit one prompt; a refusal is counted and raised as RequestFailed.
+
+        `field` prefixes the caller's field names in messages (a batch item's place in its batch).
+        `add_special_tokens` is False for a prompt rendered by a chat template, which wrote them (chat.py).
+        `prompt_ids` is a prompt that comes tokenized (the vLLM face's): checked against the vocabulary
+        instead of encoded, and `prompt` is then only the text telemetry may show.
+        """
+        prefix = f"{field}." if field else ""
+        try:
+            engine.check_queue()  # before tokenizing: a refusal under overload must cost next to nothing
+        except QueueFullError as exc:
+            raise self._queue_full(exc, prefix) from None
+        try:
+            check_priority(priority)
+            if prompt_ids is None:
+                check_prompt_size(prompt, limits)
+                ids = model.encode(prompt, add_special_tokens)
+            else:
+                ids = check_token_ids(prompt_ids, limits)
+            engine_request = build_request(
+                request_id or uuid.uuid4().hex, truncate_prompt(ids, params, limits), params, limits
+            )
+        except InvalidArgument as exc:
+            self.rejected("invalid_argument")
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
+        deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
+        engine_request = dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s)
+        try:
+            return engine_request, engine.submit(engine_request)
+        except QueueFullError as exc:
+            raise self._queue_full(exc, prefix) from None
+        except DeadlineUnreachableError as exc:
+            self.rejected("deadline_exceeded")
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, prefix + str(exc)) from None
+        except EngineClosedError as exc:
+            self.rejected("unavailable")
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    def chat_prompt(self, model: ServedModel, limits: Limits, messages: Sequence[ChatMessage]) -> str:
+        """The prompt the model's chat template makes of `messages` (submit it with add_special_tokens=False);
+        a refusal is counted and raised as RequestFailed: FAILED_PRECONDITION when the model has no template
+        (the server's set-up, not the request, must change), else INVALID_ARGUMENT."""
+        try:
+            check_chat_size(messages, limits.max_prompt_bytes)
+            return render_chat(model, messages)
+        except ChatError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            if exc.code == "no_template":
+                code = grpc.StatusCode.FAILED_PRECONDITION
+            self.rejected(code.name.lower())
+            raise RequestFailed(code, str(exc)) from None
+
+    def track(self, request: Request, prompt: str) -> OutcomeTracker:
+        """The request's telemetry, under the current span (each face opens one per call)."""
+        cfg = self.config
+        content = prompt if cfg.trace_content or cfg.log_content else None
+        return OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content)
+
+    def rejected(self, error_type: str) -> None:
+        if self._metrics is not None:
+            self._metrics.request_rejected(error_type)
+
+    def _queue_full(self, exc: QueueFullError, prefix: str) -> RequestFailed:
+        self.rejected("resource_exhausted")
+        return RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, prefix + str(exc), exc.retry_after_s)
+
+    # ---- drain --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count a generation call as in flight while the block runs: a drain waits for it."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no generation call is running; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+def raise_for(event: StreamEvent) -> None:
+    """Turn an engine-side ending the caller did not ask for into a RequestFailed."""
+    assert event.finish is not None
+    reason, error = event.finish.reason, event.finish.error
+    if reason is FinishReason.ERROR:
+        raise RequestFailed(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
+    if reason is FinishReason.OUT_OF_MEMORY:
+        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"generation failed: {error}; retry")
+    if reason is FinishReason.DEADLINE_EXCEEDED:
+        raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while generating")
+    if reason is FinishReason.CANCELLED:
+        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"generation was stopped: {error or 'cancelled'}")
+
+
+def ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> FinishReason:
+    """Why a handler that stops reading its stream stops: its deadline passed, or the caller went away."""
+    if ended_early_code(context) is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return FinishReason.DEADLINE_EXCEEDED
+    return FinishReason.CANCELLED
+
+
+def grpc_trailers(exc: RequestFailed) -> tuple[tuple[str, str], ...]:
+    """gRPC's retry hint for a full queue; nothing for other refusals."""
+    if exc.retry_after_s is None:
+        return ()
+    return ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)

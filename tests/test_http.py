@@ -1,0 +1,387 @@
+"""The OpenAI-compatible HTTP API (server/http.py) on a real server, driven by the official `openai` client,
+unmodified: chat and text completions, streamed and whole, the same text as the gRPC RPCs give; models;
+errors in OpenAI's shape; token auth; a client that disconnects mid-stream; and the HTTP port's phases
+(loading, serving, draining, closed)."""
+
+from __future__ import annotations
+
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from grpc_health.v1 import health_pb2
+from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.harness import ServerProcess, is_idle, start_server, wait_idle
+
+TOKEN = "http-test-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+AUTH_HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+MODEL = "tiny-llama"
+# A plain chat template: the tiny test model has none of its own.
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+LONG = 2000  # output tokens that take seconds on this model: a stream still running when the test acts
+CALL_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny Llama with a chat template and a bearer token (start_server gives it a free --http-port)."""
+    root = tmp_path_factory.mktemp("http-server")
+    template = root / "chat.jinja"
+    template.write_text(TEMPLATE)
+    server = start_server(
+        root,
+        *("--model", str(model_dirs["llama"]), "--served-model-name", MODEL, "--chat-template", str(template)),
+        *("--max-batch-size", "4", "--grace-s", "5"),
+        env={"MODELSERVE_AUTH_TOKEN": TOKEN},
+    )
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.terminate()
+
+
+def _base_url(server: ServerProcess) -> str:
+    return f"http://127.0.0.1:{server.http_port}"
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> Iterator[OpenAI]:
+    # max_retries=0: a refusal must reach the test as it was sent, not be retried.
+    with OpenAI(base_url=f"{_base_url(server)}/v1", api_key=TOKEN, max_retries=0, timeout=CALL_TIMEOUT_S) as client:
+        yield client
+
+
+@pytest.fixture()
+def stub(server: ServerProcess) -> Iterator[Any]:
+    with server.channel() as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+# ---- chat and text completions ------------------------------------------------------------------------------
+
+
+def test_chat_stream_streams_deltas_and_ends_with_finish_reason(client: OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            stream=True,
+            max_tokens=24,
+            temperature=0,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({chunk.id for chunk in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    pieces = [chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices]
+    assert sum(1 for piece in pieces if piece) >= 2, "the reply comes in pieces"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    last = chunks[-1]  # stream_options.include_usage: one more chunk, with usage and no choices
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == 24
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0)
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_chat_whole_returns_usage_and_the_grpc_chat_text(client: OpenAI, stub: Any) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    usage = reply.usage
+    assert usage is not None and usage.completion_tokens == 12
+    assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + 12
+
+    request = pb.ChatRequest(
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in MESSAGES],
+        params=pb.GenerationParameters(max_new_tokens=12, temperature=0),
+    )
+    responses = list(stub.Chat(request, metadata=AUTH, timeout=CALL_TIMEOUT_S))
+    assert "".join(r.text for r in responses) == choice.message.content  # one template, one tokenization
+    assert responses[0].usage.input_tokens == usage.prompt_tokens
+
+
+def test_text_parts_are_taken_and_other_parts_refused_naming_the_field(client: OpenAI) -> None:
+    parts: Any = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=2, temperature=0
+    )
+    assert reply.choices[0].finish_reason == "length"
+    image: Any = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": image}])
+    assert err.value.param == "messages[0].content[1].type" and "text only" in err.value.message
+
+
+def test_completions_whole_and_streamed_are_the_grpc_generate_text(client: OpenAI, stub: Any) -> None:
+    whole = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0, logprobs=2, seed=3)
+    choice = whole.choices[0]
+    assert whole.object == "text_completion" and choice.finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 8
+    logprobs = choice.logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.token_logprobs is not None
+    assert len(logprobs.tokens) == 8 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert logprobs.top_logprobs is not None and all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)
+
+    streamed = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == choice.text
+
+    request = pb.GenerateRequest(prompt="Hello", params=pb.GenerationParameters(max_new_tokens=8, temperature=0))
+    assert "".join(r.text for r in stub.Generate(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)) == choice.text
+
+
+def test_a_stop_sequence_ends_the_text_before_it_with_finish_reason_stop(client: OpenAI) -> None:
+    free = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0).choices[0].text
+    middle = len(free) // 2
+    stop = free[middle : middle + 3]
+    stopped = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == free[: free.index(stop)]
+
+
+def test_models_lists_the_served_model(client: OpenAI) -> None:
+    assert [model.id for model in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_server_sent_events_on_the_wire(server: ServerProcess) -> None:
+    """What curl shows: `data: {json}` events, the last one `data: [DONE]`."""
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "stream": True}
+    headers = {"Authorization": f"Bearer {TOKEN}", "X-Request-Id": "wire-1"}
+    url = f"{_base_url(server)}/v1/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=CALL_TIMEOUT_S) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-request-id"] == "wire-1"
+        events = [line for line in response.iter_lines() if line]
+    assert all(event.startswith("data: ") for event in events) and events[-1] == "data: [DONE]"
+    assert '"id":"cmpl-wire-1"' in events[0]
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "param"),
+    [
+        ({"temperature": 500.0}, "temperature"),
+        ({"max_tokens": 10**6}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ({"extra_body": {"priority": 5000}}, "priority"),
+    ],
+    ids=["temperature", "max-tokens", "n", "top-logprobs", "priority"],
+)
+def test_bad_parameters_are_400_in_openai_shape(client: OpenAI, arguments: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, **arguments)
+    assert err.value.status_code == 400
+    body = err.value.body
+    assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error" and body["param"] == param
+    assert param in body["message"] and "params." not in body["message"]  # the body's names, not the proto's
+
+
+def test_unknown_model_is_404(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_a_body_that_is_not_json_is_400(server: ServerProcess) -> None:
+    response = httpx.post(
+        f"{_base_url(server)}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=CALL_TIMEOUT_S,
+    )
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_lone_surrogate_in_the_body_is_400_not_a_server_fault(server: ServerProcess, path: str) -> None:
+    """Valid JSON may escape half a UTF-16 pair, which no text can hold: refused like any bad input."""
+    body = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "prompt": "a\\ud800b", "stop": ["\\udfff"]}'
+    response = httpx.post(
+        f"{_base_url(server)}{path}",
+        content=body,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=CALL_TIMEOUT_S,
+    )
+    assert response.status_code == 400, response.text
+    assert "surrogate" in response.json()["error"]["message"]
+    assert " ERROR " not in server.log()
+
+
+def test_token_auth_and_open_health(server: ServerProcess) -> None:
+    with (
+        OpenAI(base_url=f"{_base_url(server)}/v1", api_key="not-the-token", max_retries=0) as stranger,
+        pytest.raises(openai.AuthenticationError) as err,
+    ):
+        stranger.models.list()
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    assert "not-the-token" not in err.value.message
+
+    anonymous = httpx.post(f"{_base_url(server)}/v1/completions", json={"prompt": "Hi"}, timeout=CALL_TIMEOUT_S)
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
+    assert anonymous.json()["error"]["message"].startswith("missing bearer token")
+
+    health = httpx.get(f"{_base_url(server)}/health", timeout=CALL_TIMEOUT_S)  # open, as gRPC health is
+    assert (health.status_code, health.json()) == (200, {"status": "serving"})
+
+
+# ---- a client that goes away --------------------------------------------------------------------------------
+
+
+def _metric(server: ServerProcess, sample_name: str, **labels: str) -> float:
+    """The sum of the matching samples on the server's /metrics (0 when there are none yet)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return sum(
+            sample.value
+            for family in families
+            for sample in family.samples
+            if sample.name == sample_name and labels.items() <= sample.labels.items()
+        )
+
+
+def _cancelled(server: ServerProcess) -> float:
+    return _metric(server, "modelserve_requests_finished_total", finish_reason="cancelled")
+
+
+def test_http_requests_show_in_the_metrics(server: ServerProcess, client: OpenAI) -> None:
+    """The same request metrics as gRPC calls, and http.server.request.duration per route and status."""
+    route = {"http_route": "/v1/completions", "http_request_method": "POST"}
+    duration = "http_server_request_duration_seconds_count"
+    ok, finished = _metric(server, duration, http_response_status_code="200", **route), _length_finished(server)
+    rejected = _metric(server, "modelserve_requests_rejected_total", error_type="invalid_argument")
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hello", top_p=2.0)
+    assert _metric(server, duration, http_response_status_code="200", **route) == ok + 1
+    assert _metric(server, duration, http_response_status_code="400", **route) >= 1
+    assert _length_finished(server) == finished + 1
+    assert _metric(server, "modelserve_requests_rejected_total", error_type="invalid_argument") == rejected + 1
+
+
+def _length_finished(server: ServerProcess) -> float:
+    return _metric(server, "modelserve_requests_finished_total", finish_reason="length")
+
+
+class _AuthorizedHealth:
+    """The Health RPC with the token, for bench.harness.wait_idle."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+
+    def Health(self, request: pb.HealthRequest, timeout: float) -> pb.HealthResponse:
+        return self._stub.Health(request, timeout=timeout, metadata=AUTH)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server: ServerProcess, client: OpenAI, stub: Any) -> None:
+    before = _cancelled(server)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, max_tokens=LONG, temperature=0, extra_body={"ignore_eos": True}
+    )
+    first = [next(stream) for _ in range(3)]  # the role, then text: it is running, far from its end
+    assert any(chunk.choices[0].delta.content for chunk in first)
+    stream.close()  # the connection closes under the running generation
+
+    health = wait_idle(_AuthorizedHealth(stub), until=lambda h: is_idle(h) and _cancelled(server) > before)
+    assert is_idle(health), health
+    assert _cancelled(server) == before + 1  # aborted, not run to its end
+    assert server.log_errors() == [], server.log()  # a client's disconnect is no server error
+
+
+def test_a_client_that_leaves_before_a_whole_answer_is_no_server_error(
+    server: ServerProcess, client: OpenAI, stub: Any
+) -> None:
+    """stream=false, and the client gives up waiting: the generation is aborted, and the request is recorded as
+    499 (client closed request), not as a 500."""
+    route = {"http_route": "/v1/completions", "http_request_method": "POST"}
+    duration = "http_server_request_duration_seconds_count"
+    before, faults = _cancelled(server), _metric(server, duration, http_response_status_code="500", **route)
+    left = _metric(server, duration, http_response_status_code="499", **route)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": LONG, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client closes the connection when its read times out
+        httpx.post(f"{_base_url(server)}/v1/completions", json=body, headers=AUTH_HEADERS, timeout=0.5)
+
+    wait_idle(_AuthorizedHealth(stub), until=lambda h: is_idle(h) and _cancelled(server) > before)
+    assert _cancelled(server) == before + 1
+    wait_idle(  # the response's metric is recorded once the app has returned: bounded, on the server's own state
+        _AuthorizedHealth(stub),
+        until=lambda h: _metric(server, duration, http_response_status_code="499", **route) > left,
+    )
+    assert _metric(server, duration, http_response_status_code="499", **route) == left + 1
+    assert _metric(server, duration, http_response_status_code="500", **route) == faults
+    assert server.log_errors() == [], server.log()
+
+
+# ---- the HTTP port's phases ---------------------------------------------------------------------------------
+
+
+def test_http_follows_the_server_phases(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Its own server (no chat template, no token): 503 while loading, 200 while serving, 503 for new requests
+    while a running stream finishes after SIGTERM, then the port closes and the process exits 0."""
+    server = start_server(
+        tmp_path, "--model", str(model_dirs["llama"]), "--served-model-name", MODEL, "--grace-s", "60"
+    )
+    base = _base_url(server)
+    not_serving, serving = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
+    try:
+        with server.watch_health() as statuses:
+            assert next(statuses) == not_serving  # both ports are open; the model loads
+            loading = httpx.get(f"{base}/health", timeout=CALL_TIMEOUT_S)
+            assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
+            early = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi"}, timeout=CALL_TIMEOUT_S)
+            assert early.status_code == 503 and "still loading" in early.json()["error"]["message"]
+            assert serving in statuses  # read on until the model is warm
+            assert httpx.get(f"{base}/health", timeout=CALL_TIMEOUT_S).status_code == 200
+
+            with OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=CALL_TIMEOUT_S) as client:
+                with pytest.raises(openai.BadRequestError) as err:  # no template: the operator's to fix
+                    client.chat.completions.create(model=MODEL, messages=MESSAGES)
+                assert err.value.code == "failed_precondition" and "--chat-template" in err.value.message
+
+                stream = client.completions.create(
+                    model=MODEL,
+                    prompt="Hi",
+                    max_tokens=LONG,
+                    temperature=0,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                assert next(stream).choices[0].text is not None  # running
+                server.proc.send_signal(signal.SIGTERM)
+                assert next(statuses) == not_serving  # the drain has begun
+
+                draining = httpx.get(f"{base}/health", timeout=CALL_TIMEOUT_S)
+                assert (draining.status_code, draining.json()) == (503, {"status": "draining"})
+                with pytest.raises(openai.InternalServerError) as refused:
+                    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+                assert refused.value.status_code == 503 and "shutting down" in refused.value.message
+
+                endings = [chunk.choices[0].finish_reason for chunk in stream if chunk.choices]
+                assert endings[-1] == "length"  # the running stream finished within the grace period
+        assert server.proc.wait(CALL_TIMEOUT_S) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=CALL_TIMEOUT_S)
+        assert server.log_errors() == [], server.log()
+    finally:
+        server.terminate()
