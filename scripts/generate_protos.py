@@ -1,15 +1,20 @@
 """Generate the Python gRPC code from protos/ into the client package.
 
-One command (`make proto`, which runs this script) is the only way the files under
-clients/python/src/modelserve_client/v1/ are made; tests/test_protos_generated.py
-runs it into a temporary folder and fails when the committed files differ.
+One command (`make proto`, which runs this script) is the only way the generated files under
+clients/python/src/modelserve_client/ are made; tests/test_protos_generated.py runs it into a
+temporary folder and fails when the committed files differ.
 
-The proto files live at protos/modelserve/v1/ (buf's package layout), but the
-Python modules must not be named `modelserve.v1`: that would collide with the
-server's own `modelserve` package. protoc's virtual proto path
-(`-Imodelserve_client/v1=protos/modelserve/v1`) places them at
-`modelserve_client.v1` with self-consistent imports, and the wire names
-(`modelserve.v1.GenerationService`) are unchanged.
+Two contracts, each into a package of its own (PACKAGES):
+- protos/modelserve/v1 (ours) -> modelserve_client.v1;
+- protos/vllm/grpc/engine (vLLM's VllmEngine, which the server also serves) -> modelserve_client.vllm.
+The server imports both from the client package (one generated copy), and a backend team that speaks
+the vLLM contract gets its stubs with the client.
+
+The proto files live at buf's package layout, but the Python modules must not be named after their
+proto packages: `modelserve.v1` would collide with the server's own `modelserve` package, and `vllm`
+with vLLM itself. protoc's virtual proto path (`-Imodelserve_client/v1=protos/modelserve/v1`) places
+them in the client package with self-consistent imports; the wire names
+(`modelserve.v1.GenerationService`, `vllm.grpc.engine.VllmEngine`) are unchanged.
 """
 
 from __future__ import annotations
@@ -21,31 +26,39 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "protos" / "modelserve" / "v1"
+PROTO_ROOT = ROOT / "protos"
 DEFAULT_OUT = ROOT / "clients" / "python" / "src"
-VIRTUAL_PACKAGE = "modelserve_client/v1"
+# proto folder under protos/ -> (Python package folder under the output root, what it holds)
+PACKAGES = {
+    "modelserve/v1": ("modelserve_client/v1", "modelserve.v1"),
+    "vllm/grpc/engine": ("modelserve_client/vllm", "vLLM's vllm.grpc.engine (the VllmEngine service)"),
+}
 
 
 def generate(out_root: Path) -> list[Path]:
-    """Run protoc over every proto file; return the files written."""
-    protos = sorted(PROTO_DIR.glob("*.proto"))
-    if not protos:
-        raise SystemExit(f"no .proto files under {PROTO_DIR}")
-    package_dir = out_root / VIRTUAL_PACKAGE
-    package_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        "grpc_tools.protoc",
-        f"--proto_path={VIRTUAL_PACKAGE}={PROTO_DIR}",
-        f"--python_out={out_root}",
-        f"--pyi_out={out_root}",
-        f"--grpc_python_out={out_root}",
-        *(str(p) for p in protos),
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
-    init = package_dir / "__init__.py"
-    init.write_text('"""Generated protobuf and gRPC modules for modelserve.v1 (see scripts/generate_protos.py)."""\n')
-    return sorted(p for p in package_dir.iterdir() if p.is_file())
+    """Run protoc over every proto file of every package; return the files written."""
+    written: list[Path] = []
+    for proto_folder, (package, holds) in PACKAGES.items():
+        proto_dir = PROTO_ROOT / proto_folder
+        protos = sorted(proto_dir.glob("*.proto"))
+        if not protos:
+            raise SystemExit(f"no .proto files under {proto_dir}")
+        package_dir = out_root / package
+        package_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            "grpc_tools.protoc",
+            f"--proto_path={package}={proto_dir}",
+            f"--python_out={out_root}",
+            f"--pyi_out={out_root}",
+            f"--grpc_python_out={out_root}",
+            *(str(p) for p in protos),
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed on {proto_dir}")
+        init = package_dir / "__init__.py"
+        init.write_text(f'"""Generated protobuf and gRPC modules for {holds} (see scripts/generate_protos.py)."""\n')
+        written += sorted(p for p in package_dir.iterdir() if p.is_file())
+    return written
 
 
 def main() -> None:

@@ -47,6 +47,17 @@ def assert_quiet_failure(done: subprocess.CompletedProcess[str], code: int) -> N
 GREEDY = ("--temperature", "0", "--ignore-eos")
 
 
+def test_address_takes_a_list_of_replicas_or_a_dns_target(llama_server: ServerProcess) -> None:
+    """Both forms reach the server (one replica behind each, here); a list of host names, which gRPC has no
+    target for, is refused before any call, saying what to give instead."""
+    for address in (f"{llama_server.address},{llama_server.address}", f"dns:///{llama_server.address}"):
+        done = run_cli("generate", "Hello", "--max-new-tokens", "3", *GREEDY, address=address)
+        assert done.returncode == 0 and done.stdout.strip(), (address, done.stderr)
+    refused = run_cli("generate", "Hello", address="a.example:50051,b.example:50051")
+    assert_quiet_failure(refused, 1)
+    assert "dns:///NAME:PORT" in refused.stderr, refused.stderr
+
+
 # ---- 1. where the prompt comes from -------------------------------------------------------------------------------
 
 

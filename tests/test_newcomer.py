@@ -269,7 +269,7 @@ PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
 def _manifest_probes() -> dict[str, object]:
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "modelserve.yaml").read_text()))
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "base" / "modelserve.yaml").read_text()))
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     return {name: container[name] for name in PROBES}

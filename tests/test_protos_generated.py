@@ -17,13 +17,17 @@ def _load_generator():  # type: ignore[no-untyped-def]
 
 
 def test_generated_code_matches_protos(tmp_path: Path) -> None:
-    generated = _load_generator().generate(tmp_path)
-    committed_dir = ROOT / "clients" / "python" / "src" / "modelserve_client" / "v1"
-    names = sorted(p.name for p in generated)
-    assert names == sorted(p.name for p in committed_dir.iterdir() if p.is_file()), "run `make proto`"
+    """Every generated package: modelserve.v1's and the vLLM-compatible one."""
+    generator = _load_generator()
+    generated = generator.generate(tmp_path)
+    src = ROOT / "clients" / "python" / "src"
+    committed = [p for package, _ in generator.PACKAGES.values() for p in (src / package).iterdir() if p.is_file()]
+    names = sorted(str(p.relative_to(tmp_path)) for p in generated)
+    assert names == sorted(str(p.relative_to(src)) for p in committed), "run `make proto`"
+    assert any(name.startswith("modelserve_client/vllm/") for name in names), "the vLLM-compatible stubs"
     for path in generated:
-        committed = (committed_dir / path.name).read_bytes()
-        assert committed == path.read_bytes(), f"{path.name} is out of date with protos/: run `make proto`"
+        name = path.relative_to(tmp_path)
+        assert (src / name).read_bytes() == path.read_bytes(), f"{name} is out of date with protos/: run `make proto`"
 
 
 def test_client_imports_without_torch() -> None:

@@ -209,6 +209,7 @@ class EngineCore:
         return EngineStats(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting) + len(scheduler.prefilling),
+            prefilling=len(scheduler.prefilling),
             kv_budget_tokens=pool.budget_tokens,
             kv_tokens_used=pool.tokens_held(),
             prefix_cache_budget_tokens=self.prefix.budget_tokens if self.prefix else 0,

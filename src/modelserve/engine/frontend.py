@@ -63,6 +63,7 @@ class _RequestState:
         self.logprob_sum = 0.0
         self.logprob_count = 0
         self.finish: Finish | None = None
+        self.stop_sequence = ""  # the one that ended it, once one has
         self.delivered_finish = False
         self.aborted = False  # its consumer stopped reading
         # Not yet read by the consumer (merged when it lags):
@@ -223,6 +224,7 @@ class EngineFrontend(abc.ABC):
             match = state.stops.push(piece + state.detokenizer.flush() if last else piece)
             state.text.append(match.text)
             if match.stopped:
+                state.stop_sequence = match.stop
                 if reason is None:  # the core goes on with this row until the abort reaches it
                     self._send(Abort(state.key, FinishReason.STOP_SEQUENCE))
                 reason = FinishReason.STOP_SEQUENCE
@@ -252,7 +254,7 @@ class EngineFrontend(abc.ABC):
             total_s=now - state.arrival_s,
         )
         mean = state.logprob_sum / state.logprob_count if state.logprob_count else None
-        state.finish = Finish(reason, timings, state.request.params.seed, error, mean)
+        state.finish = Finish(reason, timings, state.request.params.seed, error, mean, state.stop_sequence)
         state.ready.set()
 
     def _abort(self, state: _RequestState, reason: FinishReason, error: str) -> None:
@@ -268,5 +270,5 @@ class EngineFrontend(abc.ABC):
         now = time.monotonic()
         for state in list(self._states.values()):
             self._finish(state, FinishReason.CANCELLED, error, now)
-        self._stats = dataclasses.replace(self._stats, running=0, waiting=0, kv_tokens_used=0)
+        self._stats = dataclasses.replace(self._stats, running=0, waiting=0, prefilling=0, kv_tokens_used=0)
         self._stopped.set()

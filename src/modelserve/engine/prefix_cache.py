@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from modelserve.config import PREFIX_CACHE_KV_SHARE
+from modelserve.config import PREFIX_CACHE_BLOCK_TOKENS, PREFIX_CACHE_KV_SHARE
 from modelserve.engine.kv_cache import KVShape, PrefillBuffer
 
-BLOCK_TOKENS = 32  # smaller reuses more of a partly shared prefix; larger means fewer lookups (vLLM: 16)
+BLOCK_TOKENS = PREFIX_CACHE_BLOCK_TOKENS
 
 _Key = tuple[int, tuple[int, ...]]  # (parent block's id, 0 for the first block; the block's token ids)
 

@@ -93,6 +93,7 @@ class Finish:
     seed: int
     error: str = ""  # why, for FinishReason.ERROR and OUT_OF_MEMORY and for a server-side cancel
     mean_logprob: float | None = None  # mean raw log-probability of the output tokens (a confidence signal)
+    stop_sequence: str = ""  # the stop sequence that ended it, for FinishReason.STOP_SEQUENCE
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class EngineStats:
 
     running: int = 0  # rows decoding
     waiting: int = 0  # queued or being prefilled
+    prefilling: int = 0  # of those waiting, the ones admitted whose prompt is being prefilled
     kv_budget_tokens: int = 0
     kv_tokens_used: int = 0  # tokens held by decoding rows
     prefix_cache_budget_tokens: int = 0  # the prefix cache's share of the KV budget (0: off)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 class StopMatch:
     text: str  # settled text to emit now
     stopped: bool  # a stop sequence ended the output
+    stop: str = ""  # which one, when stopped
 
 
 class StopSequenceMatcher:
@@ -37,7 +38,7 @@ class StopSequenceMatcher:
         if first != -1:
             self._held = ""
             end = first + len(matched) if self._include else first
-            return StopMatch(buf[:end], True)
+            return StopMatch(buf[:end], True, matched)
         keep = self._longest_stop_prefix_suffix(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
         return StopMatch(buf[: len(buf) - keep], False)

@@ -36,6 +36,7 @@ class Telemetry:
     metrics: GenerationMetrics
     tracer_provider: TracerProvider
     metrics_server: tuple[WSGIServer, object] | None = None  # (server, its thread)
+    registry: CollectorRegistry | None = None  # what /metrics serves (None: no endpoint)
 
     def shutdown(self) -> None:
         """Flush what is pending to the exporters and stop the endpoint."""
@@ -67,6 +68,7 @@ def start_telemetry(
     resource = Resource.create(attributes)
     readers: list[MetricReader] = list(extra_readers)
     server = None
+    registry: CollectorRegistry | None = None
     if metrics_port:
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
@@ -82,4 +84,4 @@ def start_telemetry(
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return Telemetry(provider, meter, GenerationMetrics(meter), tracer_provider, server)
+    return Telemetry(provider, meter, GenerationMetrics(meter), tracer_provider, server, registry)

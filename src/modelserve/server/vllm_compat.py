@@ -1,0 +1,438 @@
+"""The vLLM-compatible face: vLLM's `vllm.grpc.engine.VllmEngine` service over the same Serving as
+GenerationService, on the same port (protos/vllm/grpc/engine/vllm_engine.proto).
+
+Routers, gateways and benchmark tools that speak gRPC to LLM servers speak vLLM's service; serving it lets
+them use modelserve unchanged. A Generate here goes the way a modelserve.v1 one goes (Serving.start: the
+same validation and limits, priority 0, the call's deadline, admission, the in-flight count a drain waits
+for, request telemetry; interceptors give it auth and RPC metrics as for every method). Only shapes differ:
+
+- Input: text, tokenized here, or token ids, checked against the vocabulary.
+- SamplingParams become GenerationParameters; a field left at zero takes the model's default, as in
+  modelserve.v1 (vLLM's servicer uses fixed defaults there). A value out of range is INVALID_ARGUMENT with
+  the message modelserve.v1 gives, naming this contract's field (sampling_params.max_tokens).
+- What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
+  which a vLLM that has it would serve (multimodal inputs, KV transfer, structured output, logit_bias,
+  prompt_logprobs, min_p, frequency and presence penalties, n > 1; Embed), INVALID_ARGUMENT for a value
+  outside this server (data_parallel_rank or dp_rank other than 0, as for any out-of-range value).
+- Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
+  `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
+  "stop" (matched_stop names a stop token or string, not the model's EOS), "abort", "error".
+
+Abort: in vLLM an aborted request's stream ends with a last output whose finish_reason is "abort", which
+its servicer sends as a GenerateComplete, status OK; so here. An ending the caller did not ask for (the
+drain's grace period ran out, the engine failed the request, the deadline passed) sends the same last
+message and then the status modelserve.v1 ends such a call with, so retry policies behave the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.vllm import vllm_engine_pb2 as vpb
+from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
+
+from modelserve import __version__
+from modelserve.config import PREFIX_CACHE_BLOCK_TOKENS
+from modelserve.engine.request import EngineStats, FinishReason, StreamEvent, TokenLogprobs
+from modelserve.server.serving import Phase, RequestFailed, Serving, ended_early, grpc_trailers, raise_for
+from modelserve.server.validation import Limits
+
+if TYPE_CHECKING:
+    from modelserve.engine.frontend import EngineFrontend as Engine
+    from modelserve.engine.frontend import RequestStream
+    from modelserve.models.loader import ModelInfo as ServedModel
+
+SERVICE_NAME = vpb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
+HEALTH_HINT = f"grpc.health.v1 reports SERVING for {SERVICE_NAME}"
+SERVER_TYPE = "vllm-grpc"  # the contract this service speaks, as vLLM's servicer names it
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: "length",
+    FinishReason.EOS_TOKEN: "stop",
+    FinishReason.STOP_TOKEN: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+    FinishReason.CANCELLED: "abort",
+    FinishReason.DEADLINE_EXCEEDED: "abort",
+    FinishReason.OUT_OF_MEMORY: "error",
+    FinishReason.ERROR: "error",
+}
+
+# Fields that ask for a feature this server lacks (UNIMPLEMENTED when set), and why it lacks it.
+_INT32_MAX = 2**31 - 1
+_UNSUPPORTED_REQUEST = {
+    "mm_inputs": "this server takes text only",
+    "extra_mm_inputs": "this server takes text only",
+    "media_refs": "this server takes text only",
+    "kv_transfer_params": "this server does no prefill/decode disaggregation",
+    "kv_transfer_params_json": "this server does no prefill/decode disaggregation",
+}
+_UNSUPPORTED_SAMPLING = {
+    "min_p": "the sampler has no min-p (leave it 0)",
+    "frequency_penalty": "the sampler has no frequency penalty (leave it 0; repetition_penalty is supported)",
+    "presence_penalty": "the sampler has no presence penalty (leave it 0; repetition_penalty is supported)",
+    "logit_bias": "the sampler has no logit bias (leave it empty)",
+    "prompt_logprobs": "this server computes no prompt log-probabilities",
+    **dict.fromkeys(
+        ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice"),
+        "this server has no structured output",
+    ),
+}
+# The vLLM sampling parameters that modelserve.v1 names otherwise, and the pattern of its names in a
+# validation message (validation.py), so that a refusal names the field the caller sent.
+_RENAMED = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "top_logprobs": "logprobs",
+    "truncate_input_tokens": "truncate_prompt_tokens",
+    "include_stop_sequence": "include_stop_str_in_output",
+}
+_OUR_FIELD = re.compile(r"(?<![\w.])(?:params\.(\w+)|prompt_ids\b)")
+# vLLM's sampling defaults that GetModelInfo reports when the model sets them (its min_p has no counterpart).
+_REPORTED_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+_UNHEALTHY = {
+    Phase.LOADING: "the model is still loading",
+    Phase.DRAINING: "the server is shutting down",
+    Phase.FAILED: "the engine has failed; the server must be restarted",
+}
+
+
+@dataclass
+class _Call:
+    """A running Generate of this service, as Abort finds it by request_id."""
+
+    stream: RequestStream
+    aborted: bool = False  # by an Abort call: the caller's wish, so its ending is no failure
+
+
+class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # untyped generated base
+    """vLLM's VllmEngine over `serving` (shared with GenerationService and the HTTP app)."""
+
+    def __init__(self, serving: Serving) -> None:
+        self._serving = serving
+        self._calls: dict[str, list[_Call]] = {}  # request ids may repeat: Abort ends them all, as vLLM does
+        self._last_receive_s = 0.0  # wall clock, for GetServerInfo
+
+    # ---- RPCs ---------------------------------------------------------------
+
+    async def Generate(
+        self, request: vpb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[vpb.GenerateResponse]:
+        self._last_receive_s = time.time()
+        engine, model, limits = await self._ready(context)
+        # aclosing: on a cancel the inner generator's cleanup (the engine abort) runs now, inside counted().
+        with self._serving.counted():
+            async with contextlib.aclosing(self._generate(engine, model, limits, request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+    async def _generate(
+        self,
+        engine: Engine,
+        model: ServedModel,
+        limits: Limits,
+        request: vpb.GenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncGenerator[vpb.GenerateResponse, None]:
+        try:
+            params = self._parameters(request, limits)
+            prompt, prompt_ids = self._prompt(request)
+            engine_request, stream = self._serving.start(
+                engine,
+                model,
+                limits,
+                prompt,
+                params,
+                request_id=request.request_id,
+                time_remaining_s=context.time_remaining(),
+                prompt_ids=prompt_ids,
+            )
+        except RequestFailed as exc:
+            await context.abort(exc.code, _their_names(str(exc)), grpc_trailers(exc))
+        request_id = engine_request.request_id
+        call = _Call(stream)
+        self._calls.setdefault(request_id, []).append(call)
+        n_prompt = len(engine_request.prompt_ids)
+        with_top = params.top_logprobs > 0
+        outcome = self._serving.track(engine_request, prompt)
+        output_ids: list[int] = []  # all of them, for a complete message without chunks before it
+        logprobs: list[TokenLogprobs] = []
+        last_token = -1
+        try:
+            async for event in stream:
+                outcome.saw(event)
+                if event.token_ids:
+                    last_token = event.token_ids[-1]
+                if request.stream:
+                    if event.token_ids:
+                        yield vpb.GenerateResponse(chunk=_chunk(event, n_prompt, with_top))
+                else:
+                    output_ids += event.token_ids
+                    logprobs += event.logprobs
+                if event.finish is not None:
+                    if request.stream:  # as vLLM: the ids (and log-probabilities) of the last chunk again
+                        output_ids, logprobs = list(event.token_ids), list(event.logprobs)
+                    complete = _complete(event, n_prompt, output_ids, logprobs, with_top, last_token)
+                    yield vpb.GenerateResponse(complete=complete)
+                    if not call.aborted:
+                        raise_for(event)
+        except RequestFailed as exc:
+            await context.abort(exc.code, str(exc), grpc_trailers(exc))
+        finally:
+            calls = self._calls[request_id]
+            calls.remove(call)
+            if not calls:
+                del self._calls[request_id]
+            stream.abort(ended_early(context))
+            outcome.close(ended_early(context).value)
+
+    async def Embed(self, request: vpb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Embed is not supported: this server serves generative models only (GetModelInfo.is_generation)",
+        )
+
+    async def HealthCheck(
+        self, request: vpb.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> vpb.HealthCheckResponse:
+        serving = self._serving
+        if serving.phase is Phase.SERVING:
+            alive = serving.engine is not None and serving.engine.alive
+            return vpb.HealthCheckResponse(healthy=alive, message="serving" if alive else "the engine is not running")
+        return vpb.HealthCheckResponse(healthy=False, message=_UNHEALTHY[serving.phase])
+
+    async def Abort(self, request: vpb.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]) -> vpb.AbortResponse:
+        """End the named requests at the engine's next step; each stream sends its last message itself."""
+        for request_id in request.request_ids:
+            for call in self._calls.get(request_id, ()):
+                call.aborted = True
+                call.stream.abort(FinishReason.CANCELLED, "aborted by an Abort call")
+        return vpb.AbortResponse()
+
+    async def GetModelInfo(
+        self, request: vpb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> vpb.GetModelInfoResponse:
+        _, model, limits = await self._ready(context)
+        specials = {role: token_id for role, _, token_id in model.special_tokens}
+        defaults = {name: getattr(limits.defaults, name) for name in _REPORTED_DEFAULTS}
+        from_model = {name: value for name, value in defaults.items() if name in limits.defaults.from_model}
+        return vpb.GetModelInfoResponse(
+            model_path=model.source,
+            is_generation=True,
+            max_context_length=limits.max_sequence_length,
+            vocab_size=model.vocab_size,
+            supports_vision=False,
+            served_model_name=model.model_id,
+            tokenizer_path=model.source,
+            model_type=model.model_type,
+            architectures=[model.architecture],
+            eos_token_ids=model.eos_token_ids,
+            pad_token_id=specials.get("pad", 0),
+            bos_token_id=specials.get("bos", 0),
+            max_req_input_len=limits.max_prompt_tokens,
+            default_sampling_params_json=json.dumps(from_model, separators=(",", ":")) if from_model else "",
+        )
+
+    async def GetServerInfo(
+        self, request: vpb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> vpb.GetServerInfoResponse:
+        serving = self._serving
+        stats = self._stats()
+        response = vpb.GetServerInfoResponse(
+            active_requests=stats.running + stats.waiting,
+            is_paused=serving.phase is not Phase.SERVING,
+            last_receive_timestamp=self._last_receive_s,
+            uptime_seconds=time.monotonic() - serving.started_s,
+            server_type=SERVER_TYPE,
+            data_parallel_size=1,
+            kv_cache_dtype="auto",
+        )
+        if serving.model is not None:
+            response.block_size = PREFIX_CACHE_BLOCK_TOKENS
+            response.model_dtype = str(serving.model.dtype)
+        return response
+
+    async def GetLoads(
+        self, request: vpb.GetLoadsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> vpb.GetLoadsResponse:
+        """vLLM's meanings, as the vllm: metric aliases give them: a prompt being prefilled is running."""
+        if request.HasField("dp_rank") and request.dp_rank != 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"dp_rank is {request.dp_rank}; this server has one data-parallel rank, 0",
+            )
+        stats = self._stats()
+        running, waiting = stats.running + stats.prefilling, stats.waiting - stats.prefilling
+        load = vpb.SchedulerLoad(
+            dp_rank=0,
+            num_running_reqs=running,
+            num_waiting_reqs=waiting,
+            num_total_reqs=running + waiting,
+            num_used_tokens=stats.kv_tokens_used,
+            max_total_num_tokens=stats.kv_budget_tokens,
+            token_usage=stats.kv_usage,
+            max_running_requests=stats.max_batch_size,
+        )
+        return vpb.GetLoadsResponse(
+            timestamp=datetime.now(UTC).isoformat(), version=f"modelserve {__version__}", dp_rank_count=1, loads=[load]
+        )
+
+    # ---- helpers ------------------------------------------------------------
+
+    async def _ready(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Engine, ServedModel, Limits]:
+        try:
+            return self._serving.ready(HEALTH_HINT)
+        except RequestFailed as exc:
+            await context.abort(exc.code, str(exc))
+
+    def _stats(self) -> EngineStats:
+        engine = self._serving.engine
+        return engine.stats() if engine is not None else EngineStats()
+
+    def _parameters(self, request: vpb.GenerateRequest, limits: Limits) -> pb.GenerationParameters:
+        """modelserve.v1's parameters for the request, which Serving.start then validates; RequestFailed
+        (counted) for what this server cannot honour."""
+        sampling = request.sampling_params
+        refusal = _unsupported(request, sampling)
+        if refusal is not None:
+            self._serving.rejected("unimplemented")
+            raise RequestFailed(grpc.StatusCode.UNIMPLEMENTED, refusal)
+        if request.HasField("data_parallel_rank") and request.data_parallel_rank != 0:
+            self._serving.rejected("invalid_argument")
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"data_parallel_rank is {request.data_parallel_rank}; this server has one data-parallel rank, 0",
+            )
+        # vLLM's counts are uint32, ours int32: a larger value is refused here, naming its field, before the copy
+        # (which would raise), and validation then checks the server's own limits.
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            self._check_int32(f"sampling_params.{name}", getattr(sampling, name))
+        for i, token_id in enumerate(sampling.stop_token_ids):
+            self._check_int32(f"sampling_params.stop_token_ids[{i}]", token_id)
+        params = pb.GenerationParameters(
+            stop=sampling.stop,
+            stop_token_ids=sampling.stop_token_ids,
+            ignore_eos=sampling.ignore_eos,
+            include_stop_sequence=sampling.include_stop_str_in_output,
+        )
+        # proto3 cannot tell these zeros from unset, and zero is no valid value here: the default applies.
+        if sampling.top_p:
+            params.top_p = sampling.top_p
+        if sampling.top_k:
+            params.top_k = sampling.top_k
+        if sampling.repetition_penalty:
+            params.repetition_penalty = sampling.repetition_penalty
+        if sampling.min_tokens:
+            params.min_new_tokens = sampling.min_tokens
+        if sampling.HasField("temperature"):
+            params.temperature = sampling.temperature
+        if sampling.HasField("max_tokens"):
+            params.max_new_tokens = sampling.max_tokens
+        if sampling.HasField("seed"):
+            params.seed = sampling.seed % 2**32  # a negative int32 as its two's complement
+        if sampling.HasField("logprobs"):
+            params.logprobs, params.top_logprobs = True, sampling.logprobs
+        if sampling.HasField("truncate_prompt_tokens"):
+            keep = sampling.truncate_prompt_tokens
+            params.truncate_input_tokens = limits.max_prompt_tokens if keep == -1 else keep
+        return params
+
+    def _check_int32(self, field: str, value: int) -> None:
+        if value > _INT32_MAX:
+            self._serving.rejected("invalid_argument")
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be in [0, {_INT32_MAX}], got {value}")
+
+    def _prompt(self, request: vpb.GenerateRequest) -> tuple[str, Sequence[int] | None]:
+        """The prompt text (for tokenized input only what telemetry may show) and its token ids, if sent."""
+        which = request.WhichOneof("input")
+        if which == "text":
+            return request.text, None
+        if which == "tokenized":
+            return request.tokenized.original_text, request.tokenized.input_ids
+        self._serving.rejected("invalid_argument")
+        raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "input is not set: send text or tokenized")
+
+
+def _unsupported(request: vpb.GenerateRequest, sampling: vpb.SamplingParams) -> str | None:
+    """Why the request cannot be served as asked, naming the first field that asks for a missing feature."""
+    for field, _ in request.ListFields():
+        if field.name in _UNSUPPORTED_REQUEST:
+            return f"{field.name} is not supported: {_UNSUPPORTED_REQUEST[field.name]}"
+    for field, _ in sampling.ListFields():  # ListFields: the fields set (non-zero, non-empty)
+        if field.name in _UNSUPPORTED_SAMPLING:
+            return f"sampling_params.{field.name} is not supported: {_UNSUPPORTED_SAMPLING[field.name]}"
+    if sampling.n > 1:
+        return (
+            f"sampling_params.n is {sampling.n}: this server makes one sample per request "
+            f"(send n = 0 or 1, or {sampling.n} separate requests)"
+        )
+    return None
+
+
+def _their_names(message: str) -> str:
+    """A refusal that validation.py worded with modelserve.v1's field names, with this contract's."""
+
+    def rename(match: re.Match[str]) -> str:
+        ours = match[1]
+        return "tokenized.input_ids" if ours is None else f"sampling_params.{_RENAMED.get(ours, ours)}"
+
+    return _OUR_FIELD.sub(rename, message)
+
+
+def _logprobs(logprobs: Sequence[TokenLogprobs], with_top: bool) -> vpb.OutputLogProbs:
+    out = vpb.OutputLogProbs(
+        token_logprobs=[lp.chosen.logprob for lp in logprobs], token_ids=[lp.chosen.token_id for lp in logprobs]
+    )
+    if with_top:
+        out.top_logprobs.extend(
+            vpb.TopLogProbs(values=[t.logprob for t in lp.top], token_ids=[t.token_id for t in lp.top])
+            for lp in logprobs
+        )
+    return out
+
+
+def _chunk(event: StreamEvent, n_prompt: int, with_top: bool) -> vpb.GenerateStreamChunk:
+    """One event's new tokens; its counts are the chunk's own, as vLLM sends them."""
+    chunk = vpb.GenerateStreamChunk(
+        token_ids=event.token_ids,
+        prompt_tokens=n_prompt,
+        completion_tokens=len(event.token_ids),
+        cached_tokens=event.cached_tokens,
+    )
+    if event.logprobs:
+        chunk.output_logprobs.CopyFrom(_logprobs(event.logprobs, with_top))
+    return chunk
+
+
+def _complete(
+    event: StreamEvent,
+    n_prompt: int,
+    output_ids: Sequence[int],
+    logprobs: Sequence[TokenLogprobs],
+    with_top: bool,
+    last_token: int,
+) -> vpb.GenerateComplete:
+    finish = event.finish
+    assert finish is not None
+    complete = vpb.GenerateComplete(
+        output_ids=output_ids,
+        finish_reason=FINISH_REASONS[finish.reason],
+        prompt_tokens=n_prompt,
+        completion_tokens=event.output_tokens,
+        cached_tokens=event.cached_tokens,
+    )
+    if logprobs:
+        complete.output_logprobs.CopyFrom(_logprobs(logprobs, with_top))
+    if finish.reason is FinishReason.STOP_TOKEN:
+        complete.matched_token_id = last_token
+    elif finish.reason is FinishReason.STOP_SEQUENCE:
+        complete.matched_stop_str = finish.stop_sequence
+    return complete

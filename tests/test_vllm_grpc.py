@@ -1,0 +1,226 @@
+"""vLLM's VllmEngine service (server/vllm_compat.py) on the real server, through stubs generated from
+protos/vllm/grpc/engine/vllm_engine.proto: streams, token-id input, abort, model/server/load info, health,
+refusals by field name; and modelserve.v1 on the same port giving the same tokens."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+from modelserve_client.vllm import vllm_engine_pb2 as vpb
+from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
+
+from bench.harness import wait_idle
+from tests.conftest import ServerProcess
+
+VLLM_SERVICE = "vllm.grpc.engine.VllmEngine"
+TIMEOUT_S = 60.0
+PROMPT = "The quick brown fox"
+UNIMPLEMENTED, INVALID = grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture()
+def channel(llama_server: ServerProcess) -> Iterator[grpc.Channel]:
+    with llama_server.channel() as channel:
+        yield channel
+
+
+@pytest.fixture()
+def vllm(channel: grpc.Channel) -> Any:
+    return vpb_grpc.VllmEngineStub(channel)
+
+
+def _generate(vllm: Any, stream: bool = True, **fields: Any) -> list[Any]:
+    """One Generate's messages; `fields` are GenerateRequest's, sampling_params given as a dict."""
+    sampling = vpb.SamplingParams(**fields.pop("sampling_params", {}))
+    request = vpb.GenerateRequest(sampling_params=sampling, stream=stream, **fields)
+    return list(vllm.Generate(request, timeout=TIMEOUT_S))
+
+
+def _greedy(channel: grpc.Channel, n: int) -> tuple[list[int], str]:
+    """modelserve.v1's own greedy output for PROMPT on the same port: token ids and text."""
+    request = pb.GenerateRequest(
+        prompt=PROMPT, params=pb.GenerationParameters(max_new_tokens=n, temperature=0, ignore_eos=True)
+    )
+    messages = list(pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=TIMEOUT_S))
+    assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    return [t for m in messages for t in m.token_ids], "".join(m.text for m in messages)
+
+
+def _refusal(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        call()
+    error: Any = excinfo.value
+    return error.code(), error.details()
+
+
+def test_streaming_text_chunks_then_complete(vllm: Any, channel: grpc.Channel) -> None:
+    *chunks, last = _generate(
+        vllm, text=PROMPT, sampling_params={"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    )
+    assert chunks and all(m.WhichOneof("response") == "chunk" for m in chunks)
+    assert last.WhichOneof("response") == "complete"
+    ids = [t for m in chunks for t in m.chunk.token_ids]
+    assert len(ids) == 8 == sum(m.chunk.completion_tokens for m in chunks)  # counts per chunk, as vLLM's
+    n_prompt = chunks[0].chunk.prompt_tokens
+    assert n_prompt > 0 and all(m.chunk.prompt_tokens == n_prompt for m in chunks)
+    complete = last.complete
+    assert complete.finish_reason == "length"
+    assert complete.completion_tokens == 8 and complete.prompt_tokens == n_prompt
+    assert list(complete.output_ids) == list(chunks[-1].chunk.token_ids)  # the last chunk's again, as vLLM
+    assert complete.WhichOneof("matched_stop") is None
+    assert ids == _greedy(channel, 8)[0]  # the same engine, the same tokens as modelserve.v1 on this port
+
+
+def test_tokenized_input_without_stream_sends_only_the_complete(vllm: Any, channel: grpc.Channel) -> None:
+    prompt_ids = list(pb_grpc.GenerationServiceStub(channel).Tokenize(pb.TokenizeRequest(text=PROMPT)).token_ids)
+    messages = _generate(
+        vllm,
+        stream=False,
+        tokenized=vpb.TokenizedInput(original_text=PROMPT, input_ids=prompt_ids),
+        sampling_params={"max_tokens": 6, "temperature": 0, "ignore_eos": True},
+    )
+    assert [m.WhichOneof("response") for m in messages] == ["complete"]
+    complete = messages[0].complete
+    assert complete.finish_reason == "length" and complete.prompt_tokens == len(prompt_ids)
+    assert complete.completion_tokens == 6 == len(complete.output_ids)
+    assert list(complete.output_ids) == _greedy(channel, 6)[0]
+
+
+def test_stop_token_and_stop_string_say_which_matched(vllm: Any, channel: grpc.Channel) -> None:
+    ids, text = _greedy(channel, 12)
+    eos = set(pb_grpc.GenerationServiceStub(channel).ModelInfo(pb.ModelInfoRequest()).eos_token_ids)
+    stop_token = next(t for t in ids[2:] if t not in eos)
+    greedy = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    complete = _generate(vllm, stream=False, text=PROMPT, sampling_params={**greedy, "stop_token_ids": [stop_token]})
+    assert complete[-1].complete.finish_reason == "stop"
+    assert complete[-1].complete.matched_token_id == stop_token
+    assert list(complete[-1].complete.output_ids) == ids[: ids.index(stop_token) + 1]
+
+    stop = text.strip()[len(text.strip()) // 2 :][:3]
+    complete = _generate(vllm, text=PROMPT, sampling_params={**greedy, "stop": [stop]})[-1].complete
+    assert complete.finish_reason == "stop" and complete.matched_stop_str == stop
+    assert complete.completion_tokens < 12
+
+
+def test_logprobs_with_alternatives(vllm: Any) -> None:
+    sampling = {"max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    complete = _generate(vllm, stream=False, text=PROMPT, sampling_params=sampling)[-1].complete
+    logprobs = complete.output_logprobs
+    assert list(logprobs.token_ids) == list(complete.output_ids) and len(logprobs.token_logprobs) == 5
+    assert all(len(top.token_ids) == 2 == len(top.values) for top in logprobs.top_logprobs)
+    assert len(logprobs.top_logprobs) == 5
+
+
+def test_abort_ends_a_running_stream_with_finish_reason_abort(vllm: Any, channel: grpc.Channel) -> None:
+    """As vLLM: the aborted stream's last message is a complete with "abort", and the call ends OK."""
+    info = vllm.GetModelInfo(vpb.GetModelInfoRequest(), timeout=TIMEOUT_S)
+    longest = info.max_context_length - 16  # more than the model makes before the Abort arrives
+    request = vpb.GenerateRequest(
+        request_id="to-abort",
+        text=PROMPT,
+        stream=True,
+        sampling_params=vpb.SamplingParams(max_tokens=longest, ignore_eos=True),
+    )
+    call = vllm.Generate(request, timeout=TIMEOUT_S)
+    first = next(call)
+    assert first.WhichOneof("response") == "chunk"
+    vllm.Abort(vpb.AbortRequest(request_ids=["to-abort", "no-such-request"]), timeout=TIMEOUT_S)
+    *_, last = [first, *call]
+    assert call.code() == grpc.StatusCode.OK
+    assert last.complete.finish_reason == "abort"
+    assert 0 < last.complete.completion_tokens < longest
+    assert wait_idle(pb_grpc.GenerationServiceStub(channel)).requests_running == 0  # its row is freed
+
+
+def test_model_info(vllm: Any, channel: grpc.Channel, model_dirs: dict[str, Path]) -> None:
+    ours = pb_grpc.GenerationServiceStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=TIMEOUT_S)
+    info = vllm.GetModelInfo(vpb.GetModelInfoRequest(), timeout=TIMEOUT_S)
+    assert info.model_path == info.tokenizer_path == str(model_dirs["llama"])
+    assert info.served_model_name == ours.model_id
+    assert info.is_generation and not info.supports_vision
+    assert info.max_context_length == ours.max_sequence_length
+    assert 0 < info.max_req_input_len < info.max_context_length
+    assert info.vocab_size == ours.vocab_size and list(info.eos_token_ids) == list(ours.eos_token_ids)
+    assert info.model_type == ours.model_type and list(info.architectures) == [ours.architecture]
+    bos = [s.token_id for s in ours.special_tokens if s.role == "bos"]
+    assert info.bos_token_id == (bos[0] if bos else 0)
+
+
+def test_server_info_and_loads(vllm: Any) -> None:
+    _generate(vllm, text=PROMPT, sampling_params={"max_tokens": 1})
+    info = vllm.GetServerInfo(vpb.GetServerInfoRequest(), timeout=TIMEOUT_S)
+    assert info.server_type == "vllm-grpc" and not info.is_paused and info.data_parallel_size == 1
+    assert info.uptime_seconds > 0 and info.last_receive_timestamp > 0
+    assert info.model_dtype == "torch.float32" and info.kv_cache_dtype == "auto" and info.block_size > 0
+    assert not info.kv_connector and not info.mm_processor
+
+    loads = vllm.GetLoads(vpb.GetLoadsRequest(), timeout=TIMEOUT_S)
+    assert loads.dp_rank_count == 1 and len(loads.loads) == 1 and loads.version.startswith("modelserve ")
+    assert datetime.datetime.fromisoformat(loads.timestamp).tzinfo is not None
+    load = loads.loads[0]
+    assert load.dp_rank == 0 and load.max_running_requests == 8  # the server's --max-batch-size
+    assert load.max_total_num_tokens > 0 and 0 <= load.token_usage <= 1
+    assert load.num_total_reqs == load.num_running_reqs + load.num_waiting_reqs
+
+
+def test_health_for_the_vllm_service_name(vllm: Any, channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service=VLLM_SERVICE), timeout=TIMEOUT_S).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    answer = vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=TIMEOUT_S)
+    assert answer.healthy and answer.message == "serving"
+    assert VLLM_SERVICE in ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "named"),
+    [
+        ({"mm_inputs": vpb.MultimodalInputs(mm_hashes=["h"])}, UNIMPLEMENTED, "mm_inputs"),
+        ({"media_refs": vpb.MediaRefs(items=[vpb.MediaRef(url="x")])}, UNIMPLEMENTED, "media_refs"),
+        ({"kv_transfer_params_json": "{}"}, UNIMPLEMENTED, "kv_transfer_params_json"),
+        ({"sampling_params": {"min_p": 0.1}}, UNIMPLEMENTED, "sampling_params.min_p"),
+        (
+            {"sampling_params": {"presence_penalty": 1}},
+            UNIMPLEMENTED,
+            "sampling_params.presence_penalty",
+        ),
+        ({"sampling_params": {"n": 2}}, UNIMPLEMENTED, "sampling_params.n"),
+        ({"sampling_params": {"regex": "a+"}}, UNIMPLEMENTED, "sampling_params.regex"),
+        ({"sampling_params": {"logit_bias": {1: 2.0}}}, UNIMPLEMENTED, "sampling_params.logit_bias"),
+        ({"sampling_params": {"prompt_logprobs": 1}}, UNIMPLEMENTED, "sampling_params.prompt_logprobs"),
+        ({"data_parallel_rank": 1}, INVALID, "data_parallel_rank"),
+        ({"sampling_params": {"max_tokens": 10**6}}, INVALID, "sampling_params.max_tokens"),
+        # uint32 values past our int32 fields: refused by name, not an UNKNOWN with a traceback
+        ({"sampling_params": {"max_tokens": 2**32 - 1}}, INVALID, "sampling_params.max_tokens must be in [0, "),
+        ({"sampling_params": {"top_k": 2**31}}, INVALID, "sampling_params.top_k"),
+        ({"sampling_params": {"stop_token_ids": [5, 2**32 - 1]}}, INVALID, "sampling_params.stop_token_ids[1]"),
+        ({"sampling_params": {"logprobs": -1}}, INVALID, "sampling_params.logprobs"),
+        ({"sampling_params": {"top_p": 1.5}}, INVALID, "sampling_params.top_p"),
+    ],
+    ids=lambda v: v.name if isinstance(v, grpc.StatusCode) else None,
+)
+def test_refusals_name_the_field(vllm: Any, fields: dict[str, Any], code: grpc.StatusCode, named: str) -> None:
+    code_seen, details = _refusal(lambda: _generate(vllm, text=PROMPT, **fields))
+    assert code_seen == code and named in details, details
+
+
+def test_refusals_of_input(vllm: Any) -> None:
+    vocab_size = vllm.GetModelInfo(vpb.GetModelInfoRequest(), timeout=TIMEOUT_S).vocab_size
+    tokenized = vpb.TokenizedInput(input_ids=[1, vocab_size])
+    code, details = _refusal(lambda: _generate(vllm, tokenized=tokenized))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "tokenized.input_ids[1]" in details, details
+    code, details = _refusal(lambda: _generate(vllm))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input is not set" in details
+    code, details = _refusal(lambda: vllm.Embed(vpb.EmbedRequest(), timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "Embed" in details
+    code, details = _refusal(lambda: vllm.GetLoads(vpb.GetLoadsRequest(dp_rank=1), timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "dp_rank" in details
