@@ -173,9 +173,28 @@ async def _start_engine(
     return engine, info
 
 
+class ClientGoneFilter(logging.Filter):
+    """grpc.aio logs ExecuteBatchError at ERROR, with a traceback, when a call ends between a handler's last
+    message and its status ("if client closed the connection while server responding", says grpc's own
+    comment): a cancel, a disconnect or a deadline landing in that window. That is a caller's normal doing,
+    so it becomes one INFO line. Our own writes already treat the same error as a cancel (tracing.py)."""
+
+    MESSAGE = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.MESSAGE):
+            method = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a call ended before its status could be sent (the caller left): %s", (method,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 async def serve(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
     from modelserve.server.lifecycle import FINAL_MESSAGE_S, drain, in_daemon_thread, load_info
+
+    logging.getLogger("grpc._cython.cygrpc").addFilter(ClientGoneFilter())
 
     try:
         credentials = server_credentials(config)
