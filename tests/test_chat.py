@@ -46,6 +46,8 @@ TOKEN = "chat-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 CALL_TIMEOUT_S = 120
 MAX_PROMPT_BYTES = 4096
+LONG_CONTEXT = 8192
+LONG_REPLY = 8000  # seconds of generation on this model: a reply the tests stop is still running when they do
 CLI = Path(sys.executable).parent / "modelserve-client"
 
 # Llama 2's kind of template: BOS first, a system message, then user and assistant in turn, or it refuses.
@@ -251,11 +253,13 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory, template_file: Path) -
         seed=7,
         tokenizer=word_tokenizer(adds_bos=True),
         chat_template=DEMO_CHAT_TEMPLATE,
+        max_len=LONG_CONTEXT,  # room for a reply that is still running however slow the machine is
     )
     server = start_server(
         tmp_path_factory.mktemp("chat-server"),
         *("--model", str(model), "--chat-template", str(template_file), "--auth-token", TOKEN),
-        *("--max-prompt-bytes", str(MAX_PROMPT_BYTES), "--kv-cache-bytes", str(4096 * 512)),
+        *("--max-prompt-bytes", str(MAX_PROMPT_BYTES), "--kv-cache-bytes", str(LONG_CONTEXT * 512)),
+        *("--max-max-new-tokens", str(LONG_REPLY)),
     )
     try:
         server.wait_serving()
@@ -475,29 +479,37 @@ def cancelled_count(server: ServerProcess) -> float:
 
 def test_cli_chat_ctrl_c_stops_the_reply_not_the_session(chat_server: ServerProcess, chat_stub: Any) -> None:
     """Ctrl-C mid-reply cancels its call (the server counts it cancelled and frees its row), says so,
-    and the next line is answered; end of input then ends the session normally."""
+    and the next line is answered (and stopped the same way); end of input then ends the session normally.
+    Each reply may run LONG_REPLY tokens, so it is still running when the signal comes, however loaded the
+    machine is (with 1,500 a loaded CI run once finished the reply first, and the signal met the prompt)."""
     cancelled_before = cancelled_count(chat_server)
     proc = subprocess.Popen(
-        cli(chat_server.address, "--max-new-tokens", "1500", "--ignore-eos", "--temperature", "0"),
+        cli(chat_server.address, "--max-new-tokens", str(LONG_REPLY), "--ignore-eos", "--temperature", "0"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
-        proc.stdin.write(b"Tell me about the river\n")
-        proc.stdin.flush()
-        read_until(proc.stdout.fileno(), lambda data: len(data) > 0)  # the reply has begun
-        proc.send_signal(signal.SIGINT)
-        read_until(proc.stderr.fileno(), lambda data: b"[stopped]" in data)
-        deadline = time.monotonic() + 30
-        while cancelled_count(chat_server) == cancelled_before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert cancelled_count(chat_server) == cancelled_before + 1
-        assert wait_idle(chat_stub).requests_running == 0
-        rest, _ = proc.communicate(b"And the sea\n", timeout=CALL_TIMEOUT_S)  # then end of input
+        replies = []
+        for n, line in enumerate((b"Tell me about the river\n", b"And the sea\n"), start=1):
+            proc.stdin.write(line)
+            proc.stdin.flush()
+            replies.append(read_until(proc.stdout.fileno(), lambda data: bool(data.strip())))  # it has begun
+            proc.send_signal(signal.SIGINT)
+            read_until(proc.stderr.fileno(), lambda data: b"[stopped]" in data)
+            # The CLI ends a stopped reply's line on stdout before it says [stopped]: all of this reply's output
+            # is in the pipe now. Read it, so that the next turn's check sees only the next reply.
+            while select.select([proc.stdout.fileno()], [], [], 0)[0] and os.read(proc.stdout.fileno(), 65536):
+                pass
+            deadline = time.monotonic() + 30
+            while cancelled_count(chat_server) < cancelled_before + n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert cancelled_count(chat_server) == cancelled_before + n
+            assert wait_idle(chat_stub).requests_running == 0
+        proc.communicate(b"", timeout=CALL_TIMEOUT_S)  # end of input
         assert proc.returncode == 0
-        assert rest.endswith(b"\n") and rest.strip()  # the partial reply's end of line, then the next reply
+        assert all(reply.strip() for reply in replies)  # both lines were answered until stopped
     finally:
         if proc.poll() is None:
             proc.kill()

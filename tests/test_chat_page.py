@@ -72,6 +72,7 @@ def test_a_reply_streams_into_the_page_and_stop_ends_it(chat_server: tuple[Serve
             page.wait_for_function(
                 "n => (document.querySelector('.message.assistant .text')?.textContent ?? '').split(' ').length > n",
                 arg=PIECES_BEFORE_STOP,
+                polling=100,  # a timer, not animation frames: those may come late on a loaded machine
                 timeout=60_000,
             )
             expect(page.get_by_test_id("stop")).to_be_enabled()

@@ -103,6 +103,17 @@ async function send(text) {
   const started = performance.now();
   let pieces = 0;
   let ending = "";
+  // Text arrives a token at a time; it is drawn once per frame, appended as a new text node. Setting the
+  // whole text on every token costs time that grows with the reply: a long one starved the page.
+  const unseen = [];
+  let frame = 0;
+  const draw = () => {
+    frame = 0;
+    if (!unseen.length) return;
+    body.append(unseen.join(""));
+    unseen.length = 0;
+    conversation.scrollTop = conversation.scrollHeight;
+  };
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -123,9 +134,9 @@ async function send(text) {
       const choice = chunk.choices?.[0];
       const delta = choice?.delta?.content;
       if (delta) {
-        body.textContent += delta;
+        unseen.push(delta);
         pieces += 1;
-        conversation.scrollTop = conversation.scrollHeight;
+        frame ||= requestAnimationFrame(draw);
       }
       if (choice?.finish_reason) ending = choice.finish_reason;
     }
@@ -140,6 +151,8 @@ async function send(text) {
       statusLine.textContent = `error: ${e.message}`;
     }
   } finally {
+    cancelAnimationFrame(frame);
+    draw();
     const seconds = (performance.now() - started) / 1000;
     setMeta(box, `${pieces} pieces in ${seconds.toFixed(1)} s · ${ending}`);
     box.classList.remove("streaming");
