@@ -11,13 +11,14 @@ template (from --chat-template) that starts with bos_token: the prompt must carr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -453,17 +454,42 @@ def test_cli_chat_without_a_template_ends_with_the_reason(llama_server: ServerPr
     assert done.stderr.count("error: FAILED_PRECONDITION: the model") == 1, done.stderr
 
 
-def read_until(fd: int, done: Callable[[bytes], bool], timeout_s: float = CALL_TIMEOUT_S) -> bytes:
-    """What a pipe gives until `done` holds (or it closes); fails after `timeout_s`."""
-    data, deadline = b"", time.monotonic() + timeout_s
-    while not done(data):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, f"timed out; so far {data!r}"
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
+class _Pipe:
+    """Everything a child writes to one pipe, read by a thread as it comes, so the child never blocks on a full
+    pipe (a long reply fills 64 KiB; a CLI blocked writing it cannot report a Ctrl-C on its other pipe)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.data = b""
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream.fileno(),), daemon=True)
+        self._thread.start()
+
+    def _read(self, fd: int) -> None:
+        while chunk := os.read(fd, 65536):
+            with self._changed:
+                self.data += chunk
+                self._changed.notify_all()
+
+    def wait_for(self, done: Callable[[bytes], bool], timeout_s: float = CALL_TIMEOUT_S) -> bytes:
+        """The data once `done` holds for it; fails after `timeout_s`."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: done(self.data), timeout_s), f"timed out; so far {self.data!r}"
+            return self.data
+
+
+@contextlib.contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """A child started in here takes Ctrl-C as from a terminal, even when this process inherited SIGINT ignored
+    (as a background job of a shell without job control does: a script's `cmd &`, which a CI runner may use).
+    A process that starts with SIGINT ignored keeps ignoring it, and Python then installs no KeyboardInterrupt;
+    a handled signal is reset to the default in a child, so handling it here for the Popen is enough."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cancelled_count(server: ServerProcess) -> float:
@@ -483,32 +509,34 @@ def test_cli_chat_ctrl_c_stops_the_reply_not_the_session(chat_server: ServerProc
     Each reply may run LONG_REPLY tokens, so it is still running when the signal comes, however loaded the
     machine is (with 1,500 a loaded CI run once finished the reply first, and the signal met the prompt)."""
     cancelled_before = cancelled_count(chat_server)
-    proc = subprocess.Popen(
-        cli(chat_server.address, "--max-new-tokens", str(LONG_REPLY), "--ignore-eos", "--temperature", "0"),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    with sigint_not_ignored():
+        proc = subprocess.Popen(
+            cli(chat_server.address, "--max-new-tokens", str(LONG_REPLY), "--ignore-eos", "--temperature", "0"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
+        out, err = _Pipe(proc.stdout), _Pipe(proc.stderr)
         replies = []
         for n, line in enumerate((b"Tell me about the river\n", b"And the sea\n"), start=1):
+            start = len(out.data)  # nothing more comes on stdout until this line's reply
             proc.stdin.write(line)
             proc.stdin.flush()
-            replies.append(read_until(proc.stdout.fileno(), lambda data: bool(data.strip())))  # it has begun
+            out.wait_for(lambda data, start=start: bool(data[start:].strip()))  # the reply has begun
             proc.send_signal(signal.SIGINT)
-            read_until(proc.stderr.fileno(), lambda data: b"[stopped]" in data)
-            # The CLI ends a stopped reply's line on stdout before it says [stopped]: all of this reply's output
-            # is in the pipe now. Read it, so that the next turn's check sees only the next reply.
-            while select.select([proc.stdout.fileno()], [], [], 0)[0] and os.read(proc.stdout.fileno(), 65536):
-                pass
+            err.wait_for(lambda data, n=n: data.count(b"[stopped]") == n)
+            # The CLI ends the stopped reply's line on stdout, then says [stopped]: wait for that line end, so
+            # the next turn starts counting after all of this reply.
+            replies.append(out.wait_for(lambda data: data.endswith(b"\n"))[start:])
             deadline = time.monotonic() + 30
             while cancelled_count(chat_server) < cancelled_before + n and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert cancelled_count(chat_server) == cancelled_before + n
             assert wait_idle(chat_stub).requests_running == 0
-        proc.communicate(b"", timeout=CALL_TIMEOUT_S)  # end of input
-        assert proc.returncode == 0
+        proc.stdin.close()  # end of input
+        assert proc.wait(timeout=CALL_TIMEOUT_S) == 0
         assert all(reply.strip() for reply in replies)  # both lines were answered until stopped
     finally:
         if proc.poll() is None:
