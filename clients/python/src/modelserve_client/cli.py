@@ -353,7 +353,10 @@ def _chat_turn(
     verbose: bool,
 ) -> tuple[str | None, grpc.RpcError | None]:
     """Stream one reply to `out`: (its text, None when stopped before any arrived; the error status, if any).
-    Ctrl-C cancels the call and keeps what arrived."""
+    Ctrl-C cancels the call and keeps what arrived.
+
+    A piece of text is recorded before it is written: Ctrl-C can land between any two bytecodes, and one that
+    landed after a write but before the record would leave shown text with no line end and out of the history."""
     texts: list[str] = []
     last: pb.GenerateResponse | None = None
     status: grpc.RpcError | None = None
@@ -362,9 +365,9 @@ def _chat_turn(
             for message in stream:
                 last = message
                 if message.text:
+                    texts.append(message.text)
                     out.write(message.text)
                     out.flush()
-                    texts.append(message.text)
         except grpc.RpcError as exc:
             status = exc
         except KeyboardInterrupt:
