@@ -3,10 +3,13 @@ client CLI streaming, cancellation and deadlines freeing the engine, SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -14,6 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
+from modelserve.config import Config
+from modelserve.server.serving import Phase, RequestFailed, Serving
+from modelserve.server.vllm_compat import VllmEngineServicer
 from tests.conftest import ServerProcess, start_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -113,3 +119,29 @@ def test_sigterm_stops_cleanly(model_dirs: dict[str, Path], tmp_path: Path) -> N
     with server.channel() as channel, pytest.raises(grpc.RpcError) as err:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]
+
+
+def test_every_face_tells_the_same_health_from_one_place() -> None:
+    """Serving.health() is the one answer: the engine gone while the phase still says SERVING is FAILED for
+    a refused call, for vLLM's HealthCheck and for the Health RPC alike (each once decided it for itself)."""
+    serving = Serving(Config())
+    vllm = VllmEngineServicer(serving)
+    engine = SimpleNamespace(alive=True)
+    cases = [
+        (Phase.LOADING, True, Phase.LOADING, "the model is still loading; retry when the check passes"),
+        (Phase.SERVING, True, Phase.SERVING, ""),
+        (Phase.SERVING, False, Phase.FAILED, "the engine has failed; the server must be restarted"),
+        (Phase.DRAINING, True, Phase.DRAINING, "the server is shutting down; retry on another replica"),
+        (Phase.FAILED, False, Phase.FAILED, "the engine has failed; the server must be restarted"),
+    ]
+    for phase, alive, reported, refusal in cases:
+        serving.phase, engine.alive = phase, alive
+        serving.engine = cast(Any, engine) if phase is not Phase.LOADING else None
+        health = serving.health()
+        assert (health.phase, health.up) == (reported, not refusal), (phase, alive, health)
+        checked = asyncio.run(vllm.HealthCheck(None, None))
+        assert (checked.healthy, checked.message) == (health.up, health.why)
+        if refusal:
+            with pytest.raises(RequestFailed) as refused:
+                serving.ready("the check passes")
+            assert refused.value.code is grpc.StatusCode.UNAVAILABLE and str(refused.value) == refusal

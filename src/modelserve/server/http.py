@@ -52,7 +52,7 @@ from modelserve.engine.request import FinishReason, StreamEvent, TokenLogprob, T
 from modelserve.server.chat import ChatMessage
 from modelserve.server.lifecycle import STOP_GRACE_S
 from modelserve.server.security import bearer_refusal, tls_enabled
-from modelserve.server.serving import Phase, RequestFailed, Serving, raise_for
+from modelserve.server.serving import RequestFailed, Serving, raise_for
 from modelserve.telemetry.http_server import HttpTelemetryMiddleware
 
 if TYPE_CHECKING:
@@ -609,11 +609,8 @@ class _Api:
     async def health(self, request: HttpRequest) -> Response:
         if self._auth_health:
             self._authorize(request)
-        phase, engine = self._serving.phase, self._serving.engine
-        if phase is Phase.SERVING:
-            up = engine is not None and engine.alive
-            return JSONResponse({"status": "serving" if up else "failed"}, 200 if up else 503)
-        return JSONResponse({"status": phase.name.lower()}, 503)  # loading, draining, failed
+        health = self._serving.health()
+        return JSONResponse({"status": health.phase.name.lower()}, 200 if health.up else 503)
 
     async def models(self, request: HttpRequest) -> Response:
         self._authorize(request)

@@ -213,7 +213,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[pb.HealthRequest, pb.HealthResponse]
     ) -> pb.HealthResponse:
         serving = self._serving_state
-        model, engine, phase = serving.model, serving.engine, serving.phase
+        model, engine, phase = serving.model, serving.engine, serving.health().phase
         stats = engine.stats() if engine is not None else None
         response = pb.HealthResponse(
             state=phase.value,

@@ -62,6 +62,23 @@ class Phase(enum.Enum):
     FAILED = pb.SERVER_STATE_FAILED
 
 
+_NOT_SERVING_WHY = {
+    Phase.LOADING: "the model is still loading",
+    Phase.DRAINING: "the server is shutting down",
+    Phase.FAILED: "the engine has failed; the server must be restarted",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """The server's health as every face reports it: `phase` is FAILED once the engine is gone, even before
+    the lifecycle has noticed; `why` is what a caller is told."""
+
+    phase: Phase
+    up: bool
+    why: str
+
+
 class RequestFailed(Exception):
     """A request the server refused or could not finish; str(exc) is what the caller is told."""
 
@@ -105,21 +122,26 @@ class Serving:
             max_prompt_tokens=min(cfg.max_prompt_tokens or longest_prompt, longest_prompt),
         )
 
+    def health(self) -> Health:
+        """Whether new calls are served, and why not: the one answer behind every face's health check."""
+        if self.phase is Phase.SERVING and not (self.engine is not None and self.engine.alive):
+            return Health(Phase.FAILED, False, _NOT_SERVING_WHY[Phase.FAILED])  # before the phase catches up
+        if self.phase is Phase.SERVING:
+            return Health(Phase.SERVING, True, "serving")
+        return Health(self.phase, False, _NOT_SERVING_WHY[self.phase])
+
     def ready(self, health_hint: str) -> tuple[Engine, ServedModel, Limits]:
         """The engine, model and limits while serving; else RequestFailed UNAVAILABLE, counted as a refusal.
 
         `health_hint` names the check a caller should wait on while the model loads (each face has its own).
         """
-        if self.phase is Phase.SERVING and self.engine is not None and self.engine.alive:
-            assert self.model is not None and self._limits is not None
+        health = self.health()
+        if health.up:
+            assert self.engine is not None and self.model is not None and self._limits is not None
             return self.engine, self.model, self._limits
-        why = {
-            Phase.LOADING: f"the model is still loading; retry when {health_hint}",
-            Phase.DRAINING: "the server is shutting down; retry on another replica",
-            Phase.FAILED: "the engine has failed; the server must be restarted",
-        }.get(self.phase, "the engine is not running")
+        advice = {Phase.LOADING: f"; retry when {health_hint}", Phase.DRAINING: "; retry on another replica"}
         self.rejected("unavailable")
-        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, why)
+        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, health.why + advice.get(health.phase, ""))
 
     def start(
         self,

@@ -98,11 +98,6 @@ _RENAMED = {
 _OUR_FIELD = re.compile(r"(?<![\w.])(?:params\.(\w+)|prompt_ids\b)")
 # vLLM's sampling defaults that GetModelInfo reports when the model sets them (its min_p has no counterpart).
 _REPORTED_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
-_UNHEALTHY = {
-    Phase.LOADING: "the model is still loading",
-    Phase.DRAINING: "the server is shutting down",
-    Phase.FAILED: "the engine has failed; the server must be restarted",
-}
 
 
 @dataclass
@@ -203,11 +198,8 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
     async def HealthCheck(
         self, request: vpb.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> vpb.HealthCheckResponse:
-        serving = self._serving
-        if serving.phase is Phase.SERVING:
-            alive = serving.engine is not None and serving.engine.alive
-            return vpb.HealthCheckResponse(healthy=alive, message="serving" if alive else "the engine is not running")
-        return vpb.HealthCheckResponse(healthy=False, message=_UNHEALTHY[serving.phase])
+        health = self._serving.health()
+        return vpb.HealthCheckResponse(healthy=health.up, message=health.why)
 
     async def Abort(self, request: vpb.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]) -> vpb.AbortResponse:
         """End the named requests at the engine's next step; each stream sends its last message itself."""
