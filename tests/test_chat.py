@@ -321,6 +321,30 @@ def test_chat_streams_what_generate_streams_for_the_rendered_prompt(chat_stub: A
     assert "".join(m.text for m in messages) == "".join(m.text for m in generated)
 
 
+def finished_count(server: ServerProcess, **labels: str) -> float:
+    """modelserve_requests_finished_total summed over the series with these labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return sum(
+            s.value
+            for family in families
+            for s in family.samples
+            if s.name == "modelserve_requests_finished_total" and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+
+def test_a_chats_telemetry_names_the_chat_operation(chat_server: ServerProcess, chat_stub: Any) -> None:
+    """GenAI semantic conventions: a chat's request is gen_ai.operation.name "chat", a prompt's
+    "text_completion" (the request's metrics are recorded before its last message is sent)."""
+    chats, prompts = (finished_count(chat_server, gen_ai_operation_name=op) for op in ("chat", "text_completion"))
+    list(chat_stub.Chat(chat_request(*HELLO, **GREEDY), timeout=CALL_TIMEOUT_S))
+    assert finished_count(chat_server, gen_ai_operation_name="chat") == chats + 1
+    assert finished_count(chat_server, gen_ai_operation_name="text_completion") == prompts
+    generate = pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(**GREEDY))
+    list(chat_stub.Generate(generate, timeout=CALL_TIMEOUT_S))
+    assert finished_count(chat_server, gen_ai_operation_name="text_completion") == prompts + 1
+
+
 @pytest.mark.parametrize(
     ("turns", "params", "details"),
     [
@@ -493,14 +517,7 @@ def sigint_not_ignored() -> Iterator[None]:
 
 
 def cancelled_count(server: ServerProcess) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        families = text_string_to_metric_families(response.read().decode())
-        return sum(
-            s.value
-            for family in families
-            for s in family.samples
-            if s.name == "modelserve_requests_finished_total" and s.labels.get("finish_reason") == "cancelled"
-        )
+    return finished_count(server, finish_reason="cancelled")
 
 
 def test_cli_chat_ctrl_c_stops_the_reply_not_the_session(chat_server: ServerProcess, chat_stub: Any) -> None:

@@ -469,7 +469,7 @@ class _Generation(Response):
             except RequestFailed as exc:
                 await _failure(exc, self._names).response()(scope, receive, send)
                 return
-            outcome = self._serving.track(request, self._prompt)
+            outcome = self._serving.track(request, self._prompt, self._layout.chat)
             self._layout.begin(request.request_id)
             gone = asyncio.Event()
             watcher = asyncio.ensure_future(_watch_disconnect(receive, stream, gone))

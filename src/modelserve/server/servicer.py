@@ -87,7 +87,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             prompt=prompt, params=request.params, request_id=request.request_id, priority=request.priority
         )
         with self._serving_state.counted():
-            responses = self._generate(engine, model, limits, generate, context, add_special_tokens=False)
+            responses = self._generate(engine, model, limits, generate, context, chat=True)
             async with contextlib.aclosing(responses):
                 async for response in responses:
                     yield response
@@ -99,17 +99,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         limits: Limits,
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext[Any, pb.GenerateResponse],
-        add_special_tokens: bool = True,
+        chat: bool = False,
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """A Generate call's stream; a chat's prompt was rendered by its template, which wrote the special
+        tokens, so the tokenizer adds none."""
         try:
             engine_request, stream = self._start(
-                engine, request, model, limits, context.time_remaining(), add_special_tokens=add_special_tokens
+                engine, request, model, limits, context.time_remaining(), add_special_tokens=not chat
             )
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc), grpc_trailers(exc))
         request_id = engine_request.request_id
         n_prompt = len(engine_request.prompt_ids)
-        outcome = self._serving_state.track(engine_request, request.prompt)
+        outcome = self._serving_state.track(engine_request, request.prompt, chat)
         try:
             await context.send_initial_metadata(self._server_id)
             yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))

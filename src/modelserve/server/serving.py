@@ -43,7 +43,7 @@ from modelserve.server.validation import (
     truncate_prompt,
 )
 from modelserve.telemetry.call_status import ended_early_code
-from modelserve.telemetry.metrics import GenerationMetrics
+from modelserve.telemetry.metrics import CHAT_OPERATION, OPERATION, GenerationMetrics
 from modelserve.telemetry.request_outcome import OutcomeTracker
 
 if TYPE_CHECKING:
@@ -210,11 +210,13 @@ class Serving:
             self.rejected(code.name.lower())
             raise RequestFailed(code, str(exc)) from None
 
-    def track(self, request: Request, prompt: str) -> OutcomeTracker:
-        """The request's telemetry, under the current span (each face opens one per call)."""
+    def track(self, request: Request, prompt: str, chat: bool = False) -> OutcomeTracker:
+        """The request's telemetry, under the current span (each face opens one per call); a chat's request
+        is counted as gen_ai.operation.name "chat", a prompt's as "text_completion"."""
         cfg = self.config
         content = prompt if cfg.trace_content or cfg.log_content else None
-        return OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content)
+        operation = CHAT_OPERATION if chat else OPERATION
+        return OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content, operation)
 
     def rejected(self, error_type: str) -> None:
         if self._metrics is not None:

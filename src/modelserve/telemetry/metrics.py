@@ -43,7 +43,8 @@ BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 # negated: the mean negative log-likelihood per token, in nats (0 = certain; ln(vocab) = uniform).
 TOKEN_NLL_BUCKETS = [0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0]
 
-OPERATION = "text_completion"
+OPERATION = "text_completion"  # GenAI semconv's gen_ai.operation.name for a prompt; a chat's is CHAT_OPERATION
+CHAT_OPERATION = "chat"
 # Finish reasons that mean the caller did not get what it asked for.
 FAILED_FINISH_REASONS = {"cancelled", "deadline_exceeded", "error"}
 
@@ -59,6 +60,7 @@ class RequestOutcome:
     time_to_first_token_s: float | None  # None when no token was produced
     total_s: float
     mean_logprob: float | None = None  # the output's mean token log-probability
+    operation: str = OPERATION  # gen_ai.operation.name: CHAT_OPERATION for a chat's request
 
 
 class GenerationMetrics:
@@ -181,7 +183,8 @@ class GenerationMetrics:
         self._stats = stats
 
     def request_finished(self, outcome: RequestOutcome) -> None:
-        attrs = dict(self._base)
+        base = {**self._base, "gen_ai.operation.name": outcome.operation}
+        attrs = dict(base)
         if outcome.finish_reason in FAILED_FINISH_REASONS:
             attrs["error.type"] = outcome.finish_reason
         self.duration.record(outcome.total_s, attrs)
@@ -195,8 +198,8 @@ class GenerationMetrics:
         self.queue_time.record(outcome.queue_s, attrs)
         if outcome.mean_logprob is not None:
             self.token_nll.record(-outcome.mean_logprob, attrs)
-        self.output_tokens.add(outcome.output_tokens, self._base)
-        self.finished.add(1, {**self._base, "finish_reason": outcome.finish_reason})
+        self.output_tokens.add(outcome.output_tokens, base)
+        self.finished.add(1, {**base, "finish_reason": outcome.finish_reason})
 
     def record_step(self, step: StepRecord) -> None:
         """The engine's per-step observer (called on the engine thread)."""

@@ -14,7 +14,7 @@ import time
 from opentelemetry import trace
 
 from modelserve.engine.request import Request, StreamEvent
-from modelserve.telemetry.metrics import GenerationMetrics, RequestOutcome
+from modelserve.telemetry.metrics import OPERATION, GenerationMetrics, RequestOutcome
 
 log = logging.getLogger("modelserve.server.servicer")  # the request log keeps its logger name
 
@@ -30,9 +30,12 @@ class OutcomeTracker:
         prompt: str | None,
         trace_content: bool = False,
         log_content: bool = False,
+        operation: str = OPERATION,
     ) -> None:
-        """`prompt` is given only when the operator turned content tracing or logging on."""
+        """`prompt` is given only when the operator turned content tracing or logging on; `operation` is the
+        request's gen_ai.operation.name (a chat's is "chat")."""
         self._metrics = metrics
+        self._operation = operation
         self._request_id = request.request_id
         self._prompt = prompt
         self._trace_content, self._log_content = trace_content, log_content
@@ -45,6 +48,7 @@ class OutcomeTracker:
         self._first_token_s: float | None = None
         self._output_tokens = 0
         self._reported = False
+        self._span.set_attribute("gen_ai.operation.name", operation)
         self._span.add_event("queued", {"gen_ai.usage.input_tokens": input_tokens})
 
     def saw(self, event: StreamEvent) -> None:
@@ -89,7 +93,16 @@ class OutcomeTracker:
             self._log(reason, total_s)
         if self._metrics is not None:
             self._metrics.request_finished(
-                RequestOutcome(self._input_tokens, self._output_tokens, reason, queue_s, ttft_s, total_s, mean_logprob)
+                RequestOutcome(
+                    self._input_tokens,
+                    self._output_tokens,
+                    reason,
+                    queue_s,
+                    ttft_s,
+                    total_s,
+                    mean_logprob,
+                    self._operation,
+                )
             )
 
     def _log(self, reason: str, total_s: float) -> None:
