@@ -280,6 +280,26 @@ def test_http_requests_show_in_the_metrics(server: ServerProcess, client: OpenAI
     assert _metric(server, "modelserve_requests_rejected_total", error_type="invalid_argument") == rejected + 1
 
 
+def test_this_faces_own_refusals_count_as_rejected(server: ServerProcess, client: OpenAI) -> None:
+    """A generation request refused before the shared path (its body, its model, an unsupported field) counts
+    in modelserve.requests.rejected, as that path's own refusals do, by the gRPC code's name."""
+    invalid, not_found = ({"error_type": t} for t in ("invalid_argument", "not_found"))
+    before = [_metric(server, "modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
+    response = httpx.post(
+        f"{_base_url(server)}/v1/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=CALL_TIMEOUT_S,
+    )
+    assert response.status_code == 400
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    after = [_metric(server, "modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
+    assert after == [before[0] + 2, before[1] + 1]
+
+
 def _length_finished(server: ServerProcess) -> float:
     return _metric(server, "modelserve_requests_finished_total", finish_reason="length")
 

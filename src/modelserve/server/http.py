@@ -81,6 +81,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
 }
+# This face's own refusals of a generation request -> error.type, as the gRPC code a gRPC call would get.
+_ERROR_TYPES = {404: "not_found", 413: "resource_exhausted"}
 # GenerationParameters fields -> the body fields that set them, where OpenAI's names differ; a request's
 # own choice (max_completion_tokens, or a completion's `logprobs` count) is added per request.
 _BODY_NAMES = {
@@ -123,10 +125,12 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        counted: bool = False,
     ) -> None:
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
         self.headers = dict(headers or {})
+        self.counted = counted  # already in modelserve.requests.rejected (the shared request path counts its own)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
@@ -150,7 +154,7 @@ def _failure(exc: RequestFailed, names: Mapping[str, str]) -> ApiError:
             status, kind = 503, "server_error"
         else:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return ApiError(status, message, kind=kind, param=param, code=exc.code.name.lower(), headers=headers)
+    return ApiError(status, message, kind=kind, param=param, code=exc.code.name.lower(), headers=headers, counted=True)
 
 
 def _body_names(message: str, names: Mapping[str, str]) -> tuple[str, str | None]:
@@ -635,23 +639,37 @@ class _Api:
     async def chat_completions(self, request: HttpRequest) -> Response:
         self._authorize(request)
         engine, model, limits = self._ready()
-        body = await self._body(request)
-        _check_model(body.string("model"), model.model_id)
-        body.refuse_unsupported()
-        messages = _messages(body)
-        try:
-            prompt = self._serving.chat_prompt(model, limits, messages)
-        except RequestFailed as exc:
-            raise _failure(exc, {}) from None
-        return self._generation(request, body, True, prompt, (engine, model, limits))
+        with self._counting_refusals():
+            body = await self._body(request)
+            _check_model(body.string("model"), model.model_id)
+            body.refuse_unsupported()
+            messages = _messages(body)
+            try:
+                prompt = self._serving.chat_prompt(model, limits, messages)
+            except RequestFailed as exc:
+                raise _failure(exc, {}) from None
+            return self._generation(request, body, True, prompt, (engine, model, limits))
 
     async def completions(self, request: HttpRequest) -> Response:
         self._authorize(request)
         engine, model, limits = self._ready()
-        body = await self._body(request)
-        _check_model(body.string("model"), model.model_id)
-        body.refuse_unsupported()
-        return self._generation(request, body, False, _prompt(body), (engine, model, limits))
+        with self._counting_refusals():
+            body = await self._body(request)
+            _check_model(body.string("model"), model.model_id)
+            body.refuse_unsupported()
+            return self._generation(request, body, False, _prompt(body), (engine, model, limits))
+
+    @contextlib.contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        """A generation request this face refuses itself (its body, its model name, an unsupported field) is
+        counted in modelserve.requests.rejected as the shared path counts its own, by the gRPC code's name
+        (an unauthenticated call is not, on either face)."""
+        try:
+            yield
+        except ApiError as exc:
+            if not exc.counted:
+                self._serving.rejected(_ERROR_TYPES.get(exc.status, "invalid_argument"))
+            raise
 
     def _generation(
         self, request: HttpRequest, body: _Body, chat: bool, prompt: str, served: tuple[Engine, ServedModel, Limits]
