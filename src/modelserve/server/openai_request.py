@@ -1,0 +1,307 @@
+"""Reading an OpenAI request: a chat or completion body becomes our GenerationParameters, which then meet
+the shared validation and limits (serving.py, validation.py) as a gRPC call's do, and the caller's deadline
+comes from the X-Request-Timeout-S header (in seconds). A body is read with OpenAI's types, and the fields
+this server cannot honour (several choices, tools) are refused by name.
+
+A refusal keeps its gRPC meaning, mapped onto an HTTP status in OpenAI's error shape
+{"error": {"message", "type", "param", "code"}}, with the gRPC status's name as `code`, and in the body's
+own field names: validation speaks of params.max_new_tokens, the caller sent max_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from modelserve_client.v1 import generation_pb2 as pb
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+
+from modelserve.server.chat import ChatMessage
+from modelserve.server.serving import RequestFailed
+
+TIMEOUT_HEADER = "x-request-timeout-s"  # the caller's deadline, in seconds from now (gRPC sends its own)
+SEED_MAX = 2**64 - 1  # GenerationParameters.seed is a uint64
+
+# A refusal's gRPC status -> its HTTP status and OpenAI error type.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),  # the model has no chat template
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
+}
+# GenerationParameters fields -> the body fields that set them, where OpenAI's names differ; a request's
+# own choice (max_completion_tokens, or a completion's `logprobs` count) is added per request.
+_BODY_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "truncate_input_tokens": "truncate_prompt_tokens",
+    "include_stop_sequence": "include_stop_str_in_output",
+}
+_PARAMS_FIELD = re.compile(r"\bparams\.([a-z_]+)")
+_LEADING_FIELD = re.compile(r"^(prompt|priority|messages(?:\[\d+\])?(?:\.[a-z]+)?)")
+# OpenAI fields this server cannot honour, and the values that ask nothing of it.
+_NEUTRAL = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "functions": ([],),
+}
+
+
+class ApiError(Exception):
+    """A request answered with an OpenAI-shaped error; str(exc) is its message."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        counted: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.headers = dict(headers or {})
+        self.counted = counted  # already in modelserve.requests.rejected (the shared request path counts its own)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), self.status, self.headers)
+
+
+def invalid(message: str, param: str | None) -> ApiError:
+    return ApiError(400, message, param=param, code="invalid_argument")
+
+
+def failure(exc: RequestFailed, names: Mapping[str, str]) -> ApiError:
+    """A refusal of the shared request path as OpenAI's error, in the body's own field names."""
+    status, kind = _HTTP_STATUS.get(exc.code, (500, "server_error"))
+    message, param, headers = str(exc), None, {}
+    if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
+        message, param = _body_names(message, names)
+    if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if exc.retry_after_s is None:  # a step ran out of memory: not the caller's rate, but worth a retry
+            status, kind = 503, "server_error"
+        else:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return ApiError(status, message, kind=kind, param=param, code=exc.code.name.lower(), headers=headers, counted=True)
+
+
+def _body_names(message: str, names: Mapping[str, str]) -> tuple[str, str | None]:
+    """Validation names GenerationParameters' fields (params.max_new_tokens); this caller sent the body's
+    (max_tokens): the message in the body's names, and the field it names first."""
+    renamed: list[str] = []
+
+    def rename(match: re.Match[str]) -> str:
+        renamed.append(names.get(match[1], match[1]))
+        return renamed[-1]
+
+    text = _PARAMS_FIELD.sub(rename, message)
+    leading = _LEADING_FIELD.match(message)
+    if leading is not None:
+        return text, names.get(leading[1], leading[1])
+    return text, renamed[0] if renamed else None
+
+
+class Body:
+    """A request's JSON object, read field by field with OpenAI's types: a wrong type is a 400 naming the
+    field; null is the same as absent."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def has(self, key: str) -> bool:
+        return self._data.get(key) is not None
+
+    def typed(self, key: str, kinds: tuple[type, ...], what: str) -> Any:
+        value = self._data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+            raise invalid(f"{key} must be {what}, got {json.dumps(value)[:80]}", key)
+        return value
+
+    def number(self, key: str) -> float | None:
+        value = self.typed(key, (int, float), "a number")
+        return None if value is None else float(value)
+
+    def integer(self, key: str) -> int | None:
+        value: int | None = self.typed(key, (int,), "an integer")
+        return value
+
+    def boolean(self, key: str) -> bool | None:
+        value: bool | None = self.typed(key, (bool,), "true or false")
+        return value
+
+    def string(self, key: str) -> str | None:
+        value: str | None = self.typed(key, (str,), "a string")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        """A string or a list of strings (OpenAI's `stop`); [] when absent."""
+        value = self.typed(key, (str, list), "a string or a list of strings")
+        items = [value] if isinstance(value, str) else (value or [])
+        if not all(isinstance(item, str) for item in items):
+            raise invalid(f"{key} must be a string or a list of strings", key)
+        return items
+
+    def integers(self, key: str) -> list[int]:
+        value = self.typed(key, (list,), "a list of integers") or []
+        if not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            raise invalid(f"{key} must be a list of integers", key)
+        return list(value)
+
+    def array(self, key: str) -> list[Any] | None:
+        value: list[Any] | None = self.typed(key, (list,), "a list")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value: dict[str, Any] | None = self.typed(key, (dict,), "an object")
+        return value or {}
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first field that asks what this server does not do (several choices, tools)."""
+        for key, neutral in _NEUTRAL.items():
+            value = self._data.get(key)
+            if value is not None and value not in neutral:
+                if key == "n":
+                    raise invalid(f"n must be 1, got {json.dumps(value)}: this server returns one choice", key)
+                raise invalid(f"{key} is not supported by this server (got {json.dumps(value)[:80]})", key)
+        kind = self.mapping("response_format").get("type", "text")
+        if kind != "text":
+            raise invalid(f"response_format {kind!r} is not supported by this server: only 'text'", "response_format")
+
+
+def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParameters, dict[str, str]]:
+    """The body's sampling fields as GenerationParameters (validated later, by the shared request path),
+    and the body's name of each field, for that path's messages."""
+    params = pb.GenerationParameters()
+    names = dict(_BODY_NAMES)
+
+    def put(field: str, key: str, value: object) -> None:
+        if value is None:
+            return
+        names[field] = key
+        try:
+            setattr(params, field, value)
+        except (ValueError, TypeError) as exc:  # out of the proto field's own range (int32)
+            raise invalid(f"{key} is out of range: {exc}", key) from None
+
+    max_key = "max_completion_tokens" if chat and body.has("max_completion_tokens") else "max_tokens"
+    put("max_new_tokens", max_key, body.integer(max_key))
+    put("min_new_tokens", "min_tokens", body.integer("min_tokens"))
+    put("temperature", "temperature", body.number("temperature"))
+    put("top_p", "top_p", body.number("top_p"))
+    put("top_k", "top_k", body.integer("top_k"))
+    put("repetition_penalty", "repetition_penalty", body.number("repetition_penalty"))
+    put("ignore_eos", "ignore_eos", body.boolean("ignore_eos"))
+    put("include_stop_sequence", "include_stop_str_in_output", body.boolean("include_stop_str_in_output"))
+    put("truncate_input_tokens", "truncate_prompt_tokens", body.integer("truncate_prompt_tokens"))
+    seed = body.integer("seed")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise invalid(f"seed must be in [0, {SEED_MAX}], got {seed}", "seed")
+    put("seed", "seed", seed)
+    params.stop.extend(body.strings("stop"))
+    try:
+        params.stop_token_ids.extend(body.integers("stop_token_ids"))
+    except ValueError as exc:
+        raise invalid(f"stop_token_ids is out of range: {exc}", "stop_token_ids") from None
+    if chat:  # logprobs: true, top_logprobs: n
+        put("logprobs", "logprobs", body.boolean("logprobs"))
+        put("top_logprobs", "top_logprobs", body.integer("top_logprobs"))
+    else:  # logprobs: n, the alternatives per token (0: the chosen token's only)
+        top = body.integer("logprobs")
+        if top is not None:
+            params.logprobs = True
+            put("top_logprobs", "logprobs", top)
+    return params, names
+
+
+def chat_messages(body: Body) -> list[ChatMessage]:
+    raw = body.array("messages")
+    if raw is None:
+        raise invalid("messages is required: a list of {role, content} objects", "messages")
+    messages = []
+    for i, item in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise invalid(f"{where} must be an object with role and content", where)
+        role = item.get("role")
+        if not isinstance(role, str):
+            raise invalid(f"{where}.role must be a string", f"{where}.role")
+        if item.get("tool_calls"):
+            raise invalid(f"{where}.tool_calls: tool calls are not supported by this server", f"{where}.tool_calls")
+        messages.append(ChatMessage(role, _content(item.get("content"), f"{where}.content")))
+    return messages
+
+
+def _content(content: object, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of parts of which only text parts are taken."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where} must be a string or a list of text parts", where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            got = json.dumps(kind) if isinstance(part, dict) else "not an object"
+            raise invalid(
+                f"{where}[{j}] must be a text part ({{'type': 'text', 'text': ...}}); got type {got}: this "
+                "server takes text only",
+                f"{where}[{j}].type",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def completion_prompt(body: Body) -> str:
+    """A completion's prompt: one string (a list holding one string is taken as it)."""
+    value = body.typed("prompt", (str, list), "a string")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if not isinstance(value, str):
+        raise invalid("prompt must be one string: this server takes one text prompt per request", "prompt")
+    return value
+
+
+def request_timeout_s(request: HttpRequest) -> float | None:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise invalid(f"the X-Request-Timeout-S header must be a positive number of seconds, got {raw!r}", None)
+    return value
+
+
+def check_model(name: str | None, served: str) -> None:
+    """Another model's name is a 404, as OpenAI answers it; no name means the one served."""
+    if name is not None and name != served:
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist: this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
