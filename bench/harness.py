@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,19 @@ class ServerProcess:
 
     def log_errors(self) -> list[str]:
         return log_errors(self.log())
+
+    def metric(self, sample_name: str, **labels: str) -> float:
+        """The sum of the /metrics samples named `sample_name` whose labels include `labels` (0 when none)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            families = text_string_to_metric_families(response.read().decode())
+            return sum(
+                sample.value
+                for family in families
+                for sample in family.samples
+                if sample.name == sample_name and labels.items() <= sample.labels.items()
+            )
 
     @contextlib.contextmanager
     def watch_health(self, service: str = "", timeout_s: float = START_TIMEOUT_S) -> Iterator[Iterator[int]]:

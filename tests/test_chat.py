@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +32,6 @@ from google.protobuf import json_format
 from modelserve_client import AsyncModelServeClient, ModelServeClient
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
-from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer, processors
 
 from bench.harness import wait_idle
@@ -322,15 +320,7 @@ def test_chat_streams_what_generate_streams_for_the_rendered_prompt(chat_stub: A
 
 
 def finished_count(server: ServerProcess, **labels: str) -> float:
-    """modelserve_requests_finished_total summed over the series with these labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        families = text_string_to_metric_families(response.read().decode())
-        return sum(
-            s.value
-            for family in families
-            for s in family.samples
-            if s.name == "modelserve_requests_finished_total" and all(s.labels.get(k) == v for k, v in labels.items())
-        )
+    return server.metric("modelserve_requests_finished_total", **labels)
 
 
 def test_a_chats_telemetry_names_the_chat_operation(chat_server: ServerProcess, chat_stub: Any) -> None:

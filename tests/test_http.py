@@ -6,7 +6,6 @@ errors in OpenAI's shape; token auth; a client that disconnects mid-stream; and 
 from __future__ import annotations
 
 import signal
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from grpc_health.v1 import health_pb2
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import ServerProcess, is_idle, start_server, wait_idle
 
@@ -57,6 +55,16 @@ def server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 def _base_url(server: ServerProcess) -> str:
     return f"http://127.0.0.1:{server.http_port}"
+
+
+def _post_raw(server: ServerProcess, path: str, content: bytes) -> httpx.Response:
+    """`content` as a JSON request body, byte for byte (what the openai client would never send)."""
+    return httpx.post(
+        f"{_base_url(server)}{path}",
+        content=content,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        timeout=CALL_TIMEOUT_S,
+    )
 
 
 @pytest.fixture()
@@ -204,12 +212,7 @@ def test_unknown_model_is_404(client: OpenAI) -> None:
 
 
 def test_a_body_that_is_not_json_is_400(server: ServerProcess) -> None:
-    response = httpx.post(
-        f"{_base_url(server)}/v1/chat/completions",
-        content=b"{not json",
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        timeout=CALL_TIMEOUT_S,
-    )
+    response = _post_raw(server, "/v1/chat/completions", b"{not json")
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]["message"]
 
@@ -218,12 +221,7 @@ def test_a_body_that_is_not_json_is_400(server: ServerProcess) -> None:
 def test_a_lone_surrogate_in_the_body_is_400_not_a_server_fault(server: ServerProcess, path: str) -> None:
     """Valid JSON may escape half a UTF-16 pair, which no text can hold: refused like any bad input."""
     body = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "prompt": "a\\ud800b", "stop": ["\\udfff"]}'
-    response = httpx.post(
-        f"{_base_url(server)}{path}",
-        content=body,
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        timeout=CALL_TIMEOUT_S,
-    )
+    response = _post_raw(server, path, body)
     assert response.status_code == 400, response.text
     assert "surrogate" in response.json()["error"]["message"]
     assert " ERROR " not in server.log()
@@ -249,59 +247,42 @@ def test_token_auth_and_open_health(server: ServerProcess) -> None:
 # ---- a client that goes away --------------------------------------------------------------------------------
 
 
-def _metric(server: ServerProcess, sample_name: str, **labels: str) -> float:
-    """The sum of the matching samples on the server's /metrics (0 when there are none yet)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        families = text_string_to_metric_families(response.read().decode())
-        return sum(
-            sample.value
-            for family in families
-            for sample in family.samples
-            if sample.name == sample_name and labels.items() <= sample.labels.items()
-        )
-
-
 def _cancelled(server: ServerProcess) -> float:
-    return _metric(server, "modelserve_requests_finished_total", finish_reason="cancelled")
+    return server.metric("modelserve_requests_finished_total", finish_reason="cancelled")
 
 
 def test_http_requests_show_in_the_metrics(server: ServerProcess, client: OpenAI) -> None:
     """The same request metrics as gRPC calls, and http.server.request.duration per route and status."""
     route = {"http_route": "/v1/completions", "http_request_method": "POST"}
     duration = "http_server_request_duration_seconds_count"
-    ok, finished = _metric(server, duration, http_response_status_code="200", **route), _length_finished(server)
-    rejected = _metric(server, "modelserve_requests_rejected_total", error_type="invalid_argument")
+    ok, finished = server.metric(duration, http_response_status_code="200", **route), _length_finished(server)
+    rejected = server.metric("modelserve_requests_rejected_total", error_type="invalid_argument")
     client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="Hello", top_p=2.0)
-    assert _metric(server, duration, http_response_status_code="200", **route) == ok + 1
-    assert _metric(server, duration, http_response_status_code="400", **route) >= 1
+    assert server.metric(duration, http_response_status_code="200", **route) == ok + 1
+    assert server.metric(duration, http_response_status_code="400", **route) >= 1
     assert _length_finished(server) == finished + 1
-    assert _metric(server, "modelserve_requests_rejected_total", error_type="invalid_argument") == rejected + 1
+    assert server.metric("modelserve_requests_rejected_total", error_type="invalid_argument") == rejected + 1
 
 
 def test_this_faces_own_refusals_count_as_rejected(server: ServerProcess, client: OpenAI) -> None:
     """A generation request refused before the shared path (its body, its model, an unsupported field) counts
     in modelserve.requests.rejected, as that path's own refusals do, by the gRPC code's name."""
     invalid, not_found = ({"error_type": t} for t in ("invalid_argument", "not_found"))
-    before = [_metric(server, "modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
-    response = httpx.post(
-        f"{_base_url(server)}/v1/completions",
-        content=b"{not json",
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        timeout=CALL_TIMEOUT_S,
-    )
+    before = [server.metric("modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
+    response = _post_raw(server, "/v1/completions", b"{not json")
     assert response.status_code == 400
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    after = [_metric(server, "modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
+    after = [server.metric("modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
     assert after == [before[0] + 2, before[1] + 1]
 
 
 def _length_finished(server: ServerProcess) -> float:
-    return _metric(server, "modelserve_requests_finished_total", finish_reason="length")
+    return server.metric("modelserve_requests_finished_total", finish_reason="length")
 
 
 class _AuthorizedHealth:
@@ -336,8 +317,8 @@ def test_a_client_that_leaves_before_a_whole_answer_is_no_server_error(
     499 (client closed request), not as a 500."""
     route = {"http_route": "/v1/completions", "http_request_method": "POST"}
     duration = "http_server_request_duration_seconds_count"
-    before, faults = _cancelled(server), _metric(server, duration, http_response_status_code="500", **route)
-    left = _metric(server, duration, http_response_status_code="499", **route)
+    before, faults = _cancelled(server), server.metric(duration, http_response_status_code="500", **route)
+    left = server.metric(duration, http_response_status_code="499", **route)
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": LONG, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client closes the connection when its read times out
         httpx.post(f"{_base_url(server)}/v1/completions", json=body, headers=AUTH_HEADERS, timeout=0.5)
@@ -346,10 +327,10 @@ def test_a_client_that_leaves_before_a_whole_answer_is_no_server_error(
     assert _cancelled(server) == before + 1
     wait_idle(  # the response's metric is recorded once the app has returned: bounded, on the server's own state
         _AuthorizedHealth(stub),
-        until=lambda h: _metric(server, duration, http_response_status_code="499", **route) > left,
+        until=lambda h: server.metric(duration, http_response_status_code="499", **route) > left,
     )
-    assert _metric(server, duration, http_response_status_code="499", **route) == left + 1
-    assert _metric(server, duration, http_response_status_code="500", **route) == faults
+    assert server.metric(duration, http_response_status_code="499", **route) == left + 1
+    assert server.metric(duration, http_response_status_code="500", **route) == faults
     assert server.log_errors() == [], server.log()
 
 
