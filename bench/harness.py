@@ -37,10 +37,19 @@ IDLE_TIMEOUT_S = 60.0
 # ---- a real server ----------------------------------------------------------------------------------------------
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now and never given before by this process: the kernel may hand the same free
+    port to two binds in a row (seen about once in 5,000 triples), and a server's ports must differ."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 @dataclass
@@ -206,8 +215,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(arch="gpt2", max_len=4096),
     # Llama-3.2-1B-like shape (for a lent GPU).
     "llama-1b": dict(arch="llama", hidden=2048, layers=16, heads=32, vocab_size=128256, max_len=4096),
-    # The tests' and the soak's: build_random_model's own size (2 layers, 64 wide, 1,024 tokens), seed 7.
+    # The tests' and the soak's: build_random_model's own size (2 layers, 64 wide, a 1,024-token vocabulary,
+    # a 2,048-token context), seed 7.
     **{f"tiny-{arch}": dict(arch=arch, seed=7) for arch in ("gpt2", "llama", "qwen2")},
+    # The tests' long-running streams: the tiny Llama with an 8,192-token context.
+    "tiny-llama-long": dict(arch="llama", seed=7, max_len=8192),
 }
 
 

@@ -16,12 +16,42 @@ from bench.harness import START_TIMEOUT_S, ServerProcess, free_port, model_dir, 
 __all__ = ["START_TIMEOUT_S", "ServerProcess", "free_port", "start_server"]
 
 ARCHS = ("gpt2", "llama", "qwen2")
+# A stream a test acts on while it runs (cancel, abort, drain, a scrape) asks for LONG tokens of the long
+# model: many seconds of generation, so it is still running however loaded the machine is. (1,500-2,000
+# tokens of the 2,048-token model were 1-4 s here: a loaded CI run once finished such a stream first.)
+LONG_CONTEXT = 8192
+LONG = 8000
+KV_BYTES_PER_TOKEN = 512  # the tiny Llama's (2 layers x 2 x 64 wide x 2 bytes)
+
+
+def long_args(rows: int = 8) -> tuple[str, ...]:
+    """Server flags for the long model: KV for `rows` whole contexts, and LONG new tokens allowed."""
+    return ("--kv-cache-bytes", str(rows * LONG_CONTEXT * KV_BYTES_PER_TOKEN), "--max-max-new-tokens", str(LONG))
 
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {arch: model_dir(f"tiny-{arch}", root) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a LONG_CONTEXT-token context (its weights are the tiny Llama's)."""
+    return model_dir("tiny-llama-long", tmp_path_factory.mktemp("long-model"))
+
+
+@pytest.fixture(scope="session")
+def long_server(long_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server whose streams may run LONG tokens, for the tests that act on a stream while it runs."""
+    server = start_server(
+        tmp_path_factory.mktemp("long-server"), "--model", str(long_model_dir), "--max-batch-size", "8", *long_args()
+    )
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.terminate()
 
 
 @pytest.fixture(scope="session")

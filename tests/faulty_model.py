@@ -50,8 +50,8 @@ class FaultyLlamaForCausalLM(LlamaForCausalLM):
 '''.replace('"FAULT_FILE_ENV"', repr(FAULT_FILE_ENV))
 
 
-def build_faulty_model(out_dir: Path) -> Path:
-    build_random_model(out_dir, "llama", seed=7)
+def build_faulty_model(out_dir: Path, max_len: int = 2048) -> Path:
+    build_random_model(out_dir, "llama", seed=7, max_len=max_len)
     (out_dir / "modeling_faulty.py").write_text(_MODELING)
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())

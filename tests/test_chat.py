@@ -39,14 +39,12 @@ from modelserve.models.demo import DEMO_CHAT_TEMPLATE, DEMO_WORDS, demo_model_di
 from modelserve.models.loader import ModelInfo, _chat_template, load_model_info
 from modelserve.models.random_init import EOS_TOKEN, UNK_TOKEN, build_random_model, build_word_tokenizer
 from modelserve.server.chat import ChatError, ChatMessage, check_chat_size, render_chat, with_chat_template
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import LONG, LONG_CONTEXT, ServerProcess, long_args, start_server
 
 TOKEN = "chat-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 CALL_TIMEOUT_S = 120
 MAX_PROMPT_BYTES = 4096
-LONG_CONTEXT = 8192
-LONG_REPLY = 8000  # seconds of generation on this model: a reply the tests stop is still running when they do
 CLI = Path(sys.executable).parent / "modelserve-client"
 
 # Llama 2's kind of template: BOS first, a system message, then user and assistant in turn, or it refuses.
@@ -257,8 +255,7 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory, template_file: Path) -
     server = start_server(
         tmp_path_factory.mktemp("chat-server"),
         *("--model", str(model), "--chat-template", str(template_file), "--auth-token", TOKEN),
-        *("--max-prompt-bytes", str(MAX_PROMPT_BYTES), "--kv-cache-bytes", str(LONG_CONTEXT * 512)),
-        *("--max-max-new-tokens", str(LONG_REPLY)),
+        *("--max-prompt-bytes", str(MAX_PROMPT_BYTES), *long_args(1)),
     )
     try:
         server.wait_serving()
@@ -513,12 +510,12 @@ def cancelled_count(server: ServerProcess) -> float:
 def test_cli_chat_ctrl_c_stops_the_reply_not_the_session(chat_server: ServerProcess, chat_stub: Any) -> None:
     """Ctrl-C mid-reply cancels its call (the server counts it cancelled and frees its row), says so,
     and the next line is answered (and stopped the same way); end of input then ends the session normally.
-    Each reply may run LONG_REPLY tokens, so it is still running when the signal comes, however loaded the
+    Each reply may run LONG tokens, so it is still running when the signal comes, however loaded the
     machine is (with 1,500 a loaded CI run once finished the reply first, and the signal met the prompt)."""
     cancelled_before = cancelled_count(chat_server)
     with sigint_not_ignored():
         proc = subprocess.Popen(
-            cli(chat_server.address, "--max-new-tokens", str(LONG_REPLY), "--ignore-eos", "--temperature", "0"),
+            cli(chat_server.address, "--max-new-tokens", str(LONG), "--ignore-eos", "--temperature", "0"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

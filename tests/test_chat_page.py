@@ -32,6 +32,9 @@ TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 PIECES_BEFORE_STOP = 20
+# How long a page check may wait (Playwright's default is 5 s): Chromium, the server and its engine share
+# two loaded CPUs here, and a check waits for what it checks, so a long bound costs nothing when it holds.
+PAGE_TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +60,12 @@ def test_a_reply_streams_into_the_page_and_stop_ends_it(chat_server: tuple[Serve
     from playwright.sync_api import expect, sync_playwright
 
     server, http_port = chat_server
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
             page.goto(f"http://127.0.0.1:{http_port}/")
             expect(page.get_by_test_id("model")).not_to_have_text("connecting…")
             page.get_by_test_id("temperature").fill("0")  # greedy: the same long reply on every run
@@ -73,7 +78,7 @@ def test_a_reply_streams_into_the_page_and_stop_ends_it(chat_server: tuple[Serve
                 "n => (document.querySelector('.message.assistant .text')?.textContent ?? '').split(' ').length > n",
                 arg=PIECES_BEFORE_STOP,
                 polling=100,  # a timer, not animation frames: those may come late on a loaded machine
-                timeout=60_000,
+                timeout=PAGE_TIMEOUT_MS,
             )
             expect(page.get_by_test_id("stop")).to_be_enabled()
             page.screenshot(path=tmp_path / "chat-page-mid-reply.png")

@@ -230,10 +230,10 @@ async def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dirs: dict[s
         first_done = await _collect(first)
         second_done, small_done = await asyncio.gather(_collect(second), small_task)
         assert len(head.token_ids) + len(first_done[0]) == len(second_done[0])
-        assert first_done[2].finish is not None and first_done[2].finish.timings.queue_s < 1.0
-        assert second_done[2].finish is not None
-        # The second waited for the first: it was queued for at least the first's whole run.
+        assert first_done[2].finish is not None and second_done[2].finish is not None
+        # The second waited for the first: it was queued for most of the first's whole run, which was not.
         assert second_done[2].finish.timings.queue_s > 0.5 * first_done[2].finish.timings.total_s
+        assert first_done[2].finish.timings.queue_s < second_done[2].finish.timings.queue_s
         assert small_done[2].finish is not None
         assert engine.core.pool.rows == 0 and engine.core.pool.allocated_tokens() <= 300
 

@@ -6,7 +6,8 @@ errors in OpenAI's shape; token auth; a client that disconnects mid-stream; and 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from openai import OpenAI
 
 from bench.harness import ServerProcess, is_idle, start_server, wait_idle
+from tests.conftest import LONG, long_args
 
 TOKEN = "http-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -30,20 +32,20 @@ TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-LONG = 2000  # output tokens that take seconds on this model: a stream still running when the test acts
 CALL_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The tiny Llama with a chat template and a bearer token (start_server gives it a free --http-port)."""
+def server(long_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny Llama (long context: a LONG stream is still running when a test acts) with a chat template and
+    a bearer token (start_server gives it a free --http-port)."""
     root = tmp_path_factory.mktemp("http-server")
     template = root / "chat.jinja"
     template.write_text(TEMPLATE)
     server = start_server(
         root,
-        *("--model", str(model_dirs["llama"]), "--served-model-name", MODEL, "--chat-template", str(template)),
-        *("--max-batch-size", "4", "--grace-s", "5"),
+        *("--model", str(long_model_dir), "--served-model-name", MODEL, "--chat-template", str(template)),
+        *("--max-batch-size", "4", "--grace-s", "5", *long_args(4)),
         env={"MODELSERVE_AUTH_TOKEN": TOKEN},
     )
     try:
@@ -260,7 +262,8 @@ def test_http_requests_show_in_the_metrics(server: ServerProcess, client: OpenAI
     client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="Hello", top_p=2.0)
-    assert server.metric(duration, http_response_status_code="200", **route) == ok + 1
+    # http.server.request.duration is recorded once the app has returned, a moment after the last byte went out.
+    assert _settled(lambda: server.metric(duration, http_response_status_code="200", **route), ok + 1) == ok + 1
     assert server.metric(duration, http_response_status_code="400", **route) >= 1
     assert _length_finished(server) == finished + 1
     assert server.metric("modelserve_requests_rejected_total", error_type="invalid_argument") == rejected + 1
@@ -279,6 +282,15 @@ def test_this_faces_own_refusals_count_as_rejected(server: ServerProcess, client
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     after = [server.metric("modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
     assert after == [before[0] + 2, before[1] + 1]
+
+
+def _settled(read: Callable[[], float], at_least: float, timeout_s: float = CALL_TIMEOUT_S) -> float:
+    """read() once it reaches `at_least` (a value the server records a moment after it answered), or when
+    `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while (value := read()) < at_least and time.monotonic() < deadline:
+        time.sleep(0.02)  # polls the server's own state, bounded
+    return value
 
 
 def _length_finished(server: ServerProcess) -> float:
@@ -325,11 +337,8 @@ def test_a_client_that_leaves_before_a_whole_answer_is_no_server_error(
 
     wait_idle(_AuthorizedHealth(stub), until=lambda h: is_idle(h) and _cancelled(server) > before)
     assert _cancelled(server) == before + 1
-    wait_idle(  # the response's metric is recorded once the app has returned: bounded, on the server's own state
-        _AuthorizedHealth(stub),
-        until=lambda h: server.metric(duration, http_response_status_code="499", **route) > left,
-    )
-    assert server.metric(duration, http_response_status_code="499", **route) == left + 1
+    # The response's metric is recorded once the app has returned.
+    assert _settled(lambda: server.metric(duration, http_response_status_code="499", **route), left + 1) == left + 1
     assert server.metric(duration, http_response_status_code="500", **route) == faults
     assert server.log_errors() == [], server.log()
 
@@ -337,12 +346,12 @@ def test_a_client_that_leaves_before_a_whole_answer_is_no_server_error(
 # ---- the HTTP port's phases ---------------------------------------------------------------------------------
 
 
-def test_http_follows_the_server_phases(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_http_follows_the_server_phases(long_model_dir: Path, tmp_path: Path) -> None:
     """Its own server (no chat template, no token): 503 while loading, 200 while serving, 503 for new requests
-    while a running stream finishes after SIGTERM, then the port closes and the process exits 0."""
-    server = start_server(
-        tmp_path, "--model", str(model_dirs["llama"]), "--served-model-name", MODEL, "--grace-s", "60"
-    )
+    while a running stream finishes after SIGTERM, then the port closes and the process exits 0. The stream
+    runs LONG tokens (still running however slow the checks are), well within the grace period."""
+    args = ("--model", str(long_model_dir), "--served-model-name", MODEL, "--grace-s", "120")
+    server = start_server(tmp_path, *args, *long_args(1))
     base = _base_url(server)
     not_serving, serving = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
     try:

@@ -7,21 +7,25 @@ tests skip and say which is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 import pytest
 from modelserve_client import ModelServeClient
 
 from bench.harness import ROOT, ServerProcess, start_server
+from tests.conftest import LONG, long_args
 
 NODE = shutil.which("node")
 NODE_DIR = ROOT / "clients" / "node"
@@ -48,12 +52,13 @@ CALL_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The tiny Llama model with a chat template, behind a bearer token; a log line for each request."""
+def server(long_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny Llama model (long context, for a reply still running when Ctrl-C comes) with a chat template,
+    behind a bearer token; a log line for each request."""
     root = tmp_path_factory.mktemp("node-client")
     template = root / "template.jinja"
     template.write_text(TEMPLATE)
-    args = ("--model", str(model_dirs["llama"]), "--chat-template", str(template), "--log-level", "DEBUG")
+    args = ("--model", str(long_model_dir), "--chat-template", str(template), "--log-level", "DEBUG", *long_args(2))
     proc = start_server(root, *args, env={"MODELSERVE_AUTH_TOKEN": TOKEN})
     try:
         proc.wait_serving()
@@ -110,21 +115,29 @@ def test_chat_streams_the_reply_the_python_client_gets(server: ServerProcess) ->
     assert " in, 10 out | " in done.stderr, done.stderr
 
 
+def _drain(stream: IO[bytes]) -> None:
+    with contextlib.suppress(ValueError, OSError):  # closed under the read once the process has ended
+        stream.read()
+
+
 def test_text_streams_as_generated_and_ctrl_c_cancels_the_call(server: ServerProcess) -> None:
-    """Streamed, not printed at the end: text arrives while a 1,000-token reply is still running; Ctrl-C then
+    """Streamed, not printed at the end: text arrives while a LONG-token reply is still running; Ctrl-C then
     exits 130 and cancels the call, so the server stops generating."""
-    cmd = node_cli("--target", server.address, "--token", TOKEN, "generate", "Once", "--max-new-tokens", "1000")
+    cmd = node_cli("--target", server.address, "--token", TOKEN, "generate", "Once", "--max-new-tokens", str(LONG))
     with subprocess.Popen([*cmd, *GREEDY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=node_env()) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         first = proc.stdout.read1(4096)  # type: ignore[attr-defined]
         assert first.strip() and proc.poll() is None, "the process had ended by the time its first text arrived"
+        # Read the rest as it comes: Node writes to a pipe synchronously, and one blocked on a full pipe would
+        # not take the signal.
+        threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(CALL_TIMEOUT_S) == 130, proc.stderr.read()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + CALL_TIMEOUT_S
     while not (ended := CANCELLED_LOG.search(server.log())) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # the server's own log, bounded
     assert ended, "the server logged no cancelled request"
-    assert int(ended[1]) < 1000, ended[0]
+    assert int(ended[1]) < LONG, ended[0]
 
 
 def test_a_missing_or_wrong_token_fails_with_unauthenticated(server: ServerProcess) -> None:

@@ -26,12 +26,11 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import is_idle, wait_idle
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import LONG, LONG_CONTEXT, ServerProcess, long_args, start_server
 from tests.faulty_model import FAULT_FILE_ENV, build_faulty_model
 
 pytestmark = pytest.mark.timeout(300)
 CALL_TIMEOUT_S = 60.0
-LONG = 1900  # new tokens: seconds of generation for the tiny model, far longer than any test step
 
 
 def _request(prompt: str, max_new_tokens: int, **kw: object) -> pb.GenerateRequest:
@@ -103,8 +102,9 @@ def _start_faulty(tmp_path: Path, *args: str) -> FaultyServer:
     server = start_server(
         tmp_path,
         "--model",
-        str(build_faulty_model(tmp_path / "faulty-model")),
+        str(build_faulty_model(tmp_path / "faulty-model", max_len=LONG_CONTEXT)),
         "--trust-remote-code",
+        *long_args(),
         *args,
         env={FAULT_FILE_ENV: str(fault_file)},
     )
@@ -225,9 +225,9 @@ def test_an_exception_in_the_core_loop_turns_health_not_serving_and_exits_non_ze
 
 
 def test_a_killed_core_ends_running_streams_unavailable_and_the_server_exits(
-    model_dirs: dict[str, Path], tmp_path: Path
+    long_model_dir: Path, tmp_path: Path
 ) -> None:
-    server = start_server(tmp_path, "--model", str(model_dirs["llama"]), "--max-batch-size", "4")
+    server = start_server(tmp_path, "--model", str(long_model_dir), "--max-batch-size", "4", *long_args())
     server.wait_serving()
     try:
         with server.watch_health() as statuses, server.channel() as channel:
@@ -250,11 +250,12 @@ def test_a_killed_core_ends_running_streams_unavailable_and_the_server_exits(
 
 
 @pytest.fixture(scope="module")
-def queue_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def queue_server(long_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(
         tmp_path_factory.mktemp("queue"),
         "--model",
-        str(model_dirs["llama"]),
+        str(long_model_dir),
+        *long_args(),
         "--max-batch-size",
         "1",
         "--max-waiting-requests",
@@ -274,7 +275,9 @@ def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(queue_server:
         stub = pb_grpc.GenerationServiceStub(channel)
         running = _start_stream(stub, _request("Holds the only row", LONG))
         running.wait_running()
-        waiting = [_start_stream(stub, _request(f"Waits {i}", LONG)) for i in range(2)]
+        # Short waiters: the retry hint is about one waiting request's work, so the retries below come soon;
+        # they wait all the same, as the running stream holds the only row until it is cancelled.
+        waiting = [_start_stream(stub, _request(f"Waits {i}", 5)) for i in range(2)]
         health = wait_idle(stub, CALL_TIMEOUT_S, until=lambda h: h.requests_waiting == 2)
         assert health.requests_waiting == 2 and health.waiting_tokens > 0
         started = time.monotonic()
@@ -357,17 +360,16 @@ def _refused_by_the_drain(error: grpc.RpcError | None) -> bool:
 
 
 def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
-    model_dirs: dict[str, Path], tmp_path: Path
+    long_model_dir: Path, tmp_path: Path
 ) -> None:
-    server = start_server(
-        tmp_path, "--model", str(model_dirs["llama"]), "--grace-s", "2", "--log-content", "--max-batch-size", "8"
-    )
+    args = ("--model", str(long_model_dir), "--grace-s", "5", "--log-content", "--max-batch-size", "8")
+    server = start_server(tmp_path, *args, *long_args())
     server.wait_serving()
     with server.watch_health() as statuses, server.channel() as channel:
         assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.GenerationServiceStub(channel)
         long = [_start_stream(stub, _request(f"A long answer {i}", LONG)) for i in range(3)]
-        # ~10 steps against a 2 s grace period; the long ones need many seconds alone on this machine.
+        # ~10 steps against a 5 s grace period; the long ones need many more seconds than that.
         short = _start_stream(stub, _request("A short answer b9e1", 10))
         for stream in (*long, short):
             stream.wait_running()
@@ -392,10 +394,10 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
     assert "b9e1" in server.log()
 
 
-def test_every_call_during_the_drain_is_refused_unavailable(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_every_call_during_the_drain_is_refused_unavailable(long_model_dir: Path, tmp_path: Path) -> None:
     """While a stream holds the drain open, 30 calls on the already-open channel and calls on a new
     connection are all answered UNAVAILABLE by the server, never CANCELLED."""
-    server = start_server(tmp_path, "--model", str(model_dirs["llama"]), "--grace-s", "120")
+    server = start_server(tmp_path, "--model", str(long_model_dir), "--grace-s", "120", *long_args())
     server.wait_serving()
     with server.watch_health() as statuses, server.channel() as channel:
         assert next(statuses) == health_pb2.HealthCheckResponse.SERVING

@@ -19,7 +19,7 @@ from modelserve_client.vllm import vllm_engine_pb2 as vpb
 from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from bench.harness import wait_idle
-from tests.conftest import ServerProcess
+from tests.conftest import LONG, ServerProcess
 
 VLLM_SERVICE = "vllm.grpc.engine.VllmEngine"
 TIMEOUT_S = 60.0
@@ -120,15 +120,21 @@ def test_logprobs_with_alternatives(vllm: Any) -> None:
     assert len(logprobs.top_logprobs) == 5
 
 
-def test_abort_ends_a_running_stream_with_finish_reason_abort(vllm: Any, channel: grpc.Channel) -> None:
+@pytest.fixture()
+def long_channel(long_server: ServerProcess) -> Iterator[grpc.Channel]:
+    """A channel to the server whose streams may run LONG tokens: still running when the test acts."""
+    with long_server.channel() as channel:
+        yield channel
+
+
+def test_abort_ends_a_running_stream_with_finish_reason_abort(long_channel: grpc.Channel) -> None:
     """As vLLM: the aborted stream's last message is a complete with "abort", and the call ends OK."""
-    info = vllm.GetModelInfo(vpb.GetModelInfoRequest(), timeout=TIMEOUT_S)
-    longest = info.max_context_length - 16  # more than the model makes before the Abort arrives
+    vllm = vpb_grpc.VllmEngineStub(long_channel)
     request = vpb.GenerateRequest(
         request_id="to-abort",
         text=PROMPT,
         stream=True,
-        sampling_params=vpb.SamplingParams(max_tokens=longest, ignore_eos=True),
+        sampling_params=vpb.SamplingParams(max_tokens=LONG, ignore_eos=True),
     )
     call = vllm.Generate(request, timeout=TIMEOUT_S)
     first = next(call)
@@ -137,8 +143,8 @@ def test_abort_ends_a_running_stream_with_finish_reason_abort(vllm: Any, channel
     *_, last = [first, *call]
     assert call.code() == grpc.StatusCode.OK
     assert last.complete.finish_reason == "abort"
-    assert 0 < last.complete.completion_tokens < longest
-    assert wait_idle(pb_grpc.GenerationServiceStub(channel)).requests_running == 0  # its row is freed
+    assert 0 < last.complete.completion_tokens < LONG
+    assert wait_idle(pb_grpc.GenerationServiceStub(long_channel)).requests_running == 0  # its row is freed
 
 
 def test_model_info(vllm: Any, channel: grpc.Channel, model_dirs: dict[str, Path]) -> None:

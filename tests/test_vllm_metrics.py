@@ -10,17 +10,15 @@ from typing import Any
 
 import pytest
 from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import is_idle, wait_idle
 from modelserve.cli import config_from_args, parse_args
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import LONG, ServerProcess, start_server
 
 ALIASES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-STREAMS = 4
-# Long enough that every stream is still generating when the scrape comes, short enough that four fit in
-# the test server's 1,500-token KV budget together.
-NEW_TOKENS = 300
+STREAMS = 4  # each of LONG tokens: all still generating when the scrape comes; cancelled after it
 
 
 def _scrape(server: ServerProcess) -> dict[str, Any]:
@@ -40,15 +38,23 @@ def _until_decoding(call: Iterator[pb.GenerateResponse]) -> None:
         pass
 
 
-def test_vllm_names_beside_ours_under_load_and_back_to_zero(stub: Any, llama_server: ServerProcess) -> None:
+@pytest.fixture()
+def long_stub(long_server: ServerProcess) -> Iterator[Any]:
+    with long_server.channel() as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def test_vllm_names_beside_ours_under_load_and_back_to_zero(long_stub: Any, long_server: ServerProcess) -> None:
+    stub = long_stub
     wait_idle(stub)  # an earlier test's streams may still be ending on the shared server
     model_id = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).model_id
-    params = pb.GenerationParameters(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    params = pb.GenerationParameters(max_new_tokens=LONG, ignore_eos=True)
     calls = [stub.Generate(pb.GenerateRequest(prompt=f"Stream {i}", params=params), timeout=60) for i in range(STREAMS)]
     for call in calls:
         _until_decoding(call)
-    during = _scrape(llama_server)
-    assert all(list(call)[-1].usage.output_tokens == NEW_TOKENS for call in calls)
+    during = _scrape(long_server)
+    for call in calls:
+        call.cancel()
 
     for name in ALIASES:
         assert during[name].type == "gauge"
@@ -70,7 +76,7 @@ def test_vllm_names_beside_ours_under_load_and_back_to_zero(stub: Any, llama_ser
     assert lora.value > 0  # when the adapter set last changed: the server's start
 
     assert is_idle(wait_idle(stub))  # the server's own state, polled until idle (bounded)
-    after = _scrape(llama_server)
+    after = _scrape(long_server)
     assert _sample(after, "vllm:num_requests_running").value == 0
     assert _sample(after, "vllm:num_requests_waiting").value == 0
     assert _sample(after, "vllm:kv_cache_usage_perc").value == 0
