@@ -12,9 +12,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-tools
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
+# grpc-go 1.33 takes either golang/protobuf; only 1.5 (on protobuf-go) runs the generated stubs.
+GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
+	protoc-gen-go-grpc
 
 .PHONY: help install serve test lint proto bench bench-quick bench-telemetry soak clean
 .DEFAULT_GOAL := help
@@ -30,29 +34,43 @@ help: ## list the targets and the variables they take (also what `make` alone do
 	@echo "  BENCH_ARGS       flags for the bench and soak scripts"
 	@echo "  TORCH_SPEC       the torch pip installs when .venv has none (default: $(TORCH_SPEC))"
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt clients/node/package-lock.json
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	@echo "installing into $(VENV): the first time downloads torch and transformers (a few minutes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
 	$(BIN)/python -m pip install -c constraints.txt -e clients/python -e ".[dev]"
-	@# The browser test drives Debian's chromium; install it where we may (root, apt-get), else it skips.
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
-		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq \
-			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
-		|| echo "note: chromium is not installed (it needs root and apt-get): the browser test will skip"
+	touch $@
+
+# What only the tests (and `make proto`) use; without one, the tests that need it skip and say why.
+$(TEST_STAMP): $(STAMP) clients/node/package-lock.json scripts/go_offline.py
+	@# Debian packages, installed where we may (root, apt-get): chromium for the browser test; Go with
+	@# Debian's grpc-go and protobuf-go sources for the Go stubs and client, which build offline from them.
+	@pkgs=""; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || pkgs="chromium"; \
+	{ command -v go >/dev/null 2>&1 && command -v protoc-gen-go-grpc >/dev/null 2>&1 \
+		&& [ -d /usr/share/gocode/src/google.golang.org/grpc ] \
+		&& [ -d /usr/share/gocode/src/google.golang.org/protobuf ] \
+		&& [ -f /usr/share/gocode/src/github.com/golang/protobuf/proto/proto.go ]; } || pkgs="$$pkgs $(GO_DEBS)"; \
+	if [ -z "$$pkgs" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; } \
+			|| echo "note: apt-get install$$pkgs failed: the tests that need them will skip"; \
+	else echo "note:$$pkgs not installed (that needs root and apt-get): the tests that need them will skip"; fi
+	@# protoc-gen-go, built from Debian's protobuf-go sources into $(BIN) (scripts/go_offline.py).
+	$(BIN)/python scripts/go_offline.py $(BIN)
 	@# The Node client (clients/node: its pinned packages, then its build); without npm its test skips.
 	@if command -v npm >/dev/null 2>&1; then cd clients/node && npm ci --no-audit --no-fund \
 		|| echo "note: npm ci failed in clients/node: the Node client test will skip"; \
 		else echo "note: npm is not installed: the Node client is not built and its test will skip"; fi
 	touch $@
 
-install: $(STAMP) ## create .venv and install the server, the client and the dev tools (torch only if missing)
+install: $(STAMP) $(TEST_STAMP) ## create .venv with the server, the client and the dev tools (torch only if missing), and the tests' tools
 
-serve: $(STAMP) ## install, then serve the demo model (or SERVE_ARGS="--model DIR") on 0.0.0.0:50051
+serve: $(STAMP) ## install the server, then serve the demo model (or SERVE_ARGS="--model DIR") on 0.0.0.0:50051
 	$(BIN)/modelserve serve $(SERVE_ARGS)
 
-test: $(STAMP) ## install, then run the test suite (PYTEST_ARGS="-k stop -x" to pick)
+test: $(STAMP) $(TEST_STAMP) ## install, then run the test suite (PYTEST_ARGS="-k stop -x" to pick)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict and buf lint
@@ -81,7 +99,7 @@ bench-telemetry: $(STAMP) ## telemetry's cost per request, step and scrape, boun
 soak: $(STAMP) ## soak and 10x overload; fails on leaks or wrong outputs; writes docs/reliability.md
 	$(BIN)/python -m bench.soak --write-docs $(BENCH_ARGS)
 
-proto: $(STAMP) ## regenerate the stubs from protos/: Python (clients/python), TypeScript and Go (buf.gen.yaml)
+proto: $(STAMP) $(TEST_STAMP) ## regenerate the stubs from protos/: Python (clients/python), TypeScript and Go (buf.gen.yaml)
 	$(BIN)/python scripts/generate_protos.py
 	$(BIN)/python scripts/generate_buf_stubs.py
 
