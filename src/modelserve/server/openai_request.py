@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 
 from modelserve.server.chat import ChatMessage
 from modelserve.server.serving import RequestFailed
+from modelserve.server.validation import VLLM_NAMES, reworded
 
 TIMEOUT_HEADER = "x-request-timeout-s"  # the caller's deadline, in seconds from now (gRPC sends its own)
 SEED_MAX = 2**64 - 1  # GenerationParameters.seed is a uint64
@@ -35,15 +36,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
 }
-# GenerationParameters fields -> the body fields that set them, where OpenAI's names differ; a request's
-# own choice (max_completion_tokens, or a completion's `logprobs` count) is added per request.
-_BODY_NAMES = {
-    "max_new_tokens": "max_tokens",
-    "min_new_tokens": "min_tokens",
-    "truncate_input_tokens": "truncate_prompt_tokens",
-    "include_stop_sequence": "include_stop_str_in_output",
-}
-_PARAMS_FIELD = re.compile(r"\bparams\.([a-z_]+)")
+# GenerationParameters fields -> the body fields that set them, where they differ: vLLM's names (validation.py),
+# and a request's own choice (max_completion_tokens, or a completion's `logprobs` count), added per request.
 _LEADING_FIELD = re.compile(r"^(prompt|priority|messages(?:\[\d+\])?(?:\.[a-z]+)?)")
 # OpenAI fields this server cannot honour, and the values that ask nothing of it.
 _NEUTRAL = {
@@ -106,13 +100,7 @@ def failure(exc: RequestFailed, names: Mapping[str, str]) -> ApiError:
 def _body_names(message: str, names: Mapping[str, str]) -> tuple[str, str | None]:
     """Validation names GenerationParameters' fields (params.max_new_tokens); this caller sent the body's
     (max_tokens): the message in the body's names, and the field it names first."""
-    renamed: list[str] = []
-
-    def rename(match: re.Match[str]) -> str:
-        renamed.append(names.get(match[1], match[1]))
-        return renamed[-1]
-
-    text = _PARAMS_FIELD.sub(rename, message)
+    text, renamed = reworded(message, lambda ours: names.get(ours, ours) if ours else "prompt")
     leading = _LEADING_FIELD.match(message)
     if leading is not None:
         return text, names.get(leading[1], leading[1])
@@ -192,7 +180,7 @@ def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParamete
     """The body's sampling fields as GenerationParameters (validated later, by the shared request path),
     and the body's name of each field, for that path's messages."""
     params = pb.GenerationParameters()
-    names = dict(_BODY_NAMES)
+    names = dict(VLLM_NAMES)
 
     def put(field: str, key: str, value: object) -> None:
         if value is None:

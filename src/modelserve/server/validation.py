@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,8 +34,33 @@ _FLOAT_RANGES = {
 }
 
 
+# GenerationParameters fields -> vLLM's names for them (its SamplingParams, and the extra body fields of its
+# OpenAI-compatible API, which ours takes too), where they differ.
+VLLM_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "truncate_input_tokens": "truncate_prompt_tokens",
+    "include_stop_sequence": "include_stop_str_in_output",
+}
+_OUR_FIELD = re.compile(r"(?<![\w.])(?:params\.(\w+)|prompt_ids\b)")
+
+
 class InvalidArgument(ValueError):
     """A caller's mistake; str(exc) is what the caller is told."""
+
+
+def reworded(message: str, rename: Callable[[str | None], str]) -> tuple[str, list[str]]:
+    """A refusal from here, which names modelserve.v1's fields (params.max_new_tokens, prompt_ids), in another
+    contract's words: each field becomes rename(its GenerationParameters name, or None for prompt_ids).
+    Also returns the new names in the order the message gives them. The other faces (the OpenAI-compatible
+    HTTP API, vLLM's gRPC service) so tell a caller the field it sent."""
+    renamed: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        renamed.append(rename(match[1]))
+        return renamed[-1]
+
+    return _OUR_FIELD.sub(replace, message), renamed
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from modelserve import __version__
 from modelserve.config import PREFIX_CACHE_BLOCK_TOKENS
 from modelserve.engine.request import EngineStats, FinishReason, StreamEvent, TokenLogprobs
 from modelserve.server.serving import Phase, RequestFailed, Serving, ended_early, grpc_trailers, raise_for
-from modelserve.server.validation import Limits
+from modelserve.server.validation import VLLM_NAMES, Limits, reworded
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend as Engine
@@ -86,16 +85,8 @@ _UNSUPPORTED_SAMPLING = {
         "this server has no structured output",
     ),
 }
-# The vLLM sampling parameters that modelserve.v1 names otherwise, and the pattern of its names in a
-# validation message (validation.py), so that a refusal names the field the caller sent.
-_RENAMED = {
-    "max_new_tokens": "max_tokens",
-    "min_new_tokens": "min_tokens",
-    "top_logprobs": "logprobs",
-    "truncate_input_tokens": "truncate_prompt_tokens",
-    "include_stop_sequence": "include_stop_str_in_output",
-}
-_OUR_FIELD = re.compile(r"(?<![\w.])(?:params\.(\w+)|prompt_ids\b)")
+# The vLLM sampling parameters that modelserve.v1 names otherwise, so that a refusal names the field sent.
+_RENAMED = {**VLLM_NAMES, "top_logprobs": "logprobs"}
 # vLLM's sampling defaults that GetModelInfo reports when the model sets them (its min_p has no counterpart).
 _REPORTED_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
@@ -372,11 +363,10 @@ def _unsupported(request: vpb.GenerateRequest, sampling: vpb.SamplingParams) -> 
 def _their_names(message: str) -> str:
     """A refusal that validation.py worded with modelserve.v1's field names, with this contract's."""
 
-    def rename(match: re.Match[str]) -> str:
-        ours = match[1]
+    def rename(ours: str | None) -> str:
         return "tokenized.input_ids" if ours is None else f"sampling_params.{_RENAMED.get(ours, ours)}"
 
-    return _OUR_FIELD.sub(rename, message)
+    return reworded(message, rename)[0]
 
 
 def _logprobs(logprobs: Sequence[TokenLogprobs], with_top: bool) -> vpb.OutputLogProbs:
