@@ -46,17 +46,19 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 $(TEST_STAMP): $(STAMP) clients/node/package-lock.json scripts/go_offline.py
 	@# Debian packages, installed where we may (root, apt-get): chromium for the browser test; Go with
 	@# Debian's grpc-go and protobuf-go sources for the Go stubs and client, which build offline from them.
-	@pkgs=""; \
-	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || pkgs="chromium"; \
+	@chromium=; go=; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || chromium="chromium"; \
 	{ command -v go >/dev/null 2>&1 && command -v protoc-gen-go-grpc >/dev/null 2>&1 \
 		&& [ -d /usr/share/gocode/src/google.golang.org/grpc ] \
 		&& [ -d /usr/share/gocode/src/google.golang.org/protobuf ] \
-		&& [ -f /usr/share/gocode/src/github.com/golang/protobuf/proto/proto.go ]; } || pkgs="$$pkgs $(GO_DEBS)"; \
-	if [ -z "$$pkgs" ]; then :; \
+		&& [ -f /usr/share/gocode/src/github.com/golang/protobuf/proto/proto.go ]; } || go="$(GO_DEBS)"; \
+	if [ -z "$$chromium$$go" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; } \
-			|| echo "note: apt-get install$$pkgs failed: the tests that need them will skip"; \
-	else echo "note:$$pkgs not installed (that needs root and apt-get): the tests that need them will skip"; fi
+		apt-get update -qq || echo "note: apt-get update failed"; \
+		for pkgs in "$$chromium" "$$go"; do [ -z "$$pkgs" ] \
+			|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs \
+			|| echo "note: apt-get install $$pkgs failed: the tests that need them will skip"; done; \
+	else echo "note: $$chromium $$go not installed (that needs root and apt-get): the tests that need them will skip"; fi
 	@# protoc-gen-go, built from Debian's protobuf-go sources into $(BIN) (scripts/go_offline.py).
 	$(BIN)/python scripts/go_offline.py $(BIN)
 	@# The Node client (clients/node: its pinned packages, then its build); without npm its test skips.
