@@ -34,7 +34,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from tokenizers import Tokenizer, processors
 
-from bench.harness import wait_idle
+from bench.harness import ROOT, wait_idle
 from modelserve.models.demo import DEMO_CHAT_TEMPLATE, DEMO_WORDS, demo_model_dir
 from modelserve.models.loader import ModelInfo, _chat_template, load_model_info
 from modelserve.models.random_init import EOS_TOKEN, UNK_TOKEN, build_random_model, build_word_tokenizer
@@ -46,6 +46,7 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 CALL_TIMEOUT_S = 120
 MAX_PROMPT_BYTES = 4096
 CLI = Path(sys.executable).parent / "modelserve-client"
+BUF = ROOT / "clients" / "node" / "node_modules" / ".bin" / "buf"  # pinned there (`npm ci`; make test runs it)
 
 # Llama 2's kind of template: BOS first, a system message, then user and assistant in turn, or it refuses.
 ALTERNATING_TEMPLATE = (
@@ -401,6 +402,34 @@ def test_reflection_chat_as_grpcurl_does(chat_server: ServerProcess, capsys: pyt
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) >= 3 and "finishReason" in lines[-1] and "finishReason" not in lines[0]
     assert any(line.get("text") for line in lines[1:])
+
+
+def _json_objects(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a stream that writes them one after another (as buf curl does, indented)."""
+    decoder, objects, at = json.JSONDecoder(), [], 0
+    while (at := len(text) - len(text[at:].lstrip())) < len(text):
+        value, at = decoder.raw_decode(text, at)
+        objects.append(value)
+    return objects
+
+
+@pytest.mark.skipif(not BUF.is_file(), reason="buf is not installed: run `npm ci` in clients/node (make test does)")
+def test_buf_curl_streams_chat_from_json_through_reflection(chat_server: ServerProcess, chat_stub: Any) -> None:
+    """`buf curl`, the buf CLI's grpcurl (grpcurl itself has no package here, and no offline build): the
+    method from server reflection, the request from JSON, the stream printed as JSON; the same text as a
+    Chat through the generated stubs."""
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "params": params})
+    url = f"http://{chat_server.address}/modelserve.v1.GenerationService/Chat"
+    auth = f"authorization: Bearer {TOKEN}"
+    command = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "-H", auth, "--data", body, url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=CALL_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stderr
+    first, *middle, last = _json_objects(done.stdout)
+    assert first["requestId"] and "finishReason" not in first and middle
+    assert last["finishReason"] == "FINISH_REASON_LENGTH" and last["usage"]["outputTokens"] == 8
+    expected = chat_stub.Chat(chat_request(("user", "Hi"), **GREEDY), timeout=CALL_TIMEOUT_S)
+    assert "".join(m.get("text", "") for m in (*middle, last)) == "".join(m.text for m in expected)
 
 
 def test_client_chat_sync_and_async(chat_server: ServerProcess) -> None:
