@@ -317,20 +317,45 @@ def test_chat_streams_what_generate_streams_for_the_rendered_prompt(chat_stub: A
     assert "".join(m.text for m in messages) == "".join(m.text for m in generated)
 
 
+OPERATIONS = ("chat", "text_completion")
+
+
 def finished_count(server: ServerProcess, **labels: str) -> float:
     return server.metric("modelserve_requests_finished_total", **labels)
 
 
 def test_a_chats_telemetry_names_the_chat_operation(chat_server: ServerProcess, chat_stub: Any) -> None:
     """GenAI semantic conventions: a chat's request is gen_ai.operation.name "chat", a prompt's
-    "text_completion" (the request's metrics are recorded before its last message is sent)."""
-    chats, prompts = (finished_count(chat_server, gen_ai_operation_name=op) for op in ("chat", "text_completion"))
+    "text_completion", when it ends and when it is refused (the metrics are recorded before the last
+    message or the status is sent)."""
+
+    def counts() -> list[float]:
+        return [
+            *(finished_count(chat_server, gen_ai_operation_name=op, finish_reason="length") for op in OPERATIONS),
+            *(
+                chat_server.metric(
+                    "modelserve_requests_rejected_total", gen_ai_operation_name=op, error_type="invalid_argument"
+                )
+                for op in OPERATIONS
+            ),
+        ]
+
+    before = counts()
     list(chat_stub.Chat(chat_request(*HELLO, **GREEDY), timeout=CALL_TIMEOUT_S))
-    assert finished_count(chat_server, gen_ai_operation_name="chat") == chats + 1
-    assert finished_count(chat_server, gen_ai_operation_name="text_completion") == prompts
-    generate = pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(**GREEDY))
-    list(chat_stub.Generate(generate, timeout=CALL_TIMEOUT_S))
-    assert finished_count(chat_server, gen_ai_operation_name="text_completion") == prompts + 1
+    list(
+        chat_stub.Generate(
+            pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(**GREEDY)), timeout=CALL_TIMEOUT_S
+        )
+    )
+    with pytest.raises(grpc.RpcError):
+        list(chat_stub.Chat(chat_request(("robot", "beep")), timeout=CALL_TIMEOUT_S))
+    with pytest.raises(grpc.RpcError):
+        list(
+            chat_stub.Generate(
+                pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(top_p=2.0)), timeout=CALL_TIMEOUT_S
+            )
+        )
+    assert counts() == [n + 1 for n in before]
 
 
 @pytest.mark.parametrize(

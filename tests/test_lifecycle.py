@@ -4,6 +4,7 @@ client CLI streaming, cancellation and deadlines freeing the engine, SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,9 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve.config import Config
+from modelserve.engine.request import EngineStats
+from modelserve.server.http import _Api
+from modelserve.server.servicer import GenerationServicer
 from modelserve.server.serving import Phase, RequestFailed, Serving
 from modelserve.server.vllm_compat import VllmEngineServicer
 from tests.conftest import ServerProcess, start_server
@@ -121,12 +125,16 @@ def test_sigterm_stops_cleanly(model_dirs: dict[str, Path], tmp_path: Path) -> N
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]
 
 
+MODEL = SimpleNamespace(model_id="tiny", device="cpu", dtype="torch.float32")  # what the Health RPC reads
+
+
 def test_every_face_tells_the_same_health_from_one_place() -> None:
-    """Serving.health() is the one answer: the engine gone while the phase still says SERVING is FAILED for
-    a refused call, for vLLM's HealthCheck and for the Health RPC alike (each once decided it for itself)."""
+    """Serving.health() is the one answer: the engine gone while the phase still says SERVING is FAILED for a
+    refused call, for vLLM's HealthCheck, for the Health RPC and for HTTP /health alike (each once decided it
+    for itself; the Health RPC said SERVING). grpc.health.v1 is the lifecycle's to set, at each change."""
     serving = Serving(Config())
-    vllm = VllmEngineServicer(serving)
-    engine = SimpleNamespace(alive=True)
+    vllm, ours, http = VllmEngineServicer(serving), GenerationServicer(serving), _Api(serving, None, False)
+    engine = SimpleNamespace(alive=True, stats=EngineStats)
     cases = [
         (Phase.LOADING, True, Phase.LOADING, "the model is still loading; retry when the check passes"),
         (Phase.SERVING, True, Phase.SERVING, ""),
@@ -136,11 +144,17 @@ def test_every_face_tells_the_same_health_from_one_place() -> None:
     ]
     for phase, alive, reported, refusal in cases:
         serving.phase, engine.alive = phase, alive
-        serving.engine = cast(Any, engine) if phase is not Phase.LOADING else None
+        loaded = phase is not Phase.LOADING
+        serving.engine, serving.model = (cast(Any, engine), cast(Any, MODEL)) if loaded else (None, None)
         health = serving.health()
         assert (health.phase, health.up) == (reported, not refusal), (phase, alive, health)
         checked = asyncio.run(vllm.HealthCheck(None, None))
         assert (checked.healthy, checked.message) == (health.up, health.why)
+        rpc = asyncio.run(ours.Health(pb.HealthRequest(), cast(Any, None)))
+        assert rpc.state == reported.value and rpc.model_loaded is (reported in (Phase.SERVING, Phase.DRAINING))
+        page = asyncio.run(http.health(cast(Any, None)))
+        assert page.status_code == (200 if health.up else 503)
+        assert json.loads(bytes(page.body)) == {"status": reported.name.lower()}
         if refusal:
             with pytest.raises(RequestFailed) as refused:
                 serving.ready("the check passes")

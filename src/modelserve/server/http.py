@@ -96,9 +96,9 @@ class _Api:
         if refusal is not None:
             raise ApiError(401, refusal, param=None, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def _ready(self) -> tuple[Engine, ServedModel, Limits]:
+    def _ready(self, chat: bool = False) -> tuple[Engine, ServedModel, Limits]:
         try:
-            return self._serving.ready(HEALTH_HINT)
+            return self._serving.ready(HEALTH_HINT, chat)
         except RequestFailed as exc:
             raise failure(exc, {}) from None
 
@@ -150,8 +150,8 @@ class _Api:
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         self._authorize(request)
-        engine, model, limits = self._ready()
-        with self._counting_refusals():
+        engine, model, limits = self._ready(chat=True)
+        with self._counting_refusals(chat=True):
             body = await self._body(request)
             check_model(body.string("model"), model.model_id)
             body.refuse_unsupported()
@@ -172,7 +172,7 @@ class _Api:
             return self._generation(request, body, False, completion_prompt(body), (engine, model, limits))
 
     @contextlib.contextmanager
-    def _counting_refusals(self) -> Iterator[None]:
+    def _counting_refusals(self, chat: bool = False) -> Iterator[None]:
         """A generation request this face refuses itself (its body, its model name, an unsupported field) is
         counted in modelserve.requests.rejected as the shared path counts its own, by the gRPC code's name
         (an unauthenticated call is not, on either face)."""
@@ -180,7 +180,7 @@ class _Api:
             yield
         except ApiError as exc:
             if not exc.counted:
-                self._serving.rejected(_ERROR_TYPES.get(exc.status, "invalid_argument"))
+                self._serving.rejected(_ERROR_TYPES.get(exc.status, "invalid_argument"), chat)
             raise
 
     def _generation(
@@ -196,7 +196,7 @@ class _Api:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
 
         def start() -> tuple[Request, RequestStream]:
-            self._serving.ready(HEALTH_HINT)  # again: a drain may have begun while the body was read
+            self._serving.ready(HEALTH_HINT, chat)  # again: a drain may have begun while the body was read
             return self._serving.start(
                 engine,
                 model,
@@ -206,7 +206,7 @@ class _Api:
                 request_id=request_id,
                 priority=priority,
                 time_remaining_s=timeout_s,
-                add_special_tokens=not chat,  # a chat template writes the special tokens itself (chat.py)
+                chat=chat,
             )
 
         layout = Layout(chat, model.model_id, params.logprobs, include_usage)

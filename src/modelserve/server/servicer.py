@@ -77,7 +77,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The chat rendered by the model's template is a Generate prompt whose special tokens the template
         wrote (chat.py); from there on it is a Generate call."""
-        engine, model, limits = await self._serving(context)
+        engine, model, limits = await self._serving(context, chat=True)
         messages = [ChatMessage(m.role, m.content) for m in request.messages]
         try:
             prompt = self._serving_state.chat_prompt(model, limits, messages)
@@ -104,9 +104,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         """A Generate call's stream; a chat's prompt was rendered by its template, which wrote the special
         tokens, so the tokenizer adds none."""
         try:
-            engine_request, stream = self._start(
-                engine, request, model, limits, context.time_remaining(), add_special_tokens=not chat
-            )
+            engine_request, stream = self._start(engine, request, model, limits, context.time_remaining(), chat=chat)
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc), grpc_trailers(exc))
         request_id = engine_request.request_id
@@ -240,9 +238,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
 
     # ---- helpers ------------------------------------------------------------
 
-    async def _serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Engine, ServedModel, Limits]:
+    async def _serving(
+        self, context: grpc.aio.ServicerContext[Any, Any], chat: bool = False
+    ) -> tuple[Engine, ServedModel, Limits]:
         try:
-            return self._serving_state.ready(HEALTH_HINT)
+            return self._serving_state.ready(HEALTH_HINT, chat)
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc))
 
@@ -254,7 +254,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         limits: Limits,
         time_remaining_s: float | None,
         field: str = "",
-        add_special_tokens: bool = True,
+        chat: bool = False,
     ) -> tuple[Request, RequestStream]:
         """Validate and submit one GenerateRequest (Serving.start); a refusal is raised as RequestFailed."""
         return self._serving_state.start(
@@ -267,7 +267,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             priority=request.priority,
             time_remaining_s=time_remaining_s,
             field=field,
-            add_special_tokens=add_special_tokens,
+            chat=chat,
         )
 
 

@@ -123,15 +123,18 @@ class Serving:
         )
 
     def health(self) -> Health:
-        """Whether new calls are served, and why not: the one answer behind every face's health check."""
+        """Whether new calls are served, and why not: the one answer behind HTTP /health, vLLM's HealthCheck,
+        the Health RPC and every face's refusal. (grpc.health.v1 is set by the lifecycle, app.py, at each
+        change of phase, and so follows an engine's death a moment later.)"""
         if self.phase is Phase.SERVING and not (self.engine is not None and self.engine.alive):
             return Health(Phase.FAILED, False, _NOT_SERVING_WHY[Phase.FAILED])  # before the phase catches up
         if self.phase is Phase.SERVING:
             return Health(Phase.SERVING, True, "serving")
         return Health(self.phase, False, _NOT_SERVING_WHY[self.phase])
 
-    def ready(self, health_hint: str) -> tuple[Engine, ServedModel, Limits]:
-        """The engine, model and limits while serving; else RequestFailed UNAVAILABLE, counted as a refusal.
+    def ready(self, health_hint: str, chat: bool = False) -> tuple[Engine, ServedModel, Limits]:
+        """The engine, model and limits while serving; else RequestFailed UNAVAILABLE, counted as a refusal
+        (of a chat's request when `chat`).
 
         `health_hint` names the check a caller should wait on while the model loads (each face has its own).
         """
@@ -140,7 +143,7 @@ class Serving:
             assert self.engine is not None and self.model is not None and self._limits is not None
             return self.engine, self.model, self._limits
         advice = {Phase.LOADING: f"; retry when {health_hint}", Phase.DRAINING: "; retry on another replica"}
-        self.rejected("unavailable")
+        self.rejected("unavailable", chat)
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, health.why + advice.get(health.phase, ""))
 
     def start(
@@ -155,13 +158,14 @@ class Serving:
         priority: int = 0,
         time_remaining_s: float | None = None,
         field: str = "",
-        add_special_tokens: bool = True,
+        chat: bool = False,
         prompt_ids: Sequence[int] | None = None,
     ) -> tuple[Request, RequestStream]:
         """Validate and submit one prompt; a refusal is counted and raised as RequestFailed.
 
         `field` prefixes the caller's field names in messages (a batch item's place in its batch).
-        `add_special_tokens` is False for a prompt rendered by a chat template, which wrote them (chat.py).
+        `chat`: the prompt is a chat rendered by its template, which wrote the special tokens (chat.py), so
+        the tokenizer adds none; a refusal counts as a chat's.
         `prompt_ids` is a prompt that comes tokenized (the vLLM face's): checked against the vocabulary
         instead of encoded, and `prompt` is then only the text telemetry may show.
         """
@@ -169,31 +173,31 @@ class Serving:
         try:
             engine.check_queue()  # before tokenizing: a refusal under overload must cost next to nothing
         except QueueFullError as exc:
-            raise self._queue_full(exc, prefix) from None
+            raise self._queue_full(exc, prefix, chat) from None
         try:
             check_priority(priority)
             if prompt_ids is None:
                 check_prompt_size(prompt, limits)
-                ids = model.encode(prompt, add_special_tokens)
+                ids = model.encode(prompt, not chat)
             else:
                 ids = check_token_ids(prompt_ids, limits)
             engine_request = build_request(
                 request_id or uuid.uuid4().hex, truncate_prompt(ids, params, limits), params, limits
             )
         except InvalidArgument as exc:
-            self.rejected("invalid_argument")
+            self.rejected("invalid_argument", chat)
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
         deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
         engine_request = dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s)
         try:
             return engine_request, engine.submit(engine_request)
         except QueueFullError as exc:
-            raise self._queue_full(exc, prefix) from None
+            raise self._queue_full(exc, prefix, chat) from None
         except DeadlineUnreachableError as exc:
-            self.rejected("deadline_exceeded")
+            self.rejected("deadline_exceeded", chat)
             raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, prefix + str(exc)) from None
         except EngineClosedError as exc:
-            self.rejected("unavailable")
+            self.rejected("unavailable", chat)
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     def chat_prompt(self, model: ServedModel, limits: Limits, messages: Sequence[ChatMessage]) -> str:
@@ -207,7 +211,7 @@ class Serving:
             code = grpc.StatusCode.INVALID_ARGUMENT
             if exc.code == "no_template":
                 code = grpc.StatusCode.FAILED_PRECONDITION
-            self.rejected(code.name.lower())
+            self.rejected(code.name.lower(), chat=True)
             raise RequestFailed(code, str(exc)) from None
 
     def track(self, request: Request, prompt: str, chat: bool = False) -> OutcomeTracker:
@@ -218,12 +222,13 @@ class Serving:
         operation = CHAT_OPERATION if chat else OPERATION
         return OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content, operation)
 
-    def rejected(self, error_type: str) -> None:
+    def rejected(self, error_type: str, chat: bool = False) -> None:
+        """Count a request refused before generating, by `error_type` (a gRPC code's name), as a chat's or not."""
         if self._metrics is not None:
-            self._metrics.request_rejected(error_type)
+            self._metrics.request_rejected(error_type, CHAT_OPERATION if chat else OPERATION)
 
-    def _queue_full(self, exc: QueueFullError, prefix: str) -> RequestFailed:
-        self.rejected("resource_exhausted")
+    def _queue_full(self, exc: QueueFullError, prefix: str, chat: bool) -> RequestFailed:
+        self.rejected("resource_exhausted", chat)
         return RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, prefix + str(exc), exc.retry_after_s)
 
     # ---- drain --------------------------------------------------------------

@@ -228,8 +228,8 @@ class GenerationMetrics:
             description="Bytes reserved by the GPU caching allocator",
         )
 
-    def request_rejected(self, error_type: str) -> None:
-        self.rejected.add(1, {**self._base, "error.type": error_type})
+    def request_rejected(self, error_type: str, operation: str = OPERATION) -> None:
+        self.rejected.add(1, {**self._base, "gen_ai.operation.name": operation, "error.type": error_type})
 
     def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
