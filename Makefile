@@ -16,9 +16,6 @@ TEST_STAMP := $(VENV)/.test-tools
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
-# grpc-go 1.33 takes either golang/protobuf; only 1.5 (on protobuf-go) runs the generated stubs.
-GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
-	protoc-gen-go-grpc
 
 .PHONY: help install serve test lint proto bench bench-quick bench-telemetry soak clean
 .DEFAULT_GOAL := help
@@ -43,15 +40,12 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	touch $@
 
 # What only the tests (and `make proto`) use; without one, the tests that need it skip and say why.
+# Made once: after installing a missing tool yourself, `rm .venv/.test-tools` makes it look again.
 $(TEST_STAMP): $(STAMP) clients/node/package-lock.json scripts/go_offline.py
 	@# Debian packages, installed where we may (root, apt-get): chromium for the browser test; Go with
 	@# Debian's grpc-go and protobuf-go sources for the Go stubs and client, which build offline from them.
-	@chromium=; go=; \
+	@chromium=; go="$$($(BIN)/python scripts/go_offline.py --needs)"; \
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || chromium="chromium"; \
-	{ command -v go >/dev/null 2>&1 && command -v protoc-gen-go-grpc >/dev/null 2>&1 \
-		&& [ -d /usr/share/gocode/src/google.golang.org/grpc ] \
-		&& [ -d /usr/share/gocode/src/google.golang.org/protobuf ] \
-		&& [ -f /usr/share/gocode/src/github.com/golang/protobuf/proto/proto.go ]; } || go="$(GO_DEBS)"; \
 	if [ -z "$$chromium$$go" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq || echo "note: apt-get update failed"; \

@@ -21,7 +21,7 @@ ARCHS = ("gpt2", "llama", "qwen2")
 # tokens of the 2,048-token model were 1-4 s here: a loaded CI run once finished such a stream first.)
 LONG_CONTEXT = 8192
 LONG = 8000
-KV_BYTES_PER_TOKEN = 512  # the tiny Llama's (2 layers x 2 x 64 wide x 2 bytes)
+KV_BYTES_PER_TOKEN = 512  # the tiny Llama's: 2 layers x (keys, values) x 2 KV heads x 16 dims x 4 bytes (float32)
 
 
 def long_args(rows: int = 8) -> tuple[str, ...]:

@@ -50,11 +50,13 @@ def test_vllm_names_beside_ours_under_load_and_back_to_zero(long_stub: Any, long
     model_id = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10).model_id
     params = pb.GenerationParameters(max_new_tokens=LONG, ignore_eos=True)
     calls = [stub.Generate(pb.GenerateRequest(prompt=f"Stream {i}", params=params), timeout=60) for i in range(STREAMS)]
-    for call in calls:
-        _until_decoding(call)
-    during = _scrape(long_server)
-    for call in calls:
-        call.cancel()
+    try:
+        for call in calls:
+            _until_decoding(call)
+        during = _scrape(long_server)
+    finally:  # however the reads went: LONG streams would hold the shared server for many seconds
+        for call in calls:
+            call.cancel()
 
     for name in ALIASES:
         assert during[name].type == "gauge"

@@ -1,5 +1,6 @@
 // The Go client of modelserve: the stubs generated from protos/ (gen/, by buf.gen.yaml) and a CLI
-// (cmd/modelserve-go). The versions are the oldest the generated code needs; newer ones work.
+// (cmd/modelserve-go). The versions are the oldest the generated code needs; newer ones work. No go.sum
+// is committed (it was written offline, against Debian's sources): `go mod tidy` fetches and pins them.
 module modelserve/clients/go
 
 go 1.19

@@ -36,8 +36,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
 }
-# GenerationParameters fields -> the body fields that set them, where they differ: vLLM's names (validation.py),
-# and a request's own choice (max_completion_tokens, or a completion's `logprobs` count), added per request.
+# A refusal that starts with one of these names the field it is about (its `param`).
 _LEADING_FIELD = re.compile(r"^(prompt|priority|messages(?:\[\d+\])?(?:\.[a-z]+)?)")
 # OpenAI fields this server cannot honour, and the values that ask nothing of it.
 _NEUTRAL = {
@@ -100,7 +99,7 @@ def failure(exc: RequestFailed, names: Mapping[str, str]) -> ApiError:
 def _body_names(message: str, names: Mapping[str, str]) -> tuple[str, str | None]:
     """Validation names GenerationParameters' fields (params.max_new_tokens); this caller sent the body's
     (max_tokens): the message in the body's names, and the field it names first."""
-    text, renamed = reworded(message, lambda ours: names.get(ours, ours) if ours else "prompt")
+    text, renamed = reworded(message, lambda ours: names.get(ours or "prompt", ours or "prompt"))
     leading = _LEADING_FIELD.match(message)
     if leading is not None:
         return text, names.get(leading[1], leading[1])
@@ -178,7 +177,8 @@ class Body:
 
 def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParameters, dict[str, str]]:
     """The body's sampling fields as GenerationParameters (validated later, by the shared request path),
-    and the body's name of each field, for that path's messages."""
+    and the body's name of each field, for that path's messages: vLLM's names where ours differ
+    (validation.py), and the request's own choice (max_completion_tokens, a completion's `logprobs` count)."""
     params = pb.GenerationParameters()
     names = dict(VLLM_NAMES)
 

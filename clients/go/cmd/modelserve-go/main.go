@@ -20,7 +20,6 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 	"unicode"
 
@@ -41,7 +40,7 @@ flags:
   -max-new-tokens N      -temperature T (0 = greedy)   -top-p P   -top-k K   -seed N
   -stop TEXT             stop sequence (repeatable)    -ignore-eos
   -system TEXT           chat: a system message before MESSAGE
-  -v                     after the text, print the finish reason and token counts on stderr`
+  -v, -verbose           after the text, print the finish reason and token counts on stderr`
 
 type stops []string
 
@@ -64,6 +63,7 @@ func parse(args []string) (*options, error) {
 	fs.StringVar(&o.token, "token", os.Getenv("MODELSERVE_AUTH_TOKEN"), "")
 	fs.StringVar(&o.system, "system", "", "")
 	fs.BoolVar(&o.verbose, "v", false, "")
+	fs.BoolVar(&o.verbose, "verbose", false, "")
 	fs.BoolVar(&o.params.IgnoreEos, "ignore-eos", false, "")
 	fs.Var((*stops)(&o.params.Stop), "stop", "")
 	fs.Func("timeout", "", func(v string) error {
@@ -156,23 +156,25 @@ func run(args []string) int {
 	}
 	defer conn.Close()
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	// Ctrl-C cancels the call, so the server stops generating; a second one ends the process at once.
+	interrupt, stop := context.WithCancel(context.Background())
+	defer stop()
+	interrupted := make(chan os.Signal, 1)
+	signal.Notify(interrupted, os.Interrupt)
+	go func() {
+		<-interrupted
+		signal.Stop(interrupted)
+		stop()
+	}()
+	ctx := interrupt
 	if o.timeout > 0 {
+		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, o.timeout)
 		defer cancel()
 	}
 	if o.token != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+o.token)
 	}
-	interrupted := make(chan os.Signal, 1) // Ctrl-C cancels the call, so the server stops generating
-	signal.Notify(interrupted, os.Interrupt)
-	var stopped atomic.Bool
-	go func() {
-		<-interrupted
-		stopped.Store(true)
-		cancel()
-	}()
 
 	stream, err := open(ctx, pb.NewGenerationServiceClient(conn), o)
 	var last *pb.GenerateResponse
@@ -187,17 +189,18 @@ func run(args []string) int {
 			last = message
 		}
 	}
-	if written {
-		os.Stdout.WriteString("\n")
-	}
 	if err != io.EOF {
-		if stopped.Load() {
+		if written {
+			os.Stdout.WriteString("\n")
+		}
+		if interrupt.Err() != nil {
 			return 130 // Ctrl-C: 128 + SIGINT, as a shell reports it
 		}
 		s := status.Convert(err)
 		fmt.Fprintf(os.Stderr, "error: %s: %s\n", codeName(s.Code()), s.Message())
 		return 1
 	}
+	os.Stdout.WriteString("\n")
 	if o.verbose && last != nil {
 		reason := strings.TrimPrefix(last.FinishReason.String(), "FINISH_REASON_")
 		counts := last.GetUsage()
