@@ -29,7 +29,8 @@ from tests.conftest import LONG
 
 GO = load_script("go_offline")
 GENERATED = ROOT / "clients" / "go" / "gen"
-pytestmark = pytest.mark.skipif(GO.missing() is not None, reason=str(GO.missing()))
+GO_MISSING = GO.missing()
+pytestmark = pytest.mark.skipif(GO_MISSING is not None, reason=str(GO_MISSING))
 
 TOKEN = "go-client-test-token"
 GREEDY = ("-temperature", "0", "-ignore-eos")

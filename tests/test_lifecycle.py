@@ -130,8 +130,9 @@ MODEL = SimpleNamespace(model_id="tiny", device="cpu", dtype="torch.float32")  #
 
 def test_every_face_tells_the_same_health_from_one_place() -> None:
     """Serving.health() is the one answer: the engine gone while the phase still says SERVING is FAILED for a
-    refused call, for vLLM's HealthCheck, for the Health RPC and for HTTP /health alike (each once decided it
-    for itself; the Health RPC said SERVING). grpc.health.v1 is the lifecycle's to set, at each change."""
+    refused call, for vLLM's HealthCheck and GetServerInfo, for the Health RPC and for HTTP /health alike (each
+    once decided it for itself; the Health RPC said SERVING). grpc.health.v1 is the lifecycle's to set, at each
+    change."""
     serving = Serving(Config())
     vllm, ours, http = VllmEngineServicer(serving), GenerationServicer(serving), _Api(serving, None, False)
     engine = SimpleNamespace(alive=True, stats=EngineStats)
@@ -150,6 +151,7 @@ def test_every_face_tells_the_same_health_from_one_place() -> None:
         assert (health.phase, health.up) == (reported, not refusal), (phase, alive, health)
         checked = asyncio.run(vllm.HealthCheck(None, None))
         assert (checked.healthy, checked.message) == (health.up, health.why)
+        assert asyncio.run(vllm.GetServerInfo(None, None)).is_paused is not health.up
         rpc = asyncio.run(ours.Health(pb.HealthRequest(), cast(Any, None)))
         assert rpc.state == reported.value and rpc.model_loaded is (reported in (Phase.SERVING, Phase.DRAINING))
         page = asyncio.run(http.health(cast(Any, None)))

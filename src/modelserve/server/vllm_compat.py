@@ -42,7 +42,7 @@ from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 from modelserve import __version__
 from modelserve.config import PREFIX_CACHE_BLOCK_TOKENS
 from modelserve.engine.request import EngineStats, FinishReason, StreamEvent, TokenLogprobs
-from modelserve.server.serving import Phase, RequestFailed, Serving, ended_early, grpc_trailers, raise_for
+from modelserve.server.serving import RequestFailed, Serving, ended_early, grpc_trailers, raise_for
 from modelserve.server.validation import VLLM_NAMES, Limits, reworded
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         stats = self._stats()
         response = vpb.GetServerInfoResponse(
             active_requests=stats.running + stats.waiting,
-            is_paused=serving.phase is not Phase.SERVING,
+            is_paused=not serving.health().up,
             last_receive_timestamp=self._last_receive_s,
             uptime_seconds=time.monotonic() - serving.started_s,
             server_type=SERVER_TYPE,
