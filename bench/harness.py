@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,6 +33,7 @@ RESULTS = ROOT / "bench" / "results"
 CACHE_DIR = Path.home() / ".cache" / "modelserve"
 START_TIMEOUT_S = 120.0
 IDLE_TIMEOUT_S = 60.0
+T = TypeVar("T")
 
 # ---- a real server ----------------------------------------------------------------------------------------------
 
@@ -198,12 +199,17 @@ def wait_idle(stub: Any, timeout_s: float = IDLE_TIMEOUT_S, until: Callable[[Any
     code, run it in a thread (asyncio.to_thread)."""
     from modelserve_client.v1 import generation_pb2 as pb
 
+    return wait_until(lambda: stub.Health(pb.HealthRequest(), timeout=10), until, timeout_s)
+
+
+def wait_until(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = IDLE_TIMEOUT_S) -> T:
+    """read() once done() holds for it, or when `timeout_s` has passed; the caller asserts on it. For state a
+    server records a moment after it answered (an abort reaches the engine at its next step, a metric is
+    recorded once the response is out): polled, bounded."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        health = stub.Health(pb.HealthRequest(), timeout=10)
-        if until(health) or time.monotonic() > deadline:
-            return health
-        time.sleep(0.02)  # the server's own state (an abort reaches the engine at its next step), bounded
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
 
 
 # ---- models -----------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +18,7 @@ from typing import IO
 
 from modelserve_client import ModelServeClient
 
-from bench.harness import ROOT, ServerProcess, start_server
+from bench.harness import ROOT, ServerProcess, start_server, wait_until
 from tests.conftest import LONG, long_args
 
 # A plain chat template: the tiny test model has none of its own.
@@ -103,9 +102,7 @@ def assert_ctrl_c_cancels(command: list[str], server: ServerProcess) -> None:
         threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(CALL_TIMEOUT_S) == 130, proc.stderr.read()
-    deadline = time.monotonic() + CALL_TIMEOUT_S
-    while not (ended := CANCELLED_LOG.search(server.log())) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the server's own log, bounded
+    ended = wait_until(lambda: CANCELLED_LOG.search(server.log()), bool, CALL_TIMEOUT_S)
     assert ended, "the server logged no cancelled request"
     assert int(ended[1]) < LONG, ended[0]
 

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +33,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from tokenizers import Tokenizer, processors
 
-from bench.harness import ROOT, wait_idle
+from bench.harness import ROOT, wait_idle, wait_until
 from modelserve.models.demo import DEMO_CHAT_TEMPLATE, DEMO_WORDS, demo_model_dir
 from modelserve.models.loader import ModelInfo, _chat_template, load_model_info
 from modelserve.models.random_init import EOS_TOKEN, UNK_TOKEN, build_random_model, build_word_tokenizer
@@ -588,10 +587,8 @@ def test_cli_chat_ctrl_c_stops_the_reply_not_the_session(chat_server: ServerProc
             # The CLI ends the stopped reply's line on stdout, then says [stopped]: wait for that line end, so
             # the next turn starts counting after all of this reply.
             replies.append(out.wait_for(lambda data: data.endswith(b"\n"))[start:])
-            deadline = time.monotonic() + 30
-            while cancelled_count(chat_server) < cancelled_before + n and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert cancelled_count(chat_server) == cancelled_before + n
+            cancelled = wait_until(lambda: cancelled_count(chat_server), lambda c, n=n: c >= cancelled_before + n, 30)
+            assert cancelled == cancelled_before + n
             assert wait_idle(chat_stub).requests_running == 0
         proc.stdin.close()  # end of input
         assert proc.wait(timeout=CALL_TIMEOUT_S) == 0

@@ -5,9 +5,9 @@ errors in OpenAI's shape; token auth; a client that disconnects mid-stream; and 
 
 from __future__ import annotations
 
+import functools
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from openai import OpenAI
 
-from bench.harness import ServerProcess, is_idle, start_server, wait_idle
+from bench.harness import ServerProcess, is_idle, start_server, wait_idle, wait_until
 from tests.conftest import LONG, long_args
 
 TOKEN = "http-test-token"
@@ -263,8 +263,9 @@ def test_http_requests_show_in_the_metrics(server: ServerProcess, client: OpenAI
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="Hello", top_p=2.0)
     # http.server.request.duration is recorded once the app has returned, a moment after the last byte went out.
-    assert _settled(lambda: server.metric(duration, http_response_status_code="200", **route), ok + 1) == ok + 1
-    assert _settled(lambda: server.metric(duration, http_response_status_code="400", **route), 1) >= 1
+    answered = functools.partial(server.metric, duration, **route)
+    assert wait_until(lambda: answered(http_response_status_code="200"), lambda n: n > ok) == ok + 1
+    assert wait_until(lambda: answered(http_response_status_code="400"), lambda n: n >= 1) >= 1
     assert _length_finished(server) == finished + 1
     assert server.metric("modelserve_requests_rejected_total", error_type="invalid_argument") == rejected + 1
 
@@ -282,15 +283,6 @@ def test_this_faces_own_refusals_count_as_rejected(server: ServerProcess, client
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     after = [server.metric("modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]
     assert after == [before[0] + 2, before[1] + 1]
-
-
-def _settled(read: Callable[[], float], at_least: float, timeout_s: float = CALL_TIMEOUT_S) -> float:
-    """read() once it reaches `at_least` (a value the server records a moment after it answered), or when
-    `timeout_s` has passed."""
-    deadline = time.monotonic() + timeout_s
-    while (value := read()) < at_least and time.monotonic() < deadline:
-        time.sleep(0.02)  # polls the server's own state, bounded
-    return value
 
 
 def _length_finished(server: ServerProcess) -> float:
@@ -338,7 +330,8 @@ def test_a_client_that_leaves_before_a_whole_answer_is_no_server_error(
     wait_idle(_AuthorizedHealth(stub), until=lambda h: is_idle(h) and _cancelled(server) > before)
     assert _cancelled(server) == before + 1
     # The response's metric is recorded once the app has returned.
-    assert _settled(lambda: server.metric(duration, http_response_status_code="499", **route), left + 1) == left + 1
+    left_now = wait_until(lambda: server.metric(duration, http_response_status_code="499", **route), lambda n: n > left)
+    assert left_now == left + 1
     assert server.metric(duration, http_response_status_code="500", **route) == faults
     assert server.log_errors() == [], server.log()
 
