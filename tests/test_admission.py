@@ -113,7 +113,9 @@ async def test_an_expired_running_request_stops_and_frees_its_row(llama: LoadedM
         # It was admitted (it ran, however few tokens a loaded machine gave it) and stopped early.
         assert last.finish.timings.queue_s < last.finish.timings.total_s and len(ids) < 1900
         # The row went back in the step that ended the request.
-        assert engine.stats().running == 0 and engine.core.pool.rows == 0 and engine.stats().kv_tokens_used == 0
+        assert (
+            engine.stats().running == 0 and engine.core.blocks.used_blocks == 0 and engine.stats().kv_tokens_used == 0
+        )
 
 
 async def test_a_deadline_the_queue_makes_impossible_is_refused_at_admission(llama: LoadedModel) -> None:
@@ -144,19 +146,19 @@ async def test_out_of_memory_fails_the_step_and_halves_the_batch(
         streams = [engine.submit(Request(f"r{i}", prompt, params)) for i in range(4)]
         for stream in streams:
             await stream.__anext__()
-        real_decode = engine.core.runner.decode
+        real_forward = engine.core.runner.forward
 
-        def decode_out_of_memory(*args: object, **kwargs: object) -> torch.Tensor:
-            monkeypatch.setattr(engine.core.runner, "decode", real_decode)  # fail once
+        def forward_out_of_memory(*args: object, **kwargs: object) -> torch.Tensor:
+            monkeypatch.setattr(engine.core.runner, "forward", real_forward)  # fail once
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-        monkeypatch.setattr(engine.core.runner, "decode", decode_out_of_memory)
+        monkeypatch.setattr(engine.core.runner, "forward", forward_out_of_memory)
         ends = await asyncio.gather(*(_collect(s) for s in streams))
         for _, _, last in ends:
             assert last.finish is not None and last.finish.reason is FinishReason.OUT_OF_MEMORY
-            assert "out of memory in a decode step" in last.finish.error
+            assert "out of memory in a step" in last.finish.error
             assert "batch size is now at most 2" in last.finish.error
-        assert engine.stats().max_batch_size == 2 and engine.core.pool.rows == 0
+        assert engine.stats().max_batch_size == 2 and engine.core.blocks.used_blocks == 0
         # The engine goes on, at the lower batch size.
         again = [engine.submit(Request(f"a{i}", prompt, GREEDY)) for i in range(3)]
         for _, _, last in await asyncio.gather(*(_collect(s) for s in again)):

@@ -4,6 +4,8 @@ including the ones inside functions.
 - engine -> server, telemetry, grpc, protobuf, OpenTelemetry: the engine emits plain events and stats.
 - models -> engine, server.
 - clients -> src/modelserve, torch, transformers: a backend team installs the client alone.
+- the scheduler's side of a step (scheduler, sequences, block manager, the step plan) -> torch: a plan
+  is plain data another process can execute.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ RULES = (
     (SRC / "models", ("modelserve.engine", "modelserve.server"), "models import no engine or server"),
     (CLIENTS, ("modelserve", "torch", "transformers"), "the client imports nothing of src/modelserve, nor torch"),
 )
+
+
+# The engine core's planning half: the runner owns every tensor.
+PLAN_MODULES = tuple(SRC / "engine" / f"{name}.py" for name in ("scheduler", "sequence", "block_manager", "step_plan"))
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -82,3 +88,17 @@ def test_the_check_catches_an_engine_module_that_imports_grpc(tmp_path: Path, st
     bad.write_text(f"def f() -> None:\n    {statement}\n")
     forbidden = RULES[0][1]
     assert violations([bad], forbidden), statement
+
+
+def test_the_step_plan_and_its_makers_hold_no_tensors() -> None:
+    assert all(path.exists() for path in PLAN_MODULES)
+    # Their own imports, and what those import from the engine: a tensor type reached through a
+    # neighbour module counts too.
+    engine_imports = {
+        module
+        for path in PLAN_MODULES
+        for _, module in imported_modules(path)
+        if module.startswith("modelserve.engine.")
+    }
+    reached = [*PLAN_MODULES, *(SRC / "engine" / f"{m.rsplit('.', 1)[1]}.py" for m in engine_imports)]
+    assert violations(reached, ("torch", "transformers", "numpy")) == []

@@ -1,5 +1,6 @@
 """The engine in-process: greedy equals transformers' generate(), alone or joining a
-running batch; seeded sampling repeats; an abort frees the row."""
+running batch; seeded sampling repeats; an abort frees the row; a preempted request
+continues with no token lost or repeated; a failed CUDA-graph capture runs eagerly."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelserve.engine.core import EngineCore
 from modelserve.engine.cuda_graphs import DecodeGraphs, Replay, batch_bucket, width_bucket
 from modelserve.engine.engine import Engine, EngineConfig, RequestStream
-from modelserve.engine.kv_cache import ForwardCache, PrefillBuffer
-from modelserve.engine.protocol import StepOutput
+from modelserve.engine.protocol import AddRequest, StepOutput
 from modelserve.engine.request import EngineClosedError, FinishReason, Request, SamplingParams, StreamEvent
 from modelserve.models.loader import LoadedModel, load_model
 
@@ -84,22 +85,30 @@ class _EagerGraphs(DecodeGraphs):
         return forward
 
 
-def _bucketed(engine: Engine) -> DecodeGraphs:
-    runner = engine.core.runner
+def _bucketed(core: EngineCore, graphs: type[DecodeGraphs] = _EagerGraphs) -> DecodeGraphs:
+    runner = core.runner
     if runner.graphs is None:  # not CUDA: the same path, replayed eagerly
-        runner.graphs = _EagerGraphs(runner.model.get_decoder(), runner._cache, runner.masks, runner.device)
+        assert runner.kv is not None
+        runner.graphs = graphs(
+            runner.decoder_forward, runner.kv, core.scheduler.max_batch_size, core.max_sequence_tokens
+        )
     return runner.graphs
 
 
+# (arch, own_forward): the Llama family runs on our own forward by default, and on transformers' when off.
+FORWARDS = [("gpt2", True), ("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
+
+
 @pytest.mark.parametrize("decode", ["eager", "bucketed"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize(("arch", "own_forward"), FORWARDS, ids=[f"{a}-{'own' if o else 'hf'}" for a, o in FORWARDS])
 async def test_greedy_matches_generate_alone_and_joining_mid_flight(
-    arch: str, decode: str, model_dirs: dict[str, Path]
+    arch: str, own_forward: bool, decode: str, model_dirs: dict[str, Path]
 ) -> None:
     """Also through decode's CUDA-graph path (padded rows and width): greedy output must not change."""
     model = _load(model_dirs[arch])
-    async with _running(model, 8, enforce_eager=decode == "eager") as engine:
-        graphs = _bucketed(engine) if decode == "bucketed" else None
+    async with _running(model, 8, enforce_eager=decode == "eager", own_forward=own_forward) as engine:
+        assert (engine.core.runner.own is not None) == (own_forward and arch != "gpt2")
+        graphs = _bucketed(engine.core) if decode == "bucketed" else None
         lengths = [24, 9, 17, 30]
         prompts = [model.encode(p) for p in PROMPTS]
         # The first request runs alone for a few steps; the others join it mid-flight.
@@ -146,27 +155,56 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("decode", ["eager", "bucketed"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
-async def test_a_decode_forward_never_reads_the_device(arch: str, decode: str, model_dirs: dict[str, Path]) -> None:
+def test_a_decode_forward_never_reads_the_device(arch: str, decode: str, model_dirs: dict[str, Path]) -> None:
     """The step's one device-to-host read is the sampler's; a read inside the forward would be a second
     sync per step, and would make the forward impossible to record into a CUDA graph."""
     model = _load(model_dirs[arch])
-    async with _running(model, 8, enforce_eager=decode == "eager") as engine:
-        runner = engine.core.runner
-        runner._cache = ForwardCache(runner.kv_shape.n_layers, check_mask=False)  # as on a GPU (a CPU may read)
-        if decode == "bucketed":
-            _bucketed(engine)
-        streams = [engine.submit(_greedy(i, model.encode(PROMPTS[i]), 4)) for i in range(3)]
-        await asyncio.gather(*(_collect(s) for s in streams))
-        core = engine.core
-    # The engine is stopped; drive its pool by hand: three rows of different lengths.
-    for i, n in enumerate((3, 7, 5)):
-        buffer = PrefillBuffer(core.runner.kv_shape, n)
-        core.runner.prefill_chunk(buffer, list(range(1, n + 1)))
-        core.pool.add(buffer, 64, torch.tensor(i + 1))
-    watch = _HostReads()
-    with watch:
-        core.runner.decode(core.pool)
-    assert watch.reads == []
+    core = EngineConfig(max_batch_size=8, kv_cache_bytes=16 << 20).build_core(
+        model.model, model.eos_token_ids, model.max_sequence_length, observed=False
+    )
+    if decode == "bucketed":
+        _bucketed(core)
+    for i, n in enumerate((3, 7, 5)):  # three rows of different lengths
+        core.apply(AddRequest(i, _greedy(i, list(range(1, n + 1)), 8)))
+    while core.scheduler.prefilling or core.scheduler.waiting:
+        core.step()
+    forward = core.runner.forward
+    reads: list[str] = []
+
+    def watched(*args: torch.Tensor) -> torch.Tensor:  # type: ignore[misc]
+        watch = _HostReads()
+        with watch:
+            logits = forward(*args)
+        reads.extend(watch.reads)
+        return logits
+
+    core.runner.forward = watched  # type: ignore[method-assign,assignment]
+    out = core.step()
+    assert len([row for row in out.rows if row.token_id >= 0]) == 3  # a decode-only step of three rows
+    assert reads == []
+
+
+class _FailingCapture(DecodeGraphs):
+    """Every capture fails, as a CUDA graph can (an op that syncs, an allocator that runs out)."""
+
+    def _record(self, forward: Replay) -> Replay:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+async def test_a_failed_graph_capture_serves_the_request_eagerly(
+    model_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _load(model_dirs["llama"])
+    prompt = model.encode(PROMPTS[1])
+    async with _running(model, 4) as engine:
+        graphs = _bucketed(engine.core, _FailingCapture)
+        first = await _collect(engine.submit(_greedy(0, prompt, 12)))
+        second = await _collect(engine.submit(_greedy(1, prompt, 12)))
+    assert first[0] == second[0] == _reference(model, prompt, 12)
+    assert first[2].finish is not None and first[2].finish.reason is FinishReason.LENGTH
+    assert graphs.captured == 0
+    failures = [r for r in caplog.records if "capturing a CUDA graph" in r.getMessage()]
+    assert len(failures) == 1, "logged once; the bucket then runs eagerly without trying again"
 
 
 async def test_seeded_sampling_repeats_and_text_is_the_decoded_output(model_dirs: dict[str, Path]) -> None:
@@ -195,7 +233,7 @@ async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path])
         assert len(ids) == 3 and last.finish is not None and last.finish.reason is FinishReason.LENGTH
         stats = engine.stats()
         assert (stats.running, stats.waiting) == (0, 0)
-        assert engine.core.pool.rows == 0 and not engine.core.has_work()
+        assert engine.core.blocks.used_blocks == 0 and not engine.core.has_work()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -211,37 +249,38 @@ async def test_chunked_prefill_matches_generate(arch: str, model_dirs: dict[str,
         assert (await _collect(running))[2].finish is not None
 
 
-async def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dirs: dict[str, Path]) -> None:
+async def test_a_preempted_request_continues_with_nothing_lost_or_repeated(model_dirs: dict[str, Path]) -> None:
+    """Two requests that each grow to the whole KV budget run together until the blocks run out; the newer
+    is preempted (its blocks freed) and recomputed later. Both streams equal what they give alone: greedy
+    equals generate(), and a seeded sampled one draws on from where it stopped."""
     model = _load(model_dirs["llama"])
     async with _running(model, 4) as probe:
         per_token = probe.core.runner.kv_shape.bytes_per_token
-    # Room for exactly one 300-token sequence at a time.
-    async with _running(model, 4, kv_cache_bytes=300 * per_token) as engine:
-        assert engine.max_sequence_tokens == 300
-        prompt = model.encode("Hello")
-        params = SamplingParams(max_new_tokens=300 - len(prompt), temperature=0.0, ignore_eos=True)
-        first = engine.submit(Request("a", tuple(prompt), params))
-        head = await first.__anext__()  # it is running (a slow reader may get several tokens at once)
-        second = engine.submit(Request("b", tuple(prompt), params))
-        # Once another request has gone all the way through, the second one has been looked at:
-        # it must still be waiting, because the first holds the whole budget.
-        small = engine.submit(Request("c", tuple(prompt), SamplingParams(max_new_tokens=1, temperature=0.0)))
-        small_task = asyncio.ensure_future(_collect(small))
-        first_done = await _collect(first)
-        second_done, small_done = await asyncio.gather(_collect(second), small_task)
-        assert len(head.token_ids) + len(first_done[0]) == len(second_done[0])
-        assert first_done[2].finish is not None and second_done[2].finish is not None
-        # The second waited for the first: it was queued for most of the first's whole run, which was not.
-        assert second_done[2].finish.timings.queue_s > 0.5 * first_done[2].finish.timings.total_s
-        assert first_done[2].finish.timings.queue_s < second_done[2].finish.timings.queue_s
-        assert small_done[2].finish is not None
-        assert engine.core.pool.rows == 0 and engine.core.pool.allocated_tokens() <= 300
+    budget = 320  # tokens: 20 blocks of 16, one whole sequence
+    prompt = model.encode("Hello")
+    new = budget - len(prompt)
+    sampled = SamplingParams(max_new_tokens=new, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+    async with _running(model, 4, kv_cache_bytes=budget * per_token) as engine:
+        assert engine.max_sequence_tokens == budget
+        alone = await _collect(engine.submit(Request("alone", tuple(prompt), sampled)))
+        greedy = engine.submit(_greedy(0, prompt, new))
+        head = await greedy.__anext__()
+        beside = engine.submit(Request("beside", tuple(prompt), sampled))
+        greedy_done, beside_done = await asyncio.gather(_collect(greedy), _collect(beside))
+        preempted = engine.core.scheduler.preemptions
+        assert engine.core.blocks.used_blocks == 0 and not engine.core.has_work()
+    assert preempted >= 1, "the budget holds one whole sequence: two must not both run to the end at once"
+    assert beside_done[0] == alone[0] and len(alone[0]) == new
+    assert [*head.token_ids, *greedy_done[0]] == _reference(model, prompt, new)
 
 
 async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["gpt2"])
     async with _running(model, 4) as engine:
         prompt = tuple(model.encode("Hello there"))
+        kv = engine.core.runner.kv
+        assert kv is not None
+        address = kv.keys[0].data_ptr()
 
         async def wave(seed: int) -> None:
             streams = [
@@ -250,12 +289,11 @@ async def test_rows_are_reused_and_memory_stays_bounded(model_dirs: dict[str, Pa
             ]
             await asyncio.gather(*(_collect(s) for s in streams))
 
-        await wave(0)
-        allocated = engine.core.pool.allocated_tokens()
-        for seed in range(1, 4):
+        for seed in range(4):
             await wave(seed * 100)
-        assert engine.core.pool.allocated_tokens() == allocated  # no growth with requests served
-        assert engine.core.pool.capacity[0] <= 4 and engine.core.pool.rows == 0 and not engine.core.has_work()
+            assert engine.core.blocks.used_blocks == 0 and not engine.core.has_work()
+        assert kv.keys[0].data_ptr() == address  # the KV memory is taken once, never regrown
+        assert len(engine.core.runner.states) == 0  # every request's sampling state went with it
 
 
 async def test_a_closed_engine_refuses_new_requests(model_dirs: dict[str, Path]) -> None:

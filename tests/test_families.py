@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from modelserve.engine.engine import EngineConfig
+from modelserve.engine.llama_forward import OWN_FORWARD_TYPES
 from modelserve.engine.self_check import SelfCheckError, check_greedy_matches_generate
 from modelserve.models.capability import FAMILIES
 from modelserve.models.loader import ModelLoadError, load_model_info
@@ -62,12 +63,26 @@ def test_every_family_named_as_tested_is_tested() -> None:
     assert {model_type for model_type, _ in CONFIGS.values()} == set(FAMILIES)
 
 
+# The families our own forward runs (engine/llama_forward.py): checked on transformers' forward too.
+OWN_FORWARD = sorted(name for name, (model_type, _) in CONFIGS.items() if model_type in OWN_FORWARD_TYPES)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 async def test_greedy_matches_generate(name: str, family_root: Path) -> None:
+    await _check_family(name, family_root, own_forward=True)
+
+
+@pytest.mark.parametrize("name", OWN_FORWARD)
+async def test_greedy_matches_generate_on_the_transformers_forward(name: str, family_root: Path) -> None:
+    await _check_family(name, family_root, own_forward=False)
+
+
+async def _check_family(name: str, family_root: Path, own_forward: bool) -> None:
     model = _load(_model_dir(family_root, name))
     prompts = [[(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate((12, 3, 21, 7))]
     lengths = [30, 26, 22, 34]  # prompt + output > WINDOW for every row
-    async with _running(model, 8) as engine:
+    async with _running(model, 8, own_forward=own_forward) as engine:
+        assert (engine.core.runner.own is not None) == (own_forward and name in OWN_FORWARD)
         first = engine.submit(_greedy(0, prompts[0], lengths[0]))
         head: list[int] = []
         while len(head) < 5:  # it runs alone for a few steps; the others join it mid-flight
@@ -112,7 +127,7 @@ async def test_an_untested_family_passes_the_start_up_self_check(family_root: Pa
         model.model, model.eos_token_ids, model.max_sequence_length, observed=False
     )
     assert check_greedy_matches_generate(core, model.architecture) > 0
-    assert not core.has_work() and core.pool.rows == 0
+    assert not core.has_work() and core.blocks.used_blocks == 0
 
 
 def test_a_model_the_engine_decodes_wrongly_is_refused(family_root: Path) -> None:
@@ -120,8 +135,8 @@ def test_a_model_the_engine_decodes_wrongly_is_refused(family_root: Path) -> Non
     core = EngineConfig(max_batch_size=4, kv_cache_bytes=64 << 20).build_core(
         model.model, model.eos_token_ids, model.max_sequence_length, observed=False
     )
-    decode = core.runner.decode
-    core.runner.decode = lambda pool: decode(pool).flip(0)  # type: ignore[method-assign]  # rows swapped
+    forward = core.runner.forward
+    core.runner.forward = lambda *args: forward(*args).flip(0)  # type: ignore[method-assign]  # rows swapped
     with pytest.raises(SelfCheckError, match="differ from transformers' generate"):
         check_greedy_matches_generate(core, model.architecture)
 

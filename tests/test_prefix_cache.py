@@ -10,15 +10,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from tokenizers import Tokenizer
 
 from modelserve.cli import config_from_args, parse_args
-from modelserve.engine.engine import Engine
-from modelserve.engine.kv_cache import KVShape, PrefillBuffer
-from modelserve.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, prefix_budget_tokens
+from modelserve.config import KV_BLOCK_TOKENS as BLOCK_TOKENS
+from modelserve.engine.block_manager import BlockManager, BlockTable
+from modelserve.engine.engine import Engine, EngineConfig
+from modelserve.engine.protocol import AddRequest
 from modelserve.engine.request import StreamEvent
 from modelserve.models.loader import LoadedModel
 from tests.conftest import ServerProcess, start_server
@@ -42,7 +42,7 @@ async def _run(engine: Engine, i: int, prompt: list[int], n: int) -> tuple[list[
 async def test_shared_prefix_greedy_matches_generate_and_caching_off(arch: str, model_dirs: dict[str, Path]) -> None:
     """Alone, then joining a running batch; prompts of 3 blocks and a bit, exactly 2 blocks, under a block."""
     model = _load(model_dirs[arch])
-    prefix = _ids(model, SYSTEM, 3 * BLOCK_TOKENS + 5)
+    prefix = _ids(model, SYSTEM, 3 * BLOCK_TOKENS)
     questions = [model.encode(q) for q in (" What is two and two?", " Name a colour.", " Why?", " Say hi.")]
     assert all(len(prefix) + len(q) < 4 * BLOCK_TOKENS for q in questions)  # all share exactly 3 full blocks
     # A multiple of the block size: its last block is cached, but never reused by the same prompt (the last
@@ -70,11 +70,11 @@ async def test_shared_prefix_greedy_matches_generate_and_caching_off(arch: str, 
         return outputs, cached
 
     async with _running(model, 8) as engine:
-        assert engine.core.prefix is not None
+        assert engine.core.prefix_caching
         cached_outputs, cached = await serve(engine)
         stats = engine.stats()
     async with _running(model, 8, prefix_caching=False) as engine:
-        assert engine.core.prefix is None
+        assert not engine.core.prefix_caching
         plain_outputs, plain_cached = await serve(engine)
 
     for i, prompt in enumerate(prompts + joining):
@@ -88,79 +88,69 @@ async def test_shared_prefix_greedy_matches_generate_and_caching_off(arch: str, 
     assert 0 < stats.prefix_cache_tokens <= stats.prefix_cache_budget_tokens
 
 
-async def test_the_cache_stays_within_its_budget_and_evicts_the_least_recently_used(
-    model_dirs: dict[str, Path],
-) -> None:
+def test_a_prefix_hit_shares_the_blocks_it_finds(model_dirs: dict[str, Path]) -> None:
+    """A second prompt with a running one's 1,000-token prefix points its block table at the same blocks
+    (their reference count goes to 2): nothing is copied, and its first token equals generate()'s."""
     model = _load(model_dirs["llama"])
-    async with _running(model, 4) as probe:
-        per_token, context = probe.core.runner.kv_shape.bytes_per_token, model.max_sequence_length
-    # Room for one full-context sequence and 8 blocks beside it: the cache gets those 8 blocks.
-    budget = context + 8 * BLOCK_TOKENS
-    assert prefix_budget_tokens(budget, context) == 8 * BLOCK_TOKENS
-    async with _running(model, 4, kv_cache_bytes=budget * per_token) as engine:
-        assert engine.max_sequence_tokens == context  # the cache never shortens what can be served
-        words = SYSTEM.split()
-        prompts = [_ids(model, " ".join(words[i:] + words[:i]), 2 * BLOCK_TOKENS + 3) for i in range(12)]
-        assert len({tuple(p[:BLOCK_TOKENS]) for p in prompts}) == len(prompts)  # no two share a block
-        for i, prompt in enumerate(prompts):
-            _, last = await _run(engine, i, prompt, 2)
-            assert last.cached_tokens == 0
-            stats = engine.stats()
-            assert stats.prefix_cache_tokens == min(2 * (i + 1), 8) * BLOCK_TOKENS <= stats.prefix_cache_budget_tokens
-        # The last four prompts are cached; the first ones were evicted.
-        ids, last = await _run(engine, 20, prompts[-1], 4)
-        assert last.cached_tokens == 2 * BLOCK_TOKENS and ids == _reference(model, prompts[-1], 4)
-        _, last = await _run(engine, 21, prompts[0], 2)
-        assert last.cached_tokens == 0
-        assert engine.stats().prefix_cache_tokens == 8 * BLOCK_TOKENS
+    core = EngineConfig(max_batch_size=4, kv_cache_bytes=8 << 20).build_core(
+        model.model, model.eos_token_ids, model.max_sequence_length, observed=False
+    )
+    prefix = [(7 * i) % 300 + 5 for i in range(1000)]
+    first, second = [*prefix, 11, 12], [*prefix, 13]
+    core.apply(AddRequest(1, _greedy(1, first, 50)))
+    while core.scheduler.prefilling or core.scheduler.waiting:
+        core.step()
+    used = core.blocks.used_blocks
+    core.apply(AddRequest(2, _greedy(2, second, 3)))
+    out = core.step()
+    a, b = (next(s for s in core.scheduler.running if s.key == key) for key in (1, 2))
+    shared = 1000 // BLOCK_TOKENS
+    assert b.cached_tokens == shared * BLOCK_TOKENS
+    assert a.table.blocks[:shared] == b.table.blocks[:shared]
+    assert all(core.blocks.blocks[i].refs == 2 for i in b.table.blocks[:shared])
+    assert core.blocks.used_blocks == used + len(b.table.blocks) - shared  # only its own last block is new
+    token = next(row.token_id for row in out.rows if row.key == 2)
+    assert token == _reference(model, second, 1)[0]
 
 
-def _filled_buffer(shape: KVShape, prompt: list[int]) -> PrefillBuffer:
-    """A completed prefill whose every value is its token id, layer and K/V: a copy shows where it came from."""
-    buffer = PrefillBuffer(shape, len(prompt))
-    for layer in range(shape.n_layers):
-        for kind, tensors in enumerate((buffer.keys, buffer.values)):
-            ids = torch.tensor(prompt, dtype=shape.dtype)
-            tensors[layer][0] = (ids + 0.5 * layer + 0.25 * kind)[None, :, None]
-    buffer.past = len(prompt)
-    return buffer
+def test_blocks_are_cached_until_reused_least_recently_freed_first() -> None:
+    blocks = BlockManager(num_blocks=6, block_size=4)
+
+    def run(tokens: list[int]) -> BlockTable:
+        """A sequence that computed `tokens` and ended: its full blocks are cached, its blocks free."""
+        table = BlockTable()
+        shared = blocks.match_prefix(tokens)
+        blocks.allocate(table, len(tokens), shared)
+        blocks.commit(table, tokens, len(tokens))
+        blocks.free(table)
+        return table
+
+    a, b, c = list(range(100, 109)), list(range(200, 209)), list(range(300, 309))  # 2 full blocks + 1 each
+    run(a)
+    run(b)
+    assert blocks.used_blocks == 0 and blocks.cached_blocks() == 4
+    assert len(blocks.match_prefix(a)) == 2 and len(blocks.match_prefix(a[:5])) == 1
+    # A shorter prompt whose second block differs shares only the first; the same second block after a
+    # different first block is not a match.
+    assert len(blocks.match_prefix([*a[:4], *b[4:8], 1])) == 1
+    assert blocks.match_prefix([*b[:4], *a[4:8], 1]) == blocks.match_prefix(b[:5])
+    run(c)  # takes the blocks freed longest ago: a's (its partial block, then its last full one, ...)
+    assert len(blocks.match_prefix(c)) == 2 and len(blocks.match_prefix(b)) == 2
+    assert len(blocks.match_prefix(a)) < 2
+    assert blocks.hit_tokens == 0  # matching alone takes nothing
 
 
-def test_restore_copies_exact_blocks_and_evicts_leaves_first() -> None:
-    shape = KVShape(n_layers=2, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
-    cache = PrefixCache(shape, 4 * BLOCK_TOKENS + 7)
-    assert cache.budget_tokens == 4 * BLOCK_TOKENS  # whole blocks
+def test_a_colliding_key_never_hands_over_another_prompts_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key collides here: a lookup still compares the tokens, so only the real owner matches."""
+    from modelserve.engine import block_manager
 
-    def prompt(start: int, n_blocks: int, extra: int = 1) -> list[int]:
-        return list(range(start, start + n_blocks * BLOCK_TOKENS + extra))
-
-    def restored(tokens: list[int]) -> int:
-        buffer = PrefillBuffer(shape, len(tokens))
-        n = cache.restore(tokens, buffer)
-        reference = _filled_buffer(shape, tokens)
-        for layer in range(shape.n_layers):
-            assert torch.equal(buffer.keys[layer][:, :, :n], reference.keys[layer][:, :, :n])
-            assert torch.equal(buffer.values[layer][:, :, :n], reference.values[layer][:, :, :n])
-        assert buffer.past == n
-        return n
-
-    a, b, c = prompt(1000, 2), prompt(2000, 2), prompt(3000, 2)
-    cache.insert(a, _filled_buffer(shape, a))
-    cache.insert(b, _filled_buffer(shape, b))
-    assert cache.tokens_held() == 4 * BLOCK_TOKENS
-    assert restored(a) == 2 * BLOCK_TOKENS  # a is now the most recent, b the least
-    assert restored(a[: BLOCK_TOKENS + 1]) == BLOCK_TOKENS  # a shorter prompt with the same start
-    cache.insert(c, _filled_buffer(shape, c))  # evicts b's two blocks, its second (a leaf) first
-    assert cache.tokens_held() == 4 * BLOCK_TOKENS
-    assert restored(b) == 0 and restored(a) == 2 * BLOCK_TOKENS and restored(c) == 2 * BLOCK_TOKENS
-    # The same second block after a different first block is a different block.
-    assert restored(c[:BLOCK_TOKENS] + a[BLOCK_TOKENS:]) == BLOCK_TOKENS
-    # A prompt longer than the whole cache keeps only what fits.
-    long = prompt(5000, 6, extra=0)
-    cache.insert(long, _filled_buffer(shape, long))
-    assert cache.tokens_held() == 4 * BLOCK_TOKENS and restored(long) == 4 * BLOCK_TOKENS
-    assert restored(a) == 0
-    assert cache.hit_tokens == 12 * BLOCK_TOKENS
+    monkeypatch.setattr(block_manager, "block_key", lambda parent, tokens: 42)
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    table = BlockTable()
+    blocks.allocate(table, 5)
+    blocks.commit(table, [1, 2, 3, 4, 5], 5)
+    assert blocks.match_prefix([9, 9, 9, 9, 9]) == []
+    assert blocks.match_prefix([1, 2, 3, 4, 5]) == table.blocks[:1]
 
 
 def test_prefix_caching_is_a_flag_and_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,14 @@ from modelserve.engine.sampler import SamplingRow, sample
 
 def _row(seed: int = 0, **kw: object) -> SamplingRow:
     params = SamplingParams(max_new_tokens=8, seed=seed, **kw)  # type: ignore[arg-type]
-    return SamplingRow(params, torch.Generator().manual_seed(seed), (), frozenset())
+    return SamplingRow(params, torch.Generator().manual_seed(seed), None, frozenset())
+
+
+def _seen(vocab: int, ids: tuple[int, ...]) -> torch.Tensor:
+    """A row's [vocab] mask of the tokens it has seen, as the runner keeps it."""
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[list(ids)] = True
+    return mask
 
 
 def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
@@ -54,11 +61,14 @@ def test_top_k_limits_choices_to_the_k_most_likely() -> None:
 def test_suppressed_tokens_are_never_chosen_and_penalty_applies() -> None:
     logits = torch.zeros(1, 10)
     logits[0, 3] = 10.0
-    row = SamplingRow(SamplingParams(max_new_tokens=4, temperature=0.0), torch.Generator(), (), frozenset({3}))
+    row = SamplingRow(SamplingParams(max_new_tokens=4, temperature=0.0), torch.Generator(), None, frozenset({3}))
     assert sample(logits, [row]).token_ids[0] != 3
     logits[0, 4] = 9.0
     penalised = SamplingRow(
-        SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=2.0), torch.Generator(), (3,), frozenset()
+        SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=2.0),
+        torch.Generator(),
+        _seen(10, (3,)),
+        frozenset(),
     )
     assert sample(logits, [penalised]).token_ids[0] == 4  # 10/2 < 9
 
@@ -80,7 +90,7 @@ def test_penalty_and_suppression_are_per_row_in_a_mixed_batch() -> None:
 
     def row(penalty: float, suppress: frozenset[int] = frozenset()) -> SamplingRow:
         params = SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=penalty)
-        return SamplingRow(params, torch.Generator(), seen, suppress)
+        return SamplingRow(params, torch.Generator(), _seen(200, seen), suppress)
 
     alone = [sample(logits[i : i + 1], [r]).token_ids[0] for i, r in enumerate([row(3.0), row(1.0), row(1.0)])]
     batch = sample(logits, [row(3.0), row(1.0), row(1.0, frozenset({int(logits[2].argmax())}))]).token_ids

@@ -29,7 +29,6 @@ from modelserve.config import (
     DEFAULT_CPU_KV_BYTES,
     DEFAULT_MAX_NEW_TOKENS,
     LOG_FORMAT,
-    PREFIX_CACHE_KV_SHARE,
     QUANTIZATIONS,
     Config,
 )
@@ -55,13 +54,17 @@ _HELP = {
     "max_batch_size": "most sequences decoded together in one step",
     "prefill_chunk_tokens": "prompt tokens prefilled per step while streams run "
     f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",
+    "max_num_batched_tokens": "most tokens one step's single forward takes: every decoding row's next token "
+    "plus prompt chunks (0 = no cap beyond the rows and --prefill-chunk-tokens)",
     "kv_cache_bytes": "KV cache budget in bytes "
     f"(0 = auto: gpu_memory_fraction of free GPU memory, {DEFAULT_CPU_KV_BYTES >> 30} GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs (for debugging)",
     "prefix_caching": "reuse the keys and values an earlier prompt computed for the same start (a shared system "
-    f"prompt, a chat's history) instead of prefilling it again; the cache takes {PREFIX_CACHE_KV_SHARE:g} "
-    "of the KV budget, less if that would leave no room for one sequence of the model's whole context",
+    "prompt, a chat's history) instead of prefilling it again; the cache is the KV memory's own blocks: "
+    "a finished request's blocks stay cached until new tokens need them",
+    "own_forward": "run the Llama family (llama, mistral, qwen2, qwen3) on modelserve's own forward: fused "
+    "projections, a precomputed rotary table, paged attention (off: transformers' forward for every model)",
     "default_max_new_tokens": "max_new_tokens when a request leaves it unset "
     f"(0 = the model's generation_config.json max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS})",
     "max_max_new_tokens": "the largest max_new_tokens a request may ask for",

@@ -31,10 +31,9 @@ AUTO_PREFILL_CHUNK_CUDA = 512
 # The default queue holds this many full KV caches' worth of work: enough to keep the batch full
 # through a burst, little enough that a queued request still starts within a few batch lifetimes.
 AUTO_WAITING_KV_BUDGETS = 4
-# The prefix cache's share of the KV budget (engine/prefix_cache.py says why a share, and what caps it).
-PREFIX_CACHE_KV_SHARE = 0.25
-# The prefix cache's block: smaller reuses more of a partly shared prefix; larger means fewer lookups (vLLM: 16).
-PREFIX_CACHE_BLOCK_TOKENS = 32
+# Tokens per KV block: the unit of KV allocation and of prefix-cache reuse (vLLM's default too). Smaller
+# reuses more of a partly shared prefix; larger means fewer blocks to look up and hash.
+KV_BLOCK_TOKENS = 16
 # max_new_tokens for a request that leaves it unset, unless the flag or the model's generation_config.json sets one.
 DEFAULT_MAX_NEW_TOKENS = 256
 # --quantization values: "none" keeps the weights as loaded; "int8" is weight-only int8 (models/quantize.py).
@@ -58,10 +57,12 @@ class Config:
     quantization: str = "none"  # one of QUANTIZATIONS: none | int8 (weight-only, per output channel)
     max_batch_size: int = 32  # sequences decoded together in one step
     prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while streams run; 0 = AUTO_PREFILL_CHUNK_*
+    max_num_batched_tokens: int = 0  # most tokens one step's forward takes, all rows together; 0 = no cap of its own
     kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False  # on CUDA, decode without CUDA graphs
     prefix_caching: bool = True  # reuse the keys and values of prompt prefixes seen before
+    own_forward: bool = True  # the Llama family (llama, mistral, qwen2, qwen3) on modelserve's own forward
     default_max_new_tokens: int = 0  # 0 = the model's generation_config.json's, else DEFAULT_MAX_NEW_TOKENS
     max_max_new_tokens: int = 4096
     max_prompt_bytes: int = 1 << 20

@@ -77,9 +77,9 @@ def main(spec: CoreSpec) -> None:
             CoreReady(
                 vocab_size=loaded.vocab_size,
                 max_sequence_tokens=core.max_sequence_tokens,
-                kv_budget_tokens=core.pool.budget_tokens,
+                kv_budget_tokens=core.kv_budget_tokens,
                 device=str(core.runner.device),
-                dtype=str(core.pool.shape.dtype).removeprefix("torch."),
+                dtype=str(core.runner.kv_shape.dtype).removeprefix("torch."),
             )
         )
     )

@@ -38,10 +38,12 @@ class EngineConfig:
 
     max_batch_size: int = Config.max_batch_size
     prefill_chunk_tokens: int = Config.prefill_chunk_tokens  # 0 = AUTO_PREFILL_CHUNK_CPU / _CUDA
+    max_num_batched_tokens: int = Config.max_num_batched_tokens  # 0 = no cap beyond the rows and the chunk
     kv_cache_bytes: int = Config.kv_cache_bytes  # 0 = a share of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = Config.gpu_memory_fraction
     enforce_eager: bool = Config.enforce_eager  # on CUDA: no CUDA graphs for decode
     prefix_caching: bool = Config.prefix_caching  # reuse cached keys and values of shared prompt prefixes
+    own_forward: bool = Config.own_forward  # the Llama family on our own forward (llama_forward.py)
     max_waiting_requests: int = Config.max_waiting_requests  # more are refused (QueueFullError)
     max_waiting_tokens: int = Config.max_waiting_tokens  # 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
 
@@ -68,6 +70,8 @@ class EngineConfig:
             observed=observed,
             cuda_graphs=not self.enforce_eager,
             prefix_caching=self.prefix_caching,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            own_forward=self.own_forward,
         )
 
 
@@ -85,7 +89,7 @@ class Engine(EngineFrontend):
     ) -> None:
         self.core = config.build_core(model, tuple(eos_token_ids), max_sequence_length, observed=on_step is not None)
         super().__init__(
-            tokenizer, config.queue_limits(self.core.pool.budget_tokens), self.core.max_sequence_tokens, on_step
+            tokenizer, config.queue_limits(self.core.kv_budget_tokens), self.core.max_sequence_tokens, on_step
         )
         self._stats = self.core.stats()
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()

@@ -1,53 +1,108 @@
-"""The compute: prefill a prompt chunk, decode one token for every running row.
+"""The compute: execute a step plan as ONE forward, then sample the rows that asked.
 
-Plain transformers forward passes; keys and values go to our own memory
-(kv_cache.py) through a ForwardCache, and positions come from each row's own
-length, so rows of different lengths share a step.
+The runner owns every tensor of the engine: the KV memory (kv_memory.py), each request's sampling state
+(sampling_state.py) and the step's input tensors, built here from the plan's plain lists. A plan's
+tokens form one flat sequence: decoding rows' single tokens first, then prompt chunks; positions and
+KV slots come from each row's own start and block table, and attention (attention.py) keeps each row
+to its own context.
 
-On CUDA, attention avoids cuDNN's SDPA backend: it builds an execution plan
-for every new sequence shape, and a continuous-batching engine makes a new
-shape almost every step. Measured on an H100 with a 1B Llama in bf16: 90 ms a
-decode step with it, 25 ms without (bench/step_profile.py, docs/benchmarks.md).
-On CUDA, decode steps replay CUDA graphs of the decoder stack (cuda_graphs.py)
-unless `cuda_graphs` is off (`--enforce-eager`).
+The forward is our own for the Llama family (llama_forward.py) unless `own_forward` is off. Any other
+model runs its transformers forward with the paged attention (transformers' AttentionInterface), set
+in a copy of the model's modules that shares every parameter and buffer: the model object the caller
+holds still runs generate() as loaded, from any thread, while the engine's copy runs steps. A model
+whose attention bypasses that interface gets its context gathered for it (gathered_attention.py).
+
+On CUDA, attention avoids cuDNN's SDPA backend: it builds an execution plan for every new sequence
+shape, and a continuous-batching engine makes a new shape almost every step. Measured on an H100 with
+a 1B Llama in bf16: 90 ms a decode step with it, 25 ms without (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import logging
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 
+from modelserve.engine.attention import PAGED_ATTENTION, PrefillRow, StepContext, paged_attention, step_context
 from modelserve.engine.cuda_graphs import DecodeGraphs
-from modelserve.engine.kv_cache import ForwardCache, KVPool, KVShape, PrefillBuffer
-from modelserve.engine.masks import DecodeMasks
+from modelserve.engine.gathered_attention import GatheringCache, union_mask
+from modelserve.engine.kv_memory import KVMemory, KVShape
+from modelserve.engine.llama_forward import LlamaForward, supports
+from modelserve.engine.sampler import SampleResult, sample
+from modelserve.engine.sampling_state import SamplingStates
+from modelserve.engine.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+AttentionInterface.register(PAGED_ATTENTION, paged_attention)
+
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self, model: PreTrainedModel, eos_token_ids: frozenset[int], max_positions: int, own_forward: bool = True
+    ) -> None:
         self.model = model
         self.device = model.device
         self.kv_shape = self._probe_kv_shape()
-        self._cache = ForwardCache(self.kv_shape.n_layers, check_mask=self.device.type == "cpu")
-        self.masks = DecodeMasks.for_model(model)
+        self.own = LlamaForward(model, max_positions) if own_forward and supports(model) else None
+        self._paged = _paged_copy(model) if self.own is None else model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.states = SamplingStates(self.device, self.vocab_size, eos_token_ids)
+        self.kv: KVMemory | None = None
+        self.gathered = False  # its attention bypasses the AttentionInterface (gathered_attention.py)
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda":
-            self.graphs = self._decode_graphs()
 
-    def _decode_graphs(self) -> DecodeGraphs | None:
-        """CUDA graphs for decode, if this model's logits are its LM head applied to its decoder's output."""
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        self.kv = KVMemory(self.kv_shape, num_blocks, block_size)
+        if self.own is not None:
+            log.info("%s runs on modelserve's own Llama-family forward (llama_forward.py)", type(self.model).__name__)
+            return
+        self.gathered = not self._attention_is_paged()
+        if self.gathered:
+            kinds = set(getattr(self.model.config, "layer_types", None) or ())
+            if getattr(self.model.config, "sliding_window", None) or "sliding_attention" in kinds:
+                raise ValueError(
+                    f"{type(self.model).__name__}'s attention does not go through transformers' AttentionInterface "
+                    "and it has sliding-window layers: the engine cannot window its attention"
+                )
+            log.info(
+                "%s's attention does not go through transformers' AttentionInterface: each step gathers every "
+                "row's context for it (gathered_attention.py), slower than the paged attention",
+                type(self.model).__name__,
+            )
+
+    @torch.inference_mode()
+    def _attention_is_paged(self) -> bool:
+        """Does every layer of the engine's copy call the paged attention? One token through it tells."""
+        assert self.kv is not None
+        pad = torch.tensor([self.kv.pad_slot], device=self.device)
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        context = StepContext(self.kv.keys, self.kv.values, pad, pad[None], zero, zero, [])
+        try:
+            with step_context(context):
+                self._paged(input_ids=zero[None], position_ids=zero[None], use_cache=False, logits_to_keep=1)
+        except Exception:  # its own attention code met what the paged attention left it (no mask): not paged
+            return False
+        return context.calls == self.kv_shape.n_layers
+
+    def use_cuda_graphs(self, max_rows: int, max_width: int) -> None:
+        """Replay decode-only steps from CUDA graphs, if this model's logits are its LM head applied to its
+        decoder's output (cuda_graphs.py)."""
+        assert self.kv is not None, "allocate_kv() first"
+        if self.device.type != "cuda" or self.gathered:
+            return
         if not self._logits_are_lm_head():
             log.info("decode runs eagerly: this model's logits are more than its LM head (a soft-cap or a scale)")
-            return None
+            return
         log.info("decode replays CUDA graphs, captured per batch and width bucket on first use (--enforce-eager: off)")
-        return DecodeGraphs(self.model.get_decoder(), self._cache, self.masks, self.device)
+        self.graphs = DecodeGraphs(self.decoder_forward, self.kv, max_rows, max_width)
 
     @torch.inference_mode()
     def _logits_are_lm_head(self) -> bool:
@@ -61,11 +116,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _attention_backends(self) -> contextlib.AbstractContextManager[None]:
-        if self.device.type == "cuda":
-            return sdpa_kernel(_CUDA_SDPA_BACKENDS)
-        return contextlib.nullcontext()
-
     @torch.inference_mode()
     def _probe_kv_shape(self) -> KVShape:
         """One token through the model tells the KV geometry for any architecture."""
@@ -75,39 +125,165 @@ class ModelRunner:
         assert keys is not None
         return KVShape(len(cache.layers), keys.shape[1], keys.shape[3], keys.dtype, keys.device)
 
-    @torch.inference_mode()
-    def prefill_chunk(self, buffer: PrefillBuffer, token_ids: list[int]) -> torch.Tensor:
-        """Run the next chunk of a prompt; return the logits [vocab] after its last token."""
-        start, n = buffer.past, len(token_ids)
-        buffer.begin(n)
-        self._cache.target = buffer
-        with self._attention_backends():
-            out = self.model(
-                input_ids=torch.tensor([token_ids], device=self.device),
-                position_ids=torch.arange(start, start + n, device=self.device)[None, :],
-                cache=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        buffer.end()
-        logits: torch.Tensor = out.logits[0, -1]
-        return logits
+    # ---- one step -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, pool: KVPool) -> torch.Tensor:
-        """Feed each row its next token at its own position (both kept in the pool); return logits [rows, vocab]."""
-        with self._attention_backends():
-            if self.graphs is not None:
-                logits: torch.Tensor = self.model.get_output_embeddings()(self.graphs.hidden_states(pool))
+    def execute(self, plan: StepPlan, chosen_logprobs: bool = False) -> SampleResult | None:
+        """Run `plan`'s forward; sample the rows it marks (None when none is)."""
+        for key in plan.removed:
+            self.states.remove(key)
+        for new in plan.added:
+            self.states.add(new)
+        if not plan.rows:
+            return None
+        input_ids, positions, sampled, context = self._inputs(plan)
+        if self.gathered:
+            logits = self.gathered_forward(input_ids, positions, sampled, context, plan)
+        else:
+            logits = self.forward(input_ids, positions, sampled, context)
+        keys = plan.sampled_keys
+        if not keys:
+            return None
+        result = sample(logits, self.states.rows(keys), chosen_logprobs=chosen_logprobs)
+        self.states.record(keys, result.token_ids)
+        return result
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, sampled: torch.Tensor, context: StepContext
+    ) -> torch.Tensor:
+        """Logits [sampled tokens, vocab] after the step's `sampled` token indices."""
+        if self.graphs is not None and not context.prefills and context.decode_gather is not None:
+            hidden = self.graphs.hidden_states(input_ids, positions, context)
+            if hidden is not None:  # every row of a decode-only step samples
+                logits: torch.Tensor = self.model.get_output_embeddings()(hidden)
                 return logits
-            input_ids, positions, columns = pool.begin_decode(pool.rows, pool.decode_width())
-            self._cache.target = pool
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=self.masks.build(columns, positions),
-                position_ids=positions[:, None],
-                cache=self._cache,
-                use_cache=True,
+        if self.own is not None:
+            with self._attention_backends():
+                hidden = self.own.hidden_states(input_ids, positions, context)
+                return self.own.logits(hidden.index_select(0, sampled))
+        with step_context(context), self._attention_backends():
+            out = self._paged(
+                input_ids=input_ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=sampled,
             )
-        logits = out.logits[:, -1]
+        logits = out.logits[0]
         return logits
+
+    def gathered_forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        sampled: torch.Tensor,
+        context: StepContext,
+        plan: StepPlan,
+    ) -> torch.Tensor:
+        """The forward of a model whose attention bypasses the AttentionInterface (gathered_attention.py)."""
+        assert self.kv is not None
+        size, device = self.kv.block_size, self.device
+        union: list[int] = []
+        column_rows: list[int] = []
+        column_positions: list[int] = []
+        token_rows: list[int] = []
+        for i, row in enumerate(plan.rows):
+            end = row.start + len(row.token_ids)
+            union += [row.block_table[p // size] * size + p % size for p in range(end)]
+            column_rows += [i] * end
+            column_positions += range(end)
+            token_rows += [i] * len(row.token_ids)
+        mask = union_mask(
+            _long(token_rows, device),
+            positions,
+            _long(column_rows, device),
+            _long(column_positions, device),
+            self.model.dtype,
+        )
+        cache = GatheringCache(self.kv_shape.n_layers, context, _long(union, device))
+        with self._attention_backends():
+            out = self.model(
+                input_ids=input_ids[None],
+                position_ids=positions[None],
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=sampled,
+            )
+        logits: torch.Tensor = out.logits[0]
+        return logits
+
+    def decoder_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: StepContext) -> torch.Tensor:
+        """The decoder stack alone (no LM head): hidden states [tokens, hidden]."""
+        if self.own is not None:
+            with step_context(context), self._attention_backends():
+                return self.own.hidden_states(input_ids, positions, context)
+        with step_context(context), self._attention_backends():
+            out = self._paged.get_decoder()(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
+        hidden: torch.Tensor = out.last_hidden_state[0]
+        return hidden
+
+    def _inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepContext]:
+        assert self.kv is not None, "allocate_kv() first"
+        size, device = self.kv.block_size, self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sampled: list[int] = []
+        for row in plan.rows:
+            blocks_of = row.block_table
+            span = range(row.start, row.start + len(row.token_ids))
+            ids += row.token_ids
+            positions += span
+            slots += [blocks_of[p // size] * size + p % size for p in span]
+            if row.sample:
+                sampled.append(len(ids) - 1)
+        decoding = 0
+        while decoding < len(plan.rows) and len(plan.rows[decoding].token_ids) == 1:
+            decoding += 1
+        decode_gather = decode_positions = decode_columns = None
+        if decoding:
+            rows = plan.rows[:decoding]
+            width = max(row.start for row in rows) + 1
+            blocks = -(-width // size)
+            tables = torch.tensor([(row.block_table + [0] * blocks)[:blocks] for row in rows], device=device)
+            decode_columns = torch.arange(width, device=device)
+            decode_gather = tables[:, decode_columns // size] * size + decode_columns % size
+            decode_positions = torch.tensor([row.start for row in rows], device=device)
+        prefills = []
+        first = decoding
+        for row in plan.rows[decoding:]:
+            end = row.start + len(row.token_ids)
+            columns = torch.arange(end, device=device)
+            table = torch.tensor(row.block_table, device=device)
+            prefills.append(
+                PrefillRow(first, len(row.token_ids), row.start, table[columns // size] * size + columns % size)
+            )
+            first += len(row.token_ids)
+        context = StepContext(
+            self.kv.keys,
+            self.kv.values,
+            torch.tensor(slots, device=device),
+            decode_gather,
+            decode_positions,
+            decode_columns,
+            prefills,
+        )
+        return _long(ids, device), _long(positions, device), _long(sampled, device), context
+
+    def _attention_backends(self) -> contextlib.AbstractContextManager[None]:
+        if self.device.type == "cuda":
+            return sdpa_kernel(_CUDA_SDPA_BACKENDS)
+        return contextlib.nullcontext()
+
+
+def _paged_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """`model`'s modules again, sharing its parameters and buffers (no memory), with their own config set to
+    the paged attention."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    paged: PreTrainedModel = copy.deepcopy(model, shared)
+    paged.config._attn_implementation_internal = PAGED_ATTENTION
+    return paged
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)

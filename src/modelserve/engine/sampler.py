@@ -4,11 +4,15 @@ Each row keeps its own parameters and its own seeded generator, so a request
 samples the same tokens whether it runs alone or beside others (peers' users
 complain of one batch sampled with the first request's temperature).
 Greedy rows take the argmax and stay exactly greedy.
+
+Logits processors (LOGITS_PROCESSORS) run in order on the rows that need them,
+in place, before the draw; each reads only the row's persistent state
+(sampling_state.py), so a row costs the same at token 10 and at token 2,000.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +26,7 @@ class SamplingRow:
 
     params: SamplingParams
     generator: torch.Generator  # on the CPU, seeded from params.seed
-    seen_ids: Sequence[int]  # prompt and output so far, for the repetition penalty
+    seen: torch.Tensor | None  # bool [vocab] on the logits' device: the row's context so far (for the penalty)
     suppress_ids: frozenset[int]  # tokens that may not be chosen now (EOS before min_new_tokens)
 
 
@@ -54,16 +58,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], chosen_logprobs: b
     top_n = max((r.params.top_logprobs for r in rows if r.params.logprobs), default=-1)
     want_logprobs = top_n >= 0
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    penalised = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.seen_ids]
-    suppressed = [i for i, r in enumerate(rows) if r.suppress_ids]
-    if penalised or suppressed:
+    if any(wants(row) for wants, _ in LOGITS_PROCESSORS for row in rows):
         logits = logits.clone()
-    if penalised:
-        _apply_repetition_penalty(logits, penalised, rows)
-    if suppressed:
-        ids = _padded_ids(logits.device, [sorted(rows[i].suppress_ids) for i in suppressed])
-        rows_index = torch.tensor(suppressed, device=logits.device)[:, None]
-        logits[rows_index, ids] = float("-inf")
+        for wants, process in LOGITS_PROCESSORS:
+            chosen_rows = [i for i, row in enumerate(rows) if wants(row)]
+            if chosen_rows:
+                process(logits, chosen_rows, rows)
 
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not sampled:
@@ -104,16 +104,31 @@ def _padded_ids(device: torch.device, id_lists: list[list[int]]) -> torch.Tensor
     return torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in id_lists], device=device)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
-    """CTRL's penalty (as transformers applies it) on every listed row at once, in place."""
+def _repetition_penalty(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
+    """CTRL's penalty (as transformers applies it) on the tokens each row has seen, all rows at once."""
     device = logits.device
-    ids = _padded_ids(device, [sorted(set(rows[i].seen_ids)) for i in row_ids])
+    seen = torch.stack([rows[i].seen for i in row_ids])  # type: ignore[misc]  # chosen rows have one
     penalty = torch.tensor([rows[i].params.repetition_penalty for i in row_ids], device=device)[:, None]
-    rows_index = torch.tensor(row_ids, device=device)[:, None]
-    scores = logits[rows_index, ids]
+    index = torch.tensor(row_ids, device=device)
+    scores = logits.index_select(0, index)
     # A tiny penalty could push a logit to +inf, and softmax(+inf) is NaN: keep every logit finite.
     big = torch.finfo(logits.dtype).max
-    logits[rows_index, ids] = torch.where(scores > 0, scores / penalty, scores * penalty).clamp(-big, big)
+    penalised = torch.where(scores > 0, scores / penalty, scores * penalty).clamp(-big, big)
+    logits.index_copy_(0, index, torch.where(seen, penalised, scores))
+
+
+def _suppress(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
+    """Tokens a row may not choose now get -inf."""
+    ids = _padded_ids(logits.device, [sorted(rows[i].suppress_ids) for i in row_ids])
+    logits[torch.tensor(row_ids, device=logits.device)[:, None], ids] = float("-inf")
+
+
+LogitsProcessor = Callable[[torch.Tensor, list[int], Sequence[SamplingRow]], None]
+#: (which rows need it, what it does to their logits, in place), applied in this order.
+LOGITS_PROCESSORS: list[tuple[Callable[[SamplingRow], bool], LogitsProcessor]] = [
+    (lambda row: row.params.repetition_penalty != 1.0 and row.seen is not None, _repetition_penalty),
+    (lambda row: bool(row.suppress_ids), _suppress),
+]
 
 
 def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> torch.Tensor:

@@ -1,126 +1,192 @@
-"""The policy: who waits, who is prefilled, who decodes, who is admitted next.
+"""The policy: who waits, who runs, which tokens each step feeds, and who is preempted.
 
-Highest priority first, then first come, first served. A waiting request is
-admitted when a row is free and the KV budget can hold its whole sequence
-(prompt + max_new_tokens); the head of the queue is never overtaken, so a
-large request is not starved by small ones of its priority. Running requests
-are never preempted. Prefill is budgeted per step (`prefill_chunk_tokens`): a long prompt is
-split over several steps, and running streams keep getting a token every step.
+Highest priority first, then first come, first served; the head of the queue is never overtaken, so a
+large request is not starved by small ones of its priority. A waiting request is admitted when a row
+is free and the free blocks hold its prompt (after the cached blocks its prompt shares); its output's
+blocks are taken as it grows. When a growing row finds no free block, the newest running request is
+preempted: its blocks are freed and it waits again at the front of its priority, to be recomputed
+(prompt and output so far, mostly from the prefix cache) and continue where it stopped.
+
+Every step feeds one forward: each decoding row's next token, then prompt chunks within the step's
+token budget, so a long prompt is split over several steps and running streams get a token every
+step. `schedule()` returns that as a StepPlan (plain data); `advance()` records what the runner did.
 """
 
 from __future__ import annotations
 
 import bisect
 
-import torch
-
-from modelserve.engine.kv_cache import KVPool, PrefillBuffer
+from modelserve.engine.block_manager import BlockManager
 from modelserve.engine.request import FinishReason
 from modelserve.engine.sequence import Sequence
+from modelserve.engine.step_plan import NewRow, RowPlan, StepPlan
 
+# With no stream decoding nobody waits on a step, and a larger chunk gives the first token sooner.
 IDLE_PREFILL_FACTOR = 8
 
 
 class Scheduler:
-    """Owns the three queues; the engine core changes them only through these methods."""
+    """Owns the queues and the block manager; the engine core changes them only through these methods."""
 
-    def __init__(self, max_batch_size: int, prefill_chunk_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, max_batch_size: int, prefill_chunk_tokens: int, max_num_batched_tokens: int = 0
+    ) -> None:
+        self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens  # 0: decoding rows + the prefill chunk
+        self.prefix_caching = True
         self.waiting: list[Sequence] = []  # in admission order: highest priority, then oldest
-        self.prefilling: list[Sequence] = []
-        self.running: list[Sequence] = []  # running[i] decodes in KV pool row i
+        self.running: list[Sequence] = []  # hold blocks, in admission order
+        self.preemptions = 0  # since the start
+        self._known: set[int] = set()  # keys the runner holds sampling state for
+        self._ended: list[int] = []  # keys to tell the runner to forget at the next plan
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=_admission_order)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.running)
+
+    @property
+    def prefilling(self) -> list[Sequence]:
+        return [s for s in self.running if s.prefilling]
+
+    @property
+    def decoding(self) -> int:
+        return sum(1 for s in self.running if not s.prefilling)
 
     def expire(self, now_s: float) -> None:
         """Mark every sequence whose deadline has passed; the step then ends it like an abort."""
-        for seq in (*self.waiting, *self.prefilling, *self.running):
+        for seq in (*self.waiting, *self.running):
             deadline = seq.request.deadline_s
             if deadline is not None and now_s >= deadline and seq.abort_reason is None and seq.finish is None:
                 seq.abort_reason = FinishReason.DEADLINE_EXCEEDED
 
     def take_aborted(self) -> list[Sequence]:
-        """Remove and return the aborted sequences that hold no pool row (waiting or prefilling)."""
-        aborted = [s for s in (*self.waiting, *self.prefilling) if s.abort_reason is not None]
-        if aborted:
-            self.waiting = [s for s in self.waiting if s.abort_reason is None]
-            self.prefilling = [s for s in self.prefilling if s.abort_reason is None]
-            for seq in aborted:
-                seq.prefill = None
+        """Remove and return the aborted sequences, freeing the blocks of those that held some."""
+        aborted = [s for s in (*self.waiting, *self.running) if s.abort_reason is not None and s.finish is None]
+        for seq in aborted:
+            self.remove(seq)
         return aborted
 
-    def admit(self, pool: KVPool) -> list[Sequence]:
-        """Move waiting sequences to prefilling while rows and the KV budget allow; each gets its buffer."""
-        admitted: list[Sequence] = []
-        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
-            head = self.waiting[0]
-            if not pool.fits([s.need for s in self.prefilling] + [head.need]):
-                break
-            self.prefilling.append(self.waiting.pop(0))
-            head.prefill = PrefillBuffer(pool.shape, len(head.request.prompt_ids))
-            admitted.append(head)
-        return admitted
+    def remove(self, seq: Sequence) -> None:
+        """A sequence ended: its blocks go back (cached blocks stay findable), its sampling state goes."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.table)
+        if seq.key in self._known:
+            self._known.discard(seq.key)
+            self._ended.append(seq.key)
 
-    def prefill_plan(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens) to prefill this step, oldest first, within the per-step budget.
+    def remove_all(self) -> list[Sequence]:
+        """The loop is ending, or a step failed for everyone: every sequence, in any queue."""
+        every = [*self.running, *self.waiting]
+        for seq in every:
+            self.remove(seq)
+        return every
 
-        The budget bounds how long running streams wait for their next token; with no
-        stream running nobody waits, and a larger chunk gives the first token sooner.
-        """
-        plan: list[tuple[Sequence, int]] = []
-        budget = self.prefill_chunk_tokens * (1 if self.running else IDLE_PREFILL_FACTOR)
-        for seq in self.prefilling:
+    # ---- one step -----------------------------------------------------------------------------------------
+
+    def schedule(self) -> tuple[StepPlan, list[Sequence]]:
+        """The next step's plan, and the sequences admitted for the first time by it."""
+        plan = StepPlan(removed=self._ended)
+        self._ended = []
+        decoding = [s for s in self.running if not s.prefilling]
+        chunk = self.prefill_chunk_tokens * (1 if decoding else IDLE_PREFILL_FACTOR)
+        budget = len(decoding) + chunk
+        if self.max_num_batched_tokens:
+            budget = min(budget, max(self.max_num_batched_tokens, len(decoding)))
+        for seq in decoding:
+            if seq in self.running and self._make_room(seq, 1):
+                self._plan_row(plan, seq, 1)
+                budget -= 1
+        for seq in [s for s in self.running if s.prefilling]:  # after the decoding rows: none is preempted now
             if budget <= 0:
                 break
-            n = min(seq.prompt_left, budget)
-            plan.append((seq, n))
+            n = min(len(seq.tokens) - seq.computed, budget)  # its blocks were all taken at admission
+            self._plan_row(plan, seq, n)
             budget -= n
+        admitted: list[Sequence] = []
+        while budget > 0 and self.waiting and len(self.running) < self.max_batch_size:
+            head = self.waiting[0]
+            if not self._admit(head):
+                break
+            n = min(len(head.tokens) - head.computed, budget)
+            self._plan_row(plan, head, n)
+            budget -= n
+            if not head.admitted:
+                head.admitted = True
+                admitted.append(head)
+        for row in plan.rows:
+            if row.key not in self._known:
+                seq = next(s for s in self.running if s.key == row.key)
+                self._known.add(row.key)
+                plan.added.append(NewRow(row.key, seq.params, seq.request.prompt_ids))
+        return plan, admitted
+
+    def idle_plan(self) -> StepPlan | None:
+        """With no work left, a plan that only frees what ended since the last one (None when nothing did):
+        the runner drops that state now rather than at a step that may not come for a while."""
+        if self.has_work() or not self._ended:
+            return None
+        plan = StepPlan(removed=self._ended)
+        self._ended = []
         return plan
 
-    def start_decoding(self, seq: Sequence, pool: KVPool, first_token: torch.Tensor) -> None:
-        """A prefilled sequence takes the next pool row, to decode from `first_token` on."""
-        assert seq.prefill is not None
-        self.prefilling.remove(seq)
-        seq.row = pool.add(seq.prefill, seq.need, first_token)
-        seq.prefill = None
-        self.running.append(seq)
-
-    def drop_prefill(self, seq: Sequence) -> None:
-        """A prefilling sequence ends before it decodes (it failed, or its first token ended it)."""
-        self.prefilling.remove(seq)
-        seq.prefill = None
-
-    def retire_finished(self, pool: KVPool) -> None:
-        """Free the rows of finished sequences; the last row fills each gap, in the pool as here."""
-        for row in range(len(self.running) - 1, -1, -1):
-            seq = self.running[row]
-            if seq.finish is None:
+    def advance(self, plan: StepPlan) -> None:
+        """The runner executed `plan`: the fed tokens are in KV memory, and their full blocks are cached."""
+        by_key = {s.key: s for s in self.running}
+        for row in plan.rows:
+            seq = by_key.get(row.key)
+            if seq is None:
                 continue
-            pool.remove(row)
-            last = self.running.pop()
-            if row < len(self.running):
-                self.running[row] = last
-                last.row = row
-            seq.row = None
+            seq.computed = row.start + len(row.token_ids)
+            if self.prefix_caching:
+                self.blocks.commit(seq.table, seq.tokens, seq.computed)
 
-    def drop_running(self, pool: KVPool) -> list[Sequence]:
-        """After a failed decode step every row is suspect: take them all out, free the pool."""
-        dropped, self.running = self.running, []
-        for seq in dropped:
-            seq.row = None
-        pool.clear()
-        return dropped
+    def _plan_row(self, plan: StepPlan, seq: Sequence, n: int) -> None:
+        start = seq.computed
+        sample = start + n == len(seq.tokens)
+        plan.rows.append(RowPlan(seq.key, seq.tokens[start : start + n], start, list(seq.table.blocks), sample))
 
-    def drop_all(self, pool: KVPool) -> list[Sequence]:
-        """The loop is ending: every sequence, in any queue."""
-        every = [*self.waiting, *self.prefilling, *self.drop_running(pool)]
-        self.waiting, self.prefilling = [], []
-        return every
+    def _admit(self, seq: Sequence) -> bool:
+        """Give `seq` its blocks (shared cached ones first) for all its tokens so far, if they fit now."""
+        blocks = self.blocks
+        shared = blocks.match_prefix(seq.tokens) if self.prefix_caching else []
+        need = blocks.blocks_for(len(seq.tokens)) - len(shared)
+        if not blocks.can_allocate(need, shared):
+            return False
+        blocks.allocate(seq.table, len(seq.tokens), shared)
+        seq.computed = len(shared) * blocks.block_size
+        if not seq.admitted:
+            seq.cached_tokens = seq.computed
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        return True
+
+    def _make_room(self, seq: Sequence, n: int) -> bool:
+        """Blocks for `seq`'s next `n` tokens, preempting the newest running sequences while there are none.
+        False when `seq` itself had to go."""
+        target = seq.computed + n
+        while not self.blocks.can_grow(seq.table, target):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.table, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it again; it keeps its tokens and its sampling state."""
+        self.running.remove(seq)
+        self.blocks.free(seq.table)
+        seq.computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.add(seq)
 
 
 def _admission_order(seq: Sequence) -> tuple[int, int]:

@@ -1,12 +1,14 @@
-"""A request's live state inside the engine core: its tokens, its KV row and its finish."""
+"""A request's live state inside the engine core: its tokens, how many are in KV memory, its blocks.
+
+Plain data, no tensors (the runner owns every tensor), so the scheduler that changes it can plan a
+step another process executes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from modelserve.engine.kv_cache import PrefillBuffer
+from modelserve.engine.block_manager import BlockTable
 from modelserve.engine.request import FinishReason, Request, SamplingParams
 
 
@@ -16,29 +18,37 @@ class Sequence:
 
     key: int  # the frontend's id for the request, unique for the process
     request: Request
-    generator: torch.Generator
-    output_ids: list[int] = field(default_factory=list)
-    row: int | None = None  # its row in the KV pool while it decodes
+    tokens: list[int] = field(default_factory=list)  # prompt, then every output token
+    computed: int = 0  # leading tokens whose keys and values are in KV memory
+    table: BlockTable = field(default_factory=BlockTable)
+    admitted: bool = False  # has left the waiting queue once (a preempted one goes back, but was admitted)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, at admission
+    preemptions: int = 0
     finish: FinishReason | None = None
     abort_reason: FinishReason | None = None  # set by an abort or a deadline; acted on at the next step
     abort_error: str = ""  # why, when the server (not the caller) ended the request
-    prefill: PrefillBuffer | None = None  # while the prompt is being prefilled
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.request.prompt_ids)
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
 
     @property
-    def need(self) -> int:
-        """KV columns this sequence may grow to."""
-        return self.request.need
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
 
     @property
-    def prompt_left(self) -> int:
-        done = self.prefill.past if self.prefill is not None else 0
-        return len(self.request.prompt_ids) - done
+    def output_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
 
     @property
-    def seen_ids(self) -> list[int]:
-        return [*self.request.prompt_ids, *self.output_ids]
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def prefilling(self) -> bool:
+        """Still computing its prompt (or, after a preemption, its prompt and output so far)."""
+        return len(self.tokens) - self.computed > 1

@@ -40,7 +40,7 @@ from modelserve_client.vllm import vllm_engine_pb2 as vpb
 from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve import __version__
-from modelserve.config import PREFIX_CACHE_BLOCK_TOKENS
+from modelserve.config import KV_BLOCK_TOKENS
 from modelserve.engine.request import EngineStats, FinishReason, StreamEvent, TokenLogprobs
 from modelserve.server.serving import RequestFailed, Serving, ended_early, grpc_trailers, raise_for
 from modelserve.server.validation import VLLM_NAMES, Limits, reworded
@@ -239,7 +239,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             kv_cache_dtype="auto",
         )
         if serving.model is not None:
-            response.block_size = PREFIX_CACHE_BLOCK_TOKENS
+            response.block_size = KV_BLOCK_TOKENS
             response.model_dtype = str(serving.model.dtype)
         return response
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from modelserve.config import PREFIX_CACHE_BLOCK_TOKENS as BLOCK_TOKENS
+from modelserve.config import KV_BLOCK_TOKENS as BLOCK_TOKENS
 from modelserve.engine.request import EngineStats
 
 ENGINE = "0"  # vLLM labels each engine core by its index; a modelserve server runs one

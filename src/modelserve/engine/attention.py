@@ -1,0 +1,185 @@
+"""Attention over paged KV memory, for a step that mixes prompt chunks and decoding rows in one forward.
+
+The step's tokens are one flat sequence ([1, tokens]); each layer writes its new keys and values into
+their slots (a block's `block_size` slots per block, so token p of a row is in slot
+`table[p // block_size] * block_size + p % block_size`), then every row attends to its own positions:
+
+- rows feeding one token (decoding) together: their context's slots are gathered into one padded
+  batch and one SDPA call covers them all, with a padding mask (and the sliding window, if any);
+- each prompt chunk on its own: SDPA over its gathered context, causal from its start.
+
+What a step shares across layers (slots, gather indices, masks) is built once per step, in
+`StepContext`, from the runner's input tensors. On a CPU, SDPA over gathered blocks measured fastest
+of what runs here without a compiler (flex attention needs torch.compile; a hand-written kernel is
+not ours to maintain). Soft-capped attention (Gemma 2) runs the same gathers through a plain softmax.
+
+transformers models reach it through their AttentionInterface (`PAGED_ATTENTION`); the runner turns it
+on only around its own forwards, so the same model object still runs generate() as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PAGED_ATTENTION = "modelserve_paged"
+
+_local = threading.local()
+
+
+@dataclass
+class PrefillRow:
+    """One prompt chunk: its tokens' range in the step, and its context's slots."""
+
+    first: int  # index of its first token in the step
+    length: int  # tokens fed
+    start: int  # position of its first token
+    slots: torch.Tensor  # [start + length] the slots of its whole context
+
+
+@dataclass
+class StepContext:
+    """Where this step's keys and values go and what each row reads, shared by every layer."""
+
+    keys: list[torch.Tensor]  # per layer [slots, kv_heads, head_dim]
+    values: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [tokens] where each fed token's keys and values are written
+    decode_gather: torch.Tensor | None  # [decoding rows, width] context slots, padded; those rows feed the
+    # step's first tokens, one each
+    decode_positions: torch.Tensor | None  # [decoding rows] each row's position
+    decode_columns: torch.Tensor | None  # [width]
+    prefills: list[PrefillRow]
+    calls: int = 0  # layers that ran the paged attention in this context (start-up checks it is every one)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[rows, 1, 1, width]: the columns each decoding row sees (its context, within its window)."""
+        mask = self._masks.get(window)
+        if mask is None:
+            assert self.decode_positions is not None and self.decode_columns is not None
+            columns, positions = self.decode_columns[None, :], self.decode_positions[:, None]
+            seen = columns <= positions
+            if window is not None:
+                seen = seen & (columns > positions - window)
+            mask = self._masks[window] = seen[:, None, None, :]
+        return mask
+
+
+def current() -> StepContext | None:
+    context: StepContext | None = getattr(_local, "context", None)
+    return context
+
+
+@contextmanager
+def step_context(context: StepContext) -> Iterator[None]:
+    """Make `context` the one attention reads during a forward. Its masks are built anew in each forward
+    (the first layer that needs one builds it), so a recorded CUDA graph recomputes them on replay."""
+    context._masks.clear()
+    _local.context = context
+    try:
+        yield
+    finally:
+        _local.context = None
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query [1, heads, tokens, dim], key and value
+    [1, kv_heads, tokens, dim] for the step's new tokens; returns [1, tokens, heads, dim]."""
+    context = current()
+    if context is None:
+        raise RuntimeError("paged attention called outside an engine step")
+    layer: int = module.layer_idx  # type: ignore[assignment]  # every attention module transformers has sets it
+    context.calls += 1
+    out = attend(context, layer, query[0], key[0], value[0], scaling, sliding_window, softcap)
+    return out[None], None
+
+
+def attend(
+    context: StepContext,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Write `key`/`value` [kv_heads, tokens, dim] into the layer's slots, then attend `query` [heads, tokens,
+    dim] for every row; returns [tokens, heads, dim]."""
+    k_cache, v_cache = context.keys[layer], context.values[layer]
+    k_cache.index_copy_(0, context.slot_mapping, key.transpose(0, 1))
+    v_cache.index_copy_(0, context.slot_mapping, value.transpose(0, 1))
+    heads, tokens = query.shape[:2]
+    out = query.new_empty(tokens, heads, value.shape[-1])
+    if context.decode_gather is not None:
+        rows = context.decode_gather.shape[0]
+        q = query[:, :rows].transpose(0, 1)[:, :, None, :]  # [rows, heads, 1, dim]
+        k = _gather(k_cache, context.decode_gather)  # [rows, kv_heads, width, dim]
+        v = _gather(v_cache, context.decode_gather)
+        o = _sdpa(q, k, v, context.decode_mask(window), scaling, softcap)  # [rows, heads, 1, dim]
+        out[:rows] = o[:, :, 0]
+    for row in context.prefills:
+        q = query[None, :, row.first : row.first + row.length]  # [1, heads, n, dim]
+        k = _gather(k_cache, row.slots[None])
+        v = _gather(v_cache, row.slots[None])
+        mask = None
+        if row.start or window is not None:
+            positions = torch.arange(row.start, row.start + row.length, device=query.device)[:, None]
+            columns = torch.arange(row.start + row.length, device=query.device)[None, :]
+            seen = columns <= positions
+            if window is not None:
+                seen = seen & (columns > positions - window)
+            mask = seen[None, None]
+        o = _sdpa(q, k, v, mask, scaling, softcap, causal=mask is None)
+        out[row.first : row.first + row.length] = o[0].transpose(0, 1)
+    return out
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[rows, width] slots -> [rows, kv_heads, width, dim]."""
+    rows, width = slots.shape
+    picked = cache.index_select(0, slots.reshape(-1))
+    return picked.view(rows, width, *cache.shape[1:]).transpose(1, 2)
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=groups > 1
+        )
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        n, width = scores.shape[-2:]
+        mask = torch.ones(n, width, dtype=torch.bool, device=q.device).tril(width - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)

@@ -1,0 +1,140 @@
+"""Our own forward for the Llama family (llama, mistral, qwen2, qwen3), as gpt-fast and nano-vllm write it.
+
+transformers' forward is written for every use (training, masks, caches, outputs); a serving step needs
+one path. Here: the query, key and value projections are one matmul, gate and up one more; the
+rotary table is computed once for every position the model serves and indexed per step; attention is
+the paged one (attention.py) on flat [tokens, heads, dim] tensors; the LM head runs on the sampled
+tokens only. Fewer, larger kernels and no Python per layer beyond the few calls it makes: on a CPU a
+small model's step is mostly dispatch, and on a GPU it is what a CUDA graph records.
+
+The model keeps its own modules and parameters: the fused weights are new tensors and the originals
+become views into them, so no weight is held twice and generate() on the model still works. The
+norms, the activation and the rotary formula are the model's own functions, so fp32 outputs equal
+transformers' token for token (tests/test_families.py checks it). A model whose projections are not
+plain linear layers (INT8) keeps them unfused.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from modelserve.engine.attention import StepContext, attend
+
+OWN_FORWARD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """Is this model one our forward computes exactly as transformers does?"""
+    config = model.config
+    if config.model_type not in OWN_FORWARD_TYPES:
+        return False
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    layers: Any = getattr(getattr(model, "model", None), "layers", None)
+    return layers is not None and all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers)
+
+
+def _fused(linears: list[Any]) -> Projection:
+    """One matmul for several projections of the same input, their outputs side by side; the modules'
+    parameters become views into the fused weight (no copy kept)."""
+    if not all(type(m) is nn.Linear for m in linears):  # e.g. INT8 modules: call them one by one
+        return lambda x: torch.cat([m(x) for m in linears], dim=-1)
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        has_bias = [m.bias is not None for m in linears]
+        bias = torch.cat([m.bias for m in linears]) if all(has_bias) else None
+        start = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+            start += rows
+    if not all(has_bias) and any(has_bias):
+        return lambda x: torch.cat([m(x) for m in linears], dim=-1)
+    return lambda x: torch.nn.functional.linear(x, weight, bias)
+
+
+class _Layer:
+    def __init__(self, layer: Any, index: int, window: int | None) -> None:  # a decoder layer (untyped modules)
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index = index
+        self.window = window
+        self.input_norm: Projection = layer.input_layernorm
+        self.post_norm: Projection = layer.post_attention_layernorm
+        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.q_size = attn.q_proj.out_features
+        self.kv_size = attn.k_proj.out_features
+        self.q_norm: Projection | None = getattr(attn, "q_norm", None)
+        self.k_norm: Projection | None = getattr(attn, "k_norm", None)
+        self.o_proj: Projection = attn.o_proj
+        self.scaling = float(attn.scaling)
+        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj])
+        self.inner = mlp.gate_proj.out_features
+        self.act: Projection = mlp.act_fn
+        self.down: Projection = mlp.down_proj
+
+
+class LlamaForward:
+    """A Llama-family model's forward over a step's flat tokens and the paged KV memory."""
+
+    def __init__(self, model: PreTrainedModel, max_positions: int) -> None:
+        config = model.config
+        base: Any = model.model
+        self.embed: Projection = base.embed_tokens
+        self.norm: Projection = base.norm
+        self.lm_head: Projection = model.get_output_embeddings()
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self._rotate = sys.modules[type(model).__module__].apply_rotary_pos_emb
+        with torch.no_grad():
+            positions = torch.arange(max_positions, device=model.device)[None]
+            probe = torch.zeros(1, dtype=model.dtype, device=model.device)
+            cos, sin = base.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
+        mistral_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self.layers = [
+            _Layer(layer, i, getattr(layer.self_attn, "sliding_window", mistral_window))
+            for i, layer in enumerate(base.layers)
+        ]
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, context: StepContext) -> torch.Tensor:
+        """The final norm's output [tokens, hidden] for the step's tokens."""
+        h = self.embed(input_ids)
+        tokens = h.shape[0]
+        cos, sin = self.cos[positions], self.sin[positions]
+        for layer in self.layers:
+            residual = h
+            qkv = layer.qkv(layer.input_norm(h))
+            q = qkv[:, : layer.q_size].view(tokens, self.heads, self.head_dim)
+            k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(tokens, self.kv_heads, self.head_dim)
+            v = qkv[:, layer.q_size + layer.kv_size :].view(tokens, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            q, k = self._rotate(q, k, cos, sin, unsqueeze_dim=1)
+            o = attend(
+                context,
+                layer.index,
+                q.transpose(0, 1),
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                layer.scaling,
+                layer.window,
+            )
+            h = residual + layer.o_proj(o.reshape(tokens, -1))
+            residual = h
+            gate_up = layer.gate_up(layer.post_norm(h))
+            h = residual + layer.down(layer.act(gate_up[:, : layer.inner]) * gate_up[:, layer.inner :])
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

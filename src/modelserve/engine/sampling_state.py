@@ -1,0 +1,70 @@
+"""Each running request's sampling state, kept by the runner from its first step to its last.
+
+Made once when a request first appears in a step plan, updated with each token it samples, dropped
+when the plan says it ended (a preempted request keeps it: its draws and counts go on where they
+stopped). Nothing here is rebuilt from the request's whole context per step: the repetition penalty
+reads a [vocab] mask of the tokens seen so far, updated one token at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modelserve.engine.request import SamplingParams
+from modelserve.engine.sampler import SamplingRow
+from modelserve.engine.step_plan import NewRow
+
+
+@dataclass
+class RowState:
+    params: SamplingParams
+    generator: torch.Generator
+    seen: torch.Tensor | None  # bool [vocab], for rows with a repetition penalty
+    generated: int = 0
+
+
+class SamplingStates:
+    """Row state by request key, on `device`, for a vocabulary of `vocab` tokens."""
+
+    def __init__(self, device: torch.device, vocab: int, eos_token_ids: frozenset[int]) -> None:
+        self._device = device
+        self._vocab = vocab
+        self._eos = eos_token_ids
+        self._rows: dict[int, RowState] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, row: NewRow) -> None:
+        seen = None
+        if row.params.repetition_penalty != 1.0:
+            seen = torch.zeros(self._vocab, dtype=torch.bool, device=self._device)
+            ids = [t for t in row.prompt_ids if 0 <= t < self._vocab]
+            if ids:
+                seen[torch.tensor(ids, device=self._device)] = True
+        self._rows[row.key] = RowState(row.params, torch.Generator().manual_seed(row.params.seed), seen)
+
+    def remove(self, key: int) -> None:
+        self._rows.pop(key, None)
+
+    def rows(self, keys: list[int]) -> list[SamplingRow]:
+        """The sampler's view of these rows now (EOS and stop tokens are held back before min_new_tokens)."""
+        out = []
+        for key in keys:
+            state = self._rows[key]
+            params = state.params
+            suppress: frozenset[int] = frozenset()
+            if state.generated < params.min_new_tokens:
+                suppress = params.stop_token_ids | (frozenset() if params.ignore_eos else self._eos)
+            out.append(SamplingRow(params, state.generator, state.seen, suppress))
+        return out
+
+    def record(self, keys: list[int], token_ids: list[int]) -> None:
+        """Each row sampled its token (in `keys`' order)."""
+        for key, token in zip(keys, token_ids, strict=True):
+            state = self._rows[key]
+            state.generated += 1
+            if state.seen is not None:
+                state.seen[token] = True
