@@ -4,10 +4,10 @@ The server loads it like any model with custom code (`--trust-remote-code`, an `
 in config.json), so the faults travel the real path: server process, engine thread, model
 step. The test arms a fault by writing one word to the file named by $FAULT_FILE_ENV:
 
-    decode:error   the next decode step raises RuntimeError
-    prefill:error  the next prefill chunk raises RuntimeError
-    decode:oom     the next decode step raises torch.OutOfMemoryError (CUDA's, as on a GPU)
-    prefill:oom    the next prefill chunk raises it
+    decode:error   the next decode-only step raises RuntimeError
+    prefill:error  the next step that feeds a prompt chunk raises RuntimeError
+    decode:oom     the next decode-only step raises torch.OutOfMemoryError (CUDA's, as on a GPU)
+    prefill:oom    the next step with a prompt chunk raises it
     any:fatal      the next step raises a BaseException the engine does not handle: its loop dies
 
 The forward that fires removes the file, so each fault fires once.
@@ -28,6 +28,8 @@ import os
 import torch
 from transformers import LlamaForCausalLM
 
+from modelserve.engine.attention import current
+
 
 class InjectedFatalError(BaseException):
     """Not an Exception: nothing in the engine's step handles it."""
@@ -38,7 +40,9 @@ class FaultyLlamaForCausalLM(LlamaForCausalLM):
         path = os.environ.get("FAULT_FILE_ENV", "")
         if path and input_ids is not None and os.path.exists(path):
             phase, _, kind = open(path).read().strip().partition(":")
-            this_phase = "decode" if input_ids.shape[1] == 1 else "prefill"
+            step = current()  # an engine step: does it feed a prompt chunk beside the decoding rows?
+            prefill = bool(step.prefills) if step is not None else input_ids.shape[1] > 1
+            this_phase = "prefill" if prefill else "decode"
             if phase in (this_phase, "any"):
                 os.remove(path)
                 if kind == "oom":

@@ -45,7 +45,7 @@ async def test_a_full_queue_refuses_at_once_and_admitted_requests_finish(llama: 
         with pytest.raises(QueueFullError, match=r"2 requests are waiting; the limit is 2.*retry in about") as info:
             engine.submit(Request("refused", prompt, GREEDY))
         assert 0 < info.value.retry_after_s <= 30
-        assert engine._admission.waiting() == (2, 2 * (len(prompt) + 4))
+        assert engine._admission.waiting() == (2, 2 * len(prompt))  # their prompt tokens
         blocker.abort()
         for stream in waiting:
             ids, _, last = await _collect(stream)
@@ -55,17 +55,21 @@ async def test_a_full_queue_refuses_at_once_and_admitted_requests_finish(llama: 
         assert (await _collect(engine.submit(Request("after", prompt, GREEDY))))[2].finish is not None
 
 
-async def test_the_token_limit_counts_prompt_and_max_new_tokens(llama: LoadedModel) -> None:
+async def test_the_token_limit_counts_the_prompt_tokens_waiting(llama: LoadedModel) -> None:
+    """A waiting request needs KV blocks for its prompt to start; max_new_tokens is taken as it grows."""
     async with _running(llama, 1, max_waiting_tokens=100) as engine:
         blocker = engine.submit(_blocker(llama))
         await blocker.__anext__()
-        prompt = tuple(llama.encode("Hi"))
-        big = SamplingParams(max_new_tokens=90 - len(prompt), temperature=0.0)
-        first = engine.submit(Request("fits", prompt, big))  # 90 of 100 tokens
-        with pytest.raises(QueueFullError, match=r"90 tokens .* this request needs 20; the limit is 100"):
-            engine.submit(Request("over", prompt, SamplingParams(max_new_tokens=20 - len(prompt))))
+        long = SamplingParams(max_new_tokens=1000, temperature=0.0)
+        first = engine.submit(Request("fits", tuple(range(5, 65)), long))  # 60 of 100 prompt tokens
+        second = engine.submit(Request("fits too", tuple(range(5, 35)), long))  # 90 of 100, whatever its output
+        with pytest.raises(QueueFullError, match=r"90 prompt tokens are waiting and this request has 20; the limit"):
+            engine.submit(Request("over", tuple(range(5, 25)), SamplingParams(max_new_tokens=1)))
         blocker.abort()
-        assert (await _collect(first))[2].finish is not None
+        first.abort()
+        second.abort()
+        for stream in (first, second):
+            assert (await _collect(stream))[2].finish is not None
 
 
 async def test_higher_priority_is_admitted_first_and_equal_priority_in_arrival_order(llama: LoadedModel) -> None:
@@ -156,7 +160,7 @@ async def test_out_of_memory_fails_the_step_and_halves_the_batch(
         ends = await asyncio.gather(*(_collect(s) for s in streams))
         for _, _, last in ends:
             assert last.finish is not None and last.finish.reason is FinishReason.OUT_OF_MEMORY
-            assert "out of memory in a step" in last.finish.error
+            assert "out of memory in a decode step" in last.finish.error
             assert "batch size is now at most 2" in last.finish.error
         assert engine.stats().max_batch_size == 2 and engine.core.blocks.used_blocks == 0
         # The engine goes on, at the lower batch size.

@@ -213,13 +213,13 @@ def test_health_human_and_json(llama_server: ServerProcess) -> None:
     assert human.returncode == 0, human.stderr
     view = _aligned(human.stdout)
     assert view["state"] == "SERVING" and view["model_loaded"] == "true"
-    assert view["device"] == "cpu" and view["kv_cache_budget_tokens"] == "1500"
+    assert view["device"] == "cpu" and view["kv_cache_budget_tokens"] == "1504"
     assert re.fullmatch(r"\d+\.\d MiB \([\d,]+ bytes\)", view["memory.process_rss_bytes"]), view
     assert re.fullmatch(r"\d+\.\d%", view["kv_cache_usage"]), view
     as_json = run_cli("health", "--json", address=llama_server.address)
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
-    assert data["state"] == "SERVER_STATE_SERVING" and data["kvCacheBudgetTokens"] == "1500"
+    assert data["state"] == "SERVER_STATE_SERVING" and data["kvCacheBudgetTokens"] == "1504"
 
 
 def test_info_human_and_json(llama_server: ServerProcess) -> None:
@@ -227,12 +227,12 @@ def test_info_human_and_json(llama_server: ServerProcess) -> None:
     assert human.returncode == 0, human.stderr
     view = _aligned(human.stdout)
     assert view["architecture"] == "LlamaForCausalLM" and view["model_type"] == "llama"
-    assert view["max_max_new_tokens"] == "1499" and view["is_demo"] == "false"
+    assert view["max_max_new_tokens"] == "1503" and view["is_demo"] == "false"
     assert view["special_tokens"].startswith("role='bos' token=")
     as_json = run_cli("info", "--json", address=llama_server.address)
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
-    assert data["modelType"] == "llama" and data["maxMaxNewTokens"] == 1499
+    assert data["modelType"] == "llama" and data["maxMaxNewTokens"] == 1503
 
 
 # ---- 5. a stream the server ends with an error status ------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_info_human_and_json(llama_server: ServerProcess) -> None:
     ("args", "details"),
     [
         (("--top-k", "-1"), "params.top_k must be in [0, "),
-        (("--max-new-tokens", "100000"), "params.max_new_tokens must be in [1, 1499]"),
+        (("--max-new-tokens", "100000"), "params.max_new_tokens must be in [1, 1503]"),
         (("--logprobs", "21"), "params.top_logprobs must be in [0, 20]"),
     ],
 )

@@ -18,7 +18,7 @@ import torch
 from modelserve.engine.core import EngineCore
 from modelserve.engine.cuda_graphs import DecodeGraphs, Replay, batch_bucket, width_bucket
 from modelserve.engine.engine import Engine, EngineConfig, RequestStream
-from modelserve.engine.protocol import AddRequest, StepOutput
+from modelserve.engine.protocol import Abort, AddRequest, StepOutput
 from modelserve.engine.request import EngineClosedError, FinishReason, Request, SamplingParams, StreamEvent
 from modelserve.models.loader import LoadedModel, load_model
 
@@ -351,3 +351,28 @@ async def test_a_stop_sequence_costs_the_core_at_most_one_extra_step(model_dirs:
         await _collect(engine.submit(Request("after", prompt, dataclasses.replace(free_params, max_new_tokens=1))))
         key = min(produced)
         assert len(ids) <= produced[key] <= len(ids) + 1, (len(ids), produced[key])
+
+
+def test_requests_hold_the_memory_they_use_not_what_they_may_use(model_dirs: dict[str, Path]) -> None:
+    """Sixteen requests for 1,000 new tokens each all start at once in a KV budget of 1,024 tokens: a
+    request takes blocks as it grows, not prompt + max_new_tokens up front. Aborted, they give all back."""
+    model = _load(model_dirs["llama"])
+    per_token = 512  # the tiny Llama's KV bytes per token (tests/conftest.py: KV_BYTES_PER_TOKEN)
+    core = EngineConfig(max_batch_size=16, kv_cache_bytes=1024 * per_token).build_core(
+        model.model, model.eos_token_ids, model.max_sequence_length, observed=False
+    )
+    assert core.kv_budget_tokens == 1024
+    params = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+    for key in range(16):
+        core.apply(AddRequest(key, Request(str(key), (5 + key, 6, 7, 8), params)))
+    out = core.step()
+    assert sorted(row.key for row in out.rows if row.token_id >= 0) == list(range(16))
+    assert core.stats().running == 16 and core.stats().waiting == 0
+    assert core.blocks.used_blocks == 16  # one block each, for prompt and first tokens
+    for _ in range(3):
+        assert len([row for row in core.step().rows if row.token_id >= 0]) == 16
+    for key in range(16):
+        core.apply(Abort(key, FinishReason.CANCELLED))
+    ended = core.step()
+    assert sorted(row.key for row in ended.rows if row.finish is FinishReason.CANCELLED) == list(range(16))
+    assert core.blocks.used_blocks == 0 and not core.has_work() and len(core.runner.states) == 0

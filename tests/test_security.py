@@ -174,7 +174,7 @@ def _details(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> str:
 
 
 def _server_args(model_dir: Path) -> tuple[str, ...]:
-    return ("--model", str(model_dir), "--max-batch-size", "4", "--grace-s", "1", "--kv-cache-bytes", str(1500 * 512))
+    return ("--model", str(model_dir), "--max-batch-size", "4", "--grace-s", "1", "--kv-cache-bytes", str(1504 * 512))
 
 
 # --- server 1: TLS + token (health and reflection open) ---------------------------------------------------------

@@ -191,7 +191,7 @@ def test_prompt_limits_and_truncation(stub: object) -> None:
         # Fits the model's context but never the KV budget: rejected up front, not queued forever.
         (
             pb.GenerateRequest(prompt="word " * 600, params=pb.GenerationParameters(max_new_tokens=1000)),
-            "a sequence holds 1500",
+            "a sequence holds 1504",
         ),
     ]:
         with pytest.raises(grpc.RpcError) as err:
@@ -206,7 +206,7 @@ def test_model_info_and_detailed_health(stub: object, llama_server: ServerProces
     info = stub.ModelInfo(pb.ModelInfoRequest())  # type: ignore[attr-defined]
     assert info.architecture == "LlamaForCausalLM" and info.model_type == "llama"
     assert info.vocab_size > 0 and list(info.eos_token_ids)
-    assert info.max_sequence_length == 1500  # the KV budget, tighter than the 2,048-token context
+    assert info.max_sequence_length == 1504  # the KV budget, tighter than the 2,048-token context
     assert info.max_max_new_tokens <= info.max_sequence_length - 1 and info.default_max_new_tokens > 0
     assert info.device == "cpu" and info.dtype == "float32" and not info.is_demo
     health = stub.Health(pb.HealthRequest())  # type: ignore[attr-defined]

@@ -71,7 +71,7 @@ _HELP = {
     "max_prompt_bytes": "largest prompt, in UTF-8 bytes",
     "max_prompt_tokens": "largest prompt in tokens (0 = the model's context less one)",
     "max_waiting_requests": "most requests queued for a batch slot; more get RESOURCE_EXHAUSTED with a retry hint",
-    "max_waiting_tokens": "most tokens (prompt + max_new_tokens) queued; "
+    "max_waiting_tokens": "most prompt tokens queued (what a request needs of the KV memory to start); "
     f"0 = {AUTO_WAITING_KV_BUDGETS} times the KV cache budget",
     "max_batch_requests": "most items in one BatchGenerate",
     "max_stop_sequences": "most stop sequences (and stop token ids) per request",

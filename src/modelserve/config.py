@@ -68,7 +68,7 @@ class Config:
     max_prompt_bytes: int = 1 << 20
     max_prompt_tokens: int = 0  # 0 = the model's context (less one token to generate)
     max_waiting_requests: int = 256  # requests queued for a batch slot; past it: RESOURCE_EXHAUSTED
-    max_waiting_tokens: int = 0  # prompt + max_new_tokens queued; 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
+    max_waiting_tokens: int = 0  # prompt tokens queued; 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
     max_batch_requests: int = 256  # items in one BatchGenerate
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256

@@ -31,7 +31,7 @@ RETRY_AFTER_MAX_S = 30.0
 @dataclass(frozen=True)
 class QueueLimits:
     max_requests: int  # requests waiting for a batch slot
-    max_tokens: int  # prompt + max_new_tokens of the waiting requests
+    max_tokens: int  # prompt tokens of the waiting requests
 
 
 class AdmissionControl:
@@ -48,13 +48,14 @@ class AdmissionControl:
 
     def enter(self, request: Request, now_s: float) -> None:
         """Count `request` as waiting, or raise QueueFullError / DeadlineUnreachableError."""
-        need, limits = request.need, self.limits
+        # A request needs KV blocks for its prompt to start; its output's blocks are taken as it grows.
+        need, limits = len(request.prompt_ids), self.limits
         with self._lock:
             self._check_room()
             # An empty queue takes any request, so a limit below one request's size cannot lock it out.
             if self._requests and self._tokens + need > limits.max_tokens:
                 self._refuse(
-                    f"{self._tokens} tokens (prompt + max_new_tokens) are waiting and this request needs {need}; "
+                    f"{self._tokens} prompt tokens are waiting and this request has {need}; "
                     f"the limit is {limits.max_tokens}"
                 )
             if request.deadline_s is not None and self._peak_prefill_tokens_per_s > 0:
@@ -81,7 +82,7 @@ class AdmissionControl:
         """`request` left the waiting queue (admitted, aborted or expired)."""
         with self._lock:
             self._requests -= 1
-            self._tokens -= request.need
+            self._tokens -= len(request.prompt_ids)
             by_priority = self._prompt_tokens_by_priority
             by_priority[request.priority] -= len(request.prompt_ids)
             if not by_priority[request.priority]:

@@ -29,6 +29,7 @@ from modelserve.engine.runner import ModelRunner
 from modelserve.engine.sampler import SampleResult
 from modelserve.engine.scheduler import Scheduler
 from modelserve.engine.sequence import Sequence
+from modelserve.engine.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +132,10 @@ class EngineCore:
         running = {seq.key: seq for seq in scheduler.running}
         decoded = sum(1 for r in plan.rows if len(r.token_ids) == 1 and r.start >= running[r.key].prompt_len)
         prefilled = plan.num_tokens - decoded
-        result: SampleResult | None = None
-        try:
-            result = self.runner.execute(plan, chosen_logprobs=self._observed)
-        except Exception as exc:  # a failed step fails the requests it touched, not the engine
-            reason, error = self._step_failed(exc, decoded, prefilled)
-            for planned in plan.rows:
-                seq = running[planned.key]
-                scheduler.remove(seq)
-                out.append(self._end(seq, reason, error))
-        else:
-            scheduler.advance(plan)
-            if result is not None:
-                out.extend(self._append(running[key], result, i) for i, key in enumerate(plan.sampled_keys))
+        executed, result = self._execute(plan, running, decoded, prefilled, out)
+        scheduler.advance(executed)
+        if result is not None:
+            out.extend(self._append(running[key], result, i) for i, key in enumerate(executed.sampled_keys))
         idle = scheduler.idle_plan()
         if idle is not None:
             self.runner.execute(idle)
@@ -194,6 +186,37 @@ class EngineCore:
 
     # ---- pieces -----------------------------------------------------------------------------------------
 
+    def _execute(
+        self, plan: StepPlan, running: dict[int, Sequence], decoded: int, prefilled: int, out: list[RowOutput]
+    ) -> tuple[StepPlan, SampleResult | None]:
+        """Run the plan; return what ran and its samples. A failed step fails the requests it touched, not the
+        engine: its prompt chunks end, and its decoding rows are tried once more on their own (so a prompt
+        whose prefill fails does not take the running streams with it), ending only if that fails too."""
+        try:
+            return plan, self.runner.execute(plan, chosen_logprobs=self._observed)
+        except Exception as exc:
+            reason, error = self._step_failed(exc, decoded, prefilled)
+            failed = exc
+        decoding = [row for row in plan.rows if len(row.token_ids) == 1 and row.sample] if prefilled else []
+        retry = StepPlan(rows=decoding)
+        for row in plan.rows:
+            if row not in decoding:
+                self._fail(running[row.key], reason, error, out)
+        if decoding:
+            try:
+                return retry, self.runner.execute(retry, chosen_logprobs=self._observed)
+            except Exception as exc:
+                reason, error = self._step_failed(exc, len(decoding), 0)
+                failed = exc
+            for row in decoding:
+                self._fail(running[row.key], reason, error, out)
+        log.debug("step failed: %s", failed)
+        return StepPlan(), None
+
+    def _fail(self, seq: Sequence, reason: FinishReason, error: str, out: list[RowOutput]) -> None:
+        self.scheduler.remove(seq)
+        out.append(self._end(seq, reason, error))
+
     def _append(self, seq: Sequence, result: SampleResult, i: int) -> RowOutput:
         """Add row i's sampled token to its sequence, and end the sequence if the token does."""
         token = result.token_ids[i]
@@ -228,9 +251,11 @@ class EngineCore:
         """Log a failed step and say how its requests end. Out of memory lowers the load that caused it (the
         prefill chunk when the step prefilled, else the batch size), so it does not repeat."""
         what = f"{type(exc).__name__}: {exc}"
+        phase = "prefill" if prefilled else "decode"  # a prefill step may carry decoding rows too
         if not _is_out_of_memory(exc):
             log.exception(
-                "a step of %d decoding rows and %d prompt tokens failed; its requests end with an error",
+                "a %s step of %d decoding rows and %d prompt tokens failed; its requests end with an error",
+                phase,
                 decoded,
                 prefilled,
             )
@@ -246,9 +271,14 @@ class EngineCore:
         if self.runner.device.type == "cuda":
             torch.cuda.empty_cache()
         log.warning(
-            "out of memory in a step of %d rows and %d prompt tokens; %s (%s)", decoded, prefilled, lowered, what
+            "out of memory in a %s step of %d decoding rows and %d prompt tokens; %s (%s)",
+            phase,
+            decoded,
+            prefilled,
+            lowered,
+            what,
         )
-        return FinishReason.OUT_OF_MEMORY, f"out of memory in a step ({what}); {lowered}"
+        return FinishReason.OUT_OF_MEMORY, f"out of memory in a {phase} step ({what}); {lowered}"
 
 
 def _mark_aborted(seq: Sequence, reason: FinishReason, error: str) -> None:

@@ -16,7 +16,6 @@ plain linear layers (INT8) keeps them unfused.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +34,8 @@ def supports(model: PreTrainedModel) -> bool:
     """Is this model one our forward computes exactly as transformers does?"""
     config = model.config
     if config.model_type not in OWN_FORWARD_TYPES:
+        return False
+    if not type(model).__module__.startswith("transformers."):  # its own code (remote code) may differ: run it
         return False
     if getattr(config, "pretraining_tp", 1) != 1:
         return False
@@ -95,7 +96,6 @@ class LlamaForward:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
-        self._rotate = sys.modules[type(model).__module__].apply_rotary_pos_emb
         with torch.no_grad():
             positions = torch.arange(max_positions, device=model.device)[None]
             probe = torch.zeros(1, dtype=model.dtype, device=model.device)
@@ -120,7 +120,7 @@ class LlamaForward:
             v = qkv[:, layer.q_size + layer.kv_size :].view(tokens, self.kv_heads, self.head_dim)
             if layer.q_norm is not None and layer.k_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            q, k = self._rotate(q, k, cos, sin, unsqueeze_dim=1)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             o = attend(
                 context,
                 layer.index,
@@ -138,3 +138,11 @@ class LlamaForward:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding as the Llama family's `apply_rotary_pos_emb` computes it, op for op: x [tokens,
+    heads, dim], cos and sin [tokens, dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos[:, None]) + (rotated * sin[:, None])
