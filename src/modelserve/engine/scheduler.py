@@ -2,10 +2,11 @@
 
 Highest priority first, then first come, first served; the head of the queue is never overtaken, so a
 large request is not starved by small ones of its priority. A waiting request is admitted when a row
-is free and the free blocks hold its prompt (after the cached blocks its prompt shares); its output's
-blocks are taken as it grows. When a growing row finds no free block, the newest running request is
-preempted: its blocks are freed and it waits again at the front of its priority, to be recomputed
-(prompt and output so far, mostly from the prefix cache) and continue where it stopped.
+is free and the free blocks hold its prompt (after the cached blocks its prompt shares) with a block
+to spare for each running row; its output's blocks are taken as it grows. When a growing row finds
+no free block, the newest running request is preempted: its blocks are freed and it waits again at
+the front of its priority, to be recomputed (prompt and output so far, mostly from the prefix cache)
+and continue where it stopped.
 
 Every step feeds one forward: each decoding row's next token, then prompt chunks within the step's
 token budget, so a long prompt is split over several steps and running streams get a token every
@@ -157,7 +158,9 @@ class Scheduler:
         blocks = self.blocks
         shared = blocks.match_prefix(seq.tokens) if self.prefix_caching else []
         need = blocks.blocks_for(len(seq.tokens)) - len(shared)
-        if not blocks.can_allocate(need, shared):
+        # Headroom of a block per running row, which may start a new block next step: without it a newcomer
+        # would take the blocks the running rows grow into, and be preempted again at once.
+        if not blocks.can_allocate(need + len(self.running), shared):
             return False
         blocks.allocate(seq.table, len(seq.tokens), shared)
         seq.computed = len(shared) * blocks.block_size
