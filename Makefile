@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install serve test lint proto bench bench-quick bench-telemetry soak clean
+.PHONY: help install serve test lint proto bench bench-quick bench-telemetry bench-vllm soak clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets and the variables they take (also what `make` alone does)
@@ -88,6 +88,13 @@ bench-quick: $(STAMP) ## the serving benchmark, small (a few minutes); results i
 # telemetry, timed in-process; exits non-zero over its bounds; writes its table into docs/benchmarks.md.
 bench-telemetry: $(STAMP) ## telemetry's cost per request, step and scrape, bounded; writes docs/benchmarks.md
 	$(BIN)/python -m bench.telemetry_cost --write-docs $(BENCH_ARGS)
+
+# vLLM's CPU build as a peer (bench/vllm_peer.py): one load client, `vllm bench serve`, against modelserve and
+# vLLM on one model, interleaved. vLLM gets its own environment, bench/.venv-vllm, made here on first use
+# (`python -m bench.vllm_peer --install`); nothing else (CI, make test) installs it.
+bench-vllm: $(STAMP) ## modelserve vs vLLM's CPU build under one load client (installs bench/.venv-vllm first)
+	test -x bench/.venv-vllm/bin/vllm || $(BIN)/python -m bench.vllm_peer --install
+	$(BIN)/python -m bench.vllm_peer $(BENCH_ARGS)
 
 # Soak and overload (bench/soak.py): thousands of streams with cancels, deadlines, disconnects and
 # crashed clients, then 10x the capacity against a small waiting queue; checks for leaks and wrong
