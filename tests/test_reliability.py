@@ -108,7 +108,11 @@ def _start_faulty(tmp_path: Path, *args: str) -> FaultyServer:
         *args,
         env={FAULT_FILE_ENV: str(fault_file)},
     )
-    server.wait_serving()
+    try:
+        server.wait_serving()
+    except BaseException:  # a server that never serves is not left running behind the failed test
+        server.terminate()
+        raise
     return FaultyServer(server, fault_file)
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from modelserve.engine.attention import StepContext
+from modelserve.engine.attention import StepContext, Workspace
 from modelserve.engine.kv_memory import KVMemory
 
 if TYPE_CHECKING:
@@ -67,7 +67,10 @@ class _Graph:
         self.slots = torch.full((rows,), kv.pad_slot, dtype=torch.long, device=device)
         self.gather = torch.full((rows, width), kv.pad_slot, dtype=torch.long, device=device)
         columns = torch.arange(width, device=device)
-        self.context = StepContext(kv.keys, kv.values, self.slots, self.gather, self.positions, columns, [])
+        # Its own gather buffers, sized for the bucket now: a replay reads and writes the addresses it recorded.
+        workspace = Workspace(kv.shape.kv_heads, kv.shape.head_dim, kv.shape.dtype, device)
+        workspace.buffers(rows * width)
+        self.context = StepContext(kv.keys, kv.values, self.slots, self.gather, self.positions, columns, [], workspace)
         self.replay: Replay | None = None
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor, context: StepContext) -> None:

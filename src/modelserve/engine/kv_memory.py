@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from modelserve.engine.attention import Workspace
+
 
 @dataclass(frozen=True)
 class KVShape:
@@ -41,3 +43,4 @@ class KVMemory:
         # could be NaN.
         self.keys = [torch.zeros(slots, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
         self.values = [torch.zeros(slots, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
+        self.workspace = Workspace(shape.kv_heads, shape.head_dim, shape.dtype, shape.device)

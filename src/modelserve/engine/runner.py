@@ -84,7 +84,7 @@ class ModelRunner:
         assert self.kv is not None
         pad = torch.tensor([self.kv.pad_slot], device=self.device)
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
-        context = StepContext(self.kv.keys, self.kv.values, pad, pad[None], zero, zero, [])
+        context = StepContext(self.kv.keys, self.kv.values, pad, pad[None], zero, zero, [], self.kv.workspace)
         try:
             with step_context(context):
                 self._paged(input_ids=zero[None], position_ids=zero[None], use_cache=False, logits_to_keep=1)
@@ -267,6 +267,7 @@ class ModelRunner:
             decode_positions,
             decode_columns,
             prefills,
+            self.kv.workspace,
         )
         return _long(ids, device), _long(positions, device), _long(sampled, device), context
 
