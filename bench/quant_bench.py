@@ -12,10 +12,16 @@ their ratios compare figures taken side by side:
   share of tokens equal at the same position (a first difference usually changes what follows),
   "prefix" the mean count of leading tokens equal, "top-1" the share of positions of the fp32 model's
   own continuation where the variant's greedy choice is the same (teacher forcing: every position counts).
+- engine-core RSS: what the memory saving is for, measured where it counts. Each variant is served by a
+  real `modelserve serve` (--kv-cache-bytes, 256 MiB by default), the servers started one after another,
+  the variants taking turns (rounds); once one serves and has answered a short Generate, its engine-core
+  process's resident memory is read (the process the log's "engine core: process N" line names), with the
+  weight bytes its ModelInfo reports. The median over rounds.
 
 Writes JSON and a markdown table to bench/results/, with --write-docs the table into docs/benchmarks.md.
 
     python -m bench.quant_bench --write-docs
+    python -m bench.quant_bench --only-rss --dtype-variants float32    # fp32 vs int8: engine-core RSS only
     python -m bench.quant_bench --device cuda --dtype-variants bfloat16 --preset llama-1b
 """
 
@@ -24,7 +30,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,8 @@ from bench import harness
 from bench.step_profile import engine_step_ms
 
 AGREEMENT_KV_BYTES = 1 << 30  # enough KV for the agreement run's rows at every preset
+RSS_KV_BYTES = 256 << 20  # the engine-core RSS figure's KV pool (--kv-cache-bytes)
+_CORE_PID = re.compile(r"engine core: process (\d+) on")
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,70 @@ def agreement(
     }
 
 
+def engine_rss(path: Path, variant: Variant, device: str, kv_bytes: int, log_dir: Path) -> tuple[int, int]:
+    """(engine-core RSS, ModelInfo.weight_bytes) of a server on `path` run as `variant`, once it serves and
+    has generated: the resident memory that int8 should lower, read where the weights live."""
+    import psutil
+    from modelserve_client.v1 import generation_pb2 as pb
+    from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
+
+    args = ["--model", str(path), "--device", device, "--dtype", variant.dtype, "--quantization", variant.quantization]
+    server = harness.start_server(
+        log_dir, *args, "--kv-cache-bytes", str(kv_bytes), name=f"rss-{variant.dtype}-{variant.quantization}"
+    )
+    try:
+        server.wait_serving()
+        with server.channel() as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            params = pb.GenerationParameters(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+            list(stub.Generate(pb.GenerateRequest(prompt="Hello there", params=params), timeout=120))
+            info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+        found = _CORE_PID.search(server.log())
+        if found is None:
+            raise RuntimeError(f"the server's log names no engine-core process:\n{server.log()}")
+        rss: int = psutil.Process(int(found.group(1))).memory_info().rss
+        return rss, int(info.weight_bytes)
+    finally:
+        server.terminate()
+
+
+def measure_rss(
+    path: Path, variants: list[Variant], device: str, kv_bytes: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each variant's engine-core RSS over `rounds` servers (variants taking turns), with the median."""
+    figures: dict[str, dict[str, Any]] = {v.name: {"rss_bytes_rounds": [], "weight_bytes": 0} for v in variants}
+    with tempfile.TemporaryDirectory(prefix="quant-bench-rss-") as log_dir:
+        for turn in range(rounds):
+            for v in variants:
+                rss, weights = engine_rss(path, v, device, kv_bytes, Path(log_dir))
+                figures[v.name]["rss_bytes_rounds"].append(rss)
+                figures[v.name]["weight_bytes"] = weights
+                print(f"  rss round {turn + 1}: {v.name}: engine core {rss / 2**20:.0f} MiB", flush=True)
+    for row in figures.values():
+        row["rss_bytes"] = statistics.median(row["rss_bytes_rounds"])
+    return figures
+
+
+def rss_markdown(report: dict[str, Any]) -> str:
+    """The engine-core RSS table: one row per variant, against fp32 where it was measured."""
+    rss = report["engine_rss"]
+    base = rss.get("fp32")
+    lines = [
+        f"Engine-core process RSS, served with --kv-cache-bytes {report['rss_kv_bytes']} "
+        f"(the median of {report['rss_rounds']} servers per variant, taken in turn):",
+        "",
+        "| variant | weights MiB (ModelInfo) | engine RSS MiB | vs fp32 | rounds MiB |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, row in rss.items():
+        ratio = f"{row['rss_bytes'] / base['rss_bytes']:.2f}x" if base else "-"
+        rounds = ", ".join(f"{b / 2**20:.0f}" for b in row["rss_bytes_rounds"])
+        lines.append(
+            f"| {name} | {row['weight_bytes'] / 2**20:.0f} | {row['rss_bytes'] / 2**20:.0f} | {ratio} | {rounds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict[str, Any]) -> str:
     batches = report["batches"]
     lines = [
@@ -134,6 +208,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="turns each variant takes (median)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rss-rounds", type=int, default=3, help="servers per variant for engine RSS (0: none)")
+    parser.add_argument("--kv-cache-bytes", type=int, default=RSS_KV_BYTES, help="the RSS servers' KV pool")
+    parser.add_argument("--only-rss", action="store_true", help="measure engine RSS only (no decode, no agreement)")
     parser.add_argument("--write-docs", action="store_true", help="put the table into docs/benchmarks.md")
     parser.add_argument("--cache-dir", type=Path, default=harness.CACHE_DIR)
     ns = parser.parse_args()
@@ -149,6 +226,17 @@ def main() -> None:
     variants = [Variant(short[d], d, "none") for d in ns.dtype_variants]
     variants += [Variant(f"int8 ({short[d]} rest)", d, "int8") for d in ns.dtype_variants]
     path = harness.model_dir(ns.preset, ns.cache_dir)
+    rss = measure_rss(path, variants, ns.device, ns.kv_cache_bytes, ns.rss_rounds) if ns.rss_rounds > 0 else {}
+    rss_info = {"engine_rss": rss, "rss_kv_bytes": ns.kv_cache_bytes, "rss_rounds": ns.rss_rounds}
+    if ns.only_rss:
+        report = {
+            "title": f"INT8 weight-only quantisation, engine-core memory: {ns.preset} on {ns.device}",
+            **harness.run_info(ns.device, "bench.quant_bench"),
+            **rss_info,
+        }
+        table = "\n".join(harness.header(report["title"], report)) + "\n" + rss_markdown(report)
+        harness.save(f"quant-rss-{ns.preset}-{ns.device}", report, table)
+        return
     models = {}
     for v in variants:
         print(f"loading {v.name} ...", flush=True)
@@ -204,8 +292,9 @@ def main() -> None:
         "batches": ns.batch,
         "reference": reference_name,
         "variants": rows,
+        **rss_info,
     }
-    table = markdown(report)
+    table = markdown(report) + (f"\n{rss_markdown(report)}" if rss else "")
     harness.save(f"quant-{ns.preset}-{ns.device}", report, table)
     if ns.write_docs:
         harness.write_docs("benchmarks.md", f"quant-{ns.preset}-{ns.device}", table)

@@ -125,7 +125,7 @@ def test_sigterm_stops_cleanly(model_dirs: dict[str, Path], tmp_path: Path) -> N
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]
 
 
-MODEL = SimpleNamespace(model_id="tiny", device="cpu", dtype="torch.float32")  # what the Health RPC reads
+MODEL = SimpleNamespace(model_id="tiny", device="cpu", dtype="torch.float32", weight_bytes=0)  # what Health reads
 
 
 def test_every_face_tells_the_same_health_from_one_place() -> None:

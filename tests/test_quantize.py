@@ -12,7 +12,10 @@ the rest usually does too; the bounds below leave a wide margin under those figu
 from __future__ import annotations
 
 import copy
+import gc
+import shutil
 import statistics
+import weakref
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,8 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from modelserve.cli import parse_args
-from modelserve.models.loader import load_model
+from modelserve.engine.engine import Engine, EngineConfig
+from modelserve.models.loader import load_model, load_model_info, load_weights
 from modelserve.models.quantize import Int8WeightOnlyLinear, QuantizationError, quantize_model, weight_bytes
 from tests.conftest import start_server
 
@@ -137,6 +141,54 @@ def test_linear_weight_memory_drops_about_4x(model_dirs: dict[str, Path], arch: 
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_no_float_linear_weight_outlives_quantisation(model_dirs: dict[str, Path], arch: str) -> None:
+    """Not the model, nor transformers (tied weights, hooks), nor the quantiser keeps a replaced layer alive."""
+    model = _float_model(model_dirs, arch)
+    head = model.get_output_embeddings()
+    replaced = [m for m in model.modules() if isinstance(m, nn.Linear | Conv1D) and m is not head]
+    originals = [weakref.ref(t) for m in replaced for t in (m, m.weight, m.bias) if t is not None]
+    del replaced
+    quantize_model(model, "int8")
+    gc.collect()
+    assert originals and [ref() for ref in originals if ref() is not None] == []
+    # Nor does a tensor it holds keep a larger storage alive: the storages it reaches are weight_bytes.
+    tensors = (*model.parameters(), *model.buffers())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert sum(storages.values()) == weight_bytes(model)
+
+
+def _maps(path: Path) -> bool:
+    """Whether this process has `path` mapped into its memory."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    return str(path.resolve()) in maps.read_text()
+
+
+def test_an_int8_model_holds_no_view_of_its_float_weights_file(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """from_pretrained's float weights are views into the mapped safetensors file, whose pages the int8
+    layers read: were any view kept (the embeddings), those pages would stay resident for good."""
+    source = shutil.copytree(model_dirs["gpt2"], tmp_path / "gpt2")  # a file no other test has mapped
+    info = load_model_info(str(source), CPU, torch.float32)
+    loaded = load_weights(info)
+    assert _maps(source / "model.safetensors")  # as loaded, unquantised: the file is mapped
+    float_bytes = loaded.weight_bytes
+    assert float_bytes == weight_bytes(loaded.model)
+    del loaded
+    gc.collect()
+    assert not _maps(source / "model.safetensors")
+    loaded = load_weights(info, quantization="int8")
+    gc.collect()
+    assert not _maps(source / "model.safetensors")
+    assert loaded.weight_bytes == weight_bytes(loaded.model) < float_bytes
+    model = loaded.model  # GPT-2's LM head is still its token embedding: copied out once, not twice
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # The in-process engine reports what the engine-core process sends in CoreReady.
+    engine = Engine(loaded.model, loaded.tokenizer, (), EngineConfig(kv_cache_bytes=1 << 20), 64)
+    assert engine.weight_bytes == loaded.weight_bytes
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_greedy_output_agrees_with_the_float_model(model_dirs: dict[str, Path], arch: str) -> None:
     model = _float_model(model_dirs, arch)
     quantised = _quantised(model)
@@ -188,6 +240,7 @@ def test_a_server_started_with_int8_streams_and_describes_its_model(
             params = pb.GenerationParameters(max_new_tokens=16, temperature=0.0, ignore_eos=True)
             messages = list(stub.Generate(pb.GenerateRequest(prompt="Hello there", params=params), timeout=60))
             info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+            health = stub.Health(pb.HealthRequest(), timeout=10)
         served = [t for m in messages for t in m.token_ids]
         assert len(served) == 16 and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert info.architecture == "GPT2LMHeadModel" and info.model_type == "gpt2" and info.vocab_size > 0
@@ -196,10 +249,14 @@ def test_a_server_started_with_int8_streams_and_describes_its_model(
     finally:
         assert server.terminate() == 0
     assert server.log_errors() == []
+    # The weights' bytes as the engine core counted them: the quantised model's, below the float model's.
+    float_model = _float_model(model_dirs, "gpt2")
+    quantised = _quantised(float_model)
+    assert info.HasField("weight_bytes") and health.HasField("weight_bytes")
+    assert info.weight_bytes == health.weight_bytes == weight_bytes(quantised) < weight_bytes(float_model)
     # The served tokens are the quantised model's greedy choices. Compared along the served tokens rather
     # than as a whole generation: the engine's batched attention and a full forward differ in the last
     # bits, which the bfloat16 activations can turn into a flipped near-tie, and every later token with it.
     tokenizer = Tokenizer.from_file(str(model_dirs["gpt2"] / "tokenizer.json"))
-    quantised = _quantised(_float_model(model_dirs, "gpt2"))
     choices = _greedy_choices(quantised, tokenizer.encode("Hello there").ids, served).tolist()
     assert sum(a == b for a, b in zip(choices, served, strict=True)) >= 15, (choices, served)

@@ -202,7 +202,10 @@ def test_prompt_limits_and_truncation(stub: object) -> None:
     assert truncated[0].usage.input_tokens == 100 and truncated[-1].usage.output_tokens <= 2
 
 
-def test_model_info_and_detailed_health(stub: object, llama_server: ServerProcess) -> None:
+def test_model_info_and_detailed_health(stub: object, llama_server: ServerProcess, model_dirs: dict[str, Path]) -> None:
+    from modelserve.models.loader import load_model
+    from modelserve.models.quantize import weight_bytes
+
     info = stub.ModelInfo(pb.ModelInfoRequest())  # type: ignore[attr-defined]
     assert info.architecture == "LlamaForCausalLM" and info.model_type == "llama"
     assert info.vocab_size > 0 and list(info.eos_token_ids)
@@ -213,6 +216,9 @@ def test_model_info_and_detailed_health(stub: object, llama_server: ServerProces
     assert health.state == pb.SERVER_STATE_SERVING and health.model_loaded
     assert health.memory.process_rss_bytes > 0 and health.uptime_seconds > 0 and health.server_version
     assert health.requests_running >= 0 and health.requests_waiting >= 0
+    # The weights' bytes as the engine core counted them: the float32 model's parameters and buffers.
+    expected = weight_bytes(load_model(str(model_dirs["llama"]), torch.device("cpu"), torch.float32).model)
+    assert info.HasField("weight_bytes") and info.weight_bytes == health.weight_bytes == expected
 
 
 def test_reflection_lists_the_services(llama_server: ServerProcess) -> None:

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from modelserve.engine.admission import QueueLimits
 from modelserve.engine.core_process import CoreSpec, main
+from modelserve.engine.cpu_threads import passive_omp_waits
 from modelserve.engine.frontend import EngineFrontend
 from modelserve.engine.protocol import Command, CoreFailed, CoreMessage, CoreReady, Shutdown, StepOutput
 from modelserve.engine.request import StepRecord
@@ -57,6 +58,7 @@ class ProcessEngine(EngineFrontend):
     ) -> None:
         super().__init__(tokenizer, limits, ready.max_sequence_tokens, on_step)
         self.ready = ready
+        self.weight_bytes = ready.weight_bytes  # as the in-process Engine has it
         self._process = process
         self._sockets = sockets
         self._reader: asyncio.Task[None] | None = None
@@ -76,7 +78,8 @@ class ProcessEngine(EngineFrontend):
         process = multiprocessing.get_context("spawn").Process(
             target=main, args=(spec,), name="modelserve-engine-core", daemon=True
         )
-        process.start()
+        with passive_omp_waits():
+            process.start()
         loop = asyncio.get_running_loop()
         died = loop.create_future()
 
@@ -104,7 +107,13 @@ class ProcessEngine(EngineFrontend):
         engine = cls(process, message, sockets, tokenizer, limits_for(message.kv_budget_tokens), on_step)
         engine._reader = asyncio.ensure_future(engine._read())
         loop.add_reader(process.sentinel, engine._on_death)
-        log.info("engine core: process %d on %s (%s)", process.pid, message.device, message.dtype)
+        log.info(
+            "engine core: process %d on %s (%s), weights %.1f MiB",
+            process.pid,
+            message.device,
+            message.dtype,
+            message.weight_bytes / 2**20,
+        )
         return engine
 
     @property

@@ -21,6 +21,7 @@ import zmq
 
 from modelserve.config import LOG_FORMAT
 from modelserve.engine.core_loop import run_core_loop
+from modelserve.engine.cpu_threads import WAIT_POLICY, core_threads
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelserve.engine")
 
 PARENT_CHECK_MS = 1000  # how often an idle core checks that its frontend is still there
-SMALL_MODEL_PARAMETERS = 20_000_000  # below this, a CPU core leaves one CPU to the frontend
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ def main(spec: CoreSpec) -> None:
                 kv_budget_tokens=core.kv_budget_tokens,
                 device=str(core.runner.device),
                 dtype=str(core.runner.kv_shape.dtype).removeprefix("torch."),
+                weight_bytes=loaded.weight_bytes,
             )
         )
     )
@@ -117,13 +118,19 @@ def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
         trust_remote_code=spec.trust_remote_code,
         quantization=spec.quantization,
     )
-    device = loaded.device
-    parameters = sum(p.numel() for p in loaded.model.parameters())
-    if device.type == "cpu" and parameters < SMALL_MODEL_PARAMETERS and "OMP_NUM_THREADS" not in os.environ:
-        # A small model's step is all dispatch: more torch threads only spin against the frontend, which
-        # needs a CPU of its own. A larger one's matrix products need every CPU. Measured on 2 CPUs: a tiny
-        # model served 1.5x faster with one thread, GPT-2-small (124M) 1.85x faster with two.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    threads = core_threads(
+        on_cpu=loaded.device.type == "cpu",
+        parameters=sum(p.numel() for p in loaded.model.parameters()),
+        torch_threads=torch.get_num_threads(),
+    )
+    torch.set_num_threads(threads.threads)
+    log.info(
+        "engine core: torch threads %d (%s); %s=%s",
+        threads.threads,
+        threads.reason,
+        WAIT_POLICY,
+        os.environ.get(WAIT_POLICY, "unset"),
+    )
     core = spec.engine.build_core(loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed)
     if loaded.model_type not in FAMILIES:
         seconds = check_greedy_matches_generate(core, loaded.architecture)

@@ -26,6 +26,7 @@ from modelserve.engine.core_loop import run_core_loop
 from modelserve.engine.frontend import EngineFrontend, RequestStream
 from modelserve.engine.protocol import Command, Shutdown, StepOutput
 from modelserve.engine.request import FinishReason, StepRecord
+from modelserve.models.quantize import weight_bytes
 
 __all__ = ["Engine", "EngineConfig", "RequestStream"]
 
@@ -88,6 +89,7 @@ class Engine(EngineFrontend):
         on_step: Callable[[StepRecord], None] | None = None,
     ) -> None:
         self.core = config.build_core(model, tuple(eos_token_ids), max_sequence_length, observed=on_step is not None)
+        self.weight_bytes = weight_bytes(model)  # what the process engine's core reports in CoreReady
         super().__init__(
             tokenizer, config.queue_limits(self.core.kv_budget_tokens), self.core.max_sequence_tokens, on_step
         )

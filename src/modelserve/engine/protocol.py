@@ -68,13 +68,14 @@ class StepOutput(msgspec.Struct, tag=True, array_like=True):
 
 
 class CoreReady(msgspec.Struct, tag=True, array_like=True):
-    """The core process loaded its model and sized its KV pool."""
+    """The core process loaded its model and sized its KV memory."""
 
     vocab_size: int
     max_sequence_tokens: int
     kv_budget_tokens: int
     device: str
     dtype: str
+    weight_bytes: int  # the model's parameters and buffers on its device, after quantisation
 
 
 class CoreFailed(msgspec.Struct, tag=True, array_like=True):

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from modelserve.models.capability import unsupported_reason
-from modelserve.models.quantize import quantize_model
+from modelserve.models.quantize import quantize_model, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,9 @@ class ModelInfo:
     revision: str | None = None  # the hub revision the config and tokenizer came from (None: local, or the default)
     generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     chat_template: str | None = None  # the Jinja template Chat renders messages with (None: the model has none)
+    # Bytes of the parameters and buffers the model holds on its device, as served (after quantisation);
+    # 0 until the weights are loaded (the frontend's info gets it from the engine core).
+    weight_bytes: int = 0
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -373,7 +376,10 @@ def _context_length(config: Any, hf_tokenizer: Any, max_model_len: int) -> int:
 
 
 def load_weights(info: ModelInfo, *, trust_remote_code: bool = False, quantization: str = "none") -> LoadedModel:
-    """Load `info`'s weights onto its device, in its dtype, quantised as `quantization` says (on the device)."""
+    """Load `info`'s weights onto its device, in its dtype, quantised as `quantization` says (on the device).
+
+    They are loaded on the CPU (views into the mapped safetensors file) and quantize_model places them: with
+    int8 the float linear weights never reach the device and none stays alive (see quantize.py)."""
     kwargs = dict(local_files_only=Path(info.source).expanduser().is_dir(), trust_remote_code=trust_remote_code)
     try:
         try:  # at the revision the config and tokenizer came from
@@ -390,11 +396,18 @@ def load_weights(info: ModelInfo, *, trust_remote_code: bool = False, quantizati
             )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the weights of {info.source}: {_one_line(exc)}") from exc
-    model.to(info.device)
-    quantize_model(model, quantization)
+    quantize_model(model, quantization, info.device)
     model.eval()
     fields = {f: getattr(info, f) for f in info.__dataclass_fields__}
     fields["vocab_size"] = int(model.get_output_embeddings().weight.shape[0])
+    fields["weight_bytes"] = weight_bytes(model)
+    log.info(
+        "weights: %.1f MiB of parameters and buffers on %s (%s%s)",
+        fields["weight_bytes"] / 2**20,
+        info.device,
+        str(info.dtype).removeprefix("torch."),
+        ", int8 linear layers" if quantization == "int8" else "",
+    )
     if not info.architecture.endswith("ForCausalLM"):
         fields["architecture"] = type(model).__name__
     return LoadedModel(**fields, model=model)

@@ -34,10 +34,23 @@ The LM head and the embeddings stay as loaded. GPT-2 (and other tied models) sha
 token embedding, so an int8 copy would add memory rather than save it; and the logits decide greedy
 tokens directly, where an error is least forgiven. GPT-2's Conv1D layers store their weight transposed
 ([in, out]); they are quantised like nn.Linear from the transpose.
+
+Memory: int8 must lower what the process holds, not add to it. `quantize_model` takes the model as
+from_pretrained leaves it, on the CPU, and places it on its device itself: each layer's int8 weight is made
+on the device from one float weight at a time, so the float model never sits on the device whole (on CUDA
+the quantisation's temporaries go back to the driver before the KV pool is sized). On the CPU the float
+weights are views into from_pretrained's mapping of the safetensors file, and that mapping lives while any
+tensor in it does: the pages of the float weights just replaced stayed resident as long as the embeddings
+did (GPT-2-small, fp32, 256 MiB KV: the engine process held 1,197 MiB with int8 against 1,083 MiB
+without). So the tensors that stay are copied out of it, and it closes: 849 MiB with int8, the 243 MiB the
+linear weights shed less heap slack (`python -m bench.quant_bench --only-rss`). The embeddings and LM head
+(147 MiB of GPT-2-small's float32 weights) are now most of what int8 leaves in the model's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 
 import torch
@@ -74,7 +87,8 @@ class Int8WeightOnlyLinear(nn.Module):
         quantised = torch.round(w / scales.float()[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
         self.weight = nn.Parameter(quantised.contiguous(), requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # A copy: the loaded bias is a view into the weights file's mapping, which it would keep open.
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -112,14 +126,19 @@ def _check_kernel(device: torch.device) -> None:
         ) from exc
 
 
-def quantize_model(model: nn.Module, quantization: str) -> None:
-    """Quantise `model`'s linear layers in place as `quantization` says ("none" leaves it as it is).
+def quantize_model(model: nn.Module, quantization: str, device: torch.device | None = None) -> None:
+    """Quantise `model`'s linear layers in place as `quantization` says ("none" leaves them as they are), and
+    leave the whole model on `device` (None: where its weights are now) holding no float copy of them.
 
-    Call it once the model is on its device: the int8 weights are made there, and the kernel is checked there.
+    Give it the model as loaded, on the CPU: each int8 weight is made on `device` from one float weight at a
+    time, and the kernel is checked there.
     """
     if quantization not in QUANTIZATIONS:
         raise QuantizationError(f"--quantization {quantization}: expected one of {', '.join(QUANTIZATIONS)}")
+    if device is None:
+        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     if quantization == "none":
+        model.to(device)
         return
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -132,21 +151,25 @@ def quantize_model(model: nn.Module, quantization: str) -> None:
     ]
     if not targets:
         raise QuantizationError(f"--quantization int8: {type(model).__name__} has no linear layers to quantise")
-    device = getattr(*targets[0]).weight.device
     _check_kernel(device)
     before = after = kept = 0
-    for parent, name in targets:
-        child = getattr(parent, name)
-        weight = child.weight.T if isinstance(child, Conv1D) else child.weight  # Conv1D's is [in, out]
-        if device.type == "cpu" and weight.shape[1] % _CPU_K_MULTIPLE:
-            kept += 1
-            continue
-        layer = Int8WeightOnlyLinear(weight, child.bias)
-        before += weight_bytes(child)
-        after += weight_bytes(layer)
-        setattr(parent, name, layer)
-    if device.type == "cuda":  # the float weights' memory back to the driver, where the KV budget is measured
-        torch.cuda.empty_cache()
+    with torch.no_grad():
+        for parent, name in targets:
+            child = getattr(parent, name)
+            weight = child.weight.T if isinstance(child, Conv1D) else child.weight  # Conv1D's is [in, out]
+            if device.type == "cpu" and weight.shape[1] % _CPU_K_MULTIPLE:
+                kept += 1
+                continue
+            bias = None if child.bias is None else child.bias.to(device)
+            layer = Int8WeightOnlyLinear(weight.to(device), bias)
+            before += weight_bytes(child)
+            after += weight_bytes(layer)
+            setattr(parent, name, layer)
+            del child, weight, bias  # the last references to the float layer: it goes now, not after the loop
+        model.to(device)  # the rest: embeddings, LM head, norms, and layers kept as loaded
+        if device.type == "cpu":
+            _copy_out_of_mappings(model)
+    _release_freed_memory(device)
     log.info(
         "--quantization int8: %d linear layers hold int8 weights with per-row scales (%.1f MiB -> %.1f MiB); "
         "the LM head and embeddings keep the model's dtype%s",
@@ -155,3 +178,39 @@ def quantize_model(model: nn.Module, quantization: str) -> None:
         after / 2**20,
         f"; {kept} layers are kept as loaded (input width not a multiple of {_CPU_K_MULTIPLE})" if kept else "",
     )
+
+
+def _copy_out_of_mappings(model: nn.Module) -> None:
+    """Give each float parameter and buffer a storage of its own, one tensor at a time.
+
+    from_pretrained's tensors are views into one mapping of the safetensors file, which stays mapped while
+    any of them lives; the int8 layers read the float weights they replace, so those pages are resident,
+    and they would stay so (counted in the process's RSS) for as long as the embeddings live. Copied out,
+    the last view goes and the file is unmapped. `.data` is replaced, not the Parameter, so tied weights
+    (GPT-2's LM head is its token embedding) stay one tensor.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Int8WeightOnlyLinear):  # made here: their storages are their own
+            continue
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            tensor.data = tensor.data.clone()
+
+
+def _release_freed_memory(device: torch.device) -> None:
+    """Hand the memory the float weights and the quantisation's temporaries held back to the system.
+
+    On CUDA, torch's caching allocator keeps freed blocks, and the KV pool is sized from what the driver
+    reports free. On the CPU, glibc's malloc keeps freed heap memory: once a large block has been freed it
+    raises its mmap threshold (up to 32 MiB), so later blocks of that size come from the heap, where the
+    freed temporaries between the int8 weights leave holes it does not return by itself; and a model
+    converted while loading (bf16 from a float32 file), or moved to a GPU, held its float weights there.
+    malloc_trim(0) returns those pages. Where the C library is not glibc it does nothing.
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):  # a C library without malloc_trim (musl, macOS)
+        ctypes.CDLL(None).malloc_trim(0)

@@ -167,7 +167,11 @@ async def start_engine_core(
     engine = await ProcessEngine.start(spec_for, info.tokenizer, engine_config.queue_limits, on_step)
     ready = engine.ready
     info = dataclasses.replace(
-        info, device=torch.device(ready.device), dtype=getattr(torch, ready.dtype), vocab_size=ready.vocab_size
+        info,
+        device=torch.device(ready.device),
+        dtype=getattr(torch, ready.dtype),
+        vocab_size=ready.vocab_size,
+        weight_bytes=ready.weight_bytes,
     )
     return engine, info
 

@@ -199,6 +199,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
             is_demo=model.is_demo,
+            weight_bytes=model.weight_bytes or None,  # 0 (weights not loaded: never while serving) leaves it unset
             generation_defaults=pb.GenerationDefaults(
                 max_new_tokens=defaults.max_new_tokens,
                 temperature=defaults.temperature,
@@ -231,6 +232,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         if model is not None:
             response.model_id, response.device = model.model_id, str(model.device)
             response.dtype = str(model.dtype).removeprefix("torch.")
+            if model.weight_bytes:
+                response.weight_bytes = model.weight_bytes
             if stats is not None:
                 response.memory.gpu_allocated_bytes = stats.gpu_allocated_bytes
                 response.memory.gpu_reserved_bytes = stats.gpu_reserved_bytes

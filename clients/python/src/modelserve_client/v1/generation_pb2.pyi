@@ -244,7 +244,7 @@ class SpecialToken(_message.Message):
     def __init__(self, role: _Optional[str] = ..., token: _Optional[str] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "architecture", "model_type", "vocab_size", "max_sequence_length", "eos_token_ids", "special_tokens", "default_max_new_tokens", "max_max_new_tokens", "device", "dtype", "is_demo", "generation_defaults")
+    __slots__ = ("model_id", "architecture", "model_type", "vocab_size", "max_sequence_length", "eos_token_ids", "special_tokens", "default_max_new_tokens", "max_max_new_tokens", "device", "dtype", "is_demo", "generation_defaults", "weight_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +258,7 @@ class ModelInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     IS_DEMO_FIELD_NUMBER: _ClassVar[int]
     GENERATION_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     model_type: str
@@ -271,7 +272,8 @@ class ModelInfoResponse(_message.Message):
     dtype: str
     is_demo: bool
     generation_defaults: GenerationDefaults
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., special_tokens: _Optional[_Iterable[_Union[SpecialToken, _Mapping]]] = ..., default_max_new_tokens: _Optional[int] = ..., max_max_new_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_demo: _Optional[bool] = ..., generation_defaults: _Optional[_Union[GenerationDefaults, _Mapping]] = ...) -> None: ...
+    weight_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., special_tokens: _Optional[_Iterable[_Union[SpecialToken, _Mapping]]] = ..., default_max_new_tokens: _Optional[int] = ..., max_max_new_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_demo: _Optional[bool] = ..., generation_defaults: _Optional[_Union[GenerationDefaults, _Mapping]] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerationDefaults(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "from_model")
@@ -304,7 +306,7 @@ class MemoryUsage(_message.Message):
     def __init__(self, process_rss_bytes: _Optional[int] = ..., gpu_allocated_bytes: _Optional[int] = ..., gpu_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("state", "model_loaded", "model_id", "device", "dtype", "memory", "requests_running", "requests_waiting", "uptime_seconds", "server_version", "kv_cache_usage", "kv_cache_tokens_used", "kv_cache_budget_tokens", "max_batch_size", "waiting_tokens")
+    __slots__ = ("state", "model_loaded", "model_id", "device", "dtype", "memory", "requests_running", "requests_waiting", "uptime_seconds", "server_version", "kv_cache_usage", "kv_cache_tokens_used", "kv_cache_budget_tokens", "max_batch_size", "waiting_tokens", "weight_bytes")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_LOADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +322,7 @@ class HealthResponse(_message.Message):
     KV_CACHE_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     state: ServerState
     model_loaded: bool
     model_id: str
@@ -335,4 +338,5 @@ class HealthResponse(_message.Message):
     kv_cache_budget_tokens: int
     max_batch_size: int
     waiting_tokens: int
-    def __init__(self, state: _Optional[_Union[ServerState, str]] = ..., model_loaded: _Optional[bool] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory: _Optional[_Union[MemoryUsage, _Mapping]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., server_version: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., kv_cache_tokens_used: _Optional[int] = ..., kv_cache_budget_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., waiting_tokens: _Optional[int] = ...) -> None: ...
+    weight_bytes: int
+    def __init__(self, state: _Optional[_Union[ServerState, str]] = ..., model_loaded: _Optional[bool] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory: _Optional[_Union[MemoryUsage, _Mapping]] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., server_version: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., kv_cache_tokens_used: _Optional[int] = ..., kv_cache_budget_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...

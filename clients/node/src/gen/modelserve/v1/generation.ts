@@ -536,7 +536,15 @@ export interface ModelInfoResponse {
   /** True for the embedded demo model, whose output is random text. */
   isDemo: boolean;
   /** What each GenerationParameters field a request leaves unset takes. */
-  generationDefaults: GenerationDefaults | undefined;
+  generationDefaults:
+    | GenerationDefaults
+    | undefined;
+  /**
+   * Bytes of the weights the model holds on its device: every parameter and
+   * buffer, after quantization (--quantization int8 stores the linear layers'
+   * weights in a quarter of float32's bytes).
+   */
+  weightBytes?: bigint | undefined;
 }
 
 /**
@@ -616,6 +624,11 @@ export interface HealthResponse {
   maxBatchSize: number;
   /** Prompt + max_new_tokens of the requests waiting for a batch slot. */
   waitingTokens: bigint;
+  /**
+   * Bytes of the weights the model holds on its device (see
+   * ModelInfoResponse.weight_bytes); unset until the model is loaded.
+   */
+  weightBytes?: bigint | undefined;
 }
 
 function createBaseGenerationParameters(): GenerationParameters {
@@ -2884,6 +2897,7 @@ function createBaseModelInfoResponse(): ModelInfoResponse {
     dtype: "",
     isDemo: false,
     generationDefaults: undefined,
+    weightBytes: undefined,
   };
 }
 
@@ -2931,6 +2945,12 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     }
     if (message.generationDefaults !== undefined) {
       GenerationDefaults.encode(message.generationDefaults, writer.uint32(106).fork()).join();
+    }
+    if (message.weightBytes !== undefined) {
+      if (BigInt.asUintN(64, message.weightBytes) !== message.weightBytes) {
+        throw new globalThis.Error("value provided for field message.weightBytes of type uint64 too large");
+      }
+      writer.uint32(112).uint64(message.weightBytes);
     }
     return writer;
   },
@@ -3062,6 +3082,14 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
             message.generationDefaults = GenerationDefaults.decode(reader, reader.uint32());
             continue;
           }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.weightBytes = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3129,6 +3157,11 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
         : isSet(object.generation_defaults)
         ? GenerationDefaults.fromJSON(object.generation_defaults)
         : undefined,
+      weightBytes: isSet(object.weightBytes)
+        ? BigInt(object.weightBytes)
+        : isSet(object.weight_bytes)
+        ? BigInt(object.weight_bytes)
+        : undefined,
     };
   },
 
@@ -3173,6 +3206,9 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     if (message.generationDefaults !== undefined) {
       obj.generationDefaults = GenerationDefaults.toJSON(message.generationDefaults);
     }
+    if (message.weightBytes !== undefined) {
+      obj.weightBytes = message.weightBytes.toString();
+    }
     return obj;
   },
 
@@ -3195,6 +3231,9 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     message.isDemo = object.isDemo ?? false;
     message.generationDefaults = (object.generationDefaults !== undefined && object.generationDefaults !== null)
       ? GenerationDefaults.fromPartial(object.generationDefaults)
+      : undefined;
+    message.weightBytes = (object.weightBytes !== undefined && object.weightBytes !== null)
+      ? BigInt(object.weightBytes)
       : undefined;
     return message;
   },
@@ -3566,6 +3605,7 @@ function createBaseHealthResponse(): HealthResponse {
     kvCacheBudgetTokens: 0n,
     maxBatchSize: 0,
     waitingTokens: 0n,
+    weightBytes: undefined,
   };
 }
 
@@ -3624,6 +3664,12 @@ export const HealthResponse: MessageFns<HealthResponse> = {
         throw new globalThis.Error("value provided for field message.waitingTokens of type int64 too large");
       }
       writer.uint32(120).int64(message.waitingTokens);
+    }
+    if (message.weightBytes !== undefined) {
+      if (BigInt.asUintN(64, message.weightBytes) !== message.weightBytes) {
+        throw new globalThis.Error("value provided for field message.weightBytes of type uint64 too large");
+      }
+      writer.uint32(128).uint64(message.weightBytes);
     }
     return writer;
   },
@@ -3761,6 +3807,14 @@ export const HealthResponse: MessageFns<HealthResponse> = {
             message.waitingTokens = reader.int64() as bigint;
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.weightBytes = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3834,6 +3888,11 @@ export const HealthResponse: MessageFns<HealthResponse> = {
         : isSet(object.waiting_tokens)
         ? BigInt(object.waiting_tokens)
         : 0n,
+      weightBytes: isSet(object.weightBytes)
+        ? BigInt(object.weightBytes)
+        : isSet(object.weight_bytes)
+        ? BigInt(object.weight_bytes)
+        : undefined,
     };
   },
 
@@ -3884,6 +3943,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     if (message.waitingTokens !== 0n) {
       obj.waitingTokens = message.waitingTokens.toString();
     }
+    if (message.weightBytes !== undefined) {
+      obj.weightBytes = message.weightBytes.toString();
+    }
     return obj;
   },
 
@@ -3915,6 +3977,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     message.waitingTokens = (object.waitingTokens !== undefined && object.waitingTokens !== null)
       ? BigInt(object.waitingTokens)
       : 0n;
+    message.weightBytes = (object.weightBytes !== undefined && object.weightBytes !== null)
+      ? BigInt(object.weightBytes)
+      : undefined;
     return message;
   },
 };
