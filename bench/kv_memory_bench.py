@@ -62,7 +62,7 @@ def measure(src: str | None, ns: argparse.Namespace, name: str) -> dict[str, Any
     path = harness.model_dir(ns.preset)
     env = {**os.environ, "PYTHONPATH": src} if src else None
     args = ("--model", str(path), "--dtype", "float32", "--kv-cache-bytes", str(ns.kv_bytes), "--max-batch-size", "32")
-    server = harness.start_server(harness.RESULTS, *args, env=env, name=f"kv-{name}")
+    server = harness.start_server(harness.RESULTS, *args, env=env, name="kv-baseline" if src else "kv-memory")
     try:
         server.wait_serving()
         with server.channel() as channel:
