@@ -71,8 +71,7 @@ class EngineCore:
         chunk = prefill_chunk_tokens or (
             AUTO_PREFILL_CHUNK_CUDA if self.runner.device.type == "cuda" else AUTO_PREFILL_CHUNK_CPU
         )
-        self.scheduler = Scheduler(self.blocks, max_batch_size, chunk, max_num_batched_tokens)
-        self.scheduler.prefix_caching = prefix_caching
+        self.scheduler = Scheduler(self.blocks, max_batch_size, chunk, max_num_batched_tokens, prefix_caching)
         if cuda_graphs:
             self.runner.use_cuda_graphs(max_batch_size, self.max_sequence_tokens)
         self.prefix_caching = prefix_caching

@@ -30,13 +30,18 @@ class Scheduler:
     """Owns the queues and the block manager; the engine core changes them only through these methods."""
 
     def __init__(
-        self, blocks: BlockManager, max_batch_size: int, prefill_chunk_tokens: int, max_num_batched_tokens: int = 0
+        self,
+        blocks: BlockManager,
+        max_batch_size: int,
+        prefill_chunk_tokens: int,
+        max_num_batched_tokens: int = 0,
+        prefix_caching: bool = True,
     ) -> None:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_num_batched_tokens = max_num_batched_tokens  # 0: decoding rows + the prefill chunk
-        self.prefix_caching = True
+        self.prefix_caching = prefix_caching  # share and cache full blocks
         self.waiting: list[Sequence] = []  # in admission order: highest priority, then oldest
         self.running: list[Sequence] = []  # hold blocks, in admission order
         self.preemptions = 0  # since the start
@@ -187,7 +192,6 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.table)
         seq.computed = 0
-        seq.preemptions += 1
         self.preemptions += 1
         self.add(seq)
 

@@ -23,7 +23,6 @@ class Sequence:
     table: BlockTable = field(default_factory=BlockTable)
     admitted: bool = False  # has left the waiting queue once (a preempted one goes back, but was admitted)
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, at admission
-    preemptions: int = 0
     finish: FinishReason | None = None
     abort_reason: FinishReason | None = None  # set by an abort or a deadline; acted on at the next step
     abort_error: str = ""  # why, when the server (not the caller) ended the request
