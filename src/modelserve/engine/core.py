@@ -195,7 +195,6 @@ class EngineCore:
             return plan, self.runner.execute(plan, chosen_logprobs=self._observed)
         except Exception as exc:
             reason, error = self._step_failed(exc, decoded, prefilled)
-            failed = exc
         decoding = [row for row in plan.rows if len(row.token_ids) == 1 and row.sample] if prefilled else []
         retry = StepPlan(rows=decoding)
         for row in plan.rows:
@@ -206,10 +205,8 @@ class EngineCore:
                 return retry, self.runner.execute(retry, chosen_logprobs=self._observed)
             except Exception as exc:
                 reason, error = self._step_failed(exc, len(decoding), 0)
-                failed = exc
             for row in decoding:
                 self._fail(running[row.key], reason, error, out)
-        log.debug("step failed: %s", failed)
         return StepPlan(), None
 
     def _fail(self, seq: Sequence, reason: FinishReason, error: str, out: list[RowOutput]) -> None:
