@@ -32,6 +32,17 @@ COPY clients/python clients/python
 COPY src src
 # The versions the test suite runs with (constraints.txt); torch is already there and is kept.
 RUN /opt/modelserve/bin/pip install --constraint constraints.txt ./clients/python .
+# The CPU paged decode kernel (src/modelserve/engine/paged_decode_cpu.py), compiled here because the
+# runtime stage has no compiler, for the compiler's baseline instructions (MODELSERVE_KERNEL_MARCH empty)
+# so that the image runs on any CPU of its architecture; without it the engine would gather instead.
+ENV MODELSERVE_KERNEL_DIR=/opt/modelserve/kernels \
+    MODELSERVE_KERNEL_MARCH=""
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && /opt/modelserve/bin/python -m modelserve.engine.paged_decode_cpu \
+    && test -n "$(ls /opt/modelserve/kernels)"
 
 # --- runtime: the base image, the environment, a user; no compiler, no pip cache, no source tree -------
 FROM ${BASE_IMAGE}
@@ -48,6 +59,8 @@ COPY --from=build /opt/modelserve /opt/modelserve
 # No NVIDIA_VISIBLE_DEVICES=all (as CUDA base images set): on a node whose default runtime is NVIDIA's it
 # hands every GPU to a pod that requested none. Which GPUs a container gets is the device plugin's call.
 ENV PATH=/opt/modelserve/bin:$PATH \
+    MODELSERVE_KERNEL_DIR=/opt/modelserve/kernels \
+    MODELSERVE_KERNEL_MARCH="" \
     HOME=/home/modelserve \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

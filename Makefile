@@ -67,6 +67,8 @@ serve: $(STAMP) ## install the server, then serve the demo model (or SERVE_ARGS=
 	$(BIN)/modelserve serve $(SERVE_ARGS)
 
 test: $(STAMP) $(TEST_STAMP) ## install, then run the test suite (PYTEST_ARGS="-k stop -x" to pick)
+	@# The CPU paged decode kernel, built once ahead (~15 s) rather than inside the first test's engine.
+	$(BIN)/python -m modelserve.engine.paged_decode_cpu
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict and buf lint

@@ -4,14 +4,16 @@ The step's tokens are one flat sequence ([1, tokens]); each layer writes its new
 their slots (a block's `block_size` slots per block, so token p of a row is in slot
 `table[p // block_size] * block_size + p % block_size`), then every row attends to its own positions:
 
-- rows feeding one token (decoding) together: their context's slots are gathered into one padded
-  batch and one SDPA call covers them all, with a padding mask (and the sliding window, if any);
-- each prompt chunk on its own: SDPA over its gathered context, causal from its start.
+- rows feeding one token (decoding) together: on a CPU, one call of the paged decode kernel
+  (paged_decode_cpu.py) reads their context in place; elsewhere (or without the kernel) their
+  context's slots are gathered into one padded batch and one SDPA call covers them all, with a
+  padding mask (and the sliding window, if any);
+- each prompt chunk on its own: SDPA, causal from its start, over its gathered context; a chunk that
+  starts its row reads the step's own keys and values, nothing gathered.
 
 What a step shares across layers (slots, gather indices, masks) is built once per step, in
-`StepContext`, from the runner's input tensors. On a CPU, SDPA over gathered blocks measured fastest
-of what runs here without a compiler (flex attention needs torch.compile; a hand-written kernel is
-not ours to maintain). Soft-capped attention (Gemma 2) runs the same gathers through a plain softmax.
+`StepContext`, from the runner's input tensors. Soft-capped attention (Gemma 2) runs the same gathers
+through a plain softmax (the kernel caps in place).
 
 transformers models reach it through their AttentionInterface (`PAGED_ATTENTION`); the runner turns it
 on only around its own forwards, so the same model object still runs generate() as before.
@@ -74,6 +76,7 @@ class StepContext:
     decode_columns: torch.Tensor | None  # [width]
     prefills: list[PrefillRow]
     workspace: Workspace
+    decode_kernel: bool = False  # decoding rows go through torch.ops.modelserve.paged_decode (CPU)
     calls: int = 0  # layers that ran the paged attention in this context (start-up checks it is every one)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
@@ -148,13 +151,31 @@ def attend(
     out = query.new_empty(tokens, heads, value.shape[-1])
     if context.decode_gather is not None:
         rows = context.decode_gather.shape[0]
-        q = query[:, :rows].transpose(0, 1)[:, :, None, :]  # [rows, heads, 1, dim]
-        k, v = _gather(context, k_cache, v_cache, context.decode_gather)  # [rows, kv_heads, width, dim]
-        o = _sdpa(q, k, v, context.decode_mask(window), scaling, softcap)  # [rows, heads, 1, dim]
-        out[:rows] = o[:, :, 0]
+        if context.decode_kernel:
+            assert context.decode_positions is not None
+            q = query[:, :rows].transpose(0, 1)  # [rows, heads, dim]
+            out[:rows] = torch.ops.modelserve.paged_decode(
+                q if q.stride(-1) == 1 else q.contiguous(),
+                k_cache,
+                v_cache,
+                context.decode_gather,
+                context.decode_positions,
+                window or 0,
+                scaling if scaling is not None else query.shape[-1] ** -0.5,
+                softcap or 0.0,
+            )
+        else:
+            q = query[:, :rows].transpose(0, 1)[:, :, None, :]  # [rows, heads, 1, dim]
+            k, v = _gather(context, k_cache, v_cache, context.decode_gather)  # [rows, kv_heads, width, dim]
+            o = _sdpa(q, k, v, context.decode_mask(window), scaling, softcap)  # [rows, heads, 1, dim]
+            out[:rows] = o[:, :, 0]
     for row in context.prefills:
-        q = query[None, :, row.first : row.first + row.length]  # [1, heads, n, dim]
-        k, v = _gather(context, k_cache, v_cache, row.slots[None])
+        chunk = slice(row.first, row.first + row.length)
+        q = query[None, :, chunk]  # [1, heads, n, dim]
+        if row.start == 0:  # its whole context is this step's: nothing to gather
+            k, v = key[None, :, chunk], value[None, :, chunk]
+        else:
+            k, v = _gather(context, k_cache, v_cache, row.slots[None])
         mask = None
         if row.start or window is not None:
             positions = torch.arange(row.start, row.start + row.length, device=query.device)[:, None]

@@ -33,6 +33,7 @@ from modelserve.engine.cuda_graphs import DecodeGraphs
 from modelserve.engine.gathered_attention import GatheringCache, union_mask
 from modelserve.engine.kv_memory import KVMemory, KVShape
 from modelserve.engine.llama_forward import LlamaForward, supports
+from modelserve.engine.paged_decode_cpu import load as load_decode_kernel
 from modelserve.engine.sampler import SampleResult, sample
 from modelserve.engine.sampling_state import SamplingStates
 from modelserve.engine.step_plan import StepPlan
@@ -58,6 +59,20 @@ class ModelRunner:
         self.kv: KVMemory | None = None
         self.gathered = False  # its attention bypasses the AttentionInterface (gathered_attention.py)
         self.graphs: DecodeGraphs | None = None
+        self.decode_kernel = self.device.type == "cpu" and self._load_decode_kernel()
+
+    @staticmethod
+    def _load_decode_kernel() -> bool:
+        problem = load_decode_kernel()
+        if problem is None:
+            log.info("decode attention reads the paged KV memory in place (paged_decode_cpu.py)")
+            return True
+        log.warning(
+            "decode attention gathers every row's context for SDPA, slower on a CPU: the paged decode kernel "
+            "could not be built (%s)",
+            problem,
+        )
+        return False
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self.kv = KVMemory(self.kv_shape, num_blocks, block_size)
@@ -268,6 +283,7 @@ class ModelRunner:
             decode_columns,
             prefills,
             self.kv.workspace,
+            decode_kernel=self.decode_kernel,
         )
         return _long(ids, device), _long(positions, device), _long(sampled, device), context
 

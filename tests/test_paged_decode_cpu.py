@@ -1,0 +1,91 @@
+"""The CPU paged decode kernel (engine/paged_decode_cpu.py) against the gathered SDPA path it replaces:
+the same attention for every shape the engine meets (grouped-query heads, sliding windows, Gemma's
+soft-cap, fp32 and bf16, rows of different lengths in scattered blocks); and a build that fails says why
+and leaves nothing behind. The engine tests run both paths too: eager decode on the kernel, the
+CUDA-graph path (replayed eagerly on a CPU) on the gather."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelserve.engine import paged_decode_cpu
+from modelserve.engine.attention import StepContext, Workspace, attend
+
+BLOCK = 16
+
+
+def _decode_step(
+    heads: int, kv_heads: int, dim: int, lengths: list[int], dtype: torch.dtype, seed: int
+) -> tuple[StepContext, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode-only step over KV memory with random contents: each row's blocks scattered over the
+    memory; returns the context and the step's query, key and value ([heads, rows, dim] and the like)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-n // BLOCK) for n in lengths]
+    num_blocks = 2 * sum(blocks_needed) + 1
+    slots = num_blocks * BLOCK
+    keys = [torch.randn(slots, kv_heads, dim, generator=generator).to(dtype)]
+    values = [torch.randn(slots, kv_heads, dim, generator=generator).to(dtype)]
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = []
+    for need in blocks_needed:
+        tables.append(order[:need])
+        order = order[need:]
+    width = max(lengths)
+    columns = torch.arange(width)
+    padded = torch.tensor([(t + [0] * width)[: -(-width // BLOCK)] for t in tables])
+    gather = padded[:, columns // BLOCK] * BLOCK + columns % BLOCK
+    positions = torch.tensor([n - 1 for n in lengths])
+    slot_mapping = gather[torch.arange(len(lengths)), positions]
+    workspace = Workspace(kv_heads, dim, dtype, torch.device("cpu"))
+    context = StepContext(keys, values, slot_mapping, gather, positions, columns, [], workspace)
+    rows = len(lengths)
+    query = torch.randn(heads, rows, dim, generator=generator).to(dtype)
+    key = torch.randn(kv_heads, rows, dim, generator=generator).to(dtype)
+    value = torch.randn(kv_heads, rows, dim, generator=generator).to(dtype)
+    return context, query, key, value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel() -> None:
+    problem = paged_decode_cpu.load()
+    if problem is not None:
+        pytest.skip(f"the paged decode kernel could not be built here: {problem}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window", "softcap"),
+    [(4, 4, None, None), (8, 2, None, None), (6, 3, 7, None), (4, 1, None, 30.0), (4, 2, 20, 50.0)],
+    ids=["mha", "gqa", "gqa-window", "mqa-softcap", "window-softcap"],
+)
+def test_the_kernel_attends_as_the_gathered_path_does(
+    heads: int, kv_heads: int, window: int | None, softcap: float | None, dtype: torch.dtype
+) -> None:
+    lengths = [1, 17, 40, 5, 64, 33]
+    context, query, key, value = _decode_step(heads, kv_heads, 32, lengths, dtype, seed=heads * 7 + kv_heads)
+    gathered = attend(context, 0, query, key, value, 0.2, window, softcap)
+    context.decode_kernel = True
+    in_place = attend(context, 0, query, key, value, 0.2, window, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_the_default_scale_is_one_over_the_root_of_the_head_dim() -> None:
+    context, query, key, value = _decode_step(4, 2, 64, [9, 30], torch.float32, seed=3)
+    gathered = attend(context, 0, query, key, value, None, None)
+    context.decode_kernel = True
+    torch.testing.assert_close(attend(context, 0, query, key, value, None, None), gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELSERVE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails at once
+    with pytest.raises(RuntimeError, match="the C\\+\\+ compiler failed"):
+        paged_decode_cpu.build()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="could not run the C\\+\\+ compiler"):
+        paged_decode_cpu.build()
+    assert list(tmp_path.iterdir()) == []
