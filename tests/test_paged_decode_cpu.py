@@ -73,6 +73,19 @@ def test_the_kernel_attends_as_the_gathered_path_does(
     torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
 
 
+def test_one_row_splits_its_heads_over_the_threads() -> None:
+    context, query, key, value = _decode_step(8, 4, 32, [300], torch.float32, seed=11)
+    gathered = attend(context, 0, query, key, value, 0.2, None)
+    context.decode_kernel = True
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(attend(context, 0, query, key, value, 0.2, None), gathered, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_default_scale_is_one_over_the_root_of_the_head_dim() -> None:
     context, query, key, value = _decode_step(4, 2, 64, [9, 30], torch.float32, seed=3)
     gathered = attend(context, 0, query, key, value, None, None)

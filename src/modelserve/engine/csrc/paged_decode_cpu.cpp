@@ -33,10 +33,10 @@ void decode(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& v
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t q_row = query.stride(0), q_head = query.stride(1), per_slot = kv_heads * dim;
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  // A task is one row's kv heads, or a share of them when there are fewer rows than twice the threads
-  // (batch 1 still uses every thread). A task walks its slots in order: each slot's heads are adjacent.
+  // A task is one row's kv heads, or a share of them when there are fewer rows than threads (batch 1
+  // still uses every thread). A task walks its slots in order: each slot's heads are adjacent.
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = std::min<int64_t>(kv_heads, std::max<int64_t>(1, (2 * threads + rows - 1) / rows));
+  const int64_t splits = std::min<int64_t>(kv_heads, std::max<int64_t>(1, (threads + rows - 1) / rows));
   const int64_t per_split = (kv_heads + splits - 1) / splits;
   at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
     const int64_t span = per_split * groups;
