@@ -593,6 +593,8 @@ def test_cli_chat_ctrl_c_stops_the_reply_not_the_session(chat_server: ServerProc
         proc.stdin.close()  # end of input
         assert proc.wait(timeout=CALL_TIMEOUT_S) == 0
         assert all(reply.strip() for reply in replies)  # both lines were answered until stopped
+    except AssertionError as exc:  # what the CLI said on stderr tells a refused turn from a hung one
+        raise AssertionError(f"{exc}\nthe CLI's stderr so far: {err.data!r}") from exc
     finally:
         if proc.poll() is None:
             proc.kill()

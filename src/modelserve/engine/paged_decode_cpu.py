@@ -35,7 +35,6 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,8 @@ def kernel_dir() -> Path:
 
 
 def _command(output: Path) -> list[str]:
+    from torch.utils import cpp_extension  # imports setuptools (0.13 s): only when there is something to build
+
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
