@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -20,8 +21,10 @@ import pytest
 from modelserve_client import AsyncModelServeClient, ModelServeClient, generation_parameters
 from modelserve_client import cli as client_cli
 from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
-from tests.conftest import ServerProcess
+from bench.harness import wait_idle
+from tests.conftest import LONG, ServerProcess
 
 CLI = Path(sys.executable).parent / "modelserve-client"
 NOWHERE = "127.0.0.1:1"  # for runs that must fail before any call
@@ -414,3 +417,37 @@ def test_stop_str_is_one_sequence_sync_and_async(llama_server: ServerProcess) ->
             return await aclient.complete("Hello", {**greedy, "stop": stop})
 
     assert asyncio.run(complete_async()) == full[:at]
+
+
+def test_a_stream_cancelled_from_another_thread_ends_quietly(long_server: ServerProcess) -> None:
+    """The SDK's Stream: one thread reads a reply while another cancels it (how an interactive caller stops
+    a reply). The reader's loop simply ends, with no error, the server frees the row, and the same client
+    goes on; a Stream cancelled before its first next() is empty."""
+    with ModelServeClient(long_server.address, timeout_s=CALL_TIMEOUT_S) as client:
+        stream = client.stream("Hello", max_new_tokens=LONG, ignore_eos=True, temperature=0.0)
+        got: list[pb.GenerateResponse] = []
+        errors: list[BaseException] = []
+        arrived = threading.Event()
+
+        def read() -> None:
+            try:
+                for message in stream:
+                    got.append(message)
+                    arrived.set()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                arrived.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert arrived.wait(CALL_TIMEOUT_S)
+        stream.cancel()
+        reader.join(CALL_TIMEOUT_S)
+        assert not reader.is_alive() and not errors and got and stream.cancelled
+        assert got[-1].finish_reason == pb.FINISH_REASON_UNSPECIFIED  # stopped mid-reply, not finished
+        assert wait_idle(pb_grpc.GenerationServiceStub(client.channel)).requests_running == 0
+        unsent = client.stream("Hello")
+        unsent.cancel()
+        assert list(unsent) == []
+        assert client.complete("Hello", max_new_tokens=3, temperature=0.0)

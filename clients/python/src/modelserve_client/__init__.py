@@ -7,6 +7,7 @@ modelserve server without the server's dependencies.
 from modelserve_client.client import (
     AsyncModelServeClient,
     ModelServeClient,
+    Stream,
     channel_credentials,
     channel_target,
     generation_parameters,
@@ -18,6 +19,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 __all__ = [
     "AsyncModelServeClient",
     "ModelServeClient",
+    "Stream",
     "channel_credentials",
     "channel_target",
     "generation_parameters",

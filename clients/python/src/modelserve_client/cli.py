@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import queue
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,7 +28,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from modelserve_client.client import DEFAULT_ADDRESS, ModelServeClient
+from modelserve_client.client import DEFAULT_ADDRESS, ModelServeClient, Stream
 from modelserve_client.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
@@ -355,22 +357,31 @@ def _chat_turn(
     """Stream one reply to `out`: (its text, None when stopped before any arrived; the error status, if any).
     Ctrl-C cancels the call and keeps what arrived.
 
-    A piece of text is recorded before it is written: Ctrl-C can land between any two bytecodes, and one that
-    landed after a write but before the record would leave shown text with no line end and out of the history."""
+    A reader thread iterates the call and this (main) thread only waits on a queue, so Ctrl-C's
+    KeyboardInterrupt lands here, never inside grpc's iterator: raised there it can leave grpc's lock half
+    released and the next turn hung or crashed (grpc issue #19973). A piece of text is recorded before it is
+    written: Ctrl-C can land between any two bytecodes, and one that landed after a write but before the
+    record would leave shown text with no line end and out of the history."""
     texts: list[str] = []
     last: pb.GenerateResponse | None = None
     status: grpc.RpcError | None = None
-    with contextlib.closing(client.stream_chat(history, params)) as stream:
+    replies: queue.SimpleQueue[pb.GenerateResponse | BaseException | None] = queue.SimpleQueue()
+    with client.stream_chat(history, params) as stream:
         try:
-            for message in stream:
-                last = message
-                if message.text:
-                    texts.append(message.text)
-                    out.write(message.text)
-                    out.flush()
-        except grpc.RpcError as exc:
-            status = exc
+            threading.Thread(target=_read_reply, args=(stream, replies), name="chat-reply", daemon=True).start()
+            while (item := replies.get()) is not None:
+                if isinstance(item, grpc.RpcError):
+                    status = item
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    last = item
+                    if item.text:
+                        texts.append(item.text)
+                        out.write(item.text)
+                        out.flush()
         except KeyboardInterrupt:
+            stream.cancel()  # the reader's stream ends; it exits on its own
             if texts:
                 out.write("\n")
                 out.flush()
@@ -382,6 +393,17 @@ def _chat_turn(
     if verbose and last is not None and status is None:
         print(_summary(last), file=err)
     return "".join(texts), status
+
+
+def _read_reply(stream: Stream, replies: queue.SimpleQueue[pb.GenerateResponse | BaseException | None]) -> None:
+    """The chat reply's reader thread: each message, then the error (if any), then None."""
+    try:
+        for message in stream:
+            replies.put(message)
+    except BaseException as exc:  # handed to the main thread, which raises what is not a status
+        replies.put(exc)
+    finally:
+        replies.put(None)
 
 
 # ---- health and info --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ import contextlib
 import ipaddress
 import json
 import os
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
+import threading
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -275,7 +276,62 @@ def _chat_message(message: Message) -> pb.ChatMessage:
         ) from None
 
 
-def _texts(messages: Generator[pb.GenerateResponse]) -> Generator[str]:
+class Stream(Iterator[pb.GenerateResponse]):
+    """One streaming call's GenerateResponse messages. The call starts at the first next(), so a Stream made
+    and dropped sends nothing. `cancel()` (or `close()`, or leaving a `with` block) cancels the call, from any
+    thread: the stream then ends as if it were done, a next() waiting in another thread included. That is how
+    an interactive caller stops a reply: one thread reads the stream, another cancels it. (Raising
+    KeyboardInterrupt into a thread blocked inside grpc's iterator can leave grpc's lock half released, grpc
+    issue #19973; a cancel from another thread never does.)"""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start: Callable[[], Any] | None = start
+        self._call: Any = None
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> pb.GenerateResponse:
+        with self._lock:
+            if self._cancelled:
+                raise StopIteration
+            if self._call is None:
+                assert self._start is not None
+                self._call, self._start = self._start(), None
+            call = self._call
+        try:
+            message: pb.GenerateResponse = next(call)
+        except grpc.RpcError:
+            if self._cancelled:  # our own cancel, not the server's status
+                raise StopIteration from None
+            raise
+        return message
+
+    def cancel(self) -> None:
+        """Cancel the call (a no-op once it has ended); the stream ends."""
+        with self._lock:
+            self._cancelled = True
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether cancel() or close() was called."""
+        return self._cancelled
+
+
+def _texts(messages: Stream) -> Generator[str]:
     """The text deltas of a stream; closing this closes (cancels) the stream."""
     with contextlib.closing(messages):
         for message in messages:
@@ -366,20 +422,14 @@ class ModelServeClient:
     def close(self) -> None:
         self._channel.close()
 
-    def stream(
-        self, prompt: str, params: Params = None, *, request_id: str = "", **overrides: Any
-    ) -> Generator[pb.GenerateResponse]:
-        """Every GenerateResponse of the stream. The call starts at the first next(); closing the
-        iterator cancels it. `overrides` are GenerationParameters fields and `priority`; any
+    def stream(self, prompt: str, params: Params = None, *, request_id: str = "", **overrides: Any) -> Stream:
+        """Every GenerateResponse of the stream (see Stream: the call starts at the first next(); cancel() or
+        close(), from any thread, cancels it). `overrides` are GenerationParameters fields and `priority`; any
         other keyword raises TypeError here, at once."""
         return self._stream(self._stub.Generate, _request(prompt, params, request_id, overrides))
 
-    def _stream(self, method: Callable[..., Any], request: Any) -> Generator[pb.GenerateResponse]:
-        call = method(request, timeout=self._timeout_s, metadata=self._metadata)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+    def _stream(self, method: Callable[..., Any], request: Any) -> Stream:
+        return Stream(lambda: method(request, timeout=self._timeout_s, metadata=self._metadata))
 
     def generate(self, prompt: str, params: Params = None, **overrides: Any) -> Generator[str]:
         """The output's text deltas, as they arrive."""
@@ -387,7 +437,7 @@ class ModelServeClient:
 
     def stream_chat(
         self, messages: Iterable[Message], params: Params = None, *, request_id: str = "", **overrides: Any
-    ) -> Generator[pb.GenerateResponse]:
+    ) -> Stream:
         """As stream(), for the next assistant reply to `messages` (oldest first); keywords as stream()."""
         return self._stream(self._stub.Chat, _chat_request(messages, params, request_id, overrides))
 
