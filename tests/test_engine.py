@@ -376,3 +376,32 @@ def test_requests_hold_the_memory_they_use_not_what_they_may_use(model_dirs: dic
     ended = core.step()
     assert sorted(row.key for row in ended.rows if row.finish is FinishReason.CANCELLED) == list(range(16))
     assert core.blocks.used_blocks == 0 and not core.has_work() and len(core.runner.states) == 0
+
+
+def test_cpu_kv_memory_is_zero_and_becomes_resident_only_as_it_is_written() -> None:
+    """A CPU KV budget is mapped, not zeroed up front: 2 GiB of it adds almost nothing to the process's
+    memory until blocks are written, reads as zeros (a gather's padded columns must not be NaN), and the
+    block records are made as blocks are taken."""
+    import psutil
+
+    from modelserve.engine.block_manager import BlockManager, BlockTable
+    from modelserve.engine.kv_memory import KVMemory, KVShape, memory_warning
+
+    me = psutil.Process()
+    shape = KVShape(n_layers=4, kv_heads=2, head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+    block_size = 16
+    num_blocks = (2 << 30) // (shape.bytes_per_token * block_size)
+    before = me.memory_info().rss
+    kv = KVMemory(shape, num_blocks, block_size)
+    blocks = BlockManager(num_blocks, block_size)
+    assert me.memory_info().rss - before < 64 << 20
+    assert not blocks.blocks
+    table = BlockTable()
+    blocks.allocate(table, 3 * block_size)
+    assert len(blocks.blocks) == 3 and blocks.used_blocks == 3 and blocks.free_blocks == num_blocks - 3
+    for layer in (*kv.keys, *kv.values):
+        assert not layer[:: 4096 * block_size].any() and not layer[-block_size:].any()
+        layer[: 3 * block_size] = 1.0
+    assert me.memory_info().rss - before < 64 << 20
+    assert memory_warning(1 << 20, shape.device) is None
+    assert "--kv-cache-bytes" in (memory_warning(psutil.virtual_memory().total * 2, shape.device) or "")

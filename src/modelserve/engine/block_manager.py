@@ -54,14 +54,13 @@ class BlockManager:
         if num_blocks < 1:
             raise ValueError(f"the KV budget holds no block of {block_size} tokens")
         self.block_size = block_size
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.num_blocks = num_blocks
+        # A block's record is made when it is first taken: a default CPU budget is half a million blocks, and
+        # making them all up front cost a second of every start.
+        self.blocks: dict[int, Block] = {}
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # least recently freed first
         self._by_key: dict[int, int] = {}  # key -> block id
         self.hit_tokens = 0  # prompt tokens served from cached blocks, since the start
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
 
     @property
     def free_blocks(self) -> int:
@@ -69,7 +68,7 @@ class BlockManager:
 
     @property
     def used_blocks(self) -> int:
-        return len(self.blocks) - len(self._free)
+        return self.num_blocks - len(self._free)
 
     def cached_blocks(self) -> int:
         """Blocks whose contents a later prompt could reuse (held or free)."""
@@ -157,7 +156,10 @@ class BlockManager:
 
     def _take(self) -> int:
         block_id, _ = self._free.popitem(last=False)
-        block = self.blocks[block_id]
+        block = self.blocks.get(block_id)
+        if block is None:
+            self.blocks[block_id] = Block(block_id, refs=1)
+            return block_id
         if block.key != NO_KEY:  # evicted from the cache: its contents are about to change
             if self._by_key.get(block.key) == block_id:
                 del self._by_key[block.key]

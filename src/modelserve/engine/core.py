@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from modelserve.config import AUTO_PREFILL_CHUNK_CPU, AUTO_PREFILL_CHUNK_CUDA, DEFAULT_CPU_KV_BYTES, KV_BLOCK_TOKENS
 from modelserve.engine.block_manager import BlockManager
+from modelserve.engine.kv_memory import memory_warning
 from modelserve.engine.protocol import Abort, AbortAll, AddRequest, Command, RowOutput, StepOutput
 from modelserve.engine.request import EngineStats, FinishReason, StepRecord
 from modelserve.engine.runner import ModelRunner
@@ -89,6 +90,8 @@ class EngineCore:
             max_batch_size,
             "on (the same blocks)" if prefix_caching else "off",
         )
+        if warning := memory_warning(self.kv_budget_tokens * shape.bytes_per_token, self.runner.device):
+            log.warning("%s", warning)
 
     def _kv_budget_bytes(self, kv_cache_bytes: int, gpu_memory_fraction: float) -> int:
         if kv_cache_bytes:

@@ -1,14 +1,21 @@
 """The KV memory's tensors: one slot per token, `block_size` consecutive slots a block, per layer.
 
-Taken whole at start-up (as vLLM does): no allocation in steady state, and an out-of-memory shows at
-start, not under load. Which block holds what is the block manager's business (block_manager.py);
+Taken whole at start-up (as vLLM does): no allocation in steady state. On a GPU the memory is zeroed
+there and then, so an out-of-memory shows at start, not under load. On a CPU it is an anonymous mapping,
+which the kernel hands out zeroed a page at a time as it is first written: zeroing the default 4 GiB up
+front cost about 3 s of every start and made all of it resident before one request came, memory the
+host's other processes could have used. The core warns at start when the budget is more than the
+memory available (memory_warning()). Which block holds what is the block manager's business (block_manager.py);
 these tensors are the runner's, and nothing else touches them.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from modelserve.engine.attention import Workspace
@@ -41,6 +48,30 @@ class KVMemory:
         slots = ((num_blocks + 1) * block_size, shape.kv_heads, shape.head_dim)
         # Zeros, not empty(): padded columns of a gather are multiplied before they are masked, and garbage
         # could be NaN.
-        self.keys = [torch.zeros(slots, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
-        self.values = [torch.zeros(slots, dtype=shape.dtype, device=shape.device) for _ in range(shape.n_layers)]
+        self.keys = [_zeros(slots, shape.dtype, shape.device) for _ in range(shape.n_layers)]
+        self.values = [_zeros(slots, shape.dtype, shape.device) for _ in range(shape.n_layers)]
         self.workspace = Workspace(shape.kv_heads, shape.head_dim, shape.dtype, shape.device)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on a CPU, pages the kernel zeroes when they are first touched (see the module
+    docstring). The tensor holds the mapping: it is unmapped when the last view goes."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, max(1, math.prod(shape) * dtype.itemsize))
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def memory_warning(kv_bytes: int, device: torch.device) -> str | None:
+    """On a CPU, what to say when the KV budget is more than the memory available now: it is not all
+    taken at start, so it would run out under load instead."""
+    if device.type != "cpu":
+        return None
+    available = psutil.virtual_memory().available
+    if kv_bytes <= available:
+        return None
+    return (
+        f"the KV budget ({kv_bytes / 2**30:.2f} GiB) is more than the memory available now "
+        f"({available / 2**30:.2f} GiB): the KV memory is filled as requests use it, and the process could run "
+        "out of memory under load; lower --kv-cache-bytes"
+    )
