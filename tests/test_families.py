@@ -16,8 +16,9 @@ from modelserve.engine.engine import EngineConfig
 from modelserve.engine.llama_forward import OWN_FORWARD_TYPES
 from modelserve.engine.self_check import SelfCheckError, check_greedy_matches_generate
 from modelserve.models.capability import FAMILIES
-from modelserve.models.loader import ModelLoadError, load_model_info
+from modelserve.models.loader import load_model_info
 from modelserve.models.random_init import build_random_model
+from modelserve.models.source import ModelLoadError
 from tests.test_engine import DEVICE, _collect, _greedy, _load, _reference, _running
 
 WINDOW = 16

@@ -18,8 +18,9 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve.cli import config_from_args, parse_args
-from modelserve.models.loader import GenerationDefaults, ModelLoadError, load_model, load_model_info
+from modelserve.models.loader import GenerationDefaults, load_model, load_model_info
 from modelserve.models.random_init import build_random_model
+from modelserve.models.source import ModelLoadError
 from modelserve.server.validation import InvalidArgument, Limits, RequestDefaults, build_request, resolve_defaults
 from tests.conftest import ServerProcess, start_server
 

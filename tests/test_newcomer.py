@@ -20,8 +20,8 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve.cli import parse_args
 from modelserve.models.demo import DEMO_VERSION, demo_model_dir
-from modelserve.models.loader import ModelLoadError, resolve_source
 from modelserve.models.random_init import UNK_TOKEN, build_word_tokenizer
+from modelserve.models.source import ModelLoadError, resolve_source
 from tests.conftest import START_TIMEOUT_S, ServerProcess, start_server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,8 @@ it for a small model) and the gRPC event loop would otherwise take turns on one
 GIL. The core is started with multiprocessing's spawn (a clean interpreter: no
 copied CUDA state, no inherited threads) and talks over two ZeroMQ sockets on
 ipc:// paths in a private temporary directory; see core_process.py for why
-ZeroMQ and msgpack.
+ZeroMQ and msgpack. It is spawned (CoreProcess) before the model is read, so its
+imports and the frontend's run side by side, and handed its spec after.
 
 The core can die (an exception in its loop, kill -9, the kernel's OOM killer):
 its process sentinel is watched on the event loop, so within milliseconds every
@@ -44,6 +45,43 @@ class CoreStartError(RuntimeError):
     """The engine core process could not load its model or died while starting."""
 
 
+class CoreProcess:
+    """The engine core's process, spawned early: it imports while the frontend reads the model, then
+    waits for its spec (ProcessEngine.start hands it over). `abandon()` ends one that never got it."""
+
+    def __init__(self) -> None:
+        self.sockets = _Sockets()
+        context = multiprocessing.get_context("spawn")
+        specs, self._specs = context.Pipe(duplex=False)
+        self.process = context.Process(target=main, args=(specs,), name="modelserve-engine-core", daemon=True)
+        with passive_omp_waits():
+            self.process.start()
+        specs.close()  # the child's end: ours closing is what tells it to give up
+        self._handed = self._abandoned = False
+
+    def hand(self, spec: CoreSpec) -> None:
+        self._specs.send(spec)
+        self._specs.close()
+        self._handed = True
+
+    def abandon(self) -> None:
+        """Stop the process and close the sockets; idempotent. One that has no spec yet holds nothing and is
+        killed at once (it may still be importing, which would only delay the exit); one that has its spec
+        gets a moment to end (it ends on its own after it reported a failure)."""
+        if self._abandoned:
+            return
+        self._abandoned = True
+        self._specs.close()
+        if not self._handed:
+            self.process.kill()
+        if self.process.is_alive():
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
+        self.sockets.close()
+
+
 class ProcessEngine(EngineFrontend):
     """An EngineFrontend whose core runs in a child process."""
 
@@ -66,20 +104,17 @@ class ProcessEngine(EngineFrontend):
     @classmethod
     async def start(
         cls,
+        core: CoreProcess,
         spec_for: Callable[[str, str], CoreSpec],
         tokenizer: Tokenizer,
         limits_for: Callable[[int], QueueLimits],
         on_step: Callable[[StepRecord], None] | None = None,
     ) -> ProcessEngine:
-        """Start the core process and wait until its model is loaded. `spec_for(commands, outputs)` builds
-        its spec around the socket addresses; `limits_for(kv_budget_tokens)` the queue limits."""
-        sockets = _Sockets()
-        spec = spec_for(sockets.commands_address, sockets.outputs_address)
-        process = multiprocessing.get_context("spawn").Process(
-            target=main, args=(spec,), name="modelserve-engine-core", daemon=True
-        )
-        with passive_omp_waits():
-            process.start()
+        """Hand `core` its spec and wait until its model is loaded (on failure, `core` is abandoned).
+        `spec_for(commands, outputs)` builds the spec around the socket addresses; `limits_for(kv_budget_tokens)`
+        the queue limits."""
+        sockets, process = core.sockets, core.process
+        core.hand(spec_for(sockets.commands_address, sockets.outputs_address))
         loop = asyncio.get_running_loop()
         died = loop.create_future()
 
@@ -95,13 +130,11 @@ class ProcessEngine(EngineFrontend):
             loop.remove_reader(process.sentinel)
         if not first.done():
             first.cancel()
-            process.join(1)
-            sockets.close()
+            core.abandon()
             raise CoreStartError(f"the engine core process exited with code {process.exitcode} while starting")
         message = first.result()
         if not isinstance(message, CoreReady):
-            process.join(10)
-            sockets.close()
+            core.abandon()
             error = message.error if isinstance(message, CoreFailed) else f"unexpected {type(message).__name__}"
             raise CoreStartError(error)
         engine = cls(process, message, sockets, tokenizer, limits_for(message.kv_budget_tokens), on_step)

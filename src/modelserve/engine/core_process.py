@@ -1,5 +1,10 @@
 """The engine-core process: load the weights, then take commands, step and send, until told to stop.
 
+It is spawned before the frontend has read the model directory, and imports torch, transformers
+and the engine (seconds) while the frontend does (seconds too, on the other CPU); then it waits on a
+pipe for its spec. A frontend that gives up first (a bad model, a stop while loading) closes the pipe,
+and the process ends without a word.
+
 ZeroMQ sockets (as vLLM's engine core uses) with msgpack through msgspec: ZeroMQ
 does its socket I/O on its own C++ threads, so sending a step's output never
 stalls the next step, and msgspec encodes a step in microseconds. The process
@@ -14,13 +19,13 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
 
 from modelserve.config import LOG_FORMAT
-from modelserve.engine.core_loop import run_core_loop
 from modelserve.engine.cpu_threads import WAIT_POLICY, core_threads
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
 
@@ -50,10 +55,19 @@ class CoreSpec:
     log_level: str
 
 
-def main(spec: CoreSpec) -> None:
-    """The process's entry point (multiprocessing, spawn)."""
+def main(specs: Connection) -> None:
+    """The process's entry point (multiprocessing, spawn): the CoreSpec comes on `specs`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from modelserve.engine.core_loop import run_core_loop  # torch and the engine: the slow imports
+    from modelserve.models import loader  # noqa: F401  (transformers, which _build_core uses)
+
+    try:
+        spec: CoreSpec = specs.recv()
+    except EOFError:  # the frontend gave up before it had read the model
+        return
+    finally:
+        specs.close()
     logging.basicConfig(level=spec.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     parent = os.getppid()
     context = zmq.Context()

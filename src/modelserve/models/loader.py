@@ -17,14 +17,15 @@ Besides its EOS ids, a model's generation_config.json carries its authors'
 sampling defaults (ModelInfo.generation_defaults); the server applies them to
 the parameters a request leaves unset. Its tokenizer carries the chat template
 (ModelInfo.chat_template) that Chat renders messages with.
+
+The checks of a --model value that need no torch are in source.py, which the server runs before it
+starts anything heavy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,94 +36,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from modelserve.models.capability import unsupported_reason
 from modelserve.models.quantize import quantize_model, weight_bytes
+from modelserve.models.source import ModelLoadError, check_weights, one_line, resolve_source
 
 log = logging.getLogger(__name__)
-
-
-# The weights transformers looks for in a directory, in its order of preference: a file, or an index of shards.
-_WEIGHTS = (
-    ("model.safetensors", False),
-    ("model.safetensors.index.json", True),
-    ("pytorch_model.bin", False),
-    ("pytorch_model.bin.index.json", True),
-)
-
-# A hub repo id: "name" or "owner/name", letters, digits, "-", "_", "." (no leading "/", ".", "~").
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be served; the message (one line) says why."""
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line (transformers' messages span several)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _check_model_dir(path: Path) -> None:
-    """Fail with a plain message unless `path` holds a config.json with a model_type."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(
-            f"model directory {path} has no config.json: a Hugging Face model directory holds config.json, "
-            "the weights (*.safetensors) and tokenizer.json"
-        )
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {config_file}: {_one_line(exc)}") from exc
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise ModelLoadError(
-            f"{config_file} has no model_type key (such as llama, qwen3, mistral or gemma3_text); "
-            "is this a Hugging Face transformers model directory?"
-        )
-
-
-def _check_weights(path: Path) -> None:
-    """Fail with a message naming the directory and the missing file unless `path` holds weights that
-    transformers will load: the first of _WEIGHTS present, and for an index, every shard it lists."""
-    for name, sharded in _WEIGHTS:
-        weights = path / name
-        if not weights.is_file():
-            continue
-        if not sharded:
-            return
-        try:
-            shards = sorted(set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(f"cannot read the shard list (weight_map) of {weights}: {_one_line(exc)}") from exc
-        missing = [shard for shard in shards if not (path / str(shard)).is_file()]
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise ModelLoadError(
-                f"model directory {path} is missing the weights shard {missing[0]}{more} that {name} lists "
-                f"({len(missing)} of {len(shards)} shards missing)"
-            )
-        return
-    raise ModelLoadError(
-        f"model directory {path} has no weights: expected model.safetensors, or model.safetensors.index.json "
-        "and the shards it lists"
-    )
-
-
-def resolve_source(source: str) -> tuple[str, bool]:
-    """(what to load, whether it is a local directory) for a --model value; ModelLoadError if hopeless.
-
-    An existing directory is checked for config.json and its model_type; a path that
-    does not exist is reported as such, unless it also reads as a hub id.
-    """
-    if not source.strip():
-        raise ModelLoadError("--model is empty: give a model directory or hub id, or leave it unset for the demo model")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        _check_model_dir(path)
-        return str(path), True
-    if path.exists():
-        raise ModelLoadError(f"--model {source}: {path} is a file, not a model directory")
-    if _HUB_ID.fullmatch(source) is None:
-        raise ModelLoadError(f"model directory {path.absolute()} does not exist")
-    return source, False
 
 
 @dataclass(frozen=True)
@@ -228,7 +144,7 @@ def load_model_info(
     requested = source
     source, local = resolve_source(source)
     if local:
-        _check_weights(Path(source))
+        check_weights(Path(source))
         if revision:
             log.warning("--revision %s is ignored: %s is a local directory, read as it is", revision, source)
             revision = None
@@ -239,12 +155,12 @@ def load_model_info(
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:  # hub errors come in many classes (HTTP, offline, not found, gated)
         if local:
-            raise ModelLoadError(f"cannot read the model config in {source}: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot read the model config in {source}: {one_line(exc)}") from exc
         where = Path(source).expanduser().absolute()
         at = f" at revision {revision!r}" if revision else ""
         raise ModelLoadError(
             f"{source!r} is not a local directory ({where} does not exist) and could not be fetched from the hub"
-            f"{at}: {_one_line(exc)}"
+            f"{at}: {one_line(exc)}"
         ) from exc
     reason = unsupported_reason(config)
     if reason is not None:
@@ -304,8 +220,8 @@ def _load_tokenizer(source: str, local: bool, kwargs: dict[str, Any]) -> Any:
         hf_tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         if lacks_file:
-            raise ModelLoadError(f"{no_file} ({_one_line(exc)})") from exc
-        raise ModelLoadError(f"cannot load the tokenizer of {source}: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"{no_file} ({one_line(exc)})") from exc
+        raise ModelLoadError(f"cannot load the tokenizer of {source}: {one_line(exc)}") from exc
     if not isinstance(getattr(hf_tokenizer, "backend_tokenizer", None), Tokenizer):
         raise ModelLoadError(
             no_file if lacks_file else f"{source!r} has no fast tokenizer (tokenizer.json); modelserve needs one"
@@ -322,9 +238,9 @@ def _read_generation_config(source: str, local: bool, kwargs: dict[str, Any]) ->
         return GenerationConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:  # OSError: also a hub repo without one
         if local:
-            log.warning("ignoring %s: %s", Path(source) / "generation_config.json", _one_line(exc))
+            log.warning("ignoring %s: %s", Path(source) / "generation_config.json", one_line(exc))
         else:
-            log.info("%s has no usable generation_config.json: %s", source, _one_line(exc))
+            log.info("%s has no usable generation_config.json: %s", source, one_line(exc))
         return None
 
 
@@ -395,7 +311,7 @@ def load_weights(info: ModelInfo, *, trust_remote_code: bool = False, quantizati
                 info.source, dtype=info.dtype, attn_implementation="eager", revision=info.revision, **kwargs
             )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the weights of {info.source}: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load the weights of {info.source}: {one_line(exc)}") from exc
     quantize_model(model, quantization, info.device)
     model.eval()
     fields = {f: getattr(info, f) for f in info.__dataclass_fields__}

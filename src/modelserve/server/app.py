@@ -50,7 +50,7 @@ from modelserve.telemetry.setup import Telemetry, start_telemetry
 from modelserve.telemetry.tracing import server_interceptor
 
 if TYPE_CHECKING:
-    from modelserve.engine.client import ProcessEngine
+    from modelserve.engine.client import CoreProcess, ProcessEngine
     from modelserve.models.loader import ModelInfo
 
 log = logging.getLogger("modelserve")
@@ -150,14 +150,15 @@ async def _set_health(health_servicer: health.aio.HealthServicer, status: int) -
 
 
 async def _start_engine(
-    config: Config, info: ModelInfo, telemetry: Telemetry | None
+    core: CoreProcess, config: Config, info: ModelInfo, telemetry: Telemetry | None
 ) -> tuple[ProcessEngine, ModelInfo]:
-    """Start the engine core process, warm it up, and let telemetry watch it."""
+    """Start the spawned engine core process on the model, warm it up, and let telemetry watch it."""
     from modelserve.server.lifecycle import start_engine_core, warm_up
 
     if telemetry is not None:  # before the engine's first step, so every point names the model
         telemetry.metrics.set_model(info.model_id)
-    engine, info = await start_engine_core(config, info, on_step=telemetry.metrics.record_step if telemetry else None)
+    on_step = telemetry.metrics.record_step if telemetry else None
+    engine, info = await start_engine_core(core, config, info, on_step=on_step)
     if config.warmup:
         await warm_up(engine, info)
     if telemetry is not None:
@@ -192,6 +193,8 @@ class ClientGoneFilter(logging.Filter):
 
 async def serve(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
+    from modelserve.engine.client import CoreProcess
+    from modelserve.models.source import ModelLoadError, check_source
     from modelserve.server.lifecycle import FINAL_MESSAGE_S, drain, in_daemon_thread, load_info
 
     logging.getLogger("grpc._cython.cygrpc").addFilter(ClientGoneFilter())
@@ -259,12 +262,21 @@ async def serve(config: Config) -> int:
     exit_code = 0
     try:
         started = time.monotonic()
+        if config.model is not None:
+            try:
+                check_source(config.model)
+            except ModelLoadError as exc:
+                log.error("could not load the model: %s", exc)
+                serving.phase = Phase.FAILED
+                return 1
+        core = CoreProcess()  # imports while the model is read
         loading = asyncio.ensure_future(in_daemon_thread(lambda: load_info(config)))
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             try:
-                engine, model = await _start_engine(config, loading.result(), telemetry)
+                engine, model = await _start_engine(core, config, loading.result(), telemetry)
             except Exception as exc:
+                core.abandon()
                 log.error("could not load the model: %s", exc)
                 serving.phase = Phase.FAILED
                 return 1
@@ -290,6 +302,7 @@ async def serve(config: Config) -> int:
                 return 1
         else:
             loading.cancel()
+            core.abandon()
         log.info("shutting down: health NOT_SERVING, new calls refused, running streams get %gs", config.grace_s)
     except Exception:
         log.exception("server failed")

@@ -29,7 +29,7 @@ from modelserve.config import Config
 if TYPE_CHECKING:
     import grpc
 
-    from modelserve.engine.client import ProcessEngine
+    from modelserve.engine.client import CoreProcess, ProcessEngine
     from modelserve.engine.engine import Engine
     from modelserve.engine.frontend import EngineFrontend
     from modelserve.engine.request import StepRecord
@@ -139,9 +139,10 @@ def build_engine(config: Config, model: LoadedModel, on_step: Callable[[StepReco
 
 
 async def start_engine_core(
-    config: Config, info: ModelInfo, on_step: Callable[[StepRecord], None] | None = None
+    core: CoreProcess, config: Config, info: ModelInfo, on_step: Callable[[StepRecord], None] | None = None
 ) -> tuple[ProcessEngine, ModelInfo]:
-    """Start the engine core process on `info`'s model; return the engine and the info as the core runs it."""
+    """Start the spawned engine core process on `info`'s model; return the engine and the info as the core
+    runs it."""
     import torch
 
     from modelserve.engine.client import ProcessEngine
@@ -164,7 +165,7 @@ async def start_engine_core(
             log_level=config.log_level,
         )
 
-    engine = await ProcessEngine.start(spec_for, info.tokenizer, engine_config.queue_limits, on_step)
+    engine = await ProcessEngine.start(core, spec_for, info.tokenizer, engine_config.queue_limits, on_step)
     ready = engine.ready
     info = dataclasses.replace(
         info,
