@@ -160,7 +160,11 @@ async def _start_engine(
     on_step = telemetry.metrics.record_step if telemetry else None
     engine, info = await start_engine_core(core, config, info, on_step=on_step)
     if config.warmup:
-        await warm_up(engine, info)
+        try:
+            await warm_up(engine, info)
+        except BaseException:
+            engine.shutdown()  # before the caller reports the failure: its core then ends quietly, not killed
+            raise
     if telemetry is not None:
         telemetry.metrics.attach_engine(engine.stats)
         if config.vllm_metrics and telemetry.registry is not None:
