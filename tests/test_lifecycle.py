@@ -13,11 +13,13 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
+from bench.harness import wait_until
 from modelserve.config import Config
 from modelserve.engine.request import EngineStats
 from modelserve.server.http import _Api
@@ -123,6 +125,25 @@ def test_sigterm_stops_cleanly(model_dirs: dict[str, Path], tmp_path: Path) -> N
     with server.channel() as channel, pytest.raises(grpc.RpcError) as err:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]
+
+
+def test_sigterm_while_loading_stops_cleanly_and_ends_the_core(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The engine core is spawned before the model is read (its imports run beside the frontend's); a
+    SIGTERM in that time ends the server normally, with no error, and its child processes with it."""
+    server = start_server(tmp_path, "--model", str(model_dirs["llama"]))
+    children = wait_until(psutil.Process(server.proc.pid).children, bool, 60)
+    assert children, f"no engine core process was spawned; log:\n{server.log()}"
+    assert "ready: serving" not in server.log()  # still loading (its imports take seconds): the case tested
+    assert server.terminate(timeout_s=30) == 0
+    assert "ready: serving" not in server.log() and server.log_errors() == []
+    assert wait_until(lambda: [c for c in children if _alive(c)], lambda alive: not alive, 30) == []
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 MODEL = SimpleNamespace(model_id="tiny", device="cpu", dtype="torch.float32", weight_bytes=0)  # what Health reads
