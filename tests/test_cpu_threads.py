@@ -8,13 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from modelserve.engine.cpu_threads import (
-    WAIT_POLICY,
-    CoreThreads,
-    cgroup_quota_cpus,
-    choose_threads,
-    passive_omp_waits,
-)
+from modelserve.engine.cgroups import cgroup_memory_limit, cgroup_quota_cpus
+from modelserve.engine.cpu_threads import WAIT_POLICY, CoreThreads, choose_threads, passive_omp_waits
 
 LARGE = 124_000_000  # GPT-2-small: every usable CPU
 SMALL = 1_000_000  # under 20M: one CPU left to the frontend
@@ -177,3 +172,22 @@ def test_the_users_wait_policy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     with passive_omp_waits():
         assert os.environ[WAIT_POLICY] == "ACTIVE"
     assert os.environ[WAIT_POLICY] == "ACTIVE"
+
+
+def test_memory_limit_v2_tightest_of_the_cgroup_and_its_ancestors(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "0::/kubepods/pod1/ctr\n", V2_MOUNT)
+    write(tmp_path / "cgroup/kubepods/pod1", memory_max=str(2 << 30))
+    write(tmp_path / "cgroup/kubepods/pod1/ctr", memory_max="max")
+    assert cgroup_memory_limit(proc) == 2 << 30
+    write(tmp_path / "cgroup/kubepods/pod1", memory_max="max")
+    assert cgroup_memory_limit(proc) is None
+
+
+def test_memory_limit_v1_and_its_no_limit_number(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "5:memory:/a\n4:cpu,cpuacct:/a\n", V1_MOUNTS)
+    write(tmp_path / "memory/a", memory_limit_in_bytes=str(512 << 20))
+    write(tmp_path / "cpu,cpuacct/a", memory_limit_in_bytes=str(1 << 20))  # not the memory hierarchy
+    assert cgroup_memory_limit(proc) == 512 << 20
+    write(tmp_path / "memory/a", memory_limit_in_bytes="9223372036854771712")  # v1's "no limit"
+    assert cgroup_memory_limit(proc) is None
+    assert cgroup_memory_limit(tmp_path / "no-proc") is None

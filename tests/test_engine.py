@@ -405,3 +405,16 @@ def test_cpu_kv_memory_is_zero_and_becomes_resident_only_as_it_is_written() -> N
     assert me.memory_info().rss - before < 64 << 20
     assert memory_warning(1 << 20, shape.device) is None
     assert "--kv-cache-bytes" in (memory_warning(psutil.virtual_memory().total * 2, shape.device) or "")
+
+
+def test_the_kv_warning_names_a_cgroup_memory_limit_below_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container whose memory limit (read from its cgroup; stood in for here) is below the KV budget, the
+    start-up warning says so: the host's free memory alone would not, and the pool would be OOM-killed under load."""
+    from modelserve.engine import kv_memory
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kv_memory, "cgroup_memory_limit", lambda: 1 << 30)
+    warning = kv_memory.memory_warning(2 << 30, cpu) or ""
+    assert "cgroup's memory limit (1.00 GiB)" in warning and "--kv-cache-bytes" in warning
+    assert kv_memory.memory_warning(512 << 20, cpu) is None
+    assert kv_memory.memory_warning(2 << 30, torch.device("meta")) is None  # on a GPU the memory is taken at start

@@ -3,9 +3,7 @@
 os.cpu_count() counts the machine's CPUs, not this process's: a CPU affinity mask (taskset, a cpuset)
 or a cgroup CPU quota (a Kubernetes CPU limit) can give it fewer, and torch's threads split every
 operation evenly, so one thread more than there are CPUs waits for its turn at every step. The quota
-is read as the kernel applies it: the tightest of the process's cgroup and its ancestors, v2 `cpu.max`
-or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`, under the mounts /proc/self/mountinfo names (so a
-cgroup namespace, which shows a container its own cgroup as the root, reads the container's own).
+is read as the kernel applies it (cgroups.py).
 And how those threads wait between operations: asleep, not spinning (passive_omp_waits).
 """
 
@@ -14,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+
+from modelserve.engine.cgroups import cgroup_quota_cpus
 
 SMALL_MODEL_PARAMETERS = 20_000_000  # below this, a CPU core leaves one CPU to the frontend
-PROC_SELF = Path("/proc/self")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch sizes its pool from
 WAIT_POLICY = "OMP_WAIT_POLICY"
 
@@ -105,72 +102,3 @@ def passive_omp_waits() -> Iterator[None]:
         yield
     finally:
         del os.environ[WAIT_POLICY]
-
-
-def cgroup_quota_cpus(proc_self: Path = PROC_SELF) -> float | None:
-    """The CPUs per second the cgroup quota lets this process's cgroup use (None: no quota), read from
-    `proc_self`/cgroup and `proc_self`/mountinfo and the cgroup files under the mount points these name."""
-    try:
-        memberships = (proc_self / "cgroup").read_text().splitlines()
-        mounts = (proc_self / "mountinfo").read_text().splitlines()
-    except OSError:  # not Linux, or no /proc
-        return None
-    quotas = [
-        quota
-        for directories, quota_of in _cpu_cgroups(memberships, mounts)
-        for directory in directories
-        if (quota := quota_of(directory)) is not None
-    ]
-    return min(quotas, default=None)
-
-
-def _cpu_cgroups(memberships: list[str], mounts: list[str]) -> list[tuple[list[Path], Callable[[Path], float | None]]]:
-    """Each mounted cgroup hierarchy with the CPU controller: the directories of this process's cgroup and
-    its ancestors there (those the mount shows), with the reader of that hierarchy's quota files."""
-    paths: dict[str, PurePosixPath] = {}  # the process's cgroup in the v2 hierarchy, and in v1's with "cpu"
-    for line in memberships:
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and controllers == "":
-            paths["cgroup2"] = PurePosixPath(path)
-        elif "cpu" in controllers.split(","):
-            paths["cgroup"] = PurePosixPath(path)
-    found: list[tuple[list[Path], Callable[[Path], float | None]]] = []
-    for line in mounts:
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        fstype, _, options = fields[fields.index("-") + 1 :][:3]
-        if fstype not in paths or (fstype == "cgroup" and "cpu" not in options.split(",")):
-            continue
-        # A mount may show only part of the hierarchy (a container's own cgroup, as its root): the
-        # process's cgroup is then found below the mount's root, and ancestors above it are not shown.
-        root, mount_point = PurePosixPath(_unescape(fields[3])), Path(_unescape(fields[4]))
-        if not paths[fstype].is_relative_to(root):
-            continue
-        parts = paths[fstype].relative_to(root).parts
-        directories = [mount_point.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
-        found.append((directories, _quota_v2 if fstype == "cgroup2" else _quota_v1))
-    return found
-
-
-def _quota_v2(directory: Path) -> float | None:
-    """cgroup v2 `cpu.max`: "QUOTA PERIOD" in microseconds, or "max PERIOD" for no quota."""
-    try:
-        quota, period = (directory / "cpu.max").read_text().split()
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError, ZeroDivisionError):
-        return None
-
-
-def _quota_v1(directory: Path) -> float | None:
-    """cgroup v1 `cpu.cfs_quota_us` over `cpu.cfs_period_us`; a quota of -1 is none."""
-    try:
-        quota = int((directory / "cpu.cfs_quota_us").read_text())
-        return None if quota < 0 else quota / int((directory / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError, ZeroDivisionError):
-        return None
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo path field: the kernel writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)

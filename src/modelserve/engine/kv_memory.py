@@ -5,8 +5,8 @@ there and then, so an out-of-memory shows at start, not under load. On a CPU it 
 which the kernel hands out zeroed a page at a time as it is first written: zeroing the default 4 GiB up
 front cost about 3 s of every start and made all of it resident before one request came, memory the
 host's other processes could have used. The core warns at start when the budget is more than the
-memory available (memory_warning()). Which block holds what is the block manager's business (block_manager.py);
-these tensors are the runner's, and nothing else touches them.
+memory available or the cgroup's memory limit (memory_warning()). Which block holds what is the block
+manager's business (block_manager.py); these tensors are the runner's, and nothing else touches them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from modelserve.engine.attention import Workspace
+from modelserve.engine.cgroups import cgroup_memory_limit
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def memory_warning(kv_bytes: int, device: torch.device) -> str | None:
-    """On a CPU, what to say when the KV budget is more than the memory available now: it is not all
-    taken at start, so it would run out under load instead."""
+    """On a CPU, what to say when the KV budget is more than the memory available now or than the
+    cgroup's memory limit (a Kubernetes limit): it is not all taken at start, so it would run out under
+    load instead (the kernel's OOM killer, in a container)."""
     if device.type != "cpu":
         return None
     available = psutil.virtual_memory().available
-    if kv_bytes <= available:
+    limit = cgroup_memory_limit()
+    if kv_bytes <= available and (limit is None or kv_bytes <= limit):
         return None
+    room = f"the memory available now ({available / 2**30:.2f} GiB)"
+    if limit is not None and limit < available:
+        room = f"this cgroup's memory limit ({limit / 2**30:.2f} GiB)"
     return (
-        f"the KV budget ({kv_bytes / 2**30:.2f} GiB) is more than the memory available now "
-        f"({available / 2**30:.2f} GiB): the KV memory is filled as requests use it, and the process could run "
-        "out of memory under load; lower --kv-cache-bytes"
+        f"the KV budget ({kv_bytes / 2**30:.2f} GiB) is more than {room}: the KV memory is filled as requests "
+        "use it, and the process could run out of memory under load; lower --kv-cache-bytes"
     )
