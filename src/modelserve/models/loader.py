@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from modelserve.models.capability import unsupported_reason
 from modelserve.models.quantize import quantize_model, weight_bytes
-from modelserve.models.source import ModelLoadError, check_weights, one_line, resolve_source
+from modelserve.models.source import ModelLoadError, check_source, one_line
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,8 @@ def load_model_info(
 
     hf_logging.disable_progress_bar()  # one log line per load, not a progress bar per shard
     requested = source
-    source, local = resolve_source(source)
+    source, local = check_source(source)
     if local:
-        check_weights(Path(source))
         if revision:
             log.warning("--revision %s is ignored: %s is a local directory, read as it is", revision, source)
             revision = None

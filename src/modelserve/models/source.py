@@ -1,7 +1,7 @@
 """A --model value checked before anything heavy is imported: is it a model directory (config.json with a
-model_type, and its weights) or something that reads as a hub id? The server runs resolve_source() before it
+model_type, and its weights) or something that reads as a hub id? The server runs check_source() before it
 spawns its engine core, so a wrong path is one plain error line within a second, not after seconds of
-importing torch and transformers (loader.py runs the same checks again as it loads)."""
+importing torch and transformers (loader.py calls check_source() too, as it loads)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
-def check_weights(path: Path) -> None:
+def _check_weights(path: Path) -> None:
     """Fail with a message naming the directory and the missing file unless `path` holds weights that
     transformers will load: the first of _WEIGHTS present, and for an index, every shard it lists."""
     for name, sharded in _WEIGHTS:
@@ -95,9 +95,10 @@ def resolve_source(source: str) -> tuple[str, bool]:
     return source, False
 
 
-def check_source(source: str) -> None:
-    """ModelLoadError unless `source` could be served as far as can be told without torch: resolve_source(),
-    then a local directory's weights."""
+def check_source(source: str) -> tuple[str, bool]:
+    """resolve_source(), then a local directory's weights: ModelLoadError unless `source` could be served as
+    far as can be told without torch."""
     resolved, local = resolve_source(source)
     if local:
-        check_weights(Path(resolved))
+        _check_weights(Path(resolved))
+    return resolved, local
