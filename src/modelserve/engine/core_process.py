@@ -61,6 +61,7 @@ def main(specs: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from modelserve.engine.core_loop import run_core_loop  # torch and the engine: the slow imports
     from modelserve.models import loader  # noqa: F401  (transformers, which _build_core uses)
+    from modelserve.models.quantize import weight_bytes
 
     try:
         spec: CoreSpec = specs.recv()
@@ -94,7 +95,7 @@ def main(specs: Connection) -> None:
                 kv_budget_tokens=core.kv_budget_tokens,
                 device=str(core.runner.device),
                 dtype=str(core.runner.kv_shape.dtype).removeprefix("torch."),
-                weight_bytes=loaded.weight_bytes,
+                weight_bytes=weight_bytes(core.runner.model),  # after the runner packed its linears
             )
         )
     )

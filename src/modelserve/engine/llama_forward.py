@@ -7,27 +7,24 @@ the paged one (attention.py) on flat [tokens, heads, dim] tensors; the LM head r
 tokens only. Fewer, larger kernels and no Python per layer beyond the few calls it makes: on a CPU a
 small model's step is mostly dispatch, and on a GPU it is what a CUDA graph records.
 
-The model keeps its own modules and parameters: the fused weights are new tensors and the originals
-become views into them, so no weight is held twice and generate() on the model still works. The
-norms, the activation and the rotary formula are the model's own functions, so fp32 outputs equal
-transformers' token for token (tests/test_families.py checks it). A model whose projections are not
-plain linear layers (INT8) keeps them unfused.
+The linear layers come through cpu_linears.py: fused, and on a CPU packed for oneDNN, with the model's
+modules left computing the same products, so no weight is held twice and generate() on the model still
+works. The norms, the activation and the rotary formula are the model's own functions, so fp32 outputs
+equal transformers' token for token (tests/test_families.py checks it). A model whose projections are
+not plain linear layers (INT8) keeps them unfused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from modelserve.engine.attention import StepContext, attend
+from modelserve.engine.cpu_linears import Linears, Projection
 
 OWN_FORWARD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-Projection = Callable[[torch.Tensor], torch.Tensor]
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -43,56 +40,35 @@ def supports(model: PreTrainedModel) -> bool:
     return layers is not None and all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers)
 
 
-def _fused(linears: list[Any]) -> Projection:
-    """One matmul for several projections of the same input, their outputs side by side; the modules'
-    parameters become views into the fused weight (no copy kept)."""
-    if not all(type(m) is nn.Linear for m in linears):  # e.g. INT8 modules: call them one by one
-        return lambda x: torch.cat([m(x) for m in linears], dim=-1)
-    with torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
-        has_bias = [m.bias is not None for m in linears]
-        bias = torch.cat([m.bias for m in linears]) if all(has_bias) else None
-        start = 0
-        for m in linears:
-            rows = m.weight.shape[0]
-            m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
-            if bias is not None:
-                m.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
-            start += rows
-    if not all(has_bias) and any(has_bias):
-        return lambda x: torch.cat([m(x) for m in linears], dim=-1)
-    return lambda x: torch.nn.functional.linear(x, weight, bias)
-
-
 class _Layer:
-    def __init__(self, layer: Any, index: int, window: int | None) -> None:  # a decoder layer (untyped modules)
+    def __init__(self, layer: Any, index: int, window: int | None, linears: Linears) -> None:  # untyped modules
         attn, mlp = layer.self_attn, layer.mlp
         self.index = index
         self.window = window
         self.input_norm: Projection = layer.input_layernorm
         self.post_norm: Projection = layer.post_attention_layernorm
-        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.q_size = attn.q_proj.out_features
+        self.q_size = attn.q_proj.out_features  # read before fusing, which may make the modules its Columns
         self.kv_size = attn.k_proj.out_features
+        self.inner = mlp.gate_proj.out_features
+        self.qkv = linears.fused(attn, ["q_proj", "k_proj", "v_proj"])
         self.q_norm: Projection | None = getattr(attn, "q_norm", None)
         self.k_norm: Projection | None = getattr(attn, "k_norm", None)
-        self.o_proj: Projection = attn.o_proj
+        self.o_proj = linears.module(attn, "o_proj")
         self.scaling = float(attn.scaling)
-        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj])
-        self.inner = mlp.gate_proj.out_features
+        self.gate_up = linears.fused(mlp, ["gate_proj", "up_proj"])
         self.act: Projection = mlp.act_fn
-        self.down: Projection = mlp.down_proj
+        self.down = linears.module(mlp, "down_proj")
 
 
 class LlamaForward:
     """A Llama-family model's forward over a step's flat tokens and the paged KV memory."""
 
-    def __init__(self, model: PreTrainedModel, max_positions: int) -> None:
+    def __init__(self, model: PreTrainedModel, max_positions: int, linears: Linears) -> None:
         config = model.config
         base: Any = model.model
         self.embed: Projection = base.embed_tokens
         self.norm: Projection = base.norm
-        self.lm_head: Projection = model.get_output_embeddings()
+        self.lm_head = linears.lm_head(model)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
@@ -103,7 +79,7 @@ class LlamaForward:
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
         mistral_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.layers = [
-            _Layer(layer, i, getattr(layer.self_attn, "sliding_window", mistral_window))
+            _Layer(layer, i, getattr(layer.self_attn, "sliding_window", mistral_window), linears)
             for i, layer in enumerate(base.layers)
         ]
 

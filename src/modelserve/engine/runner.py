@@ -6,7 +6,8 @@ tokens form one flat sequence: decoding rows' single tokens first, then prompt c
 KV slots come from each row's own start and block table, and attention (attention.py) keeps each row
 to its own context.
 
-The forward is our own for the Llama family (llama_forward.py) unless `own_forward` is off. Any other
+The forward is our own for the Llama family (llama_forward.py) unless `own_forward` is off. On a CPU the
+linear layers are first packed for oneDNN (cpu_linears.py), in the model itself. Any other
 model runs its transformers forward with the paged attention (transformers' AttentionInterface), set
 in a copy of the model's modules that shares every parameter and buffer: the model object the caller
 holds still runs generate() as loaded, from any thread, while the engine's copy runs steps. A model
@@ -29,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 
 from modelserve.engine.attention import PAGED_ATTENTION, PrefillRow, StepContext, paged_attention, step_context
+from modelserve.engine.cpu_linears import Linears
 from modelserve.engine.cuda_graphs import DecodeGraphs
 from modelserve.engine.gathered_attention import GatheringCache, union_mask
 from modelserve.engine.kv_memory import KVMemory, KVShape
@@ -52,9 +54,13 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.kv_shape = self._probe_kv_shape()
-        self.own = LlamaForward(model, max_positions) if own_forward and supports(model) else None
-        self._paged = _paged_copy(model) if self.own is None else model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        linears = Linears(model)
+        self.own = LlamaForward(model, max_positions, linears) if own_forward and supports(model) else None
+        if self.own is None:
+            linears.pack_model(model)
+        linears.log()
+        self._paged = _paged_copy(model) if self.own is None else model
         self.states = SamplingStates(self.device, self.vocab_size, eos_token_ids)
         self.kv: KVMemory | None = None
         self.gathered = False  # its attention bypasses the AttentionInterface (gathered_attention.py)

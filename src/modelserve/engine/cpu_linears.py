@@ -1,0 +1,199 @@
+"""The engine's linear layers on a CPU: weights prepacked once for oneDNN, not handed to MKL in their loaded layout.
+
+A decode step's matrix products have one row per running request, a few to a few dozen. torch's eager
+`linear` gives those to MKL's GEMM with the weight as loaded, and at such shapes MKL spends much of its
+time re-laying the weight out. oneDNN can reorder a weight once into its blocked layout and multiply
+against it on every call: `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise`, the ops
+torch's own compiler (inductor, with freezing) puts in place of a CPU linear, and what vLLM's CPU build
+runs. Measured here (2 threads, AVX2, fp32; docs/benchmarks.md): gpt2-small's layers at 32 rows 1.6-2.2
+ms against 0.85-1.2 packed, its LM head 45.6 against 20.9 ms; at 1 row 0.16-0.29 against 0.11-0.20 ms,
+the LM head 9.9 against 5.0; at 160 rows and more, level within 10%. A whole engine step of gpt2-small:
+batch 1 39 -> 27 ms, batch 32 148-169 -> 111-143 ms. Written here because no library does this for an
+eager model: inductor does it only inside a compiled graph, and ipex (which did) is retired.
+
+What is packed: every `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
+and the model's own `generate()` compute the same products. Our Llama-family forward fuses projections
+first (llama_forward.py) and packs the fused weight; the fused-away modules become column slices of it
+(`Columns`), so `generate()` on the model still works. A weight is freed once packed, except an LM head
+tied to the embeddings: the embeddings keep the weight and the packed head is a second copy (147 MiB for
+gpt2-small in fp32), bought for the head's 2x. Nothing is packed when the model's linears are int8
+(their own kernel, and memory is what int8 is for), when the dtype has no oneDNN path on this CPU (bf16
+needs AVX512 or AVX-NE-CONVERT), or when a trial product differs from `F.linear`'s: the log says which.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from modelserve.models.quantize import Int8WeightOnlyLinear
+
+log = logging.getLogger(__name__)
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+_TRIAL_ROWS = 3
+_TRIAL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+class PackedLinear(nn.Module):
+    """y = x Wᵀ + b with W in oneDNN's blocked layout. `weight` reports W's shape and dtype (the engine reads
+    the LM head's rows as the vocabulary size) but is opaque to any other tensor op."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """`weight` is [out_features, in_features], nn.Linear's layout."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+        # buffers, not parameters: shared (not copied) by the runner's copy of the model's modules
+        self.register_buffer("weight", packed, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Columns(nn.Module):
+    """One projection's share of a fused one: the fused product's columns [start, stop). Only the model's own
+    forward (generate()) calls it; the engine's forward calls the fused product once for all its shares."""
+
+    def __init__(self, fused: PackedLinear, start: int, stop: int) -> None:
+        super().__init__()
+        self.fused = fused
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = fused.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused: torch.Tensor = self.fused(x)
+        return fused[..., self.start : self.stop]
+
+
+class Linears:
+    """How the engine's forward gets its linear layers: packed on a CPU where oneDNN can, as loaded elsewhere."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.reason = _why_not(model)
+        self.packed = self.reason is None
+        self.count = 0
+        self.bytes = 0
+        self.copied_bytes = 0  # weights packed while something else keeps the original (a tied LM head)
+        self._embedding_storages = {
+            m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)
+        }
+
+    def module(self, parent: nn.Module, name: str) -> Projection:
+        """`parent.name` as the engine's forward calls it: packed in place where packing is on."""
+        child: Any = getattr(parent, name)
+        if not self.packed or type(child) not in (nn.Linear, Conv1D):
+            projection: Projection = child
+            return projection
+        weight = child.weight.t() if type(child) is Conv1D else child.weight
+        if weight.untyped_storage().data_ptr() in self._embedding_storages:
+            self.copied_bytes += weight.numel() * weight.element_size()
+        packed = PackedLinear(weight, child.bias)
+        self._count(weight)
+        setattr(parent, name, packed)
+        return packed
+
+    def fused(self, parent: nn.Module, names: list[str]) -> Projection:
+        """One matmul for several projections of the same input (`parent`'s modules `names`), their outputs
+        side by side. Unpacked, the modules' parameters become views into the fused weight; packed, the
+        modules become its Columns. Either way no weight is held twice."""
+        linears: list[Any] = [getattr(parent, name) for name in names]
+        if all(type(m) is Columns for m in linears) and len({id(m.fused) for m in linears}) == 1:
+            fused: PackedLinear = linears[0].fused  # fused and packed by an engine before this one
+            return fused
+        if not all(type(m) is nn.Linear for m in linears):  # e.g. INT8 modules: call them one by one
+            return lambda x: torch.cat([m(x) for m in linears], dim=-1)
+        has_bias = [m.bias is not None for m in linears]
+        if any(has_bias) and not all(has_bias):
+            return lambda x: torch.cat([m(x) for m in linears], dim=-1)
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in linears])
+            bias = torch.cat([m.bias for m in linears]) if all(has_bias) else None
+        bounds = [0]
+        for m in linears:
+            bounds.append(bounds[-1] + m.weight.shape[0])
+        if self.packed:
+            packed = PackedLinear(weight, bias)
+            self._count(weight)
+            for name, start, stop in zip(names, bounds, bounds[1:], strict=False):
+                setattr(parent, name, Columns(packed, start, stop))
+            return packed
+        for m, start, stop in zip(linears, bounds, bounds[1:], strict=False):
+            m.weight = nn.Parameter(weight[start:stop], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[start:stop], requires_grad=False)
+        return lambda x: torch.nn.functional.linear(x, weight, bias)
+
+    def lm_head(self, model: nn.Module) -> Projection:
+        """The model's output embeddings, as `module` gives them."""
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        path = next(name for name, m in model.named_modules() if m is head)
+        parent, _, name = path.rpartition(".")
+        return self.module(model.get_submodule(parent), name)
+
+    def pack_model(self, model: nn.Module) -> None:
+        """Pack every linear layer of a model whose transformers forward the engine runs."""
+        if not self.packed:
+            return
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) in (nn.Linear, Conv1D):
+                    self.module(parent, name)
+
+    def log(self) -> None:
+        if not self.packed:
+            log.info("linear layers run as loaded: %s", self.reason)
+            return
+        tied = f"; the LM head, tied to the embeddings, is a second copy ({self.copied_bytes / 2**20:.0f} MiB)"
+        log.info(
+            "linear layers: %d prepacked for oneDNN (%.0f MiB)%s (cpu_linears.py)",
+            self.count,
+            self.bytes / 2**20,
+            tied if self.copied_bytes else "",
+        )
+
+    def _count(self, weight: torch.Tensor) -> None:
+        self.count += 1
+        self.bytes += weight.numel() * weight.element_size()
+
+
+def _why_not(model: nn.Module) -> str | None:
+    """None when this model's linears can be packed here; else why not, for the log."""
+    first = next(model.parameters())
+    if first.device.type != "cpu":
+        return f"oneDNN packing is for CPUs (the model is on {first.device.type})"
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return f"torch {torch.__version__} was built without oneDNN"
+    if any(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
+        return "the model's linears are int8 (their own kernel)"
+    if not type(model).__module__.startswith("transformers."):
+        return f"{type(model).__name__} is the model's own code, whose forward may read its weights directly"
+    return _trial(first.dtype)
+
+
+def _trial(dtype: torch.dtype) -> str | None:
+    """Pack a small random weight and compare one product with F.linear's."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=generator).to(dtype)
+    bias = torch.randn(48, generator=generator).to(dtype)
+    x = torch.randn(_TRIAL_ROWS, 64, generator=generator).to(dtype)
+    try:
+        got = PackedLinear(weight, bias)(x)
+    except (RuntimeError, NotImplementedError) as exc:  # e.g. bf16 on a CPU without AVX512 or AVX-NE-CONVERT
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"oneDNN cannot pack {str(dtype).removeprefix('torch.')} weights on this CPU ({first_line})"
+    expected = torch.nn.functional.linear(x, weight, bias)
+    if not torch.allclose(got.float(), expected.float(), rtol=_TRIAL_RTOL.get(dtype, 2e-2), atol=1e-3):
+        return "oneDNN's product differed from F.linear's in a trial"
+    return None

@@ -1,0 +1,113 @@
+"""Linear layers packed for oneDNN on a CPU (engine/cpu_linears.py): what is packed, what it computes, what it
+costs in memory, and when nothing is packed. Greedy equality with generate() for every family, on both
+forwards, is tests/test_families.py's, which runs with the packing on."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from modelserve.engine import cpu_linears
+from modelserve.engine.cpu_linears import Columns, Linears, PackedLinear
+from modelserve.engine.runner import ModelRunner
+from modelserve.models.loader import load_model
+from modelserve.models.quantize import quantize_model, weight_bytes
+
+CPU = torch.device("cpu")
+
+
+def _model(model_dirs: dict[str, Path], arch: str) -> PreTrainedModel:
+    model: PreTrainedModel = load_model(str(model_dirs[arch]), CPU, torch.float32).model
+    return model
+
+
+def test_a_packed_linear_computes_what_f_linear_does_for_any_leading_shape() -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
+    layer = PackedLinear(weight, bias)
+    for shape in ((1, 24), (7, 24), (2, 5, 24), (0, 24)):
+        x = torch.randn(*shape, generator=generator)
+        got = layer(x)
+        assert got.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert tuple(layer.weight.shape) == (40, 24)  # what the engine reads the LM head's vocabulary from
+
+
+def test_gpt2_packs_every_linear_and_counts_its_tied_lm_head_as_a_copy(model_dirs: dict[str, Path]) -> None:
+    model = _model(model_dirs, "gpt2")
+    loaded_bytes = weight_bytes(model)
+    head_bytes = model.get_output_embeddings().weight.numel() * 4
+    runner = ModelRunner(model, frozenset(), 64)
+    assert runner.own is None
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "PackedLinear" in kinds and "Conv1D" not in kinds and "Linear" not in kinds
+    assert runner.vocab_size == model.config.vocab_size
+    # every other weight is freed once packed; the embeddings keep the tied head's original
+    assert weight_bytes(model) == pytest.approx(loaded_bytes + head_bytes, rel=0.02)
+
+
+def test_llama_fuses_then_packs_and_generate_still_runs(model_dirs: dict[str, Path]) -> None:
+    model = _model(model_dirs, "llama")
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        before = model(ids).logits
+    ModelRunner(model, frozenset(), 64)
+    attn = model.model.layers[0].self_attn
+    assert all(type(getattr(attn, n)) is Columns for n in ("q_proj", "k_proj", "v_proj"))
+    assert attn.q_proj.fused is attn.k_proj.fused is attn.v_proj.fused
+    assert type(attn.o_proj) is PackedLinear and type(model.model.layers[0].mlp.down_proj) is PackedLinear
+    with torch.inference_mode():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    # a second engine on the same model multiplies by the same fused weight, once per layer
+    again = ModelRunner(model, frozenset(), 64)
+    assert again.own is not None
+    assert again.own.layers[0].qkv is attn.q_proj.fused
+
+
+def test_int8_models_are_not_packed(model_dirs: dict[str, Path]) -> None:
+    model = copy.deepcopy(_model(model_dirs, "llama"))
+    quantize_model(model, "int8")
+    linears = Linears(model)
+    assert not linears.packed and linears.reason is not None and "int8" in linears.reason
+
+
+def test_a_dtype_onednn_cannot_pack_here_runs_as_loaded(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As bf16 does on a CPU without AVX512 or AVX-NE-CONVERT: oneDNN refuses the reorder."""
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    model = _model(model_dirs, "gpt2")
+    linears = Linears(model)
+    assert not linears.packed
+    assert linears.reason is not None and "cannot pack float32" in linears.reason and "avx512bw" in linears.reason
+    ModelRunner(model, frozenset(), 64)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert any(type(m).__name__ == "Conv1D" for m in model.modules())
+
+
+def test_a_trial_product_that_differs_turns_packing_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def off_by_one(*args: object) -> torch.Tensor:
+        result: torch.Tensor = real(*args) + 1
+        return result
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", off_by_one)
+    reason = cpu_linears._trial(torch.float32)
+    assert reason is not None and "differed" in reason
+
+
+def test_nothing_is_packed_off_the_cpu() -> None:
+    model = nn.Sequential(nn.Linear(4, 4, device="meta"))
+    linears = Linears(model)
+    assert not linears.packed and linears.reason is not None and "meta" in linears.reason
