@@ -18,7 +18,8 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve.cli import config_from_args, parse_args
-from modelserve.models.loader import GenerationDefaults, load_model, load_model_info
+from modelserve.models import loader
+from modelserve.models.loader import GenerationDefaults, load_model, load_model_info, resolve_dtype
 from modelserve.models.random_init import build_random_model
 from modelserve.models.source import ModelLoadError
 from modelserve.server.validation import InvalidArgument, Limits, RequestDefaults, build_request, resolve_defaults
@@ -252,3 +253,20 @@ def test_server_reports_and_applies_the_model_directorys_settings(tuned_server: 
         assert "the limit is 511" in str(err.value.details())  # the context less one token to generate
     assert "--max-model-len 512: sequences hold at most that many tokens" in server.log()
     assert not server.log_errors()
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["avx2", "amx"])
+def test_dtype_auto_on_a_cpu_and_a_warning_for_bf16_without_native_support(
+    native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(loader, "cpu_computes_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger=loader.__name__):
+        assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+        assert resolve_dtype("float32", cpu) == torch.float32
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "slow path" in warnings[0] and "float32" in warnings[0]

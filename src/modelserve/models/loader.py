@@ -122,6 +122,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise ModelLoadError(f"--dtype {name}: expected auto, {', '.join(dtypes)}")
+    if name == "bfloat16" and device.type == "cpu" and not cpu_computes_bf16():
+        log.warning(
+            "--dtype bfloat16 on a CPU with neither AMX nor AVX512-BF16: torch multiplies it on a slow path here, "
+            "several times slower than float32 (docs/benchmarks.md); --dtype auto picks float32 on this CPU"
+        )
     return dtypes[name]
 
 
