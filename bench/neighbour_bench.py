@@ -8,9 +8,8 @@ tenant's process would be; the server is not pinned. Quiet and busy windows take
 order each round, and the table reports their medians over `--rounds`, so the machine's other load
 falls on both alike. The goal (issue 17): busy at least half of quiet, at every C.
 
-With --spinning, a second server per model runs with OpenMP's default waits (a thread spins 300,000 turns
-before it sleeps: the engine core before issue 17), and with --passive one whose threads sleep at once (the
-engine core before its short spins), their windows taking turns with the default's.
+With --spinning, a second server per model runs with OpenMP's default waits (a thread spins before it
+sleeps: the engine core before issue 17), its windows taking turns with the first's.
 
 Writes JSON and a markdown table to bench/results/.
 
@@ -42,9 +41,8 @@ from bench import harness
 DEMO = "demo"  # the server's own demo model (no --model)
 GOAL = 0.5  # busy over quiet, at least
 PROMPTS = 64  # distinct prompts, so that the prefix cache does not skip every prefill
-# libgomp's defaults, set explicitly: the engine core sets GOMP_SPINCOUNT=10000 unless the user set a wait.
+# libgomp's defaults, set explicitly: the engine core sets OMP_WAIT_POLICY=PASSIVE unless the user set one.
 SPINNING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
-PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # the engine core's waits before the short spins
 
 
 @contextlib.contextmanager
@@ -126,11 +124,7 @@ def measure_preset(preset: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
     prompts = [tokenizer.decode(harness.make_prompt(tokenizer, pool, ns.prompt_tokens, rng)) for _ in range(PROMPTS)]
     flags += ["--cache-dir", str(ns.cache_dir), "--max-batch-size", str(max(ns.concurrency))]
     flags += ["--kv-cache-bytes", str(ns.kv_cache_mib << 20)]
-    variants = {
-        "OpenMP spins 10,000 turns (default)": {},
-        **({"OpenMP waits passive": PASSIVE} if ns.passive else {}),
-        **({"OpenMP waits spinning": SPINNING} if ns.spinning else {}),
-    }
+    variants = {"OpenMP waits passive (default)": {}, **({"OpenMP waits spinning": SPINNING} if ns.spinning else {})}
     servers = {
         name: harness.start_server(harness.RESULTS, *flags, env=env, name=f"neighbour-{preset}")
         for name, env in variants.items()
@@ -220,7 +214,6 @@ def main() -> None:
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="each server's --kv-cache-bytes, in MiB")
     parser.add_argument("--busy-cpu", type=int, default=max(os.sched_getaffinity(0)))
     parser.add_argument("--spinning", action="store_true", help="also a server with OpenMP's default waits")
-    parser.add_argument("--passive", action="store_true", help="also a server whose OpenMP threads sleep at once")
     parser.add_argument("--cache-dir", type=Path, default=harness.CACHE_DIR)
     ns = parser.parse_args()
 
@@ -232,9 +225,7 @@ def main() -> None:
             f"{ns.prompt_tokens}-token prompts, {ns.max_new_tokens} new tokens, greedy, EOS off; closed loop "
             f"C={'/'.join(map(str, ns.concurrency))}; {ns.window_s:g} s windows after {ns.warmup_s:g} s warm-up, "
             f"medians of {ns.rounds} rounds, quiet and busy taking turns; busy: `while True: pass` pinned to "
-            f"CPU {ns.busy_cpu}"
-            + (f"; spinning: the server's environment has {SPINNING}" if ns.spinning else "")
-            + (f"; passive: {PASSIVE}" if ns.passive else "")
+            f"CPU {ns.busy_cpu}" + (f"; spinning: the server's environment has {SPINNING}" if ns.spinning else "")
         ),
         "rows": rows,
     }

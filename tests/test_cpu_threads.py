@@ -9,14 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelserve.engine.cgroups import cgroup_memory_limit, cgroup_quota_cpus
-from modelserve.engine.cpu_threads import (
-    SPIN_COUNT,
-    SPIN_COUNT_VARIABLE,
-    WAIT_POLICY,
-    CoreThreads,
-    choose_threads,
-    short_omp_spins,
-)
+from modelserve.engine.cpu_threads import WAIT_POLICY, CoreThreads, choose_threads, passive_omp_waits
 
 LARGE = 124_000_000  # GPT-2-small: every usable CPU
 SMALL = 1_000_000  # under 20M: one CPU left to the frontend
@@ -167,24 +160,18 @@ def test_the_users_thread_setting_wins(variable: str) -> None:
     assert chosen == CoreThreads(3, f"{variable}=3 set by the user")
 
 
-def test_short_spins_while_the_core_starts_then_the_environment_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_passive_waits_while_the_core_starts_then_the_environment_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(WAIT_POLICY, raising=False)
-    monkeypatch.delenv(SPIN_COUNT_VARIABLE, raising=False)
-    with short_omp_spins():
-        assert os.environ[SPIN_COUNT_VARIABLE] == str(SPIN_COUNT)
-        assert WAIT_POLICY not in os.environ  # a policy would override the count
-    assert SPIN_COUNT_VARIABLE not in os.environ
+    with passive_omp_waits():
+        assert os.environ[WAIT_POLICY] == "PASSIVE"
+    assert WAIT_POLICY not in os.environ
 
 
-@pytest.mark.parametrize(("variable", "value"), [(WAIT_POLICY, "PASSIVE"), (SPIN_COUNT_VARIABLE, "300000")])
-def test_the_users_wait_setting_wins(variable: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(WAIT_POLICY, raising=False)
-    monkeypatch.delenv(SPIN_COUNT_VARIABLE, raising=False)
-    monkeypatch.setenv(variable, value)
-    with short_omp_spins():
-        assert os.environ[variable] == value
-        assert len({WAIT_POLICY, SPIN_COUNT_VARIABLE} & set(os.environ)) == 1
-    assert os.environ[variable] == value
+def test_the_users_wait_policy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WAIT_POLICY, "ACTIVE")
+    with passive_omp_waits():
+        assert os.environ[WAIT_POLICY] == "ACTIVE"
+    assert os.environ[WAIT_POLICY] == "ACTIVE"
 
 
 def test_memory_limit_v2_tightest_of_the_cgroup_and_its_ancestors(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from modelserve.engine.admission import QueueLimits
 from modelserve.engine.core_process import CoreSpec, main
-from modelserve.engine.cpu_threads import short_omp_spins
+from modelserve.engine.cpu_threads import passive_omp_waits
 from modelserve.engine.frontend import EngineFrontend
 from modelserve.engine.protocol import Command, CoreFailed, CoreMessage, CoreReady, Shutdown, StepOutput
 from modelserve.engine.request import StepRecord
@@ -54,7 +54,7 @@ class CoreProcess:
         context = multiprocessing.get_context("spawn")
         specs, self._specs = context.Pipe(duplex=False)
         self.process = context.Process(target=main, args=(specs,), name="modelserve-engine-core", daemon=True)
-        with short_omp_spins():
+        with passive_omp_waits():
             self.process.start()
         specs.close()  # the child's end: ours closing is what tells it to give up
         self._handed = self._abandoned = False

@@ -26,7 +26,7 @@ import msgspec
 import zmq
 
 from modelserve.config import LOG_FORMAT
-from modelserve.engine.cpu_threads import SPIN_COUNT_VARIABLE, WAIT_POLICY, core_threads
+from modelserve.engine.cpu_threads import WAIT_POLICY, core_threads
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
 
 if TYPE_CHECKING:
@@ -140,11 +140,9 @@ def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
     )
     torch.set_num_threads(threads.threads)
     log.info(
-        "engine core: torch threads %d (%s); %s=%s, %s=%s",
+        "engine core: torch threads %d (%s); %s=%s",
         threads.threads,
         threads.reason,
-        SPIN_COUNT_VARIABLE,
-        os.environ.get(SPIN_COUNT_VARIABLE, "unset"),
         WAIT_POLICY,
         os.environ.get(WAIT_POLICY, "unset"),
     )

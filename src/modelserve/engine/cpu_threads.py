@@ -4,7 +4,7 @@ os.cpu_count() counts the machine's CPUs, not this process's: a CPU affinity mas
 or a cgroup CPU quota (a Kubernetes CPU limit) can give it fewer, and torch's threads split every
 operation evenly, so one thread more than there are CPUs waits for its turn at every step. The quota
 is read as the kernel applies it (cgroups.py).
-And how those threads wait between operations: a short spin, then asleep (short_omp_spins).
+And how those threads wait between operations: asleep, not spinning (passive_omp_waits).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from modelserve.engine.cgroups import cgroup_quota_cpus
 SMALL_MODEL_PARAMETERS = 20_000_000  # below this, a CPU core leaves one CPU to the frontend
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch sizes its pool from
 WAIT_POLICY = "OMP_WAIT_POLICY"
-SPIN_COUNT_VARIABLE = "GOMP_SPINCOUNT"
-SPIN_COUNT = 10_000  # turns a torch thread spins between operations before it sleeps (short_omp_spins)
 
 
 @dataclass(frozen=True)
@@ -82,29 +80,25 @@ def core_threads(*, on_cpu: bool, parameters: int, torch_threads: int) -> CoreTh
 
 
 @contextlib.contextmanager
-def short_omp_spins() -> Iterator[None]:
-    """GOMP_SPINCOUNT=SPIN_COUNT in this process's environment while the block runs (unless the user set it
-    or OMP_WAIT_POLICY): around starting the engine core process, which inherits it. OpenMP reads it once,
-    as torch loads it, which is before the core's own code runs.
+def passive_omp_waits() -> Iterator[None]:
+    """OMP_WAIT_POLICY=PASSIVE in this process's environment while the block runs (unless the user set a
+    policy): around starting the engine core process, which inherits it. OpenMP reads it once, as torch
+    loads it, which is before the core's own code runs.
 
-    A torch thread that has done its share of an operation waits for the next one. libgomp's default spins
-    for 300,000 turns first, and beside a busy neighbour that collapses: a spinning thread uses up its fair
-    share of the CPU it shares, so the kernel runs the neighbour when the next operation needs that thread,
-    and a spinning partner keeps the other CPU from ever falling idle and taking the delayed thread over.
-    Measured on 2 CPUs with a busy loop on one (bench/neighbour_bench.py --spinning), GPT-2-small at 1 and
-    32 streams: spinning 28.7 -> 11.7 and 164.6 -> 6.5 tok/s. Sleeping at once (OMP_WAIT_POLICY=PASSIVE,
-    this function's first form) held up beside the neighbour, but waking a thread costs tens of
-    microseconds, once per operation, and a step has hundreds: with oneDNN's packed linears (cpu_linears.py)
-    a gpt2-small step took 28.9 ms passive against 23.0 spinning at batch 1, and 111.8 against 96.5 at 32
-    (bench/step_profile.py). A short spin covers the gap between one operation and the next, and is over
-    long before a descheduled partner's turn comes back: 10,000 turns measured 22.8 and 97.6 ms, 3,000 25.8
-    and 100.2, 1,000 26.8 and 102.0 (docs/benchmarks.md has the neighbour's figures).
+    By default a torch thread that has done its share of an operation spins before it sleeps. Beside a
+    busy neighbour that collapses: a spinning thread uses up its fair share of the CPU it shares, so the
+    kernel runs the neighbour when the next operation needs that thread, and a spinning partner keeps the
+    other CPU from ever falling idle and taking the delayed thread over. A passive thread sleeps at once:
+    a woken sleeper goes before the neighbour, and an idle CPU pulls a waiting thread across. Measured on
+    2 CPUs with a busy loop on one (bench/neighbour_bench.py --spinning), GPT-2-small at 1 and 32 streams:
+    spinning 28.7 -> 11.7 and 164.6 -> 6.5 tok/s, passive 26.2 -> 26.5 and 153.9 -> 65.5; quiet, passive
+    costs 6-9%.
     """
-    if WAIT_POLICY in os.environ or SPIN_COUNT_VARIABLE in os.environ:
+    if WAIT_POLICY in os.environ:
         yield
         return
-    os.environ[SPIN_COUNT_VARIABLE] = str(SPIN_COUNT)
+    os.environ[WAIT_POLICY] = "PASSIVE"
     try:
         yield
     finally:
-        del os.environ[SPIN_COUNT_VARIABLE]
+        del os.environ[WAIT_POLICY]
