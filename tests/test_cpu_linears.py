@@ -5,6 +5,8 @@ forwards, is tests/test_families.py's, which runs with the packing on."""
 from __future__ import annotations
 
 import copy
+import gc
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,25 @@ def test_gpt2_packs_every_linear_and_counts_its_tied_lm_head_as_a_copy(model_dir
     assert runner.vocab_size == model.config.vocab_size
     # every other weight is freed once packed; the embeddings keep the tied head's original
     assert weight_bytes(model) == pytest.approx(loaded_bytes + head_bytes, rel=0.02)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_once_packed_no_view_of_the_weights_file_is_left(
+    model_dirs: dict[str, Path], tmp_path: Path, arch: str
+) -> None:
+    """Packing reads every float weight, so the file's pages become resident; were any view of the mapped
+    safetensors file kept (the embeddings, a norm), they would stay so, doubling the weights' memory."""
+    source = shutil.copytree(model_dirs[arch], tmp_path / arch)  # a file no other test has mapped
+    weights_file = str((source / "model.safetensors").resolve())
+    model = _model({arch: source}, arch)
+    assert weights_file in Path("/proc/self/maps").read_text()  # as loaded: views into the mapped file
+    runner = ModelRunner(model, frozenset(), 64)
+    gc.collect()
+    assert weights_file not in Path("/proc/self/maps").read_text()
+    assert isinstance(model.get_output_embeddings(), PackedLinear)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        assert model(ids).logits.shape[-1] == runner.vocab_size  # and the model still runs
 
 
 def test_llama_fuses_then_packs_and_generate_still_runs(model_dirs: dict[str, Path]) -> None:

@@ -14,8 +14,10 @@ eager model: inductor does it only inside a compiled graph, and ipex (which did)
 What is packed: every `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
 and the model's own `generate()` compute the same products. Our Llama-family forward fuses projections
 first (llama_forward.py) and packs the fused weight; the fused-away modules become column slices of it
-(`Columns`), so `generate()` on the model still works. A weight is freed once packed, except an LM head
-tied to the embeddings: the embeddings keep the weight and the packed head is a second copy (147 MiB for
+(`Columns`), so `generate()` on the model still works. A weight is freed once packed, and the rest of the
+model is then copied out of the safetensors file's mapping, so the file pages the packing read are
+unmapped (without that the fp32 gpt2-small core held 1,513 MiB, not 832), except an LM head tied to the
+embeddings: the embeddings keep the weight and the packed head is a second copy (147 MiB for
 gpt2-small in fp32), bought for the head's 2x. Nothing is packed when the model's linears are int8
 (their own kernel, and memory is what int8 is for), when the dtype has no oneDNN path on this CPU (bf16
 needs AVX512 or AVX-NE-CONVERT), or when a trial product differs from `F.linear`'s: the log says which.
@@ -32,6 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from modelserve.models.quantize import Int8WeightOnlyLinear
+from modelserve.models.weight_memory import copy_out_of_mappings, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,13 @@ class Linears:
             for name, child in list(parent.named_children()):
                 if type(child) in (nn.Linear, Conv1D):
                     self.module(parent, name)
+
+    def release_originals(self, model: nn.Module) -> None:
+        """After packing: copy the rest of the model out of the safetensors mapping (weight_memory.py), so the
+        file pages the packing read are unmapped, and return the freed heap to the system."""
+        if self.count:
+            copy_out_of_mappings(model)
+            release_freed_memory(torch.device("cpu"))
 
     def log(self) -> None:
         if not self.packed:

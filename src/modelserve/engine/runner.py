@@ -59,6 +59,7 @@ class ModelRunner:
         self.own = LlamaForward(model, max_positions, linears) if own_forward and supports(model) else None
         if self.own is None:
             linears.pack_model(model)
+        linears.release_originals(model)
         linears.log()
         self._paged = _paged_copy(model) if self.own is None else model
         self.states = SamplingStates(self.device, self.vocab_size, eos_token_ids)

@@ -49,8 +49,6 @@ linear weights shed less heap slack (`python -m bench.quant_bench --only-rss`). 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 
 import torch
@@ -58,6 +56,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from modelserve.config import QUANTIZATIONS
+from modelserve.models.weight_memory import copy_out_of_mappings, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +167,8 @@ def quantize_model(model: nn.Module, quantization: str, device: torch.device | N
             del child, weight, bias  # the last references to the float layer: it goes now, not after the loop
         model.to(device)  # the rest: embeddings, LM head, norms, and layers kept as loaded
         if device.type == "cpu":
-            _copy_out_of_mappings(model)
-    _release_freed_memory(device)
+            copy_out_of_mappings(model, own_storage=(Int8WeightOnlyLinear,))
+    release_freed_memory(device)
     log.info(
         "--quantization int8: %d linear layers hold int8 weights with per-row scales (%.1f MiB -> %.1f MiB); "
         "the LM head and embeddings keep the model's dtype%s",
@@ -178,39 +177,3 @@ def quantize_model(model: nn.Module, quantization: str, device: torch.device | N
         after / 2**20,
         f"; {kept} layers are kept as loaded (input width not a multiple of {_CPU_K_MULTIPLE})" if kept else "",
     )
-
-
-def _copy_out_of_mappings(model: nn.Module) -> None:
-    """Give each float parameter and buffer a storage of its own, one tensor at a time.
-
-    from_pretrained's tensors are views into one mapping of the safetensors file, which stays mapped while
-    any of them lives; the int8 layers read the float weights they replace, so those pages are resident,
-    and they would stay so (counted in the process's RSS) for as long as the embeddings live. Copied out,
-    the last view goes and the file is unmapped. `.data` is replaced, not the Parameter, so tied weights
-    (GPT-2's LM head is its token embedding) stay one tensor.
-    """
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, Int8WeightOnlyLinear):  # made here: their storages are their own
-            continue
-        for tensor in (*module._parameters.values(), *module._buffers.values()):
-            if tensor is None or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            tensor.data = tensor.data.clone()
-
-
-def _release_freed_memory(device: torch.device) -> None:
-    """Hand the memory the float weights and the quantisation's temporaries held back to the system.
-
-    On CUDA, torch's caching allocator keeps freed blocks, and the KV pool is sized from what the driver
-    reports free. On the CPU, glibc's malloc keeps freed heap memory: once a large block has been freed it
-    raises its mmap threshold (up to 32 MiB), so later blocks of that size come from the heap, where the
-    freed temporaries between the int8 weights leave holes it does not return by itself; and a model
-    converted while loading (bf16 from a float32 file), or moved to a GPU, held its float weights there.
-    malloc_trim(0) returns those pages. Where the C library is not glibc it does nothing.
-    """
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):  # a C library without malloc_trim (musl, macOS)
-        ctypes.CDLL(None).malloc_trim(0)
