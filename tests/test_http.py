@@ -192,8 +192,26 @@ def test_server_sent_events_on_the_wire(server: ServerProcess) -> None:
         ({"n": 2}, "n"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
         ({"extra_body": {"priority": 5000}}, "priority"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"extra_body": {"min_p": 1.5}}, "min_p"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"logit_bias": {"five": 1}}, "logit_bias"),
     ],
-    ids=["temperature", "max-tokens", "n", "top-logprobs", "priority"],
+    ids=[
+        "temperature",
+        "max-tokens",
+        "n",
+        "top-logprobs",
+        "priority",
+        "presence",
+        "frequency",
+        "min-p",
+        "bias-value",
+        "bias-id-range",
+        "bias-id-text",
+    ],
 )
 def test_bad_parameters_are_400_in_openai_shape(client: OpenAI, arguments: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
@@ -203,6 +221,27 @@ def test_bad_parameters_are_400_in_openai_shape(client: OpenAI, arguments: dict[
     assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
     assert body["type"] == "invalid_request_error" and body["param"] == param
     assert param in body["message"] and "params." not in body["message"]  # the body's names, not the proto's
+
+
+def test_penalties_bias_and_min_p_act_as_on_grpc(client: OpenAI, stub: Any) -> None:
+    """The OpenAI names reach the same sampler as modelserve.v1's fields: the same seeded output on both faces,
+    and a logit bias of +100 on one token makes every output token that token."""
+    sampled = {"temperature": 1.0, "seed": 11, "presence_penalty": 1.5, "frequency_penalty": 0.5}
+    reply = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=12, extra_body={"min_p": 0.05, "ignore_eos": True}, **sampled
+    )
+    params = pb.GenerationParameters(max_new_tokens=12, min_p=0.05, ignore_eos=True, **sampled)
+    responses = list(stub.Generate(pb.GenerateRequest(prompt="Once upon", params=params), metadata=AUTH))
+    assert "".join(r.text for r in responses) == reply.choices[0].text
+
+    forced = 42
+    biased = pb.GenerationParameters(max_new_tokens=6, temperature=0, ignore_eos=True, logit_bias={forced: 100})
+    responses = list(stub.Generate(pb.GenerateRequest(prompt="Once upon", params=biased), metadata=AUTH))
+    assert [t for r in responses for t in r.token_ids] == [forced] * 6
+    reply = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=6, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert reply.choices[0].text == "".join(r.text for r in responses)
 
 
 def test_unknown_model_is_404(client: OpenAI) -> None:

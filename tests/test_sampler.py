@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from modelserve.engine.request import SamplingParams
 from modelserve.engine.sampler import SamplingRow, sample
+from modelserve.engine.sampling_state import SamplingStates
+from modelserve.engine.step_plan import NewRow
 
 
 def _row(seed: int = 0, **kw: object) -> SamplingRow:
@@ -97,3 +101,84 @@ def test_penalty_and_suppression_are_per_row_in_a_mixed_batch() -> None:
     assert batch[0] == alone[0] and batch[0] not in seen[:1]  # the penalised row moved off its best token
     assert batch[1] == int(logits[1].argmax())  # an unpenalised row beside it is untouched
     assert batch[2] != int(logits[2].argmax())  # its suppressed best token was not chosen
+
+
+def _states(vocab: int, *params: SamplingParams) -> tuple[SamplingStates, list[int]]:
+    """Sampling states as the runner keeps them, a row per params (keys 0, 1, ...)."""
+    states = SamplingStates(torch.device("cpu"), vocab, frozenset())
+    for key, p in enumerate(params):
+        states.add(NewRow(key, p, (0, 1)))
+    return states, list(range(len(params)))
+
+
+def test_logit_bias_of_100_makes_every_token_that_token_greedy_or_sampled() -> None:
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(8))
+    states, keys = _states(
+        300,
+        SamplingParams(max_new_tokens=8, temperature=0.0, logit_bias=((17, 100.0),)),
+        SamplingParams(
+            max_new_tokens=8, temperature=1.5, seed=3, logit_bias=((17, 100.0), (int(logits[1].argmax()), -100.0))
+        ),
+    )
+    for _ in range(10):
+        result = sample(logits, states.rows(keys))
+        assert result.token_ids == [17, 17]
+        states.record(keys, result.token_ids)
+
+
+def test_a_bias_of_minus_100_bans_the_best_token_and_leaves_others_untouched() -> None:
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(9))
+    best = int(logits[0].argmax())
+    states, keys = _states(
+        300,
+        SamplingParams(max_new_tokens=8, temperature=0.0, logit_bias=((best, -100.0),)),
+        SamplingParams(max_new_tokens=8, temperature=0.0),
+    )
+    chosen = sample(logits, states.rows(keys)).token_ids
+    assert chosen[0] == int(logits[0].topk(2).indices[1])
+    assert chosen[1] == int(logits[1].argmax())
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula_over_generated_tokens() -> None:
+    """logit - frequency x count - presence x (count > 0), counted from the row's own output only."""
+    vocab = 50
+    logits = torch.zeros(1, vocab)
+    logits[0, :5] = torch.tensor([5.0, 4.9137, 4.8311, 4.7423, 4.6519])  # gaps that no penalty sum ties
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, presence_penalty=0.15, frequency_penalty=0.1)
+    states, keys = _states(vocab, params)  # the prompt (0, 1) does not count
+    produced = []
+    counts = torch.zeros(vocab)
+    for _ in range(12):
+        expected = int((logits[0] - 0.1 * counts - 0.15 * (counts > 0)).argmax())
+        token = sample(logits, states.rows(keys)).token_ids[0]
+        assert token == expected
+        produced.append(token)
+        counts[token] += 1
+        states.record(keys, [token])
+    assert produced[0] == 0 and len(set(produced)) == 5  # penalised away from the best, round the five
+
+
+def test_a_negative_presence_penalty_favours_what_was_generated() -> None:
+    logits = torch.zeros(1, 100)
+    logits[0, 0], logits[0, 5] = 1.0, -0.5
+    states, keys = _states(100, SamplingParams(max_new_tokens=8, temperature=0.0, presence_penalty=-2.0))
+    assert sample(logits, states.rows(keys)).token_ids == [0]
+    states.record(keys, [5])  # as if it had drawn 5: now -0.5 + 2 beats 1.0
+    assert sample(logits, states.rows(keys)).token_ids == [5]
+
+
+def test_min_p_keeps_only_tokens_near_the_likeliest() -> None:
+    logits = torch.full((1, 100), -5.0)
+    logits[0, 7], logits[0, 8], logits[0, 9] = 2.0, 2.0 + math.log(0.5), 2.0 + math.log(0.05)
+    picks = {sample(logits, [_row(s, temperature=1.0, min_p=0.1)]).token_ids[0] for s in range(200)}
+    assert picks == {7, 8}  # 9 is at 0.05 of the likeliest, under 0.1; the rest far under
+    assert len({sample(logits, [_row(s, temperature=1.0)]).token_ids[0] for s in range(200)}) > 3
+
+
+def test_penalty_state_survives_as_the_row_goes_on_and_costs_no_context_rebuild() -> None:
+    """The counts are persistent: a row's state after n tokens holds their counts, made one token at a time."""
+    states, keys = _states(20, SamplingParams(max_new_tokens=50, temperature=0.0, frequency_penalty=1.0))
+    for token in [3, 3, 4]:
+        states.record(keys, [token])
+    (row,) = states.rows(keys)
+    assert row.counts is not None and row.counts[3] == 2 and row.counts[4] == 1 and float(row.counts.sum()) == 3

@@ -120,6 +120,25 @@ def test_logprobs_with_alternatives(vllm: Any) -> None:
     assert len(logprobs.top_logprobs) == 5
 
 
+def test_penalties_bias_and_min_p_as_modelserve_v1_samples_them(vllm: Any, channel: grpc.Channel) -> None:
+    """vLLM's sampling fields reach the same sampler as modelserve.v1's: the same seeded output on both faces,
+    and a logit bias of +100 on one token makes every output token that token."""
+    shared = {"temperature": 1.0, "seed": 5, "presence_penalty": 1.0, "frequency_penalty": 0.5, "min_p": 0.05}
+    ours = pb.GenerateRequest(
+        prompt=PROMPT, params=pb.GenerationParameters(max_new_tokens=10, ignore_eos=True, **shared)
+    )
+    expected = [
+        t for m in pb_grpc.GenerationServiceStub(channel).Generate(ours, timeout=TIMEOUT_S) for t in m.token_ids
+    ]
+    sampling = {"max_tokens": 10, "ignore_eos": True, **shared}
+    complete = _generate(vllm, stream=False, text=PROMPT, sampling_params=sampling)[-1].complete
+    assert list(complete.output_ids) == expected
+
+    biased = {"max_tokens": 5, "temperature": 0, "ignore_eos": True, "logit_bias": {42: 100.0}}
+    complete = _generate(vllm, stream=False, text=PROMPT, sampling_params=biased)[-1].complete
+    assert list(complete.output_ids) == [42] * 5
+
+
 @pytest.fixture()
 def long_channel(long_server: ServerProcess) -> Iterator[grpc.Channel]:
     """A channel to the server whose streams may run LONG tokens: still running when the test acts."""
@@ -193,15 +212,13 @@ def test_health_for_the_vllm_service_name(vllm: Any, channel: grpc.Channel) -> N
         ({"mm_inputs": vpb.MultimodalInputs(mm_hashes=["h"])}, UNIMPLEMENTED, "mm_inputs"),
         ({"media_refs": vpb.MediaRefs(items=[vpb.MediaRef(url="x")])}, UNIMPLEMENTED, "media_refs"),
         ({"kv_transfer_params_json": "{}"}, UNIMPLEMENTED, "kv_transfer_params_json"),
-        ({"sampling_params": {"min_p": 0.1}}, UNIMPLEMENTED, "sampling_params.min_p"),
-        (
-            {"sampling_params": {"presence_penalty": 1}},
-            UNIMPLEMENTED,
-            "sampling_params.presence_penalty",
-        ),
+        ({"sampling_params": {"min_p": 1.5}}, INVALID, "sampling_params.min_p must be in [0, 1]"),
+        ({"sampling_params": {"presence_penalty": 3}}, INVALID, "sampling_params.presence_penalty must be in [-2, 2]"),
+        ({"sampling_params": {"frequency_penalty": -3}}, INVALID, "sampling_params.frequency_penalty"),
+        ({"sampling_params": {"logit_bias": {1: 200.0}}}, INVALID, "sampling_params.logit_bias[1] must be in"),
+        ({"sampling_params": {"logit_bias": {-1: 2.0}}}, INVALID, "sampling_params.logit_bias key -1"),
         ({"sampling_params": {"n": 2}}, UNIMPLEMENTED, "sampling_params.n"),
         ({"sampling_params": {"regex": "a+"}}, UNIMPLEMENTED, "sampling_params.regex"),
-        ({"sampling_params": {"logit_bias": {1: 2.0}}}, UNIMPLEMENTED, "sampling_params.logit_bias"),
         ({"sampling_params": {"prompt_logprobs": 1}}, UNIMPLEMENTED, "sampling_params.prompt_logprobs"),
         ({"data_parallel_rank": 1}, INVALID, "data_parallel_rank"),
         ({"sampling_params": {"max_tokens": 10**6}}, INVALID, "sampling_params.max_tokens"),

@@ -34,6 +34,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # subtracted per time each token was generated so far
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest (after temperature)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False

@@ -28,6 +28,8 @@ class SamplingRow:
     generator: torch.Generator  # on the CPU, seeded from params.seed
     seen: torch.Tensor | None  # bool [vocab] on the logits' device: the row's context so far (for the penalty)
     suppress_ids: frozenset[int]  # tokens that may not be chosen now (EOS before min_new_tokens)
+    counts: torch.Tensor | None = None  # float [vocab]: how often the row generated each token (penalties)
+    bias: torch.Tensor | None = None  # float [vocab]: the row's logit bias
 
 
 @dataclass
@@ -104,10 +106,26 @@ def _padded_ids(device: torch.device, id_lists: list[list[int]]) -> torch.Tensor
     return torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in id_lists], device=device)
 
 
+def _stacked(rows: Sequence[SamplingRow], row_ids: list[int], name: str) -> torch.Tensor:
+    """[len(row_ids), vocab]: each chosen row's persistent tensor `name` (the rows chosen have one)."""
+    return torch.stack([getattr(rows[i], name) for i in row_ids])
+
+
+def _column(logits: torch.Tensor, values: list[float]) -> torch.Tensor:
+    """[len(values), 1] on the logits' device, to scale each row."""
+    return torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]
+
+
+def _logit_bias(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
+    """OpenAI's logit_bias: each row's bias added to its logits (greedy rows included)."""
+    index = torch.tensor(row_ids, device=logits.device)
+    logits.index_add_(0, index, _stacked(rows, row_ids, "bias"))
+
+
 def _repetition_penalty(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
     """CTRL's penalty (as transformers applies it) on the tokens each row has seen, all rows at once."""
     device = logits.device
-    seen = torch.stack([rows[i].seen for i in row_ids])  # type: ignore[misc]  # chosen rows have one
+    seen = _stacked(rows, row_ids, "seen")
     penalty = torch.tensor([rows[i].params.repetition_penalty for i in row_ids], device=device)[:, None]
     index = torch.tensor(row_ids, device=device)
     scores = logits.index_select(0, index)
@@ -115,6 +133,17 @@ def _repetition_penalty(logits: torch.Tensor, row_ids: list[int], rows: Sequence
     big = torch.finfo(logits.dtype).max
     penalised = torch.where(scores > 0, scores / penalty, scores * penalty).clamp(-big, big)
     logits.index_copy_(0, index, torch.where(seen, penalised, scores))
+
+
+def _presence_frequency_penalty(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
+    """OpenAI's presence and frequency penalties, over the tokens each row generated (not its prompt):
+    logit - frequency x count - presence x (count > 0)."""
+    counts = _stacked(rows, row_ids, "counts")
+    frequency = _column(logits, [rows[i].params.frequency_penalty for i in row_ids])
+    presence = _column(logits, [rows[i].params.presence_penalty for i in row_ids])
+    index = torch.tensor(row_ids, device=logits.device)
+    penalty = frequency * counts + presence * (counts > 0)
+    logits.index_copy_(0, index, logits.index_select(0, index) - penalty)
 
 
 def _suppress(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
@@ -126,18 +155,25 @@ def _suppress(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingR
 LogitsProcessor = Callable[[torch.Tensor, list[int], Sequence[SamplingRow]], None]
 #: (which rows need it, what it does to their logits, in place), applied in this order.
 LOGITS_PROCESSORS: list[tuple[Callable[[SamplingRow], bool], LogitsProcessor]] = [
+    (lambda row: row.bias is not None, _logit_bias),
     (lambda row: row.params.repetition_penalty != 1.0 and row.seen is not None, _repetition_penalty),
+    (lambda row: row.counts is not None, _presence_frequency_penalty),
     (lambda row: bool(row.suppress_ids), _suppress),
 ]
 
 
 def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> torch.Tensor:
-    """Temperature, top-k and top-p per row, then one inverse-CDF draw per row."""
+    """Temperature, min-p, top-k and top-p per row, then one inverse-CDF draw per row."""
     device = logits.device
     temps = torch.tensor([r.params.temperature for r in rows], device=device)
     # Shifted so the largest logit is 0 first: the same distribution, and a temperature near 0 (down to
     # float32 subnormals) sends the others to -inf, i.e. greedy, instead of overflowing to inf and NaN.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
+    if any(r.params.min_p for r in rows):
+        # With the largest logit at 0, a token's probability over the likeliest's is exp(logit): min-p keeps
+        # the tokens whose logit is at least log(min_p) (log(0) = -inf keeps all).
+        floor = torch.tensor([r.params.min_p for r in rows], device=device).log()
+        logits = logits.masked_fill(logits < floor[:, None], float("-inf"))
     # One uniform draw per row from the row's own generator keeps each row reproducible.
     u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(device)
     needs_filter = any(r.params.top_k or r.params.top_p < 1.0 for r in rows)

@@ -3,7 +3,8 @@
 Made once when a request first appears in a step plan, updated with each token it samples, dropped
 when the plan says it ended (a preempted request keeps it: its draws and counts go on where they
 stopped). Nothing here is rebuilt from the request's whole context per step: the repetition penalty
-reads a [vocab] mask of the tokens seen so far, updated one token at a time.
+reads a [vocab] mask of the tokens seen so far, the presence and frequency penalties a [vocab] count of
+the tokens generated so far, both updated one token at a time; a logit bias is a [vocab] row made once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class RowState:
     params: SamplingParams
     generator: torch.Generator
     seen: torch.Tensor | None  # bool [vocab], for rows with a repetition penalty
+    counts: torch.Tensor | None  # float [vocab]: each token's generated count, for presence/frequency penalties
+    bias: torch.Tensor | None  # float [vocab], for rows with a logit bias
     generated: int = 0
 
 
@@ -38,13 +41,21 @@ class SamplingStates:
         return len(self._rows)
 
     def add(self, row: NewRow) -> None:
-        seen = None
-        if row.params.repetition_penalty != 1.0:
+        params = row.params
+        seen = counts = bias = None
+        if params.repetition_penalty != 1.0:
             seen = torch.zeros(self._vocab, dtype=torch.bool, device=self._device)
             ids = [t for t in row.prompt_ids if 0 <= t < self._vocab]
             if ids:
                 seen[torch.tensor(ids, device=self._device)] = True
-        self._rows[row.key] = RowState(row.params, torch.Generator().manual_seed(row.params.seed), seen)
+        if params.presence_penalty or params.frequency_penalty:
+            counts = torch.zeros(self._vocab, dtype=torch.float32, device=self._device)
+        if params.logit_bias:
+            bias = torch.zeros(self._vocab, dtype=torch.float32, device=self._device)
+            biased, values = zip(*params.logit_bias, strict=True)
+            bias[torch.tensor(biased, device=self._device)] = torch.tensor(values, device=self._device)
+        generator = torch.Generator().manual_seed(params.seed)
+        self._rows[row.key] = RowState(params, generator, seen, counts, bias)
 
     def remove(self, key: int) -> None:
         self._rows.pop(key, None)
@@ -58,7 +69,7 @@ class SamplingStates:
             suppress: frozenset[int] = frozenset()
             if state.generated < params.min_new_tokens:
                 suppress = params.stop_token_ids | (frozenset() if params.ignore_eos else self._eos)
-            out.append(SamplingRow(params, state.generator, state.seen, suppress))
+            out.append(SamplingRow(params, state.generator, state.seen, suppress, state.counts, state.bias))
         return out
 
     def record(self, keys: list[int], token_ids: list[int]) -> None:
@@ -68,3 +79,5 @@ class SamplingStates:
             state.generated += 1
             if state.seen is not None:
                 state.seen[token] = True
+            if state.counts is not None:
+                state.counts[token] += 1

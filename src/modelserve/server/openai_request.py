@@ -44,9 +44,6 @@ _NEUTRAL = {
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
-    "frequency_penalty": (0,),
-    "presence_penalty": (0,),
-    "logit_bias": ({},),
     "tools": ([],),
     "functions": ([],),
 }
@@ -198,6 +195,11 @@ def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParamete
     put("top_p", "top_p", body.number("top_p"))
     put("top_k", "top_k", body.integer("top_k"))
     put("repetition_penalty", "repetition_penalty", body.number("repetition_penalty"))
+    put("presence_penalty", "presence_penalty", body.number("presence_penalty"))
+    put("frequency_penalty", "frequency_penalty", body.number("frequency_penalty"))
+    put("min_p", "min_p", body.number("min_p"))
+    for token_id, bias in _logit_bias(body).items():
+        params.logit_bias[token_id] = bias
     put("ignore_eos", "ignore_eos", body.boolean("ignore_eos"))
     put("include_stop_sequence", "include_stop_str_in_output", body.boolean("include_stop_str_in_output"))
     put("truncate_input_tokens", "truncate_prompt_tokens", body.integer("truncate_prompt_tokens"))
@@ -219,6 +221,22 @@ def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParamete
             params.logprobs = True
             put("top_logprobs", "logprobs", top)
     return params, names
+
+
+def _logit_bias(body: Body) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings), each mapped to a number."""
+    biases = {}
+    for key, value in body.mapping("logit_bias").items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise invalid(f"logit_bias keys must be token ids (integers), got {key!r}", "logit_bias") from None
+        if not -(2**31) <= token_id < 2**31:
+            raise invalid(f"logit_bias key {key} is out of range", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise invalid(f"logit_bias[{key}] must be a number, got {json.dumps(value)[:80]}", "logit_bias")
+        biases[token_id] = float(value)
+    return biases
 
 
 def chat_messages(body: Body) -> list[ChatMessage]:

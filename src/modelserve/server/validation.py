@@ -31,7 +31,11 @@ _FLOAT_RANGES = {
     "temperature": (0.0, 100.0, False, " (0 = greedy)"),
     "top_p": (0.0, 1.0, True, ""),
     "repetition_penalty": (0.0, 10.0, True, " (1 = off)"),
+    "presence_penalty": (-2.0, 2.0, False, " (0 = off)"),
+    "frequency_penalty": (-2.0, 2.0, False, " (0 = off)"),
+    "min_p": (0.0, 1.0, False, " (0 = off)"),
 }
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 
 
 # GenerationParameters fields -> vLLM's names for them (its SamplingParams, and the extra body fields of its
@@ -160,6 +164,10 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
     top_k = params.top_k if params.HasField("top_k") else defaults.top_k
     _check_top_k("params.top_k", top_k, limits.vocab_size)
     repetition_penalty = _float(params, "repetition_penalty", defaults.repetition_penalty)
+    presence_penalty = _float(params, "presence_penalty", 0.0)
+    frequency_penalty = _float(params, "frequency_penalty", 0.0)
+    min_p = _float(params, "min_p", 0.0)
+    logit_bias = _logit_bias(params, limits.vocab_size)
 
     if len(params.stop) > limits.max_stop_sequences:
         raise InvalidArgument(f"params.stop has {len(params.stop)} sequences; at most {limits.max_stop_sequences}")
@@ -192,6 +200,10 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
             top_k=top_k,
             seed=params.seed if params.HasField("seed") else secrets.randbits(63),
             repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            min_p=min_p,
+            logit_bias=logit_bias,
             stop=tuple(params.stop),
             stop_token_ids=frozenset(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
@@ -213,6 +225,15 @@ def _float(params: pb.GenerationParameters, name: str, default: float) -> float:
     value = float(getattr(params, name))
     _check_float(f"params.{name}", name, value)
     return value
+
+
+def _logit_bias(params: pb.GenerationParameters, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    low, high = LOGIT_BIAS_RANGE
+    for token_id, bias in sorted(params.logit_bias.items()):
+        _in_range(f"params.logit_bias key {token_id}", token_id, 0, vocab_size - 1, note=" (a token id)")
+        if not (math.isfinite(bias) and low <= bias <= high):
+            raise InvalidArgument(f"params.logit_bias[{token_id}] must be in [{low:g}, {high:g}], got {bias:g}")
+    return tuple(sorted(params.logit_bias.items()))
 
 
 def _check_float(field: str, name: str, value: float) -> None:

@@ -11,8 +11,8 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   modelserve.v1 (vLLM's servicer uses fixed defaults there). A value out of range is INVALID_ARGUMENT with
   the message modelserve.v1 gives, naming this contract's field (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
-  which a vLLM that has it would serve (multimodal inputs, KV transfer, structured output, logit_bias,
-  prompt_logprobs, min_p, frequency and presence penalties, n > 1; Embed), INVALID_ARGUMENT for a value
+  which a vLLM that has it would serve (multimodal inputs, KV transfer, structured output,
+  prompt_logprobs, n > 1; Embed), INVALID_ARGUMENT for a value
   outside this server (data_parallel_rank or dp_rank other than 0, as for any out-of-range value).
 - Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
   `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
@@ -75,10 +75,6 @@ _UNSUPPORTED_REQUEST = {
     "kv_transfer_params_json": "this server does no prefill/decode disaggregation",
 }
 _UNSUPPORTED_SAMPLING = {
-    "min_p": "the sampler has no min-p (leave it 0)",
-    "frequency_penalty": "the sampler has no frequency penalty (leave it 0; repetition_penalty is supported)",
-    "presence_penalty": "the sampler has no presence penalty (leave it 0; repetition_penalty is supported)",
-    "logit_bias": "the sampler has no logit bias (leave it empty)",
     "prompt_logprobs": "this server computes no prompt log-probabilities",
     **dict.fromkeys(
         ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice"),
@@ -313,6 +309,14 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             params.top_k = sampling.top_k
         if sampling.repetition_penalty:
             params.repetition_penalty = sampling.repetition_penalty
+        # 0 is these three's default and means off, as unset does.
+        if sampling.presence_penalty:
+            params.presence_penalty = sampling.presence_penalty
+        if sampling.frequency_penalty:
+            params.frequency_penalty = sampling.frequency_penalty
+        if sampling.min_p:
+            params.min_p = sampling.min_p
+        params.logit_bias.update(sampling.logit_bias)
         if sampling.min_tokens:
             params.min_new_tokens = sampling.min_tokens
         if sampling.HasField("temperature"):

@@ -184,6 +184,17 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--presence-penalty", type=float, help="-2 to 2, over the generated tokens (0 = off)")
+    parser.add_argument("--frequency-penalty", type=float, help="-2 to 2, over the generated tokens (0 = off)")
+    parser.add_argument("--min-p", type=float, help="0 to 1 (0 = off)")
+    parser.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        type=_logit_bias,
+        help="add BIAS (-100 to 100) to token ID's logit (repeatable)",
+    )
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument(
@@ -218,9 +229,30 @@ def _read_prompt(ns: argparse.Namespace) -> str:
         parser.error(f"{where} is not UTF-8 text: {exc}")
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    """--logit-bias ID=BIAS."""
+    token_id, _, bias = text.partition("=")
+    try:
+        return int(token_id), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS, e.g. 50256=-100, got {text!r}") from None
+
+
 def _params(ns: argparse.Namespace) -> dict[str, Any]:
-    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
+    names = (
+        "max_new_tokens",
+        "min_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "min_p",
+    )
     params: dict[str, Any] = {name: getattr(ns, name) for name in names}
+    params["logit_bias"] = dict(ns.logit_bias) or None
     params["stop"] = ns.stop
     params["ignore_eos"] = ns.ignore_eos or None
     params["truncate_input_tokens"] = ns.truncate_input_tokens

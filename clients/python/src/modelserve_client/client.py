@@ -198,7 +198,12 @@ PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in pb.GenerationParameters
 #: The request's own fields (GenerateRequest's and ChatRequest's) that `stream()`, `generate()`, `complete()`
 #: and the chat methods also accept as keywords.
 REQUEST_NAMES: tuple[str, ...] = ("priority", "request_id")
-_REPEATED = frozenset(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.is_repeated)
+_MAPS = frozenset(
+    f.name
+    for f in pb.GenerationParameters.DESCRIPTOR.fields
+    if f.message_type and f.message_type.GetOptions().map_entry
+)
+_REPEATED = frozenset(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields if f.is_repeated) - _MAPS
 
 
 def _check_names(given: Iterable[str], accepted: Iterable[str], where: str) -> None:
@@ -216,7 +221,8 @@ def generation_parameters(params: Params = None, **overrides: Any) -> pb.Generat
 
     Keys are the fields of GenerationParameters (PARAMETER_NAMES); any other raises TypeError.
     A repeated field (`stop`, `stop_token_ids`) takes one value or an iterable of them: a str
-    is one stop sequence, never its characters. None leaves a field unset.
+    is one stop sequence, never its characters. A map (`logit_bias`) takes a dict. None leaves a
+    field unset.
     """
     message = pb.GenerationParameters()
     if isinstance(params, pb.GenerationParameters):
@@ -227,7 +233,9 @@ def generation_parameters(params: Params = None, **overrides: Any) -> pb.Generat
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in _REPEATED:
+        if key in _MAPS:
+            getattr(message, key).update(value)
+        elif key in _REPEATED:
             getattr(message, key).extend(_as_list(value))
         else:
             setattr(message, key, value)

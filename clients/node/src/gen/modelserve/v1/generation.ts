@@ -262,6 +262,41 @@ export interface GenerationParameters {
   truncateInputTokens: number;
   /** Keep the matched stop sequence at the end of the output text. */
   includeStopSequence: boolean;
+  /**
+   * Subtracted once from the logit of every token generated so far, however
+   * often it appeared (the prompt's tokens do not count). Positive values
+   * make new tokens likelier. Range -2 to 2; default 0 (off). As OpenAI's.
+   */
+  presencePenalty?:
+    | number
+    | undefined;
+  /**
+   * Subtracted from each token's logit once per time it was generated so
+   * far (the prompt's tokens do not count). Range -2 to 2; default 0 (off).
+   * As OpenAI's.
+   */
+  frequencyPenalty?:
+    | number
+    | undefined;
+  /**
+   * Min-p sampling: keep only the tokens whose probability (after
+   * temperature) is at least min_p times the likeliest token's. Range 0 to
+   * 1; default 0 (off). Greedy requests are unaffected.
+   */
+  minP?:
+    | number
+    | undefined;
+  /**
+   * Added to the logits of these token ids before sampling, greedy included:
+   * -100 all but bans a token, +100 all but forces it. Keys in
+   * [0, vocab_size), values -100 to 100. As OpenAI's logit_bias.
+   */
+  logitBias: { [key: number]: number };
+}
+
+export interface GenerationParameters_LogitBiasEntry {
+  key: number;
+  value: number;
 }
 
 /** One prompt to complete. */
@@ -647,6 +682,10 @@ function createBaseGenerationParameters(): GenerationParameters {
     topLogprobs: 0,
     truncateInputTokens: 0,
     includeStopSequence: false,
+    presencePenalty: undefined,
+    frequencyPenalty: undefined,
+    minP: undefined,
+    logitBias: {},
   };
 }
 
@@ -701,6 +740,18 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     if (message.includeStopSequence !== false) {
       writer.uint32(112).bool(message.includeStopSequence);
     }
+    if (message.presencePenalty !== undefined) {
+      writer.uint32(125).float(message.presencePenalty);
+    }
+    if (message.frequencyPenalty !== undefined) {
+      writer.uint32(133).float(message.frequencyPenalty);
+    }
+    if (message.minP !== undefined) {
+      writer.uint32(141).float(message.minP);
+    }
+    globalThis.Object.entries(message.logitBias).forEach(([key, value]: [string, number]) => {
+      GenerationParameters_LogitBiasEntry.encode({ key: key as any, value }, writer.uint32(146).fork()).join();
+    });
     return writer;
   },
 
@@ -839,6 +890,41 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
             message.includeStopSequence = reader.bool();
             continue;
           }
+          case 15: {
+            if (tag !== 125) {
+              break;
+            }
+
+            message.presencePenalty = reader.float();
+            continue;
+          }
+          case 16: {
+            if (tag !== 133) {
+              break;
+            }
+
+            message.frequencyPenalty = reader.float();
+            continue;
+          }
+          case 17: {
+            if (tag !== 141) {
+              break;
+            }
+
+            message.minP = reader.float();
+            continue;
+          }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            const entry18 = GenerationParameters_LogitBiasEntry.decode(reader, reader.uint32());
+            if (entry18.value !== undefined) {
+              message.logitBias[entry18.key] = entry18.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -909,6 +995,48 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
         : isSet(object.include_stop_sequence)
         ? globalThis.Boolean(object.include_stop_sequence)
         : false,
+      presencePenalty: isSet(object.presencePenalty)
+        ? globalThis.Number(object.presencePenalty)
+        : isSet(object.presence_penalty)
+        ? globalThis.Number(object.presence_penalty)
+        : undefined,
+      frequencyPenalty: isSet(object.frequencyPenalty)
+        ? globalThis.Number(object.frequencyPenalty)
+        : isSet(object.frequency_penalty)
+        ? globalThis.Number(object.frequency_penalty)
+        : undefined,
+      minP: isSet(object.minP)
+        ? globalThis.Number(object.minP)
+        : isSet(object.min_p)
+        ? globalThis.Number(object.min_p)
+        : undefined,
+      logitBias: isObject(object.logitBias)
+        ? (globalThis.Object.entries(object.logitBias) as [string, any][]).reduce(
+          (acc: { [key: number]: number }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, globalThis.Number(key), {
+              value: globalThis.Number(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.logit_bias)
+        ? (globalThis.Object.entries(object.logit_bias) as [string, any][]).reduce(
+          (acc: { [key: number]: number }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, globalThis.Number(key), {
+              value: globalThis.Number(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -956,6 +1084,24 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     if (message.includeStopSequence !== false) {
       obj.includeStopSequence = message.includeStopSequence;
     }
+    if (message.presencePenalty !== undefined) {
+      obj.presencePenalty = floatToJson(message.presencePenalty);
+    }
+    if (message.frequencyPenalty !== undefined) {
+      obj.frequencyPenalty = floatToJson(message.frequencyPenalty);
+    }
+    if (message.minP !== undefined) {
+      obj.minP = floatToJson(message.minP);
+    }
+    if (message.logitBias) {
+      const entries = globalThis.Object.entries(message.logitBias) as [string, number][];
+      if (entries.length > 0) {
+        obj.logitBias = {};
+        entries.forEach(([k, v]) => {
+          obj.logitBias[k] = floatToJson(v);
+        });
+      }
+    }
     return obj;
   },
 
@@ -978,6 +1124,107 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     message.topLogprobs = object.topLogprobs ?? 0;
     message.truncateInputTokens = object.truncateInputTokens ?? 0;
     message.includeStopSequence = object.includeStopSequence ?? false;
+    message.presencePenalty = object.presencePenalty ?? undefined;
+    message.frequencyPenalty = object.frequencyPenalty ?? undefined;
+    message.minP = object.minP ?? undefined;
+    message.logitBias = (globalThis.Object.entries(object.logitBias ?? {}) as [string, number][]).reduce(
+      (acc: { [key: number]: number }, [key, value]: [string, number]) => {
+        if (value !== undefined) {
+          acc[globalThis.Number(key)] = globalThis.Number(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseGenerationParameters_LogitBiasEntry(): GenerationParameters_LogitBiasEntry {
+  return { key: 0, value: 0 };
+}
+
+export const GenerationParameters_LogitBiasEntry: MessageFns<GenerationParameters_LogitBiasEntry> = {
+  encode(message: GenerationParameters_LogitBiasEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== 0) {
+      writer.uint32(8).int32(message.key);
+    }
+    if (message.value !== 0) {
+      writer.uint32(21).float(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GenerationParameters_LogitBiasEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGenerationParameters_LogitBiasEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.key = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 21) {
+              break;
+            }
+
+            message.value = reader.float();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GenerationParameters_LogitBiasEntry {
+    return {
+      key: isSet(object.key) ? globalThis.Number(object.key) : 0,
+      value: isSet(object.value) ? globalThis.Number(object.value) : 0,
+    };
+  },
+
+  toJSON(message: GenerationParameters_LogitBiasEntry): unknown {
+    const obj: any = {};
+    if (message.key !== 0) {
+      obj.key = Math.round(message.key);
+    }
+    if (message.value !== 0) {
+      obj.value = floatToJson(message.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GenerationParameters_LogitBiasEntry>, I>>(
+    base?: I,
+  ): GenerationParameters_LogitBiasEntry {
+    return GenerationParameters_LogitBiasEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GenerationParameters_LogitBiasEntry>, I>>(
+    object: I,
+  ): GenerationParameters_LogitBiasEntry {
+    const message = createBaseGenerationParameters_LogitBiasEntry();
+    message.key = object.key ?? 0;
+    message.value = object.value ?? 0;
     return message;
   },
 };
@@ -4335,6 +4582,10 @@ export type DeepPartial<T> = T extends bigint ? string | number | bigint
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 export type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function isObject(value: any): boolean {
+  return typeof value === "object" && value !== null;
+}
 
 function isSet(value: any): boolean {
   return value !== null && value !== undefined;
