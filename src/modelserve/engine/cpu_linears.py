@@ -8,7 +8,7 @@ torch's own compiler (inductor, with freezing) puts in place of a CPU linear, an
 runs. Measured here (2 threads, AVX2, fp32; docs/benchmarks.md): gpt2-small's layers at 32 rows 1.6-2.2
 ms against 0.85-1.2 packed, its LM head 45.6 against 20.9 ms; at 1 row 0.16-0.29 against 0.11-0.20 ms,
 the LM head 9.9 against 5.0; at 160 rows and more, level within 10%. A whole engine step of gpt2-small:
-batch 1 39 -> 27 ms, batch 32 148-169 -> 111-143 ms. Written here because no library does this for an
+batch 1 31.7 -> 23.8 ms, batch 32 143 -> 98.5 ms. Written here because no library does this for an
 eager model: inductor does it only inside a compiled graph, and ipex (which did) is retired.
 
 What is packed: every `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
