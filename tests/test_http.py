@@ -244,6 +244,41 @@ def test_penalties_bias_and_min_p_act_as_on_grpc(client: OpenAI, stub: Any) -> N
     assert reply.choices[0].text == "".join(r.text for r in responses)
 
 
+@pytest.mark.parametrize(
+    ("path", "arguments", "param"),
+    [
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+        ("chat", {"extra_body": {"structured_outputs": {"regex": "a+"}}}, "structured_outputs"),
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"best_of": 2}, "best_of"),
+        ("completions", {"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
+        ("completions", {"extra_body": {"guided_regex": "a+"}}, "guided_regex"),
+    ],
+)
+def test_what_this_server_does_not_serve_is_refused_never_ignored(
+    client: OpenAI, path: str, arguments: dict[str, Any], param: str
+) -> None:
+    """unserved.py's one table: a field that asks for a missing feature is a 400 naming it, with the reason."""
+    with pytest.raises(openai.BadRequestError) as err:
+        if path == "chat":
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, **arguments)
+        else:
+            client.completions.create(model=MODEL, prompt="Once upon", max_tokens=2, **arguments)
+    body = err.value.body
+    assert isinstance(body, dict) and body["param"] == param and "is not supported: this server" in body["message"]
+
+
+def test_an_unknown_field_is_ignored_and_logged_once(client: OpenAI, server: ServerProcess) -> None:
+    for _ in range(2):
+        reply = client.completions.create(
+            model=MODEL, prompt="Once upon", max_tokens=2, extra_body={"frobnicate_level": 3}
+        )
+        assert reply.choices[0].finish_reason in ("length", "stop")
+    assert server.log().count("ignoring the request field 'frobnicate_level'") == 1
+
+
 def test_unknown_model_is_404(client: OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)

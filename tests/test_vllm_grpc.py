@@ -19,6 +19,7 @@ from modelserve_client.vllm import vllm_engine_pb2 as vpb
 from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from bench.harness import wait_idle
+from modelserve.server.unserved import OPENAI_SERVED, UNSERVED
 from tests.conftest import LONG, ServerProcess
 
 VLLM_SERVICE = "vllm.grpc.engine.VllmEngine"
@@ -247,3 +248,13 @@ def test_refusals_of_input(vllm: Any) -> None:
     assert code == grpc.StatusCode.UNIMPLEMENTED and "Embed" in details
     code, details = _refusal(lambda: vllm.GetLoads(vpb.GetLoadsRequest(dp_rank=1), timeout=TIMEOUT_S))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "dp_rank" in details
+
+
+def test_the_refusal_table_names_real_fields() -> None:
+    """unserved.py's vLLM names are fields of vLLM's GenerateRequest or SamplingParams (a typo would refuse
+    nothing), and no OpenAI field is both served and refused."""
+    request_fields = set(vpb.GenerateRequest.DESCRIPTOR.fields_by_name)
+    sampling_fields = {f"sampling_params.{name}" for name in vpb.SamplingParams.DESCRIPTOR.fields_by_name}
+    for entry in UNSERVED:
+        assert set(entry.vllm) <= request_fields | sampling_fields, entry
+        assert not set(entry.openai) & OPENAI_SERVED, entry

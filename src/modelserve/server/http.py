@@ -57,6 +57,7 @@ from modelserve.server.openai_request import (
 from modelserve.server.openai_response import Generation, Layout
 from modelserve.server.security import bearer_refusal, tls_enabled
 from modelserve.server.serving import RequestFailed, Serving
+from modelserve.server.unserved import UnknownFields
 from modelserve.telemetry.http_server import HttpTelemetryMiddleware
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class _Api:
         self._auth_health = auth_health
         self._max_body_bytes = serving.config.max_message_bytes
         self._created = int(time.time())
+        self._unknown = UnknownFields()
 
     def _authorize(self, request: HttpRequest) -> None:
         if self._token is None:
@@ -120,6 +122,7 @@ class _Api:
             json.dumps(data, ensure_ascii=False).encode()
         except UnicodeEncodeError:
             raise invalid("the request body holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)", None) from None
+        self._unknown.note(data)
         return Body(data)
 
     async def health(self, request: HttpRequest) -> Response:

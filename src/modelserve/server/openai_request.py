@@ -1,7 +1,8 @@
 """Reading an OpenAI request: a chat or completion body becomes our GenerationParameters, which then meet
 the shared validation and limits (serving.py, validation.py) as a gRPC call's do, and the caller's deadline
-comes from the X-Request-Timeout-S header (in seconds). A body is read with OpenAI's types, and the fields
-this server cannot honour (several choices, tools) are refused by name.
+comes from the X-Request-Timeout-S header (in seconds). A body is read with OpenAI's types; the fields that
+ask for what this server cannot do (several choices, tools) are refused by name, and fields it does not know
+are logged once and ignored (unserved.py).
 
 A refusal keeps its gRPC meaning, mapped onto an HTTP status in OpenAI's error shape
 {"error": {"message", "type", "param", "code"}}, with the gRPC status's name as `code`, and in the body's
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from modelserve.server.chat import ChatMessage
 from modelserve.server.serving import RequestFailed
+from modelserve.server.unserved import openai_refusal
 from modelserve.server.validation import VLLM_NAMES, reworded
 
 TIMEOUT_HEADER = "x-request-timeout-s"  # the caller's deadline, in seconds from now (gRPC sends its own)
@@ -38,15 +40,6 @@ _HTTP_STATUS = {
 }
 # A refusal that starts with one of these names the field it is about (its `param`).
 _LEADING_FIELD = re.compile(r"^(prompt|priority|messages(?:\[\d+\])?(?:\.[a-z]+)?)")
-# OpenAI fields this server cannot honour, and the values that ask nothing of it.
-_NEUTRAL = {
-    "n": (1,),
-    "best_of": (1,),
-    "echo": (False,),
-    "suffix": ("",),
-    "tools": ([],),
-    "functions": ([],),
-}
 
 
 class ApiError(Exception):
@@ -160,16 +153,10 @@ class Body:
         return value or {}
 
     def refuse_unsupported(self) -> None:
-        """A 400 naming the first field that asks what this server does not do (several choices, tools)."""
-        for key, neutral in _NEUTRAL.items():
-            value = self._data.get(key)
-            if value is not None and value not in neutral:
-                if key == "n":
-                    raise invalid(f"n must be 1, got {json.dumps(value)}: this server returns one choice", key)
-                raise invalid(f"{key} is not supported by this server (got {json.dumps(value)[:80]})", key)
-        kind = self.mapping("response_format").get("type", "text")
-        if kind != "text":
-            raise invalid(f"response_format {kind!r} is not supported by this server: only 'text'", "response_format")
+        """A 400 naming the first field that asks for what this server does not do (unserved.py's table)."""
+        refusal = openai_refusal(self._data)
+        if refusal is not None:
+            raise invalid(refusal[1], refusal[0])
 
 
 def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParameters, dict[str, str]]:

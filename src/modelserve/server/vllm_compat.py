@@ -43,6 +43,7 @@ from modelserve import __version__
 from modelserve.config import KV_BLOCK_TOKENS
 from modelserve.engine.request import EngineStats, FinishReason, StreamEvent, TokenLogprobs
 from modelserve.server.serving import RequestFailed, Serving, ended_early, grpc_trailers, raise_for
+from modelserve.server.unserved import vllm_refusal
 from modelserve.server.validation import VLLM_NAMES, Limits, reworded
 
 if TYPE_CHECKING:
@@ -65,22 +66,7 @@ FINISH_REASONS = {
     FinishReason.ERROR: "error",
 }
 
-# Fields that ask for a feature this server lacks (UNIMPLEMENTED when set), and why it lacks it.
 _INT32_MAX = 2**31 - 1
-_UNSUPPORTED_REQUEST = {
-    "mm_inputs": "this server takes text only",
-    "extra_mm_inputs": "this server takes text only",
-    "media_refs": "this server takes text only",
-    "kv_transfer_params": "this server does no prefill/decode disaggregation",
-    "kv_transfer_params_json": "this server does no prefill/decode disaggregation",
-}
-_UNSUPPORTED_SAMPLING = {
-    "prompt_logprobs": "this server computes no prompt log-probabilities",
-    **dict.fromkeys(
-        ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice"),
-        "this server has no structured output",
-    ),
-}
 # The vLLM sampling parameters that modelserve.v1 names otherwise, so that a refusal names the field sent.
 _RENAMED = {**VLLM_NAMES, "top_logprobs": "logprobs"}
 # vLLM's sampling defaults that GetModelInfo reports when the model sets them (its min_p has no counterpart).
@@ -350,18 +336,9 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
 
 def _unsupported(request: vpb.GenerateRequest, sampling: vpb.SamplingParams) -> str | None:
     """Why the request cannot be served as asked, naming the first field that asks for a missing feature."""
-    for field, _ in request.ListFields():
-        if field.name in _UNSUPPORTED_REQUEST:
-            return f"{field.name} is not supported: {_UNSUPPORTED_REQUEST[field.name]}"
-    for field, _ in sampling.ListFields():  # ListFields: the fields set (non-zero, non-empty)
-        if field.name in _UNSUPPORTED_SAMPLING:
-            return f"sampling_params.{field.name} is not supported: {_UNSUPPORTED_SAMPLING[field.name]}"
-    if sampling.n > 1:
-        return (
-            f"sampling_params.n is {sampling.n}: this server makes one sample per request "
-            f"(send n = 0 or 1, or {sampling.n} separate requests)"
-        )
-    return None
+    fields = [(field.name, value) for field, value in request.ListFields()]  # the fields set
+    fields += [(f"sampling_params.{field.name}", value) for field, value in sampling.ListFields()]
+    return vllm_refusal(fields)
 
 
 def _their_names(message: str) -> str:

@@ -1,0 +1,137 @@
+"""What this server knows of and does not serve: one table for every face, and what each face reads.
+
+A caller who asks for one of these must learn that it was not done, never get a plain answer that looks
+as if it had been: the OpenAI face answers 400 naming the body's field, vLLM's face UNIMPLEMENTED naming
+its field, with the same reason. Before this table each face kept its own list, and they disagreed (the
+OpenAI face served `guided_json` as plain text while vLLM's refused `json_schema`).
+
+A body field the OpenAI face does not know at all is ignored, as vLLM's server does (clients send
+fields of newer API versions), and logged once per name, so an operator can tell what callers expect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unserved:
+    """A feature this server lacks, and the fields that ask for it on each face."""
+
+    reason: str
+    openai: tuple[str, ...] = ()  # body fields of /v1/chat/completions and /v1/completions
+    vllm: tuple[str, ...] = ()  # vLLM's GenerateRequest fields; its SamplingParams' as sampling_params.NAME
+
+
+_CONSTRAINTS = ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice")
+UNSERVED = (
+    Unserved(
+        "this server has no structured output",
+        openai=(
+            "response_format",
+            "structured_outputs",
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "guided_decoding_backend",
+            "guided_whitespace_pattern",
+        ),
+        vllm=tuple(f"sampling_params.{name}" for name in _CONSTRAINTS),
+    ),
+    Unserved("this server has no tool calling", openai=("tools", "tool_choice", "functions", "function_call")),
+    Unserved(
+        "this server makes one sample per request (send one request per sample)",
+        openai=("n", "best_of"),
+        vllm=("sampling_params.n",),
+    ),
+    Unserved(
+        "this server computes no prompt log-probabilities",
+        openai=("prompt_logprobs",),
+        vllm=("sampling_params.prompt_logprobs",),
+    ),
+    Unserved("this server does not echo the prompt", openai=("echo",)),
+    Unserved("this server takes text only", vllm=("mm_inputs", "extra_mm_inputs", "media_refs")),
+    Unserved(
+        "this server does no prefill/decode disaggregation",
+        openai=("kv_transfer_params",),
+        vllm=("kv_transfer_params", "kv_transfer_params_json"),
+    ),
+    Unserved("this server has no beam search", openai=("use_beam_search",)),
+    Unserved("this server does no fill-in-the-middle", openai=("suffix",)),
+)
+_BY_OPENAI = {name: entry for entry in UNSERVED for name in entry.openai}
+_BY_VLLM = {name: entry for entry in UNSERVED for name in entry.vllm}
+
+# Values of an OpenAI field that ask for nothing (clients send some of them by default).
+_OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "use_beam_search": (False,),
+    "response_format": ({"type": "text"},),
+}
+
+# Body fields the OpenAI face reads and serves (openai_request.py), and OpenAI's fields that ask nothing of
+# a server (who the caller is, whether OpenAI should store the answer): neither is logged as unknown.
+OPENAI_SERVED = frozenset(
+    {
+        *("model", "messages", "prompt", "stream", "stream_options", "priority", "seed", "stop", "stop_token_ids"),
+        *("max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p"),
+        *("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos"),
+        *("include_stop_str_in_output", "truncate_prompt_tokens", "logprobs", "top_logprobs"),
+        *("user", "store", "metadata", "service_tier", "parallel_tool_calls"),
+    }
+)
+
+
+def openai_refusal(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(the field, why it is refused) for the first body field that asks for a feature this server lacks."""
+    for name, value in body.items():
+        entry = _BY_OPENAI.get(name)
+        if entry is None or value is None or value in _OPENAI_NEUTRAL.get(name, ()):
+            continue
+        if name == "response_format" and isinstance(value, dict) and value.get("type", "text") == "text":
+            continue
+        return name, f"{name} {_shown(value)} is not supported: {entry.reason}"
+    return None
+
+
+def vllm_refusal(set_fields: Iterable[tuple[str, Any]]) -> str | None:
+    """Why a vLLM Generate cannot be served as asked, for the first of `set_fields` (its fields that are set,
+    sampling ones named sampling_params.NAME) that asks for a feature this server lacks."""
+    for name, value in set_fields:
+        entry = _BY_VLLM.get(name)
+        if entry is None or (name == "sampling_params.n" and value <= 1):
+            continue
+        shown = f" = {value}" if isinstance(value, int | float) and not isinstance(value, bool) else ""
+        return f"{name}{shown} is not supported: {entry.reason}"
+    return None
+
+
+class UnknownFields:
+    """Logs each body field the OpenAI face does not know, once per name for the server's life."""
+
+    def __init__(self) -> None:
+        self._logged: set[str] = set()
+
+    def note(self, body: Mapping[str, Any]) -> None:
+        for name in body:
+            if name in OPENAI_SERVED or name in _BY_OPENAI or name in self._logged:
+                continue
+            self._logged.add(name)
+            log.warning("ignoring the request field %r, which this server does not know (logged once)", name[:80])
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"({text[:77]}...)" if len(text) > 80 else f"({text})"
