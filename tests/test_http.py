@@ -153,6 +153,55 @@ def test_completions_whole_and_streamed_are_the_grpc_generate_text(client: OpenA
     assert "".join(r.text for r in stub.Generate(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)) == choice.text
 
 
+PROMPTS = ["Hello", "Once upon a time", "The quick brown fox jumps"]
+
+
+def test_a_list_of_prompts_gives_a_choice_per_prompt_in_order(client: OpenAI) -> None:
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0) for p in PROMPTS]
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=6, temperature=0, logprobs=1)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == [a.choices[0].text for a in alone]
+    assert all(c.logprobs is not None and len(c.logprobs.tokens or []) == 6 for c in whole.choices)
+    assert whole.usage is not None
+    assert whole.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone if a.usage is not None)
+    assert whole.usage.completion_tokens == 18
+
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    texts = ["", "", ""]
+    endings = []
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices  # one choice per chunk, named by its index
+        texts[choice.index] += choice.text
+        if choice.finish_reason is not None:
+            endings.append(choice.index)
+    assert texts == [c.text for c in whole.choices] and sorted(endings) == [0, 1, 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 18
+
+
+def test_one_bad_prompt_in_a_list_refuses_the_request_and_runs_none(client: OpenAI, server: ServerProcess) -> None:
+    """Every prompt is checked before any is submitted: the good ones neither run nor show as cancelled."""
+    before = _length_finished(server), _cancelled(server)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=["Hello", ""], max_tokens=4, temperature=0)
+    assert "(prompt[1])" in err.value.message and err.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=[], max_tokens=4)
+    assert "1 to" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=["Hello", 5], max_tokens=4)  # type: ignore[list-item]
+    assert (_length_finished(server), _cancelled(server)) == before  # the first prompt was never submitted
+
+
 def test_a_stop_sequence_ends_the_text_before_it_with_finish_reason_stop(client: OpenAI) -> None:
     free = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0).choices[0].text
     middle = len(free) // 2

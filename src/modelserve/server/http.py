@@ -29,6 +29,7 @@ import math
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,13 +43,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from modelserve.engine.request import FinishReason
 from modelserve.server.lifecycle import STOP_GRACE_S
 from modelserve.server.openai_request import (
     ApiError,
     Body,
     chat_messages,
     check_model,
-    completion_prompt,
+    completion_prompts,
     failure,
     generation_parameters,
     invalid,
@@ -163,7 +165,7 @@ class _Api:
                 prompt = self._serving.chat_prompt(model, limits, messages)
             except RequestFailed as exc:
                 raise failure(exc, {}) from None
-            return self._generation(request, body, True, prompt, (engine, model, limits))
+            return self._generation(request, body, True, [prompt], (engine, model, limits))
 
     async def completions(self, request: HttpRequest) -> Response:
         self._authorize(request)
@@ -172,7 +174,8 @@ class _Api:
             body = await self._body(request)
             check_model(body.string("model"), model.model_id)
             body.refuse_unsupported()
-            return self._generation(request, body, False, completion_prompt(body), (engine, model, limits))
+            prompts = completion_prompts(body, self._serving.config.max_batch_requests)
+            return self._generation(request, body, False, prompts, (engine, model, limits))
 
     @contextlib.contextmanager
     def _counting_refusals(self, chat: bool = False) -> Iterator[None]:
@@ -187,8 +190,14 @@ class _Api:
             raise
 
     def _generation(
-        self, request: HttpRequest, body: Body, chat: bool, prompt: str, served: tuple[Engine, ServedModel, Limits]
+        self,
+        request: HttpRequest,
+        body: Body,
+        chat: bool,
+        prompts: list[str],
+        served: tuple[Engine, ServedModel, Limits],
     ) -> Response:
+        """One engine request per prompt (a completion may send a list), each a choice of the answer."""
         engine, model, limits = served
         params, names = generation_parameters(body, chat)
         names["prompt"] = "messages" if chat else "prompt"
@@ -198,22 +207,47 @@ class _Api:
         timeout_s = request_timeout_s(request)
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
 
-        def start() -> tuple[Request, RequestStream]:
+        base_id = request_id or uuid.uuid4().hex  # a list's requests are BASE-0, BASE-1, ...
+
+        def refusal(exc: RequestFailed, index: int) -> RequestFailed:
+            """A list's refusal names the prompt it is about."""
+            if len(prompts) == 1:
+                return exc
+            return RequestFailed(exc.code, f"{exc} (prompt[{index}])", exc.retry_after_s)
+
+        def start() -> list[tuple[Request, RequestStream]]:
+            """Every prompt validated before any is submitted: one refused, none runs."""
             self._serving.ready(HEALTH_HINT, chat)  # again: a drain may have begun while the body was read
-            return self._serving.start(
-                engine,
-                model,
-                limits,
-                prompt,
-                params,
-                request_id=request_id,
-                priority=priority,
-                time_remaining_s=timeout_s,
-                chat=chat,
-            )
+            prepared = []
+            for index, prompt in enumerate(prompts):
+                try:
+                    prepared.append(
+                        self._serving.prepare(
+                            engine,
+                            model,
+                            limits,
+                            prompt,
+                            params,
+                            request_id=f"{base_id}-{index}" if len(prompts) > 1 else request_id,
+                            priority=priority,
+                            time_remaining_s=timeout_s,
+                            chat=chat,
+                        )
+                    )
+                except RequestFailed as exc:
+                    raise refusal(exc, index) from None
+            started: list[tuple[Request, RequestStream]] = []
+            for index, engine_request in enumerate(prepared):
+                try:
+                    started.append((engine_request, self._serving.submit(engine, engine_request, chat=chat)))
+                except RequestFailed as exc:  # the queue filled or the engine closed meanwhile
+                    for _, stream in started:
+                        stream.abort(FinishReason.CANCELLED)
+                    raise refusal(exc, index) from None
+            return started
 
         layout = Layout(chat, model.model_id, params.logprobs, include_usage)
-        return Generation(self._serving, start, prompt, layout, stream, names)
+        return Generation(self._serving, start, prompts, layout, stream, names)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

@@ -266,14 +266,15 @@ def _content(content: object, where: str) -> str:
     return "\n".join(texts)
 
 
-def completion_prompt(body: Body) -> str:
-    """A completion's prompt: one string (a list holding one string is taken as it)."""
-    value = body.typed("prompt", (str, list), "a string")
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        value = value[0]
-    if not isinstance(value, str):
-        raise invalid("prompt must be one string: this server takes one text prompt per request", "prompt")
-    return value
+def completion_prompts(body: Body, most: int) -> list[str]:
+    """A completion's prompts: one string, or a list of 1 to `most` strings (one choice each)."""
+    value = body.typed("prompt", (str, list), "a string or a list of strings")
+    prompts = [value] if isinstance(value, str) else value
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise invalid("prompt must be a string or a list of strings: this server takes text prompts", "prompt")
+    if not 1 <= len(prompts) <= most:
+        raise invalid(f"prompt has {len(prompts)} items; a list must have 1 to {most} (--max-batch-requests)", "prompt")
+    return prompts
 
 
 def request_timeout_s(request: HttpRequest) -> float | None:

@@ -6,16 +6,21 @@ shape (openai_request.py); a failure after a stream's first byte is sent as a la
 
 A client that closes its connection aborts its generation at the next engine step, as a cancelled gRPC
 stream does: every generation watches the ASGI disconnect message while it runs, streamed or not.
+
+A list of prompts (/v1/completions) is one engine request per prompt, run side by side: one choice each,
+`index` in the list's order, streamed as their events come (each chunk names its choice), usage summed.
+One prompt refused refuses the whole request, and one failing ends it, as OpenAI's API does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -42,18 +47,24 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0
 
 
-def _usage(n_prompt: int, event: StreamEvent) -> dict[str, Any]:
+def _usage(ends: Sequence[tuple[Request, StreamEvent]]) -> dict[str, Any]:
+    """OpenAI's usage for every choice together (a list of prompts: their prompts and outputs summed)."""
+    prompt = sum(len(request.prompt_ids) for request, _ in ends)
+    output = sum(event.output_tokens for _, event in ends)
     return {
-        "prompt_tokens": n_prompt,
-        "completion_tokens": event.output_tokens,
-        "total_tokens": n_prompt + event.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": event.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": output,
+        "total_tokens": prompt + output,
+        "prompt_tokens_details": {"cached_tokens": sum(event.cached_tokens for _, event in ends)},
     }
 
 
+Answer: TypeAlias = tuple[str, Sequence[TokenLogprobs], str]  # a whole choice: text, logprobs, finish reason
+
+
 class Layout:
-    """Where one request's text, log-probabilities and ending go: chat.completion(.chunk) objects, or
-    text_completion ones."""
+    """Where a request's text, log-probabilities and endings go, choice by choice: chat.completion(.chunk)
+    objects, or text_completion ones."""
 
     def __init__(self, chat: bool, model_id: str, logprobs: bool, include_usage: bool) -> None:
         self.chat, self.logprobs, self.include_usage = chat, logprobs, include_usage
@@ -61,10 +72,10 @@ class Layout:
         self._object = "chat.completion" if chat else "text_completion"
         self._model_id = model_id
         self._created = int(time.time())
-        self._text_offset = 0  # a completion's logprobs say where each token starts in the text
+        self._text_offsets: dict[int, int] = {}  # a completion's logprobs say where each token starts in the text
 
     def begin(self, request_id: str) -> None:
-        """Name the answer after its request, once the shared path has given it an id."""
+        """Name the answer after its (first) request, once the shared path has given it an id."""
         self._id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
 
     def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
@@ -75,30 +86,38 @@ class Layout:
             envelope["usage"] = None  # as OpenAI: only the last chunk carries it
         return envelope
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, count: int) -> list[dict[str, Any]]:
         if not self.chat:
             return []
         delta = {"role": "assistant", "content": ""}
-        return [self._envelope([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}], True)]
+        choices = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None} for i in range(count)]
+        return [self._envelope(choices, True)]
 
-    def piece(self, text: str, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    def piece(self, index: int, text: str, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
         key, value = ("delta", {"content": text}) if self.chat else ("text", text)
-        choice = {"index": 0, key: value, "logprobs": self._logprobs(logprobs), "finish_reason": None}
+        choice = {"index": index, key: value, "logprobs": self._logprobs(index, logprobs), "finish_reason": None}
         return self._envelope([choice], True)
 
-    def ending(self, reason: str) -> dict[str, Any]:
+    def ending(self, index: int, reason: str) -> dict[str, Any]:
         key, value = ("delta", {}) if self.chat else ("text", "")
-        return self._envelope([{"index": 0, key: value, "logprobs": None, "finish_reason": reason}], True)
+        return self._envelope([{"index": index, key: value, "logprobs": None, "finish_reason": reason}], True)
 
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._envelope([], True), "usage": usage}
 
-    def whole(self, text: str, logprobs: Sequence[TokenLogprobs], reason: str, usage: dict[str, Any]) -> dict[str, Any]:
-        key, value = ("message", {"role": "assistant", "content": text}) if self.chat else ("text", text)
-        choice = {"index": 0, key: value, "logprobs": self._logprobs(logprobs), "finish_reason": reason}
-        return {**self._envelope([choice], False), "usage": usage}
+    def whole(
+        self, answers: Sequence[tuple[str, Sequence[TokenLogprobs], str]], usage: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Every choice's (text, log-probabilities, finish reason), in order."""
+        choices = []
+        for index, (text, logprobs, reason) in enumerate(answers):
+            key, value = ("message", {"role": "assistant", "content": text}) if self.chat else ("text", text)
+            choices.append(
+                {"index": index, key: value, "logprobs": self._logprobs(index, logprobs), "finish_reason": reason}
+            )
+        return {**self._envelope(choices, False), "usage": usage}
 
-    def _logprobs(self, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
+    def _logprobs(self, index: int, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         if self.chat:
@@ -108,9 +127,11 @@ class Layout:
 
             return {"content": [{**one(lp.chosen), "top_logprobs": [one(t) for t in lp.top]} for lp in logprobs]}
         offsets = []
+        offset = self._text_offsets.get(index, 0)
         for lp in logprobs:
-            offsets.append(self._text_offset)
-            self._text_offset += len(lp.chosen.token)
+            offsets.append(offset)
+            offset += len(lp.chosen.token)
+        self._text_offsets[index] = offset
         return {
             "tokens": [lp.chosen.token for lp in logprobs],
             "token_logprobs": [_finite(lp.chosen.logprob) for lp in logprobs],
@@ -123,94 +144,142 @@ def _sse(payload: object) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _watch_disconnect(receive: Receive, stream: RequestStream, gone: asyncio.Event) -> None:
+async def _watch_disconnect(receive: Receive, streams: Sequence[RequestStream], gone: asyncio.Event) -> None:
     """Abort the generation (at the engine's next step) once the client closes its connection."""
     while (await receive())["type"] != "http.disconnect":
         pass
     gone.set()
-    stream.abort(FinishReason.CANCELLED)
+    for stream in streams:
+        stream.abort(FinishReason.CANCELLED)
+
+
+Started: TypeAlias = tuple["Request", "RequestStream"]
+
+
+async def _merged(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
+    """Every stream's events as they come, each with its stream's place in `streams`."""
+    if len(streams) == 1:  # the common case: no tasks
+        async for event in streams[0]:
+            yield 0, event
+        return
+    # Unbounded: each stream's events are bounded by its own output, and a pump must never wait on the reader.
+    queue: asyncio.Queue[tuple[int, StreamEvent | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+        except Exception as exc:  # handed to the reader, which raises it as a lone stream would
+            queue.put_nowait((index, exc))
+        else:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class Generation(Response):
-    """One generation, run while Starlette sends this response: submitted, streamed or collected, and
-    aborted if the client goes away. Counted in flight from before the engine sees it to its last byte,
-    so a drain waits for it."""
+    """One request's generations (one per choice: a list of prompts has several), run while Starlette sends
+    this response: submitted, streamed or collected, and aborted if the client goes away. Counted in flight
+    from before the engine sees them to the last byte, so a drain waits for them."""
 
     def __init__(
         self,
         serving: Serving,
-        start: Callable[[], tuple[Request, RequestStream]],
-        prompt: str,
+        start: Callable[[], list[Started]],
+        prompts: Sequence[str],
         layout: Layout,
         stream: bool,
         names: Mapping[str, str],
     ) -> None:
         super().__init__()
-        self._serving, self._start, self._prompt = serving, start, prompt
+        self._serving, self._start, self._prompts = serving, start, prompts
         self._layout, self._stream, self._names = layout, stream, names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self._serving.counted():
-            try:
-                request, stream = self._start()  # readiness again (a drain may have begun), then submit
-            except RequestFailed as exc:
-                await failure(exc, self._names).response()(scope, receive, send)
-                return
-            outcome = self._serving.track(request, self._prompt, self._layout.chat)
-            self._layout.begin(request.request_id)
+            started: list[Started] = []
+            outcomes: list[OutcomeTracker] = []
             gone = asyncio.Event()
-            watcher = asyncio.ensure_future(_watch_disconnect(receive, stream, gone))
-            headers = {"x-request-id": request.request_id}
+            watcher: asyncio.Future[None] | None = None
             try:
+                try:
+                    started = self._start()  # readiness again (a drain may have begun), then submit
+                except RequestFailed as exc:  # one prompt refused: none is served
+                    await failure(exc, self._names).response()(scope, receive, send)
+                    return
+                for (engine_request, _), prompt in zip(started, self._prompts, strict=True):
+                    outcomes.append(self._serving.track(engine_request, prompt, self._layout.chat))
+                streams = [stream for _, stream in started]
+                self._layout.begin(started[0][0].request_id)
+                watcher = asyncio.ensure_future(_watch_disconnect(receive, streams, gone))
+                headers = {"x-request-id": started[0][0].request_id}
                 if self._stream:
-                    await self._send_events(send, request, stream, outcome, gone, headers)
+                    await self._send_events(send, started, outcomes, gone, headers)
                 else:
-                    response = await self._collect(request, stream, outcome, gone, headers)
+                    response = await self._collect(started, outcomes, gone, headers)
                     if response is not None:
                         await response(scope, receive, send)
             finally:
-                watcher.cancel()
-                stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
-                outcome.close(FinishReason.CANCELLED.value)
+                if watcher is not None:
+                    watcher.cancel()
+                for (_, stream), outcome in zip(started, outcomes, strict=False):
+                    stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
+                    outcome.close(FinishReason.CANCELLED.value)
+                for _, stream in started[len(outcomes) :]:  # submitted, then its tracking failed
+                    stream.abort(FinishReason.CANCELLED)
 
     async def _collect(
         self,
-        request: Request,
-        stream: RequestStream,
-        outcome: OutcomeTracker,
+        started: Sequence[Started],
+        outcomes: Sequence[OutcomeTracker],
         gone: asyncio.Event,
         headers: dict[str, str],
     ) -> Response | None:
         """The whole answer, or its error; None when the client went away."""
-        text: list[str] = []
-        logprobs: list[TokenLogprobs] = []
+        texts: list[list[str]] = [[] for _ in started]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in started]
+        ends: dict[int, StreamEvent] = {}
         try:
-            async for event in stream:
-                outcome.saw(event)
-                if gone.is_set():
-                    return None
-                text.append(event.text)
-                logprobs.extend(event.logprobs)
-                if event.finish is not None:
-                    raise_for(event)
-                    whole = self._layout.whole(
-                        "".join(text),
-                        logprobs,
-                        _FINISH_REASONS[event.finish.reason],
-                        _usage(len(request.prompt_ids), event),
-                    )
-                    return JSONResponse(whole, headers=headers)
+            async with contextlib.aclosing(_merged([stream for _, stream in started])) as events:
+                async for index, event in events:
+                    outcomes[index].saw(event)
+                    if gone.is_set():
+                        return None
+                    texts[index].append(event.text)
+                    logprobs[index].extend(event.logprobs)
+                    if event.finish is not None:
+                        raise_for(event)
+                        ends[index] = event
         except RequestFailed as exc:
             error = failure(exc, self._names)
             return JSONResponse(error.body(), error.status, {**headers, **error.headers})
-        raise AssertionError("a request stream ends with its finish event")
+        assert len(ends) == len(started), "a request stream ends with its finish event"
+        answers: list[Answer] = []
+        for index in range(len(started)):
+            finish = ends[index].finish
+            assert finish is not None
+            answers.append(("".join(texts[index]), logprobs[index], _FINISH_REASONS[finish.reason]))
+        usage = _usage([(started[i][0], ends[i]) for i in range(len(started))])
+        return JSONResponse(self._layout.whole(answers, usage), headers=headers)
 
     async def _send_events(
         self,
         send: Send,
-        request: Request,
-        stream: RequestStream,
-        outcome: OutcomeTracker,
+        started: Sequence[Started],
+        outcomes: Sequence[OutcomeTracker],
         gone: asyncio.Event,
         headers: dict[str, str],
     ) -> None:
@@ -226,20 +295,23 @@ class Generation(Response):
         async def event(payload: object) -> None:
             await send({"type": "http.response.body", "body": _sse(payload), "more_body": True})
 
+        ends: dict[int, StreamEvent] = {}
         try:
-            for chunk in layout.opening():
+            for chunk in layout.opening(len(started)):
                 await event(chunk)
-            async for engine_event in stream:
-                outcome.saw(engine_event)
-                if gone.is_set():
-                    return
-                if engine_event.text or engine_event.logprobs:
-                    await event(layout.piece(engine_event.text, engine_event.logprobs))
-                if engine_event.finish is not None:
-                    raise_for(engine_event)
-                    await event(layout.ending(_FINISH_REASONS[engine_event.finish.reason]))
-                    if layout.include_usage:
-                        await event(layout.usage(_usage(len(request.prompt_ids), engine_event)))
+            async with contextlib.aclosing(_merged([stream for _, stream in started])) as events:
+                async for index, engine_event in events:
+                    outcomes[index].saw(engine_event)
+                    if gone.is_set():
+                        return
+                    if engine_event.text or engine_event.logprobs:
+                        await event(layout.piece(index, engine_event.text, engine_event.logprobs))
+                    if engine_event.finish is not None:
+                        raise_for(engine_event)
+                        ends[index] = engine_event
+                        await event(layout.ending(index, _FINISH_REASONS[engine_event.finish.reason]))
+            if layout.include_usage:
+                await event(layout.usage(_usage([(started[i][0], ends[i]) for i in range(len(started))])))
             last = b"data: [DONE]\n\n"
         except RequestFailed as exc:
             last = _sse(failure(exc, self._names).body())

@@ -169,6 +169,38 @@ class Serving:
         `prompt_ids` is a prompt that comes tokenized (the vLLM face's): checked against the vocabulary
         instead of encoded, and `prompt` is then only the text telemetry may show.
         """
+        request = self.prepare(
+            engine,
+            model,
+            limits,
+            prompt,
+            params,
+            request_id=request_id,
+            priority=priority,
+            time_remaining_s=time_remaining_s,
+            field=field,
+            chat=chat,
+            prompt_ids=prompt_ids,
+        )
+        return request, self.submit(engine, request, field=field, chat=chat)
+
+    def prepare(
+        self,
+        engine: Engine,
+        model: ServedModel,
+        limits: Limits,
+        prompt: str,
+        params: pb.GenerationParameters,
+        *,
+        request_id: str = "",
+        priority: int = 0,
+        time_remaining_s: float | None = None,
+        field: str = "",
+        chat: bool = False,
+        prompt_ids: Sequence[int] | None = None,
+    ) -> Request:
+        """start()'s first half: the engine request, validated, not yet submitted (several prompts of one call
+        are all checked before any runs)."""
         prefix = f"{field}." if field else ""
         try:
             engine.check_queue()  # before tokenizing: a refusal under overload must cost next to nothing
@@ -188,9 +220,13 @@ class Serving:
             self.rejected("invalid_argument", chat)
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
         deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
-        engine_request = dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s)
+        return dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s)
+
+    def submit(self, engine: Engine, request: Request, *, field: str = "", chat: bool = False) -> RequestStream:
+        """start()'s second half: hand a prepared request to the engine."""
+        prefix = f"{field}." if field else ""
         try:
-            return engine_request, engine.submit(engine_request)
+            return engine.submit(request)
         except QueueFullError as exc:
             raise self._queue_full(exc, prefix, chat) from None
         except DeadlineUnreachableError as exc:
