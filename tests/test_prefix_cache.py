@@ -113,6 +113,30 @@ def test_a_prefix_hit_shares_the_blocks_it_finds(model_dirs: dict[str, Path]) ->
     assert token == _reference(model, second, 1)[0]
 
 
+def test_prompts_sent_together_compute_their_common_prefix_once(model_dirs: dict[str, Path]) -> None:
+    """Two prompts with one 1,000-token start arrive in the same step (n samples of a prompt, a shared system
+    prompt): the second waits while the first computes the common blocks, then shares them, and its first
+    token is still generate()'s. A third, unrelated prompt behind them is not held up for long."""
+    model = _load(model_dirs["llama"])
+    core = EngineConfig(max_batch_size=4, kv_cache_bytes=8 << 20).build_core(
+        model.model, model.eos_token_ids, model.max_sequence_length, observed=False
+    )
+    prefix = [(7 * i) % 300 + 5 for i in range(1000)]
+    first, second = [*prefix, 11, 12], [*prefix, 13]
+    core.apply(AddRequest(1, _greedy(1, first, 5)))
+    core.apply(AddRequest(2, _greedy(2, second, 3)))
+    tokens: dict[int, int] = {}
+    while 2 not in tokens:
+        for row in core.step().rows:
+            tokens.setdefault(row.key, row.token_id)
+    a, b = (next(s for s in core.scheduler.running if s.key == key) for key in (1, 2))
+    shared = 1000 // BLOCK_TOKENS
+    assert b.cached_tokens == shared * BLOCK_TOKENS  # computed once, by the first
+    assert a.table.blocks[:shared] == b.table.blocks[:shared]
+    assert all(core.blocks.blocks[i].refs == 2 for i in b.table.blocks[:shared])
+    assert tokens[1] == _reference(model, first, 1)[0] and tokens[2] == _reference(model, second, 1)[0]
+
+
 def test_blocks_are_cached_until_reused_least_recently_freed_first() -> None:
     blocks = BlockManager(num_blocks=6, block_size=4)
 

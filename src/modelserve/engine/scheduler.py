@@ -6,7 +6,8 @@ is free and the free blocks hold its prompt (after the cached blocks its prompt 
 to spare for each running row; its output's blocks are taken as it grows. When a growing row finds
 no free block, the newest running request is preempted: its blocks are freed and it waits again at
 the front of its priority, to be recomputed (prompt and output so far, mostly from the prefix cache)
-and continue where it stopped.
+and continue where it stopped. A prompt whose start another running prompt is still computing waits until
+those blocks are cached, then shares them: a common prefix sent several times at once is computed once.
 
 Every step feeds one forward: each decoding row's next token, then prompt chunks within the step's
 token budget, so a long prompt is split over several steps and running streams get a token every
@@ -118,7 +119,7 @@ class Scheduler:
         admitted: list[Sequence] = []
         while budget > 0 and self.waiting and len(self.running) < self.max_batch_size:
             head = self.waiting[0]
-            if not self._admit(head):
+            if self._prefix_pending(head) or not self._admit(head):
                 break
             n = min(len(head.tokens) - head.computed, budget)
             self._plan_row(plan, head, n)
@@ -174,6 +175,28 @@ class Scheduler:
         self.waiting.remove(seq)
         self.running.append(seq)
         return True
+
+    def _prefix_pending(self, seq: Sequence) -> bool:
+        """Another running prompt is still computing blocks that `seq` could share once they are cached: `seq`
+        waits for them (the queue behind it too, keeping its order) rather than compute them a second time.
+        This is how the n samples of one prompt, or requests that arrive together with one long system
+        prompt, prefill their common part once; the wait ends as the other's prefill goes on, every step."""
+        if not self.prefix_caching:
+            return False
+        size = self.blocks.block_size
+        shareable = (len(seq.tokens) - 1) // size * size  # match_prefix never covers a prompt's last token
+        for other in self.running:
+            cached = other.computed // size * size  # what advance() has committed of it
+            if not other.prefilling or cached >= shareable:
+                continue
+            common = 0
+            for mine, theirs in zip(seq.tokens[:shareable], other.tokens, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+            if common // size * size > cached:
+                return True
+        return False
 
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Blocks for `seq`'s next `n` tokens, preempting the newest running sequences while there are none.
