@@ -188,6 +188,35 @@ def test_a_list_of_prompts_gives_a_choice_per_prompt_in_order(client: OpenAI) ->
     assert chunks[-1].usage.completion_tokens == 18
 
 
+def test_n_samples_share_one_prefill_and_count_the_prompt_once(client: OpenAI, server: ServerProcess) -> None:
+    """n=4: four choices, each its own seed stream (seed + j, reproducible alone), the prompt's full blocks
+    computed once and shared by the other three (the prefix cache's hit counter), usage with the prompt once."""
+    prompt = "n samples share one prefill: " + " ".join(f"w{i}" for i in range(60))
+    hits = "modelserve_prefix_cache_hit_tokens_total"
+    before = server.metric(hits)
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, n=4, temperature=1.0, seed=21)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert len({c.text for c in reply.choices}) > 1  # four draws, not one
+    usage = reply.usage
+    assert usage is not None and usage.completion_tokens == 32
+    shared = (usage.prompt_tokens - 1) // 16 * 16
+    assert shared > 0 and server.metric(hits) - before >= 3 * shared  # the other three reused the first's blocks
+    for j in (0, 3):  # sample j is what a lone request with seed + j samples
+        alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, seed=21 + j)
+        assert alone.choices[0].text == reply.choices[j].text
+        assert alone.usage is not None and alone.usage.prompt_tokens == usage.prompt_tokens  # counted once
+
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, n=2, temperature=0, stream=True)
+    )
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)
+    assert texts == {0: whole.choices[0].message.content, 1: whole.choices[0].message.content}  # greedy: equal
+
+
 def test_one_bad_prompt_in_a_list_refuses_the_request_and_runs_none(client: OpenAI, server: ServerProcess) -> None:
     """Every prompt is checked before any is submitted: the good ones neither run nor show as cancelled."""
     before = _length_finished(server), _cancelled(server)
@@ -238,7 +267,7 @@ def test_server_sent_events_on_the_wire(server: ServerProcess) -> None:
     [
         ({"temperature": 500.0}, "temperature"),
         ({"max_tokens": 10**6}, "max_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
         ({"extra_body": {"priority": 5000}}, "priority"),
         ({"presence_penalty": 2.5}, "presence_penalty"),

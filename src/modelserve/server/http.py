@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from modelserve_client.v1 import generation_pb2 as pb
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -197,7 +198,8 @@ class _Api:
         prompts: list[str],
         served: tuple[Engine, ServedModel, Limits],
     ) -> Response:
-        """One engine request per prompt (a completion may send a list), each a choice of the answer."""
+        """One engine request per prompt (a completion may send a list) and sample (`n`), each a choice of the
+        answer, ordered as OpenAI orders them: prompt by prompt, a prompt's samples together."""
         engine, model, limits = served
         params, names = generation_parameters(body, chat)
         names["prompt"] = "messages" if chat else "prompt"
@@ -206,20 +208,39 @@ class _Api:
         priority = body.integer("priority") or 0
         timeout_s = request_timeout_s(request)
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
-
-        base_id = request_id or uuid.uuid4().hex  # a list's requests are BASE-0, BASE-1, ...
+        samples = body.integer("n")
+        samples = 1 if samples is None else samples
+        most = max(1, self._serving.config.max_batch_requests // len(prompts))
+        if not 1 <= samples <= most:
+            raise invalid(
+                f"n must be in [1, {most}], got {samples} (every choice of a request counts toward "
+                f"--max-batch-requests, {self._serving.config.max_batch_requests})",
+                "n",
+            )
+        choices = [(prompt, sample) for prompt in prompts for sample in range(samples)]
+        base_id = request_id or uuid.uuid4().hex  # several choices' requests are BASE-0, BASE-1, ...
 
         def refusal(exc: RequestFailed, index: int) -> RequestFailed:
             """A list's refusal names the prompt it is about."""
             if len(prompts) == 1:
                 return exc
-            return RequestFailed(exc.code, f"{exc} (prompt[{index}])", exc.retry_after_s)
+            return RequestFailed(exc.code, f"{exc} (prompt[{index // samples}])", exc.retry_after_s)
+
+        def sample_params(sample: int) -> pb.GenerationParameters:
+            """A caller's seed makes every sample reproducible: sample j draws from seed + j."""
+            if sample == 0 or not params.HasField("seed"):
+                return params
+            own = pb.GenerationParameters()
+            own.CopyFrom(params)
+            own.seed = (params.seed + sample) % 2**64
+            return own
 
         def start() -> list[tuple[Request, RequestStream]]:
-            """Every prompt validated before any is submitted: one refused, none runs."""
+            """Every choice validated before any is submitted: one refused, none runs. A prompt's samples
+            are submitted together and compute the prompt once (the scheduler's shared-prefix wait)."""
             self._serving.ready(HEALTH_HINT, chat)  # again: a drain may have begun while the body was read
             prepared = []
-            for index, prompt in enumerate(prompts):
+            for index, (prompt, sample) in enumerate(choices):
                 try:
                     prepared.append(
                         self._serving.prepare(
@@ -227,8 +248,8 @@ class _Api:
                             model,
                             limits,
                             prompt,
-                            params,
-                            request_id=f"{base_id}-{index}" if len(prompts) > 1 else request_id,
+                            sample_params(sample),
+                            request_id=f"{base_id}-{index}" if len(choices) > 1 else request_id,
                             priority=priority,
                             time_remaining_s=timeout_s,
                             chat=chat,
@@ -247,7 +268,7 @@ class _Api:
             return started
 
         layout = Layout(chat, model.model_id, params.logprobs, include_usage)
-        return Generation(self._serving, start, prompts, layout, stream, names)
+        return Generation(self._serving, start, [prompt for prompt, _ in choices], samples, layout, stream, names)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

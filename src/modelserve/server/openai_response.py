@@ -7,9 +7,10 @@ shape (openai_request.py); a failure after a stream's first byte is sent as a la
 A client that closes its connection aborts its generation at the next engine step, as a cancelled gRPC
 stream does: every generation watches the ASGI disconnect message while it runs, streamed or not.
 
-A list of prompts (/v1/completions) is one engine request per prompt, run side by side: one choice each,
-`index` in the list's order, streamed as their events come (each chunk names its choice), usage summed.
-One prompt refused refuses the whole request, and one failing ends it, as OpenAI's API does.
+A list of prompts (/v1/completions), and `n` samples of each, are one engine request per choice, run side
+by side: `index` in OpenAI's order (prompt by prompt, a prompt's samples together), streamed as their
+events come (each chunk names its choice), usage with each prompt once. One choice refused refuses the
+whole request, and one failing ends it, as OpenAI's API does.
 """
 
 from __future__ import annotations
@@ -47,15 +48,17 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0
 
 
-def _usage(ends: Sequence[tuple[Request, StreamEvent]]) -> dict[str, Any]:
-    """OpenAI's usage for every choice together (a list of prompts: their prompts and outputs summed)."""
-    prompt = sum(len(request.prompt_ids) for request, _ in ends)
+def _usage(ends: Sequence[tuple[Request, StreamEvent]], samples: int) -> dict[str, Any]:
+    """OpenAI's usage for every choice together: each prompt counted once (with its first sample's cached
+    tokens; its other samples share its blocks), every choice's output."""
+    firsts = ends[::samples]
+    prompt = sum(len(request.prompt_ids) for request, _ in firsts)
     output = sum(event.output_tokens for _, event in ends)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": output,
         "total_tokens": prompt + output,
-        "prompt_tokens_details": {"cached_tokens": sum(event.cached_tokens for _, event in ends)},
+        "prompt_tokens_details": {"cached_tokens": sum(event.cached_tokens for _, event in firsts)},
     }
 
 
@@ -191,7 +194,8 @@ async def _merged(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int,
 
 
 class Generation(Response):
-    """One request's generations (one per choice: a list of prompts has several), run while Starlette sends
+    """One request's generations (one per choice: a list of prompts, or n samples, has several; `prompts`
+    holds each choice's prompt, `samples` choices in a row per prompt), run while Starlette sends
     this response: submitted, streamed or collected, and aborted if the client goes away. Counted in flight
     from before the engine sees them to the last byte, so a drain waits for them."""
 
@@ -200,12 +204,13 @@ class Generation(Response):
         serving: Serving,
         start: Callable[[], list[Started]],
         prompts: Sequence[str],
+        samples: int,
         layout: Layout,
         stream: bool,
         names: Mapping[str, str],
     ) -> None:
         super().__init__()
-        self._serving, self._start, self._prompts = serving, start, prompts
+        self._serving, self._start, self._prompts, self._samples = serving, start, prompts, samples
         self._layout, self._stream, self._names = layout, stream, names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -272,7 +277,7 @@ class Generation(Response):
             finish = ends[index].finish
             assert finish is not None
             answers.append(("".join(texts[index]), logprobs[index], _FINISH_REASONS[finish.reason]))
-        usage = _usage([(started[i][0], ends[i]) for i in range(len(started))])
+        usage = _usage([(started[i][0], ends[i]) for i in range(len(started))], self._samples)
         return JSONResponse(self._layout.whole(answers, usage), headers=headers)
 
     async def _send_events(
@@ -311,7 +316,8 @@ class Generation(Response):
                         ends[index] = engine_event
                         await event(layout.ending(index, _FINISH_REASONS[engine_event.finish.reason]))
             if layout.include_usage:
-                await event(layout.usage(_usage([(started[i][0], ends[i]) for i in range(len(started))])))
+                ends_in_order = [(started[i][0], ends[i]) for i in range(len(started))]
+                await event(layout.usage(_usage(ends_in_order, self._samples)))
             last = b"data: [DONE]\n\n"
         except RequestFailed as exc:
             last = _sse(failure(exc, self._names).body())

@@ -45,11 +45,8 @@ UNSERVED = (
         vllm=tuple(f"sampling_params.{name}" for name in _CONSTRAINTS),
     ),
     Unserved("this server has no tool calling", openai=("tools", "tool_choice", "functions", "function_call")),
-    Unserved(
-        "this server makes one sample per request (send one request per sample)",
-        openai=("n", "best_of"),
-        vllm=("sampling_params.n",),
-    ),
+    Unserved("this server picks no best of several samples (ask for n samples instead)", openai=("best_of",)),
+    Unserved("this face makes one sample per request (send one request per sample)", vllm=("sampling_params.n",)),
     Unserved(
         "this server computes no prompt log-probabilities",
         openai=("prompt_logprobs",),
@@ -70,7 +67,6 @@ _BY_VLLM = {name: entry for entry in UNSERVED for name in entry.vllm}
 
 # Values of an OpenAI field that ask for nothing (clients send some of them by default).
 _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
@@ -85,7 +81,8 @@ _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
 # a server (who the caller is, whether OpenAI should store the answer): neither is logged as unknown.
 OPENAI_SERVED = frozenset(
     {
-        *("model", "messages", "prompt", "stream", "stream_options", "priority", "seed", "stop", "stop_token_ids"),
+        *("model", "messages", "prompt", "n", "stream", "stream_options", "priority", "seed", "stop"),
+        "stop_token_ids",
         *("max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p"),
         *("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos"),
         *("include_stop_str_in_output", "truncate_prompt_tokens", "logprobs", "top_logprobs"),
