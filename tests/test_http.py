@@ -217,6 +217,17 @@ def test_n_samples_share_one_prefill_and_count_the_prompt_once(client: OpenAI, s
     assert texts == {0: whole.choices[0].message.content, 1: whole.choices[0].message.content}  # greedy: equal
 
 
+def test_a_list_answer_is_named_after_the_callers_request_id(server: ServerProcess) -> None:
+    body = {"model": MODEL, "prompt": PROMPTS[:2], "max_tokens": 2, "temperature": 0}
+    headers = {**AUTH_HEADERS, "X-Request-Id": "list-of-two"}
+    response = httpx.post(f"{_base_url(server)}/v1/completions", json=body, headers=headers, timeout=CALL_TIMEOUT_S)
+    assert response.status_code == 200 and response.headers["x-request-id"] == "list-of-two"
+    assert response.json()["id"] == "cmpl-list-of-two" and len(response.json()["choices"]) == 2
+    headers["X-Request-Id"] = "x" * 127  # a valid id alone, too long once each choice's -N is added
+    response = httpx.post(f"{_base_url(server)}/v1/completions", json=body, headers=headers, timeout=CALL_TIMEOUT_S)
+    assert response.status_code == 400 and "X-Request-Id is 127 characters" in response.json()["error"]["message"]
+
+
 def test_one_bad_prompt_in_a_list_refuses_the_request_and_runs_none(client: OpenAI, server: ServerProcess) -> None:
     """Every prompt is checked before any is submitted: the good ones neither run nor show as cancelled."""
     before = _length_finished(server), _cancelled(server)
@@ -430,7 +441,7 @@ def test_this_faces_own_refusals_count_as_rejected(server: ServerProcess, client
     response = _post_raw(server, "/v1/completions", b"{not json")
     assert response.status_code == 400
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
+        client.completions.create(model=MODEL, prompt="Hello", best_of=2)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     after = [server.metric("modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]

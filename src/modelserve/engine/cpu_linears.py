@@ -16,7 +16,7 @@ and the model's own `generate()` compute the same products. Our Llama-family for
 first (llama_forward.py) and packs the fused weight; the fused-away modules become column slices of it
 (`Columns`), so `generate()` on the model still works. A weight is freed once packed, and the rest of the
 model is then copied out of the safetensors file's mapping, so the file pages the packing read are
-unmapped (without that the fp32 gpt2-small core held 1,513 MiB, not 832), except an LM head tied to the
+unmapped (without that the fp32 gpt2-small core held 1,513 MiB, not 1,001), except an LM head tied to the
 embeddings: the embeddings keep the weight and the packed head is a second copy (147 MiB for
 gpt2-small in fp32), bought for the head's 2x. Nothing is packed when the model's linears are int8
 (their own kernel, and memory is what int8 is for), when the dtype has no oneDNN path on this CPU (bf16

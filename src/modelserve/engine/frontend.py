@@ -156,6 +156,10 @@ class EngineFrontend(abc.ABC):
         self._send(AddRequest(state.key, request))
         return RequestStream(self, state)
 
+    @property
+    def queue_limits(self) -> QueueLimits:
+        return self._admission.limits
+
     def check_queue(self) -> None:
         """Raise QueueFullError when the waiting queue has no room for any request."""
         self._admission.check()

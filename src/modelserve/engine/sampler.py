@@ -142,8 +142,10 @@ def _presence_frequency_penalty(logits: torch.Tensor, row_ids: list[int], rows: 
     frequency = _column(logits, [rows[i].params.frequency_penalty for i in row_ids])
     presence = _column(logits, [rows[i].params.presence_penalty for i in row_ids])
     index = torch.tensor(row_ids, device=logits.device)
-    penalty = frequency * counts + presence * (counts > 0)
-    logits.index_copy_(0, index, logits.index_select(0, index) - penalty)
+    scores = logits.index_select(0, index)
+    scores.addcmul_(counts, frequency, value=-1.0)
+    scores.addcmul_((counts > 0).to(scores.dtype), presence, value=-1.0)
+    logits.index_copy_(0, index, scores)
 
 
 def _suppress(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import uvicorn
 from modelserve_client.v1 import generation_pb2 as pb
 from starlette.applications import Starlette
@@ -210,15 +211,24 @@ class _Api:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         samples = body.integer("n")
         samples = 1 if samples is None else samples
-        most = max(1, self._serving.config.max_batch_requests // len(prompts))
+        # Every choice waits in the queue as a request of its own: the most it may hold is the bound too.
+        bound = min(self._serving.config.max_batch_requests, engine.queue_limits.max_requests)
+        most = max(1, bound // len(prompts))
         if not 1 <= samples <= most:
             raise invalid(
-                f"n must be in [1, {most}], got {samples} (every choice of a request counts toward "
-                f"--max-batch-requests, {self._serving.config.max_batch_requests})",
+                f"n must be in [1, {most}], got {samples} (all the choices of a request, prompts times n, "
+                f"are at most {bound}: --max-batch-requests and --max-waiting-requests)",
                 "n",
             )
         choices = [(prompt, sample) for prompt in prompts for sample in range(samples)]
-        base_id = request_id or uuid.uuid4().hex  # several choices' requests are BASE-0, BASE-1, ...
+        base_id = request_id or uuid.uuid4().hex  # the answer's id; its choices' requests are BASE-0, BASE-1, ...
+        suffix = len(f"-{len(choices) - 1}")
+        if len(choices) > 1 and len(base_id) + suffix > limits.max_request_id_chars:
+            raise invalid(
+                f"X-Request-Id is {len(base_id)} characters; with {len(choices)} choices (each named ID-N) it may "
+                f"have at most {limits.max_request_id_chars - suffix}",
+                None,
+            )
 
         def refusal(exc: RequestFailed, index: int) -> RequestFailed:
             """A list's refusal names the prompt it is about."""
@@ -257,18 +267,31 @@ class _Api:
                     )
                 except RequestFailed as exc:
                     raise refusal(exc, index) from None
+            waiting_tokens = sum(len(r.prompt_ids) for r in prepared)
+            if len(prepared) > 1 and waiting_tokens > engine.queue_limits.max_tokens:
+                self._serving.rejected("invalid_argument", chat)
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the {len(prepared)} choices of this request hold {waiting_tokens} prompt tokens, and at most "
+                    f"{engine.queue_limits.max_tokens} may wait at once (--max-waiting-tokens): send fewer prompts "
+                    "or a smaller n",
+                )
             started: list[tuple[Request, RequestStream]] = []
-            for index, engine_request in enumerate(prepared):
-                try:
+            try:
+                for engine_request in prepared:
                     started.append((engine_request, self._serving.submit(engine, engine_request, chat=chat)))
-                except RequestFailed as exc:  # the queue filled or the engine closed meanwhile
-                    for _, stream in started:
-                        stream.abort(FinishReason.CANCELLED)
-                    raise refusal(exc, index) from None
+            except BaseException as exc:  # the queue filled or the engine closed meanwhile: none runs
+                for _, stream in started:
+                    stream.abort(FinishReason.CANCELLED)
+                if isinstance(exc, RequestFailed):
+                    raise refusal(exc, len(started)) from None
+                raise
             return started
 
         layout = Layout(chat, model.model_id, params.logprobs, include_usage)
-        return Generation(self._serving, start, [prompt for prompt, _ in choices], samples, layout, stream, names)
+        answer_id = base_id if len(choices) > 1 else None  # one choice: its request's own id
+        prompts_per_choice = [prompt for prompt, _ in choices]
+        return Generation(self._serving, start, prompts_per_choice, samples, layout, stream, names, answer_id)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

@@ -214,10 +214,9 @@ def _logit_bias(body: Body) -> dict[int, float]:
     """OpenAI's logit_bias: token ids as JSON object keys (strings), each mapped to a number."""
     biases = {}
     for key, value in body.mapping("logit_bias").items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise invalid(f"logit_bias keys must be token ids (integers), got {key!r}", "logit_bias") from None
+        if re.fullmatch(r"-?[0-9]+", key) is None:
+            raise invalid(f"logit_bias keys must be token ids (integers), got {key[:40]!r}", "logit_bias")
+        token_id = int(key)
         if not -(2**31) <= token_id < 2**31:
             raise invalid(f"logit_bias key {key} is out of range", "logit_bias")
         if isinstance(value, bool) or not isinstance(value, int | float):

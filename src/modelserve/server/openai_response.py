@@ -162,8 +162,11 @@ Started: TypeAlias = tuple["Request", "RequestStream"]
 async def _merged(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
     """Every stream's events as they come, each with its stream's place in `streams`."""
     if len(streams) == 1:  # the common case: no tasks
-        async for event in streams[0]:
-            yield 0, event
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            streams[0].abort(FinishReason.CANCELLED)  # a no-op once it finished
         return
     # Unbounded: each stream's events are bounded by its own output, and a pump must never wait on the reader.
     queue: asyncio.Queue[tuple[int, StreamEvent | Exception | None]] = asyncio.Queue()
@@ -188,9 +191,12 @@ async def _merged(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int,
                 running -= 1
             else:
                 yield index, item
-    finally:
+    finally:  # ended early (a failure, a gone client): the other choices stop now, not after the reply is sent
+        for stream in streams:
+            stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Generation(Response):
@@ -208,8 +214,11 @@ class Generation(Response):
         layout: Layout,
         stream: bool,
         names: Mapping[str, str],
+        answer_id: str | None = None,
     ) -> None:
+        """`answer_id` names the answer (the X-Request-Id echoed); None: the one request's own id."""
         super().__init__()
+        self._answer_id = answer_id
         self._serving, self._start, self._prompts, self._samples = serving, start, prompts, samples
         self._layout, self._stream, self._names = layout, stream, names
 
@@ -228,9 +237,10 @@ class Generation(Response):
                 for (engine_request, _), prompt in zip(started, self._prompts, strict=True):
                     outcomes.append(self._serving.track(engine_request, prompt, self._layout.chat))
                 streams = [stream for _, stream in started]
-                self._layout.begin(started[0][0].request_id)
+                answer_id = self._answer_id or started[0][0].request_id
+                self._layout.begin(answer_id)
                 watcher = asyncio.ensure_future(_watch_disconnect(receive, streams, gone))
-                headers = {"x-request-id": started[0][0].request_id}
+                headers = {"x-request-id": answer_id}
                 if self._stream:
                     await self._send_events(send, started, outcomes, gone, headers)
                 else:

@@ -39,8 +39,6 @@ UNSERVED = (
             "guided_regex",
             "guided_choice",
             "guided_grammar",
-            "guided_decoding_backend",
-            "guided_whitespace_pattern",
         ),
         vllm=tuple(f"sampling_params.{name}" for name in _CONSTRAINTS),
     ),
@@ -60,6 +58,21 @@ UNSERVED = (
         vllm=("kv_transfer_params", "kv_transfer_params_json"),
     ),
     Unserved("this server has no beam search", openai=("use_beam_search",)),
+    Unserved(
+        "this server renders chats with the model's (or --chat-template's) template as it is",
+        openai=("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"),
+    ),
+    Unserved(
+        "this server restricts no tokens but by logit_bias (and stop_token_ids)",
+        openai=("allowed_token_ids", "bad_words", "logits_processors"),
+    ),
+    Unserved(
+        "this server always detokenizes without special tokens and returns text",
+        openai=("skip_special_tokens", "return_tokens_as_token_ids"),
+    ),
+    Unserved("this server takes text only", openai=("prompt_embeds", "audio")),
+    Unserved("this server makes text only", openai=("modalities",)),
+    Unserved("this server has no predicted outputs", openai=("prediction",)),
     Unserved("this server does no fill-in-the-middle", openai=("suffix",)),
 )
 _BY_OPENAI = {name: entry for entry in UNSERVED for name in entry.openai}
@@ -73,6 +86,16 @@ _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tools": ([],),
     "functions": ([],),
     "tool_choice": ("none",),
+    "function_call": ("none",),
+    "chat_template_kwargs": ({},),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "allowed_token_ids": ([],),
+    "bad_words": ([],),
+    "logits_processors": ([],),
+    "skip_special_tokens": (True,),
+    "return_tokens_as_token_ids": (False,),
+    "modalities": (["text"],),
     "use_beam_search": (False,),
     "response_format": ({"type": "text"},),
 }
@@ -87,6 +110,8 @@ OPENAI_SERVED = frozenset(
         *("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos"),
         *("include_stop_str_in_output", "truncate_prompt_tokens", "logprobs", "top_logprobs"),
         *("user", "store", "metadata", "service_tier", "parallel_tool_calls"),
+        # How a guided_* constraint (refused) would be applied: alone they ask for nothing.
+        *("guided_decoding_backend", "guided_whitespace_pattern"),
     }
 )
 
@@ -115,18 +140,26 @@ def vllm_refusal(set_fields: Iterable[tuple[str, Any]]) -> str | None:
     return None
 
 
+MAX_UNKNOWN_LOGGED = 100  # names remembered and logged; callers choose the names, so the log is bounded
+
+
 class UnknownFields:
-    """Logs each body field the OpenAI face does not know, once per name for the server's life."""
+    """Logs each body field the OpenAI face does not know, once per name, for the first MAX_UNKNOWN_LOGGED
+    names of the server's life."""
 
     def __init__(self) -> None:
         self._logged: set[str] = set()
 
     def note(self, body: Mapping[str, Any]) -> None:
         for name in body:
-            if name in OPENAI_SERVED or name in _BY_OPENAI or name in self._logged:
+            if name in OPENAI_SERVED or name in _BY_OPENAI or name[:80] in self._logged:
                 continue
-            self._logged.add(name)
+            if len(self._logged) >= MAX_UNKNOWN_LOGGED:
+                return
+            self._logged.add(name[:80])
             log.warning("ignoring the request field %r, which this server does not know (logged once)", name[:80])
+            if len(self._logged) == MAX_UNKNOWN_LOGGED:
+                log.warning("%d unknown request fields logged; further ones are ignored unlogged", MAX_UNKNOWN_LOGGED)
 
 
 def _shown(value: Any) -> str:
