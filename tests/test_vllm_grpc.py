@@ -140,6 +140,28 @@ def test_penalties_bias_and_min_p_as_modelserve_v1_samples_them(vllm: Any, chann
     assert list(complete.output_ids) == [42] * 5
 
 
+def test_n_samples_stream_with_their_index_and_share_the_prompt(vllm: Any) -> None:
+    """n=3: every chunk and each sample's GenerateComplete carry its index; with a seed, sample j is what a
+    lone request with seed + j samples; the later samples found the prompt's blocks cached by the first."""
+    prompt = "Three samples of one prompt, computed once: " + " ".join(f"t{i}" for i in range(40))
+    sampling = {"max_tokens": 6, "temperature": 1.0, "seed": 9, "ignore_eos": True, "n": 3}
+    messages = _generate(vllm, text=prompt, request_id="three", sampling_params=sampling)
+    chunks = [m.chunk for m in messages if m.WhichOneof("response") == "chunk"]
+    completes = [m.complete for m in messages if m.WhichOneof("response") == "complete"]
+    assert sorted(c.index for c in completes) == [0, 1, 2] and {c.index for c in chunks} == {0, 1, 2}
+    ids = {j: [t for c in chunks if c.index == j for t in c.token_ids] for j in range(3)}
+    assert all(len(ids[j]) == 6 for j in range(3))
+    for j in (0, 2):
+        alone = {**sampling, "n": 1, "seed": 9 + j}
+        assert list(_generate(vllm, stream=False, text=prompt, sampling_params=alone)[-1].complete.output_ids) == ids[j]
+    by_index = {c.index: c for c in completes}
+    assert by_index[1].cached_tokens > 0 and by_index[2].cached_tokens > 0  # shared with sample 0
+
+    whole = _generate(vllm, stream=False, text=prompt, sampling_params=sampling)
+    assert sorted(m.complete.index for m in whole) == [0, 1, 2]
+    assert {m.complete.index: list(m.complete.output_ids) for m in whole} == ids
+
+
 @pytest.fixture()
 def long_channel(long_server: ServerProcess) -> Iterator[grpc.Channel]:
     """A channel to the server whose streams may run LONG tokens: still running when the test acts."""
@@ -147,23 +169,25 @@ def long_channel(long_server: ServerProcess) -> Iterator[grpc.Channel]:
         yield channel
 
 
-def test_abort_ends_a_running_stream_with_finish_reason_abort(long_channel: grpc.Channel) -> None:
-    """As vLLM: the aborted stream's last message is a complete with "abort", and the call ends OK."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_abort_ends_a_running_stream_with_finish_reason_abort(long_channel: grpc.Channel, n: int) -> None:
+    """As vLLM: the aborted stream's last message is a complete with "abort" (each sample's, for n > 1), and
+    the call ends OK."""
     vllm = vpb_grpc.VllmEngineStub(long_channel)
     request = vpb.GenerateRequest(
         request_id="to-abort",
         text=PROMPT,
         stream=True,
-        sampling_params=vpb.SamplingParams(max_tokens=LONG, ignore_eos=True),
+        sampling_params=vpb.SamplingParams(max_tokens=LONG, ignore_eos=True, n=n),
     )
     call = vllm.Generate(request, timeout=TIMEOUT_S)
     first = next(call)
     assert first.WhichOneof("response") == "chunk"
     vllm.Abort(vpb.AbortRequest(request_ids=["to-abort", "no-such-request"]), timeout=TIMEOUT_S)
-    *_, last = [first, *call]
+    completes = [m.complete for m in [first, *call] if m.WhichOneof("response") == "complete"]
     assert call.code() == grpc.StatusCode.OK
-    assert last.complete.finish_reason == "abort"
-    assert 0 < last.complete.completion_tokens < LONG
+    assert sorted(c.index for c in completes) == list(range(n))
+    assert all(c.finish_reason == "abort" and 0 < c.completion_tokens < LONG for c in completes)
     assert wait_idle(pb_grpc.GenerationServiceStub(long_channel)).requests_running == 0  # its row is freed
 
 
@@ -218,7 +242,7 @@ def test_health_for_the_vllm_service_name(vllm: Any, channel: grpc.Channel) -> N
         ({"sampling_params": {"frequency_penalty": -3}}, INVALID, "sampling_params.frequency_penalty"),
         ({"sampling_params": {"logit_bias": {1: 200.0}}}, INVALID, "sampling_params.logit_bias[1] must be in"),
         ({"sampling_params": {"logit_bias": {-1: 2.0}}}, INVALID, "sampling_params.logit_bias key -1"),
-        ({"sampling_params": {"n": 2}}, UNIMPLEMENTED, "sampling_params.n"),
+        ({"sampling_params": {"n": 100000}}, INVALID, "sampling_params.n is 100000; at most"),
         ({"sampling_params": {"regex": "a+"}}, UNIMPLEMENTED, "sampling_params.regex"),
         ({"sampling_params": {"prompt_logprobs": 1}}, UNIMPLEMENTED, "sampling_params.prompt_logprobs"),
         ({"data_parallel_rank": 1}, INVALID, "data_parallel_rank"),

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from starlette.responses import JSONResponse, Response
@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from modelserve.engine.request import FinishReason, StreamEvent, TokenLogprob, TokenLogprobs
 from modelserve.server.openai_request import failure
-from modelserve.server.serving import RequestFailed, Serving, raise_for
+from modelserve.server.serving import RequestFailed, Serving, merged_streams, raise_for
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import RequestStream
@@ -159,46 +159,6 @@ async def _watch_disconnect(receive: Receive, streams: Sequence[RequestStream], 
 Started: TypeAlias = tuple["Request", "RequestStream"]
 
 
-async def _merged(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
-    """Every stream's events as they come, each with its stream's place in `streams`."""
-    if len(streams) == 1:  # the common case: no tasks
-        try:
-            async for event in streams[0]:
-                yield 0, event
-        finally:
-            streams[0].abort(FinishReason.CANCELLED)  # a no-op once it finished
-        return
-    # Unbounded: each stream's events are bounded by its own output, and a pump must never wait on the reader.
-    queue: asyncio.Queue[tuple[int, StreamEvent | Exception | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: RequestStream) -> None:
-        try:
-            async for event in stream:
-                queue.put_nowait((index, event))
-        except Exception as exc:  # handed to the reader, which raises it as a lone stream would
-            queue.put_nowait((index, exc))
-        else:
-            queue.put_nowait((index, None))
-
-    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is None:
-                running -= 1
-            else:
-                yield index, item
-    finally:  # ended early (a failure, a gone client): the other choices stop now, not after the reply is sent
-        for stream in streams:
-            stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 class Generation(Response):
     """One request's generations (one per choice: a list of prompts, or n samples, has several; `prompts`
     holds each choice's prompt, `samples` choices in a row per prompt), run while Starlette sends
@@ -268,7 +228,7 @@ class Generation(Response):
         logprobs: list[list[TokenLogprobs]] = [[] for _ in started]
         ends: dict[int, StreamEvent] = {}
         try:
-            async with contextlib.aclosing(_merged([stream for _, stream in started])) as events:
+            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
                 async for index, event in events:
                     outcomes[index].saw(event)
                     if gone.is_set():
@@ -314,7 +274,7 @@ class Generation(Response):
         try:
             for chunk in layout.opening(len(started)):
                 await event(chunk)
-            async with contextlib.aclosing(_merged([stream for _, stream in started])) as events:
+            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
                 async for index, engine_event in events:
                     outcomes[index].saw(engine_event)
                     if gone.is_set():

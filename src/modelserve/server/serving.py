@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -316,3 +316,44 @@ def grpc_trailers(exc: RequestFailed) -> tuple[tuple[str, str], ...]:
     if exc.retry_after_s is None:
         return ()
     return ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+
+
+async def merged_streams(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
+    """Every stream's events as they come, each with its stream's place in `streams` (a request's several
+    choices). Ended early (a failure, a gone caller), it aborts every stream and waits for its tasks."""
+    if len(streams) == 1:  # the common case: no tasks
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            streams[0].abort(FinishReason.CANCELLED)  # a no-op once it finished
+        return
+    # Unbounded: each stream's events are bounded by its own output, and a pump must never wait on the reader.
+    queue: asyncio.Queue[tuple[int, StreamEvent | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+        except Exception as exc:  # handed to the reader, which raises it as a lone stream would
+            queue.put_nowait((index, exc))
+        else:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:  # ended early (a failure, a gone client): the other choices stop now, not after the reply is sent
+        for stream in streams:
+            stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

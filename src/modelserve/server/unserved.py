@@ -44,7 +44,6 @@ UNSERVED = (
     ),
     Unserved("this server has no tool calling", openai=("tools", "tool_choice", "functions", "function_call")),
     Unserved("this server picks no best of several samples (ask for n samples instead)", openai=("best_of",)),
-    Unserved("this face makes one sample per request (send one request per sample)", vllm=("sampling_params.n",)),
     Unserved(
         "this server computes no prompt log-probabilities",
         openai=("prompt_logprobs",),
@@ -133,7 +132,7 @@ def vllm_refusal(set_fields: Iterable[tuple[str, Any]]) -> str | None:
     sampling ones named sampling_params.NAME) that asks for a feature this server lacks."""
     for name, value in set_fields:
         entry = _BY_VLLM.get(name)
-        if entry is None or (name == "sampling_params.n" and value <= 1):
+        if entry is None:
             continue
         shown = f" = {value}" if isinstance(value, int | float) and not isinstance(value, bool) else ""
         return f"{name}{shown} is not supported: {entry.reason}"

@@ -11,12 +11,14 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   modelserve.v1 (vLLM's servicer uses fixed defaults there). A value out of range is INVALID_ARGUMENT with
   the message modelserve.v1 gives, naming this contract's field (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
-  which a vLLM that has it would serve (multimodal inputs, KV transfer, structured output,
-  prompt_logprobs, n > 1; Embed), INVALID_ARGUMENT for a value
-  outside this server (data_parallel_rank or dp_rank other than 0, as for any out-of-range value).
+  which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structured
+  output, prompt_logprobs; Embed), INVALID_ARGUMENT for a value outside this server (data_parallel_rank
+  or dp_rank other than 0, as for any out-of-range value).
 - Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
   `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
   "stop" (matched_stop names a stop token or string, not the model's EOS), "abort", "error".
+- n samples: one engine request each, run side by side (the scheduler computes their prompt once),
+  every chunk and each sample's GenerateComplete carrying its `index`, as vLLM's messages do.
 
 Abort: in vLLM an aborted request's stream ends with a last output whose finish_reason is "abort", which
 its servicer sends as a GenerateComplete, status OK; so here. An ending the caller did not ask for (the
@@ -41,8 +43,15 @@ from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve import __version__
 from modelserve.config import KV_BLOCK_TOKENS
-from modelserve.engine.request import EngineStats, FinishReason, StreamEvent, TokenLogprobs
-from modelserve.server.serving import RequestFailed, Serving, ended_early, grpc_trailers, raise_for
+from modelserve.engine.request import EngineStats, FinishReason, Request, StreamEvent, TokenLogprobs
+from modelserve.server.serving import (
+    RequestFailed,
+    Serving,
+    ended_early,
+    grpc_trailers,
+    merged_streams,
+    raise_for,
+)
 from modelserve.server.unserved import vllm_refusal
 from modelserve.server.validation import VLLM_NAMES, Limits, reworded
 
@@ -113,54 +122,108 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         try:
             params = self._parameters(request, limits)
             prompt, prompt_ids = self._prompt(request)
-            engine_request, stream = self._serving.start(
-                engine,
-                model,
-                limits,
-                prompt,
-                params,
-                request_id=request.request_id,
-                time_remaining_s=context.time_remaining(),
-                prompt_ids=prompt_ids,
-            )
+            started = self._start_samples(engine, model, limits, request, params, prompt, prompt_ids, context)
         except RequestFailed as exc:
             await context.abort(exc.code, _their_names(str(exc)), grpc_trailers(exc))
-        request_id = engine_request.request_id
-        call = _Call(stream)
-        self._calls.setdefault(request_id, []).append(call)
-        n_prompt = len(engine_request.prompt_ids)
+        request_id = request.request_id or started[0][0].request_id
+        calls = [_Call(stream) for _, stream in started]
+        self._calls.setdefault(request_id, []).extend(calls)
         with_top = params.top_logprobs > 0
-        outcome = self._serving.track(engine_request, prompt)
-        output_ids: list[int] = []  # all of them, for a complete message without chunks before it
-        logprobs: list[TokenLogprobs] = []
-        last_token = -1
+        outcomes = [self._serving.track(engine_request, prompt) for engine_request, _ in started]
+        # Per sample: all its ids (for a complete message without chunks before it), logprobs, last token.
+        output_ids: list[list[int]] = [[] for _ in started]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in started]
+        last_token = [-1] * len(started)
         try:
-            async for event in stream:
-                outcome.saw(event)
-                if event.token_ids:
-                    last_token = event.token_ids[-1]
-                if request.stream:
+            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
+                async for index, event in events:
+                    outcomes[index].saw(event)
+                    n_prompt = len(started[index][0].prompt_ids)
                     if event.token_ids:
-                        yield vpb.GenerateResponse(chunk=_chunk(event, n_prompt, with_top))
-                else:
-                    output_ids += event.token_ids
-                    logprobs += event.logprobs
-                if event.finish is not None:
-                    if request.stream:  # as vLLM: the ids (and log-probabilities) of the last chunk again
-                        output_ids, logprobs = list(event.token_ids), list(event.logprobs)
-                    complete = _complete(event, n_prompt, output_ids, logprobs, with_top, last_token)
-                    yield vpb.GenerateResponse(complete=complete)
-                    if not call.aborted:
-                        raise_for(event)
+                        last_token[index] = event.token_ids[-1]
+                    if request.stream:
+                        if event.token_ids:
+                            chunk = _chunk(event, n_prompt, with_top)
+                            chunk.index = index
+                            yield vpb.GenerateResponse(chunk=chunk)
+                    else:
+                        output_ids[index] += event.token_ids
+                        logprobs[index] += event.logprobs
+                    if event.finish is not None:
+                        if request.stream:  # as vLLM: the ids (and log-probabilities) of the last chunk again
+                            output_ids[index], logprobs[index] = list(event.token_ids), list(event.logprobs)
+                        complete = _complete(
+                            event, n_prompt, output_ids[index], logprobs[index], with_top, last_token[index]
+                        )
+                        complete.index = index
+                        yield vpb.GenerateResponse(complete=complete)
+                        if not calls[index].aborted:
+                            raise_for(event)
         except RequestFailed as exc:
             await context.abort(exc.code, str(exc), grpc_trailers(exc))
         finally:
-            calls = self._calls[request_id]
-            calls.remove(call)
-            if not calls:
+            registered = self._calls[request_id]
+            for call in calls:
+                registered.remove(call)
+            if not registered:
                 del self._calls[request_id]
-            stream.abort(ended_early(context))
-            outcome.close(ended_early(context).value)
+            for (_, stream), outcome in zip(started, outcomes, strict=True):
+                stream.abort(ended_early(context))
+                outcome.close(ended_early(context).value)
+
+    def _start_samples(
+        self,
+        engine: Engine,
+        model: ServedModel,
+        limits: Limits,
+        request: vpb.GenerateRequest,
+        params: pb.GenerationParameters,
+        prompt: str,
+        prompt_ids: Sequence[int] | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> list[tuple[Request, RequestStream]]:
+        """sampling_params.n engine requests (0 means 1), every one validated before any is submitted; they run
+        side by side and the scheduler computes their prompt once. With a seed, sample j draws from seed + j
+        (mod 2**32, as the int32 seed is taken). Their engine ids are the request id, then -1, -2, ..."""
+        samples = max(1, request.sampling_params.n)
+        bound = min(self._serving.config.max_batch_requests, engine.queue_limits.max_requests)
+        if samples > bound:
+            self._serving.rejected("invalid_argument")
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"sampling_params.n is {samples}; at most {bound} (--max-batch-requests and --max-waiting-requests)",
+            )
+        prepared = []
+        for sample in range(samples):
+            own = params
+            if sample and params.HasField("seed"):
+                own = pb.GenerationParameters()
+                own.CopyFrom(params)
+                own.seed = (params.seed + sample) % 2**32
+            sample_id = (
+                request.request_id if sample == 0 or not request.request_id else f"{request.request_id}-{sample}"
+            )
+            prepared.append(
+                self._serving.prepare(
+                    engine,
+                    model,
+                    limits,
+                    prompt,
+                    own,
+                    request_id=sample_id,
+                    time_remaining_s=context.time_remaining(),
+                    prompt_ids=prompt_ids,
+                )
+            )
+        started: list[tuple[Request, RequestStream]] = []
+        try:
+            for engine_request in prepared:
+                started.append((engine_request, self._serving.submit(engine, engine_request)))
+        except BaseException:  # the queue filled or the engine closed meanwhile: none runs
+            for _, stream in started:
+                stream.abort(FinishReason.CANCELLED)
+            raise
+        return started
 
     async def Embed(self, request: vpb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(
