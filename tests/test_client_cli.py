@@ -350,6 +350,34 @@ def test_repeated_parameters_take_one_value_or_many() -> None:
     assert list(generation_parameters(stop=("a", "b"), stop_token_ids=[1, 2]).stop) == ["a", "b"]
 
 
+def test_a_map_parameter_takes_a_dict_and_the_text_helpers_take_one_sample() -> None:
+    assert dict(generation_parameters(logit_bias={5: -100.0}).logit_bias) == {5: -100.0}
+    with ModelServeClient(NOWHERE) as client:  # raised by the call itself, before any RPC
+        with pytest.raises(ValueError, match=r"params\.n is 2: this method returns one text"):
+            client.generate("x", n=2)
+        with pytest.raises(ValueError, match="use stream"):
+            client.chat([{"role": "user", "content": "x"}], n=3)
+
+
+def test_cli_sampling_flags_reach_the_server(llama_server: ServerProcess) -> None:
+    """--logit-bias ID=BIAS (+100 forces the token) and the penalties' flags, as the server reads them."""
+    out = run_cli(
+        *("generate", "Hello", "--max-new-tokens", "4", "--temperature", "0", "--ignore-eos", "--logit-bias"),
+        *("42=100", "--presence-penalty", "0.5", "--frequency-penalty", "0.5", "--min-p", "0.1", "-v"),
+        address=llama_server.address,
+    )
+    assert out.returncode == 0, out.stderr
+    params = pb.GenerationParameters(max_new_tokens=4, temperature=0, ignore_eos=True, logit_bias={42: 100})
+    with grpc.insecure_channel(llama_server.address) as channel:
+        forced = list(
+            pb_grpc.GenerationServiceStub(channel).Generate(pb.GenerateRequest(prompt="Hello", params=params))
+        )
+    assert [t for m in forced for t in m.token_ids] == [42] * 4
+    assert out.stdout.strip() == "".join(m.text for m in forced).strip()
+    bad = run_cli("generate", "Hello", "--logit-bias", "42", address=llama_server.address)
+    assert bad.returncode == 2 and "expected ID=BIAS" in bad.stderr
+
+
 def _unknown_keyword(exc: pytest.ExceptionInfo[TypeError], *accepted: str) -> None:
     message = str(exc.value)
     assert "'max_tokens'" in message, message

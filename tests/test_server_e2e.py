@@ -227,3 +227,27 @@ def test_reflection_lists_the_services(llama_server: ServerProcess) -> None:
     with llama_server.channel() as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"modelserve.v1.GenerationService", "grpc.health.v1.Health"} <= services
+
+
+def test_n_samples_interleave_with_their_index_and_share_the_prompt(stub: object, llama_server: ServerProcess) -> None:
+    """params.n = 3 on modelserve.v1: each sample's messages keep a stream's order (first: input tokens; last:
+    finish reason), tagged by index; sample j is what a lone request with seed + j gives; samples 1 and 2
+    found the prompt's blocks cached by sample 0."""
+    prompt = "Samples over modelserve.v1 share their prompt: " + " ".join(f"s{i}" for i in range(40))
+    params = dict(max_new_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    messages = _stream(stub, prompt, n=3, **params)
+    by_index = {j: [m for m in messages if m.index == j] for j in range(3)}
+    assert sum(len(ms) for ms in by_index.values()) == len(messages)
+    for j, ms in by_index.items():
+        assert ms[0].usage.input_tokens > 0 and not ms[0].text
+        assert ms[-1].finish_reason == pb.FINISH_REASON_LENGTH and ms[-1].seed == 5 + j
+        alone = _stream(stub, prompt, **{**params, "seed": 5 + j})
+        assert [t for m in ms for t in m.token_ids] == [t for m in alone for t in m.token_ids]
+    assert by_index[1][-1].usage.cached_tokens > 0 and by_index[2][-1].usage.cached_tokens > 0
+
+    with pytest.raises(grpc.RpcError) as err:
+        _stream(stub, prompt, n=100000)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "params.n must be in [0, " in err.value.details()
+    batch = pb.BatchGenerateRequest(requests=[pb.GenerateRequest(prompt="Hi", params=pb.GenerationParameters(n=2))])
+    (item,) = stub.BatchGenerate(batch, timeout=60).items  # type: ignore[attr-defined]
+    assert item.WhichOneof("outcome") == "error" and "requests[0].params.n is 2" in item.error.message

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,9 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import uvicorn
-from modelserve_client.v1 import generation_pb2 as pb
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -45,7 +44,6 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from modelserve.engine.request import FinishReason
 from modelserve.server.lifecycle import STOP_GRACE_S
 from modelserve.server.openai_request import (
     ApiError,
@@ -60,7 +58,7 @@ from modelserve.server.openai_request import (
 )
 from modelserve.server.openai_response import Generation, Layout
 from modelserve.server.security import bearer_refusal, tls_enabled
-from modelserve.server.serving import RequestFailed, Serving
+from modelserve.server.serving import RequestFailed, Serving, sample_choices
 from modelserve.server.unserved import UnknownFields
 from modelserve.telemetry.http_server import HttpTelemetryMiddleware
 
@@ -211,8 +209,7 @@ class _Api:
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         samples = body.integer("n")
         samples = 1 if samples is None else samples
-        # Every choice waits in the queue as a request of its own: the most it may hold is the bound too.
-        bound = min(self._serving.config.max_batch_requests, engine.queue_limits.max_requests)
+        bound = self._serving.max_choices(engine)
         most = max(1, bound // len(prompts))
         if not 1 <= samples <= most:
             raise invalid(
@@ -220,77 +217,38 @@ class _Api:
                 f"are at most {bound}: --max-batch-requests and --max-waiting-requests)",
                 "n",
             )
-        choices = [(prompt, sample) for prompt in prompts for sample in range(samples)]
         base_id = request_id or uuid.uuid4().hex  # the answer's id; its choices' requests are BASE-0, BASE-1, ...
-        suffix = len(f"-{len(choices) - 1}")
-        if len(choices) > 1 and len(base_id) + suffix > limits.max_request_id_chars:
+        total = len(prompts) * samples
+        suffix = len(f"-{total - 1}")
+        if total > 1 and len(base_id) + suffix > limits.max_request_id_chars:
             raise invalid(
-                f"X-Request-Id is {len(base_id)} characters; with {len(choices)} choices (each named ID-N) it may "
+                f"X-Request-Id is {len(base_id)} characters; with {total} choices (each named ID-N) it may "
                 f"have at most {limits.max_request_id_chars - suffix}",
                 None,
             )
-
-        def refusal(exc: RequestFailed, index: int) -> RequestFailed:
-            """A list's refusal names the prompt it is about."""
-            if len(prompts) == 1:
-                return exc
-            return RequestFailed(exc.code, f"{exc} (prompt[{index // samples}])", exc.retry_after_s)
-
-        def sample_params(sample: int) -> pb.GenerationParameters:
-            """A caller's seed makes every sample reproducible: sample j draws from seed + j."""
-            if sample == 0 or not params.HasField("seed"):
-                return params
-            own = pb.GenerationParameters()
-            own.CopyFrom(params)
-            own.seed = (params.seed + sample) % 2**64
-            return own
+        # OpenAI's order: prompt by prompt, a prompt's samples together.
+        choices = [choice for prompt in prompts for choice in sample_choices(prompt, params, samples)]
+        if total > 1:
+            choices = [dataclasses.replace(c, request_id=f"{base_id}-{i}") for i, c in enumerate(choices)]
+        else:
+            choices = [dataclasses.replace(choices[0], request_id=request_id)]
 
         def start() -> list[tuple[Request, RequestStream]]:
-            """Every choice validated before any is submitted: one refused, none runs. A prompt's samples
-            are submitted together and compute the prompt once (the scheduler's shared-prefix wait)."""
             self._serving.ready(HEALTH_HINT, chat)  # again: a drain may have begun while the body was read
-            prepared = []
-            for index, (prompt, sample) in enumerate(choices):
-                try:
-                    prepared.append(
-                        self._serving.prepare(
-                            engine,
-                            model,
-                            limits,
-                            prompt,
-                            sample_params(sample),
-                            request_id=f"{base_id}-{index}" if len(choices) > 1 else request_id,
-                            priority=priority,
-                            time_remaining_s=timeout_s,
-                            chat=chat,
-                        )
-                    )
-                except RequestFailed as exc:
-                    raise refusal(exc, index) from None
-            waiting_tokens = sum(len(r.prompt_ids) for r in prepared)
-            if len(prepared) > 1 and waiting_tokens > engine.queue_limits.max_tokens:
-                self._serving.rejected("invalid_argument", chat)
-                raise RequestFailed(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the {len(prepared)} choices of this request hold {waiting_tokens} prompt tokens, and at most "
-                    f"{engine.queue_limits.max_tokens} may wait at once (--max-waiting-tokens): send fewer prompts "
-                    "or a smaller n",
-                )
-            started: list[tuple[Request, RequestStream]] = []
-            try:
-                for engine_request in prepared:
-                    started.append((engine_request, self._serving.submit(engine, engine_request, chat=chat)))
-            except BaseException as exc:  # the queue filled or the engine closed meanwhile: none runs
-                for _, stream in started:
-                    stream.abort(FinishReason.CANCELLED)
-                if isinstance(exc, RequestFailed):
-                    raise refusal(exc, len(started)) from None
-                raise
-            return started
+            return self._serving.start_choices(
+                engine,
+                model,
+                limits,
+                choices,
+                priority=priority,
+                time_remaining_s=timeout_s,
+                chat=chat,
+                where=(lambda i: f"prompt[{i // samples}]") if len(prompts) > 1 else None,
+            )
 
         layout = Layout(chat, model.model_id, params.logprobs, include_usage)
         answer_id = base_id if len(choices) > 1 else None  # one choice: its request's own id
-        prompts_per_choice = [prompt for prompt, _ in choices]
+        prompts_per_choice = [choice.prompt for choice in choices]
         return Generation(self._serving, start, prompts_per_choice, samples, layout, stream, names, answer_id)
 
 

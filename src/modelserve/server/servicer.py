@@ -31,7 +31,16 @@ from modelserve import __version__
 from modelserve.engine.request import Request
 from modelserve.server.chat import ChatMessage
 from modelserve.server.convert import logprobs_proto, response_proto, set_final
-from modelserve.server.serving import Phase, RequestFailed, Serving, ended_early, grpc_trailers, raise_for
+from modelserve.server.serving import (
+    Phase,
+    RequestFailed,
+    Serving,
+    ended_early,
+    grpc_trailers,
+    merged_streams,
+    raise_for,
+    sample_choices,
+)
 from modelserve.server.validation import InvalidArgument, Limits, check_prompt_size
 
 if TYPE_CHECKING:
@@ -102,27 +111,55 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         chat: bool = False,
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """A Generate call's stream; a chat's prompt was rendered by its template, which wrote the special
-        tokens, so the tokenizer adds none."""
+        tokens, so the tokenizer adds none. With params.n samples, their messages interleave, each with its
+        sample's index."""
         try:
-            engine_request, stream = self._start(engine, request, model, limits, context.time_remaining(), chat=chat)
+            samples = self._samples(request.params.n, engine)
+            choices = sample_choices(request.prompt, request.params, samples, request.request_id)
+            started = self._serving_state.start_choices(
+                engine,
+                model,
+                limits,
+                choices,
+                priority=request.priority,
+                time_remaining_s=context.time_remaining(),
+                chat=chat,
+            )
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc), grpc_trailers(exc))
-        request_id = engine_request.request_id
-        n_prompt = len(engine_request.prompt_ids)
-        outcome = self._serving_state.track(engine_request, request.prompt, chat)
+        request_id = started[0][0].request_id
+        outcomes = [self._serving_state.track(engine_request, request.prompt, chat) for engine_request, _ in started]
         try:
             await context.send_initial_metadata(self._server_id)
-            yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(input_tokens=n_prompt))
-            async for event in stream:
-                outcome.saw(event)
-                yield response_proto(request_id, n_prompt, event)
-                if event.finish is not None:
-                    raise_for(event)
+            for index, (engine_request, _) in enumerate(started):
+                usage = pb.Usage(input_tokens=len(engine_request.prompt_ids))
+                yield pb.GenerateResponse(request_id=request_id, usage=usage, index=index)
+            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
+                async for index, event in events:
+                    outcomes[index].saw(event)
+                    response = response_proto(request_id, len(started[index][0].prompt_ids), event)
+                    response.index = index
+                    yield response
+                    if event.finish is not None:
+                        raise_for(event)
         except RequestFailed as exc:
             await context.abort(exc.code, str(exc), grpc_trailers(exc))
         finally:
-            stream.abort(ended_early(context))
-            outcome.close(ended_early(context).value)
+            for (_, stream), outcome in zip(started, outcomes, strict=True):
+                stream.abort(ended_early(context))
+                outcome.close(ended_early(context).value)
+
+    def _samples(self, n: int, engine: Engine) -> int:
+        """params.n as a count of samples (0 means 1), within what one call may ask for."""
+        bound = self._serving_state.max_choices(engine)
+        if not 0 <= n <= bound:
+            self._serving_state.rejected("invalid_argument")
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"params.n must be in [0, {bound}] (0 or 1: one sample; --max-batch-requests and "
+                f"--max-waiting-requests bound it), got {n}",
+            )
+        return max(1, n)
 
     async def BatchGenerate(
         self,
@@ -259,7 +296,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         field: str = "",
         chat: bool = False,
     ) -> tuple[Request, RequestStream]:
-        """Validate and submit one GenerateRequest (Serving.start); a refusal is raised as RequestFailed."""
+        """Validate and submit one GenerateRequest of a batch (Serving.start); a refusal is raised as
+        RequestFailed. A batch item is one sample: its result has no room for more."""
+        if request.params.n > 1:
+            self._serving_state.rejected("invalid_argument")
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}.params.n is {request.params.n}: a BatchGenerate item makes one sample (0 or 1); "
+                "send an item per sample, or call Generate",
+            )
         return self._serving_state.start(
             engine,
             model,

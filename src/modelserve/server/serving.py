@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -86,6 +86,39 @@ class RequestFailed(Exception):
         super().__init__(message)
         self.code = code
         self.retry_after_s = retry_after_s  # set when the queue was full: when a place should free up
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One choice of a call that asks for several: its prompt (or its token ids) and parameters."""
+
+    prompt: str
+    params: pb.GenerationParameters
+    request_id: str = ""
+    prompt_ids: Sequence[int] | None = None
+
+
+def sample_choices(
+    prompt: str,
+    params: pb.GenerationParameters,
+    samples: int,
+    request_id: str = "",
+    prompt_ids: Sequence[int] | None = None,
+    seed_modulus: int = 2**64,
+) -> list[Choice]:
+    """`samples` choices of one prompt. With the caller's seed, sample j draws from seed + j (mod
+    `seed_modulus`, the face's seed range), so each is what a lone request with that seed gives; without one,
+    each gets a seed of its own. Sample j > 0 of a named request is REQUEST_ID-j."""
+    choices = []
+    for sample in range(samples):
+        own = params
+        if sample and params.HasField("seed"):
+            own = pb.GenerationParameters()
+            own.CopyFrom(params)
+            own.seed = (params.seed + sample) % seed_modulus
+        own_id = f"{request_id}-{sample}" if sample and request_id else request_id
+        choices.append(Choice(prompt, own, own_id, prompt_ids))
+    return choices
 
 
 class Serving:
@@ -221,6 +254,71 @@ class Serving:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
         deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
         return dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s)
+
+    def max_choices(self, engine: Engine) -> int:
+        """The most choices (prompts x samples) one call may ask for: each waits in the queue as a request."""
+        return min(self.config.max_batch_requests, engine.queue_limits.max_requests)
+
+    def start_choices(
+        self,
+        engine: Engine,
+        model: ServedModel,
+        limits: Limits,
+        choices: Sequence[Choice],
+        *,
+        priority: int = 0,
+        time_remaining_s: float | None = None,
+        chat: bool = False,
+        where: Callable[[int], str] | None = None,
+    ) -> list[tuple[Request, RequestStream]]:
+        """A call's several choices (a list of prompts, n samples): every one validated before any is
+        submitted, and their prompt tokens checked against the waiting queue's bound, so one refused means
+        none runs; a submit that fails takes back the ones before it. Submitted together, samples of one
+        prompt compute it once (the scheduler waits for the blocks one of them is computing). `where(i)`
+        names choice i in a refusal's message."""
+
+        def refusal(exc: RequestFailed, index: int) -> RequestFailed:
+            return exc if where is None else RequestFailed(exc.code, f"{exc} ({where(index)})", exc.retry_after_s)
+
+        prepared = []
+        for index, choice in enumerate(choices):
+            try:
+                prepared.append(
+                    self.prepare(
+                        engine,
+                        model,
+                        limits,
+                        choice.prompt,
+                        choice.params,
+                        request_id=choice.request_id,
+                        priority=priority,
+                        time_remaining_s=time_remaining_s,
+                        chat=chat,
+                        prompt_ids=choice.prompt_ids,
+                    )
+                )
+            except RequestFailed as exc:
+                raise refusal(exc, index) from None
+        waiting_tokens = sum(len(request.prompt_ids) for request in prepared)
+        most = engine.queue_limits.max_tokens
+        if len(prepared) > 1 and waiting_tokens > most:
+            self.rejected("invalid_argument", chat)
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the {len(prepared)} choices of this request hold {waiting_tokens} prompt tokens, and at most "
+                f"{most} may wait at once (--max-waiting-tokens): ask for fewer",
+            )
+        started: list[tuple[Request, RequestStream]] = []
+        try:
+            for request in prepared:
+                started.append((request, self.submit(engine, request, chat=chat)))
+        except BaseException as exc:  # the queue filled or the engine closed meanwhile: none runs
+            for _, stream in started:
+                stream.abort(FinishReason.CANCELLED)
+            if isinstance(exc, RequestFailed):
+                raise refusal(exc, len(started)) from None
+            raise
+        return started
 
     def submit(self, engine: Engine, request: Request, *, field: str = "", chat: bool = False) -> RequestStream:
         """start()'s second half: hand a prepared request to the engine."""

@@ -51,6 +51,7 @@ from modelserve.server.serving import (
     grpc_trailers,
     merged_streams,
     raise_for,
+    sample_choices,
 )
 from modelserve.server.unserved import vllm_refusal
 from modelserve.server.validation import VLLM_NAMES, Limits, reworded
@@ -182,48 +183,18 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         prompt_ids: Sequence[int] | None,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> list[tuple[Request, RequestStream]]:
-        """sampling_params.n engine requests (0 means 1), every one validated before any is submitted; they run
-        side by side and the scheduler computes their prompt once. With a seed, sample j draws from seed + j
-        (mod 2**32, as the int32 seed is taken). Their engine ids are the request id, then -1, -2, ..."""
+        """sampling_params.n engine requests (0 means 1; Serving.start_choices): sample j draws from seed + j
+        (mod 2**32, as the int32 seed is taken), its engine id is the request id then -1, -2, ..."""
         samples = max(1, request.sampling_params.n)
-        bound = min(self._serving.config.max_batch_requests, engine.queue_limits.max_requests)
+        bound = self._serving.max_choices(engine)
         if samples > bound:
             self._serving.rejected("invalid_argument")
             raise RequestFailed(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"sampling_params.n is {samples}; at most {bound} (--max-batch-requests and --max-waiting-requests)",
             )
-        prepared = []
-        for sample in range(samples):
-            own = params
-            if sample and params.HasField("seed"):
-                own = pb.GenerationParameters()
-                own.CopyFrom(params)
-                own.seed = (params.seed + sample) % 2**32
-            sample_id = (
-                request.request_id if sample == 0 or not request.request_id else f"{request.request_id}-{sample}"
-            )
-            prepared.append(
-                self._serving.prepare(
-                    engine,
-                    model,
-                    limits,
-                    prompt,
-                    own,
-                    request_id=sample_id,
-                    time_remaining_s=context.time_remaining(),
-                    prompt_ids=prompt_ids,
-                )
-            )
-        started: list[tuple[Request, RequestStream]] = []
-        try:
-            for engine_request in prepared:
-                started.append((engine_request, self._serving.submit(engine, engine_request)))
-        except BaseException:  # the queue filled or the engine closed meanwhile: none runs
-            for _, stream in started:
-                stream.abort(FinishReason.CANCELLED)
-            raise
-        return started
+        choices = sample_choices(prompt, params, samples, request.request_id, prompt_ids, seed_modulus=2**32)
+        return self._serving.start_choices(engine, model, limits, choices, time_remaining_s=context.time_remaining())
 
     async def Embed(self, request: vpb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(

@@ -38,7 +38,7 @@ import os
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
@@ -339,6 +339,19 @@ class Stream(Iterator[pb.GenerateResponse]):
         return self._cancelled
 
 
+Sampled = TypeVar("Sampled", pb.GenerateRequest, pb.ChatRequest)
+
+
+def _one_sample(request: Sampled) -> Sampled:
+    """The text helpers join one stream's deltas: n samples' messages interleave (read them with stream())."""
+    if request.params.n > 1:
+        raise ValueError(
+            f"params.n is {request.params.n}: this method returns one text; use stream() (or stream_chat()) "
+            "and each message's index for n samples"
+        )
+    return request
+
+
 def _texts(messages: Stream) -> Generator[str]:
     """The text deltas of a stream; closing this closes (cancels) the stream."""
     with contextlib.closing(messages):
@@ -441,7 +454,7 @@ class ModelServeClient:
 
     def generate(self, prompt: str, params: Params = None, **overrides: Any) -> Generator[str]:
         """The output's text deltas, as they arrive."""
-        return _texts(self._stream(self._stub.Generate, _request(prompt, params, "", overrides)))
+        return _texts(self._stream(self._stub.Generate, _one_sample(_request(prompt, params, "", overrides))))
 
     def stream_chat(
         self, messages: Iterable[Message], params: Params = None, *, request_id: str = "", **overrides: Any
@@ -451,7 +464,7 @@ class ModelServeClient:
 
     def chat(self, messages: Iterable[Message], params: Params = None, **overrides: Any) -> Generator[str]:
         """The next assistant reply's text deltas, as they arrive; closing the iterator cancels the call."""
-        return _texts(self._stream(self._stub.Chat, _chat_request(messages, params, "", overrides)))
+        return _texts(self._stream(self._stub.Chat, _one_sample(_chat_request(messages, params, "", overrides))))
 
     def complete(self, prompt: str, params: Params = None, **overrides: Any) -> str:
         """The whole output text."""
@@ -554,7 +567,7 @@ class AsyncModelServeClient:
 
     def generate(self, prompt: str, params: Params = None, **overrides: Any) -> AsyncGenerator[str]:
         """The output's text deltas, as they arrive."""
-        return _async_texts(self._stream(self._stub.Generate, _request(prompt, params, "", overrides)))
+        return _async_texts(self._stream(self._stub.Generate, _one_sample(_request(prompt, params, "", overrides))))
 
     def stream_chat(
         self, messages: Iterable[Message], params: Params = None, *, request_id: str = "", **overrides: Any
@@ -564,7 +577,7 @@ class AsyncModelServeClient:
 
     def chat(self, messages: Iterable[Message], params: Params = None, **overrides: Any) -> AsyncGenerator[str]:
         """The next assistant reply's text deltas, as they arrive."""
-        return _async_texts(self._stream(self._stub.Chat, _chat_request(messages, params, "", overrides)))
+        return _async_texts(self._stream(self._stub.Chat, _one_sample(_chat_request(messages, params, "", overrides))))
 
     async def complete(self, prompt: str, params: Params = None, **overrides: Any) -> str:
         return "".join([t async for t in self.generate(prompt, params, **overrides)])

@@ -292,6 +292,15 @@ export interface GenerationParameters {
    * [0, vocab_size), values -100 to 100. As OpenAI's logit_bias.
    */
   logitBias: { [key: number]: number };
+  /**
+   * Samples to generate from the prompt (Generate and Chat; 0 or 1 in a
+   * BatchGenerate item): 0 or 1 means one. With a seed, sample j draws from
+   * seed + j, so each is what a lone request with that seed gives. The
+   * samples run side by side and the prompt is computed once. Their messages
+   * interleave, each with its sample's index. At most the server's
+   * --max-batch-requests (and --max-waiting-requests).
+   */
+  n: number;
 }
 
 export interface GenerationParameters_LogitBiasEntry {
@@ -441,6 +450,13 @@ export interface GenerateResponse {
     | undefined;
   /** The seed the request sampled with: on the last message only. */
   seed: bigint;
+  /**
+   * Which sample (0 to params.n - 1) this message belongs to; always 0 for
+   * one sample. Each sample's messages keep the order a stream's have (its
+   * first carries usage.input_tokens, its last finish_reason); the call
+   * ends after every sample's last message.
+   */
+  index: number;
 }
 
 /** Many prompts to complete together. */
@@ -686,6 +702,7 @@ function createBaseGenerationParameters(): GenerationParameters {
     frequencyPenalty: undefined,
     minP: undefined,
     logitBias: {},
+    n: 0,
   };
 }
 
@@ -752,6 +769,9 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     globalThis.Object.entries(message.logitBias).forEach(([key, value]: [string, number]) => {
       GenerationParameters_LogitBiasEntry.encode({ key: key as any, value }, writer.uint32(146).fork()).join();
     });
+    if (message.n !== 0) {
+      writer.uint32(152).int32(message.n);
+    }
     return writer;
   },
 
@@ -925,6 +945,14 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
             }
             continue;
           }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.n = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1037,6 +1065,7 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
           {},
         )
         : {},
+      n: isSet(object.n) ? globalThis.Number(object.n) : 0,
     };
   },
 
@@ -1102,6 +1131,9 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
         });
       }
     }
+    if (message.n !== 0) {
+      obj.n = Math.round(message.n);
+    }
     return obj;
   },
 
@@ -1136,6 +1168,7 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
       },
       {},
     );
+    message.n = object.n ?? 0;
     return message;
   },
 };
@@ -1990,6 +2023,7 @@ function createBaseGenerateResponse(): GenerateResponse {
     finishReason: 0,
     timings: undefined,
     seed: 0n,
+    index: 0,
   };
 }
 
@@ -2025,6 +2059,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
         throw new globalThis.Error("value provided for field message.seed of type uint64 too large");
       }
       writer.uint32(64).uint64(message.seed);
+    }
+    if (message.index !== 0) {
+      writer.uint32(72).int32(message.index);
     }
     return writer;
   },
@@ -2116,6 +2153,14 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
             message.seed = reader.uint64() as bigint;
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.index = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2152,6 +2197,7 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
         : 0,
       timings: isSet(object.timings) ? Timings.fromJSON(object.timings) : undefined,
       seed: isSet(object.seed) ? BigInt(object.seed) : 0n,
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
     };
   },
 
@@ -2181,6 +2227,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     if (message.seed !== 0n) {
       obj.seed = message.seed.toString();
     }
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
     return obj;
   },
 
@@ -2199,6 +2248,7 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
       ? Timings.fromPartial(object.timings)
       : undefined;
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
+    message.index = object.index ?? 0;
     return message;
   },
 };
