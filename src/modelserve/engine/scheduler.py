@@ -189,12 +189,11 @@ class Scheduler:
             cached = other.computed // size * size  # what advance() has committed of it
             if not other.prefilling or cached >= shareable:
                 continue
-            common = 0
-            for mine, theirs in zip(seq.tokens[:shareable], other.tokens, strict=False):
-                if mine != theirs:
-                    break
-                common += 1
-            if common // size * size > cached:
+            # Wait when the two share every block up to and including the first one not yet cached.
+            end = cached + size
+            if end <= min(shareable, len(other.tokens)) and all(
+                seq.tokens[i : i + size] == other.tokens[i : i + size] for i in range(0, end, size)
+            ):
                 return True
         return False
 
