@@ -228,6 +228,28 @@ def test_a_list_answer_is_named_after_the_callers_request_id(server: ServerProce
     assert response.status_code == 400 and "X-Request-Id is 127 characters" in response.json()["error"]["message"]
 
 
+def test_best_of_returns_the_samples_with_the_highest_cumulative_logprob(client: OpenAI) -> None:
+    """best_of=4, n=2, with a seed: the four samples are seed + j's, and the two returned are the two whose
+    tokens' log-probabilities sum highest, best first."""
+    prompt, sampled = "Best of four", {"max_tokens": 6, "temperature": 1.5, "extra_body": {"ignore_eos": True}}
+    reply = client.completions.create(model=MODEL, prompt=prompt, n=2, best_of=4, seed=31, **sampled)
+    alone = [
+        client.completions.create(model=MODEL, prompt=prompt, seed=31 + j, logprobs=0, **sampled).choices[0]
+        for j in range(4)
+    ]
+    total = [sum(c.logprobs.token_logprobs or []) for c in alone if c.logprobs is not None]
+    best = sorted(range(4), key=lambda j: -total[j])[:2]
+    assert [c.text for c in reply.choices] == [alone[j].text for j in best]
+    assert [c.index for c in reply.choices] == [0, 1] and all(c.logprobs is None for c in reply.choices)
+    assert reply.usage is not None and reply.usage.completion_tokens == 24  # every sample generated counts
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=prompt, n=3, best_of=2)
+    assert err.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=prompt, n=1, best_of=2, stream=True)
+    assert err.value.param == "best_of"
+
+
 def test_one_bad_prompt_in_a_list_refuses_the_request_and_runs_none(client: OpenAI, server: ServerProcess) -> None:
     """Every prompt is checked before any is submitted: the good ones neither run nor show as cancelled."""
     before = _length_finished(server), _cancelled(server)
@@ -341,7 +363,7 @@ def test_penalties_bias_and_min_p_act_as_on_grpc(client: OpenAI, stub: Any) -> N
         ("chat", {"extra_body": {"structured_outputs": {"regex": "a+"}}}, "structured_outputs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ("completions", {"echo": True}, "echo"),
-        ("completions", {"best_of": 2}, "best_of"),
+        ("completions", {"extra_body": {"use_beam_search": True}}, "use_beam_search"),
         ("completions", {"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
         ("completions", {"extra_body": {"guided_regex": "a+"}}, "guided_regex"),
     ],
@@ -441,7 +463,7 @@ def test_this_faces_own_refusals_count_as_rejected(server: ServerProcess, client
     response = _post_raw(server, "/v1/completions", b"{not json")
     assert response.status_code == 400
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="Hello", best_of=2)
+        client.completions.create(model=MODEL, prompt="Hello", echo=True)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     after = [server.metric("modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]

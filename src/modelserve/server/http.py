@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from modelserve_client.v1 import generation_pb2 as pb
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -207,16 +208,28 @@ class _Api:
         priority = body.integer("priority") or 0
         timeout_s = request_timeout_s(request)
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
-        samples = body.integer("n")
-        samples = 1 if samples is None else samples
+        keep = body.integer("n")
+        keep = 1 if keep is None else keep
+        best_of = body.integer("best_of")
+        samples = keep if best_of is None else best_of  # generated per prompt; the best `keep` are returned
         bound = self._serving.max_choices(engine)
         most = max(1, bound // len(prompts))
+        field = "n" if best_of is None else "best_of"
         if not 1 <= samples <= most:
             raise invalid(
-                f"n must be in [1, {most}], got {samples} (all the choices of a request, prompts times n, "
-                f"are at most {bound}: --max-batch-requests and --max-waiting-requests)",
-                "n",
+                f"{field} must be in [1, {most}], got {samples} (all the samples of a request, prompts times "
+                f"{field}, are at most {bound}: --max-batch-requests and --max-waiting-requests)",
+                field,
             )
+        if not 1 <= keep <= samples:
+            raise invalid(f"n must be in [1, best_of = {samples}], got {keep}", "n")
+        if stream and keep < samples:
+            raise invalid("best_of must equal n when streaming: the best are known only at the end", "best_of")
+        sampled = params
+        if keep < samples and not params.logprobs:  # ranking reads each token's log-probability
+            sampled = pb.GenerationParameters()
+            sampled.CopyFrom(params)
+            sampled.logprobs = True
         base_id = request_id or uuid.uuid4().hex  # the answer's id; its choices' requests are BASE-0, BASE-1, ...
         total = len(prompts) * samples
         suffix = len(f"-{total - 1}")
@@ -227,7 +240,7 @@ class _Api:
                 None,
             )
         # OpenAI's order: prompt by prompt, a prompt's samples together.
-        choices = [choice for prompt in prompts for choice in sample_choices(prompt, params, samples)]
+        choices = [choice for prompt in prompts for choice in sample_choices(prompt, sampled, samples)]
         if total > 1:
             choices = [dataclasses.replace(c, request_id=f"{base_id}-{i}") for i, c in enumerate(choices)]
         else:
@@ -249,7 +262,7 @@ class _Api:
         layout = Layout(chat, model.model_id, params.logprobs, include_usage)
         answer_id = base_id if len(choices) > 1 else None  # one choice: its request's own id
         prompts_per_choice = [choice.prompt for choice in choices]
-        return Generation(self._serving, start, prompts_per_choice, samples, layout, stream, names, answer_id)
+        return Generation(self._serving, start, prompts_per_choice, (samples, keep), layout, stream, names, answer_id)
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

@@ -170,16 +170,19 @@ class Generation(Response):
         serving: Serving,
         start: Callable[[], list[Started]],
         prompts: Sequence[str],
-        samples: int,
+        samples: tuple[int, int],
         layout: Layout,
         stream: bool,
         names: Mapping[str, str],
         answer_id: str | None = None,
     ) -> None:
-        """`answer_id` names the answer (the X-Request-Id echoed); None: the one request's own id."""
+        """`samples`: (generated, returned) per prompt: best_of and n; the n with the highest cumulative
+        log-probability are returned. `answer_id` names the answer (the X-Request-Id echoed); None: the one
+        request's own id."""
         super().__init__()
         self._answer_id = answer_id
-        self._serving, self._start, self._prompts, self._samples = serving, start, prompts, samples
+        self._serving, self._start, self._prompts = serving, start, prompts
+        self._samples, self._keep = samples
         self._layout, self._stream, self._names = layout, stream, names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -243,10 +246,14 @@ class Generation(Response):
             return JSONResponse(error.body(), error.status, {**headers, **error.headers})
         assert len(ends) == len(started), "a request stream ends with its finish event"
         answers: list[Answer] = []
-        for index in range(len(started)):
-            finish = ends[index].finish
-            assert finish is not None
-            answers.append(("".join(texts[index]), logprobs[index], _FINISH_REASONS[finish.reason]))
+        for first in range(0, len(started), self._samples):  # each prompt's samples, the best `keep` of them
+            candidates = list(range(first, first + self._samples))
+            if self._keep < self._samples:
+                candidates.sort(key=lambda i: -sum(lp.chosen.logprob for lp in logprobs[i]))
+            for index in candidates[: self._keep]:
+                finish = ends[index].finish
+                assert finish is not None
+                answers.append(("".join(texts[index]), logprobs[index], _FINISH_REASONS[finish.reason]))
         usage = _usage([(started[i][0], ends[i]) for i in range(len(started))], self._samples)
         return JSONResponse(self._layout.whole(answers, usage), headers=headers)
 

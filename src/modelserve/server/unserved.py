@@ -43,7 +43,6 @@ UNSERVED = (
         vllm=tuple(f"sampling_params.{name}" for name in _CONSTRAINTS),
     ),
     Unserved("this server has no tool calling", openai=("tools", "tool_choice", "functions", "function_call")),
-    Unserved("this server picks no best of several samples (ask for n samples instead)", openai=("best_of",)),
     Unserved(
         "this server computes no prompt log-probabilities",
         openai=("prompt_logprobs",),
@@ -79,7 +78,6 @@ _BY_VLLM = {name: entry for entry in UNSERVED for name in entry.vllm}
 
 # Values of an OpenAI field that ask for nothing (clients send some of them by default).
 _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
     "tools": ([],),
@@ -103,7 +101,7 @@ _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
 # a server (who the caller is, whether OpenAI should store the answer): neither is logged as unknown.
 OPENAI_SERVED = frozenset(
     {
-        *("model", "messages", "prompt", "n", "stream", "stream_options", "priority", "seed", "stop"),
+        *("model", "messages", "prompt", "n", "best_of", "stream", "stream_options", "priority", "seed", "stop"),
         "stop_token_ids",
         *("max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p"),
         *("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos"),
