@@ -107,10 +107,11 @@ def test_generation_config_sampling_defaults_and_eos_ids(base_dir: Path, tmp_pat
         "top_k": 20,
         "repetition_penalty": 1.05,
         "max_new_tokens": 64,
+        "min_p": 0.05,
         "eos_token_id": [0, 5],
     }
     info = load_model_info(str(_copy(base_dir, tmp_path / "tuned", tuned)), CPU, torch.float32)
-    assert info.generation_defaults == GenerationDefaults(0.7, 0.8, 20, 1.05, 64)
+    assert info.generation_defaults == GenerationDefaults(0.7, 0.8, 20, 1.05, 64, 0.05)
     assert info.eos_token_ids == (0, 5)
     # do_sample false means greedy, whatever temperature the file also names (transformers would not sample).
     greedy = _copy(base_dir, tmp_path / "greedy", {"do_sample": False, "temperature": 0.6, "max_new_tokens": 5})
@@ -139,18 +140,29 @@ def _limits(defaults: RequestDefaults) -> Limits:
 
 
 def test_unset_parameters_take_the_models_defaults_and_set_ones_win() -> None:
-    model = GenerationDefaults(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, max_new_tokens=64)
+    model = GenerationDefaults(
+        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, max_new_tokens=64, min_p=0.05
+    )
     defaults = resolve_defaults(model, default_max_new_tokens=0, max_max_new_tokens=511, vocab_size=VOCAB)
-    assert defaults == RequestDefaults(64, 0.7, 0.8, 20, 1.05, from_model=defaults.from_model)
-    assert set(defaults.from_model) == {"temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"}
+    assert defaults == RequestDefaults(64, 0.7, 0.8, 20, 1.05, 0.05, from_model=defaults.from_model)
+    assert set(defaults.from_model) == {
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "min_p",
+        "max_new_tokens",
+    }
 
     unset = build_request("a", [1, 2, 3], pb.GenerationParameters(), _limits(defaults)).params
     assert (unset.max_new_tokens, unset.temperature, unset.top_p, unset.top_k) == (64, 0.7, 0.8, 20)
-    assert unset.repetition_penalty == 1.05
-    explicit = pb.GenerationParameters(max_new_tokens=3, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    assert (unset.repetition_penalty, unset.min_p) == (1.05, pytest.approx(0.05))
+    explicit = pb.GenerationParameters(
+        max_new_tokens=3, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, min_p=0.0
+    )
     params = build_request("b", [1, 2, 3], explicit, _limits(defaults)).params
     assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (3, 0.0, 1.0, 0)
-    assert params.repetition_penalty == 1.0
+    assert (params.repetition_penalty, params.min_p) == (1.0, 0.0)
     # The server's own limits still bind a request that asks for more than the model's default.
     with pytest.raises(InvalidArgument, match=r"params.max_new_tokens must be in \[1, 511\]"):
         build_request("c", [1], pb.GenerationParameters(max_new_tokens=600), _limits(defaults))

@@ -51,6 +51,7 @@ class GenerationDefaults:
     top_k: int | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None
+    min_p: float | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ def _generation_defaults(generation: Any) -> GenerationDefaults:
         top_k=integer("top_k"),
         repetition_penalty=number("repetition_penalty"),
         max_new_tokens=integer("max_new_tokens"),
+        min_p=number("min_p"),
     )
 
 

@@ -243,6 +243,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 top_p=defaults.top_p,
                 top_k=defaults.top_k,
                 repetition_penalty=defaults.repetition_penalty,
+                min_p=defaults.min_p,
                 from_model=defaults.from_model,
             ),
         )

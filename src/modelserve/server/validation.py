@@ -76,6 +76,7 @@ class RequestDefaults:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
     from_model: tuple[str, ...] = ()  # the parameters whose default the model's generation_config.json set
 
 
@@ -166,7 +167,7 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
     repetition_penalty = _float(params, "repetition_penalty", defaults.repetition_penalty)
     presence_penalty = _float(params, "presence_penalty", 0.0)
     frequency_penalty = _float(params, "frequency_penalty", 0.0)
-    min_p = _float(params, "min_p", 0.0)
+    min_p = _float(params, "min_p", defaults.min_p)
     logit_bias = _logit_bias(params, limits.vocab_size)
 
     if len(params.stop) > limits.max_stop_sequences:
@@ -259,7 +260,7 @@ def resolve_defaults(
     """
     server = RequestDefaults()
     chosen: dict[str, float] = {}  # what the model sets and the server accepts, by parameter name
-    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "min_p"):
         value = getattr(model, name)
         if value is None:
             continue
@@ -317,5 +318,6 @@ def resolve_defaults(
         top_p=chosen.get("top_p", server.top_p),
         top_k=int(chosen.get("top_k", server.top_k)),
         repetition_penalty=chosen.get("repetition_penalty", server.repetition_penalty),
+        min_p=chosen.get("min_p", server.min_p),
         from_model=tuple(chosen),
     )

@@ -79,8 +79,8 @@ FINISH_REASONS = {
 _INT32_MAX = 2**31 - 1
 # The vLLM sampling parameters that modelserve.v1 names otherwise, so that a refusal names the field sent.
 _RENAMED = {**VLLM_NAMES, "top_logprobs": "logprobs"}
-# vLLM's sampling defaults that GetModelInfo reports when the model sets them (min_p from the model is not read).
-_REPORTED_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+# vLLM's sampling defaults that GetModelInfo reports when the model sets them.
+_REPORTED_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
 
 
 @dataclass

@@ -176,8 +176,8 @@ export function serverStateToJSON(object: ServerState): string {
 
 /**
  * How to generate. Every field is optional; an unset field takes the
- * documented default, except that max_new_tokens, temperature, top_p, top_k
- * and repetition_penalty take the model's own defaults (its
+ * documented default, except that max_new_tokens, temperature, top_p, top_k,
+ * min_p and repetition_penalty take the model's own defaults (its
  * generation_config.json) where it has them; ModelInfoResponse's
  * generation_defaults says what each takes on this server. A value outside
  * its range is rejected with INVALID_ARGUMENT, never clamped.
@@ -622,6 +622,8 @@ export interface GenerationDefaults {
    * the others are the server's defaults.
    */
   fromModel: string[];
+  /** min_p; 0 means off. */
+  minP: number;
 }
 
 /** Asks for the detailed health view. */
@@ -3537,7 +3539,7 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
 };
 
 function createBaseGenerationDefaults(): GenerationDefaults {
-  return { maxNewTokens: 0, temperature: 0, topP: 0, topK: 0, repetitionPenalty: 0, fromModel: [] };
+  return { maxNewTokens: 0, temperature: 0, topP: 0, topK: 0, repetitionPenalty: 0, fromModel: [], minP: 0 };
 }
 
 export const GenerationDefaults: MessageFns<GenerationDefaults> = {
@@ -3559,6 +3561,9 @@ export const GenerationDefaults: MessageFns<GenerationDefaults> = {
     }
     for (const v of message.fromModel) {
       writer.uint32(50).string(v!);
+    }
+    if (message.minP !== 0) {
+      writer.uint32(61).float(message.minP);
     }
     return writer;
   },
@@ -3624,6 +3629,14 @@ export const GenerationDefaults: MessageFns<GenerationDefaults> = {
             message.fromModel.push(reader.string());
             continue;
           }
+          case 7: {
+            if (tag !== 61) {
+              break;
+            }
+
+            message.minP = reader.float();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3664,6 +3677,11 @@ export const GenerationDefaults: MessageFns<GenerationDefaults> = {
         : globalThis.Array.isArray(object?.from_model)
         ? object.from_model.map((e: any) => globalThis.String(e))
         : [],
+      minP: isSet(object.minP)
+        ? globalThis.Number(object.minP)
+        : isSet(object.min_p)
+        ? globalThis.Number(object.min_p)
+        : 0,
     };
   },
 
@@ -3687,6 +3705,9 @@ export const GenerationDefaults: MessageFns<GenerationDefaults> = {
     if (message.fromModel?.length) {
       obj.fromModel = message.fromModel;
     }
+    if (message.minP !== 0) {
+      obj.minP = floatToJson(message.minP);
+    }
     return obj;
   },
 
@@ -3701,6 +3722,7 @@ export const GenerationDefaults: MessageFns<GenerationDefaults> = {
     message.topK = object.topK ?? 0;
     message.repetitionPenalty = object.repetitionPenalty ?? 0;
     message.fromModel = object.fromModel?.map((e) => e) || [];
+    message.minP = object.minP ?? 0;
     return message;
   },
 };
