@@ -32,6 +32,7 @@ from modelserve.engine.request import Request
 from modelserve.server.chat import ChatMessage
 from modelserve.server.convert import logprobs_proto, response_proto, set_final
 from modelserve.server.serving import (
+    Choice,
     Phase,
     RequestFailed,
     Serving,
@@ -297,8 +298,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         field: str = "",
         chat: bool = False,
     ) -> tuple[Request, RequestStream]:
-        """Validate and submit one GenerateRequest of a batch (Serving.start); a refusal is raised as
-        RequestFailed. A batch item is one sample: its result has no room for more."""
+        """Validate and submit one GenerateRequest of a batch; a refusal is raised as RequestFailed. A batch
+        item is one sample: its result has no room for more."""
         if request.params.n > 1:
             self._serving_state.rejected("invalid_argument")
             raise RequestFailed(
@@ -306,18 +307,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 f"{field}.params.n is {request.params.n}: a BatchGenerate item makes one sample (0 or 1); "
                 "send an item per sample, or call Generate",
             )
-        return self._serving_state.start(
+        choice = Choice(request.prompt, request.params, request.request_id)
+        (started,) = self._serving_state.start_choices(
             engine,
             model,
             limits,
-            request.prompt,
-            request.params,
-            request_id=request.request_id,
+            [choice],
             priority=request.priority,
             time_remaining_s=time_remaining_s,
             field=field,
             chat=chat,
         )
+        return started
 
 
 async def _abort(

@@ -179,61 +179,28 @@ class Serving:
         self.rejected("unavailable", chat)
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, health.why + advice.get(health.phase, ""))
 
-    def start(
-        self,
-        engine: Engine,
-        model: ServedModel,
-        limits: Limits,
-        prompt: str,
-        params: pb.GenerationParameters,
-        *,
-        request_id: str = "",
-        priority: int = 0,
-        time_remaining_s: float | None = None,
-        field: str = "",
-        chat: bool = False,
-        prompt_ids: Sequence[int] | None = None,
-    ) -> tuple[Request, RequestStream]:
-        """Validate and submit one prompt; a refusal is counted and raised as RequestFailed.
-
-        `field` prefixes the caller's field names in messages (a batch item's place in its batch).
-        `chat`: the prompt is a chat rendered by its template, which wrote the special tokens (chat.py), so
-        the tokenizer adds none; a refusal counts as a chat's.
-        `prompt_ids` is a prompt that comes tokenized (the vLLM face's): checked against the vocabulary
-        instead of encoded, and `prompt` is then only the text telemetry may show.
-        """
-        request = self.prepare(
-            engine,
-            model,
-            limits,
-            prompt,
-            params,
-            request_id=request_id,
-            priority=priority,
-            time_remaining_s=time_remaining_s,
-            field=field,
-            chat=chat,
-            prompt_ids=prompt_ids,
-        )
-        return request, self.submit(engine, request, field=field, chat=chat)
-
     def prepare(
         self,
         engine: Engine,
         model: ServedModel,
         limits: Limits,
-        prompt: str,
-        params: pb.GenerationParameters,
+        choice: Choice,
         *,
-        request_id: str = "",
         priority: int = 0,
         time_remaining_s: float | None = None,
         field: str = "",
         chat: bool = False,
-        prompt_ids: Sequence[int] | None = None,
     ) -> Request:
-        """start()'s first half: the engine request, validated, not yet submitted (several prompts of one call
-        are all checked before any runs)."""
+        """The engine request for `choice`, validated, not yet submitted; a refusal is counted and raised as
+        RequestFailed.
+
+        `field` prefixes the caller's field names in messages (a batch item's place in its batch).
+        `chat`: the prompt is a chat rendered by its template, which wrote the special tokens (chat.py), so
+        the tokenizer adds none; a refusal counts as a chat's.
+        A choice's `prompt_ids` is a prompt that comes tokenized (the vLLM face's): checked against the
+        vocabulary instead of encoded, and its `prompt` is then only the text telemetry may show.
+        """
+        prompt, params, request_id, prompt_ids = choice.prompt, choice.params, choice.request_id, choice.prompt_ids
         prefix = f"{field}." if field else ""
         try:
             engine.check_queue()  # before tokenizing: a refusal under overload must cost next to nothing
@@ -268,10 +235,11 @@ class Serving:
         *,
         priority: int = 0,
         time_remaining_s: float | None = None,
+        field: str = "",
         chat: bool = False,
         where: Callable[[int], str] | None = None,
     ) -> list[tuple[Request, RequestStream]]:
-        """A call's several choices (a list of prompts, n samples): every one validated before any is
+        """A call's choice or choices (a list of prompts, n samples): every one validated before any is
         submitted, and their prompt tokens checked against the waiting queue's bound, so one refused means
         none runs; a submit that fails takes back the ones before it. Submitted together, samples of one
         prompt compute it once (the scheduler waits for the blocks one of them is computing). `where(i)`
@@ -288,13 +256,11 @@ class Serving:
                         engine,
                         model,
                         limits,
-                        choice.prompt,
-                        choice.params,
-                        request_id=choice.request_id,
+                        choice,
                         priority=priority,
                         time_remaining_s=time_remaining_s,
+                        field=field,
                         chat=chat,
-                        prompt_ids=choice.prompt_ids,
                     )
                 )
             except RequestFailed as exc:
@@ -311,7 +277,7 @@ class Serving:
         started: list[tuple[Request, RequestStream]] = []
         try:
             for request in prepared:
-                started.append((request, self.submit(engine, request, chat=chat)))
+                started.append((request, self.submit(engine, request, field=field, chat=chat)))
         except BaseException as exc:  # the queue filled or the engine closed meanwhile: none runs
             for _, stream in started:
                 stream.abort(FinishReason.CANCELLED)
@@ -321,7 +287,7 @@ class Serving:
         return started
 
     def submit(self, engine: Engine, request: Request, *, field: str = "", chat: bool = False) -> RequestStream:
-        """start()'s second half: hand a prepared request to the engine."""
+        """Hand a prepared request to the engine; a refusal is counted and raised as RequestFailed."""
         prefix = f"{field}." if field else ""
         try:
             return engine.submit(request)

@@ -2,7 +2,7 @@
 GenerationService, on the same port (protos/vllm/grpc/engine/vllm_engine.proto).
 
 Routers, gateways and benchmark tools that speak gRPC to LLM servers speak vLLM's service; serving it lets
-them use modelserve unchanged. A Generate here goes the way a modelserve.v1 one goes (Serving.start: the
+them use modelserve unchanged. A Generate here goes the way a modelserve.v1 one goes (Serving.start_choices: the
 same validation and limits, priority 0, the call's deadline, admission, the in-flight count a drain waits
 for, request telemetry; interceptors give it auth and RPC metrics as for every method). Only shapes differ:
 
@@ -297,7 +297,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         return engine.stats() if engine is not None else EngineStats()
 
     def _parameters(self, request: vpb.GenerateRequest, limits: Limits) -> pb.GenerationParameters:
-        """modelserve.v1's parameters for the request, which Serving.start then validates; RequestFailed
+        """modelserve.v1's parameters for the request, which Serving.prepare then validates; RequestFailed
         (counted) for what this server cannot honour."""
         sampling = request.sampling_params
         refusal = _unsupported(request, sampling)
