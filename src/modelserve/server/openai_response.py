@@ -108,16 +108,13 @@ class Layout:
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._envelope([], True), "usage": usage}
 
-    def whole(
-        self, answers: Sequence[tuple[str, Sequence[TokenLogprobs], str]], usage: dict[str, Any]
-    ) -> dict[str, Any]:
+    def whole(self, answers: Sequence[Answer], usage: dict[str, Any]) -> dict[str, Any]:
         """Every choice's (text, log-probabilities, finish reason), in order."""
         choices = []
         for index, (text, logprobs, reason) in enumerate(answers):
             key, value = ("message", {"role": "assistant", "content": text}) if self.chat else ("text", text)
-            choices.append(
-                {"index": index, key: value, "logprobs": self._logprobs(index, logprobs), "finish_reason": reason}
-            )
+            lps = self._logprobs(index, logprobs)
+            choices.append({"index": index, key: value, "logprobs": lps, "finish_reason": reason})
         return {**self._envelope(choices, False), "usage": usage}
 
     def _logprobs(self, index: int, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
@@ -213,11 +210,10 @@ class Generation(Response):
             finally:
                 if watcher is not None:
                     watcher.cancel()
-                for (_, stream), outcome in zip(started, outcomes, strict=False):
+                for _, stream in started:
                     stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
+                for outcome in outcomes:
                     outcome.close(FinishReason.CANCELLED.value)
-                for _, stream in started[len(outcomes) :]:  # submitted, then its tracking failed
-                    stream.abort(FinishReason.CANCELLED)
 
     async def _collect(
         self,
