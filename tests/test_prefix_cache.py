@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from modelserve.cli import config_from_args, parse_args
 from modelserve.config import KV_BLOCK_TOKENS as BLOCK_TOKENS
 from modelserve.engine.block_manager import BlockManager, BlockTable
+from modelserve.engine.core import EngineCore
 from modelserve.engine.engine import Engine, EngineConfig
 from modelserve.engine.protocol import AddRequest
 from modelserve.engine.request import StreamEvent
@@ -88,15 +89,23 @@ async def test_shared_prefix_greedy_matches_generate_and_caching_off(arch: str, 
     assert 0 < stats.prefix_cache_tokens <= stats.prefix_cache_budget_tokens
 
 
-def test_a_prefix_hit_shares_the_blocks_it_finds(model_dirs: dict[str, Path]) -> None:
-    """A second prompt with a running one's 1,000-token prefix points its block table at the same blocks
-    (their reference count goes to 2): nothing is copied, and its first token equals generate()'s."""
+PREFIX = [(7 * i) % 300 + 5 for i in range(1000)]  # 1,000 tokens two prompts start with
+
+
+def _core(model_dirs: dict[str, Path]) -> tuple[LoadedModel, EngineCore]:
+    """The tiny Llama and an engine core to step by hand."""
     model = _load(model_dirs["llama"])
     core = EngineConfig(max_batch_size=4, kv_cache_bytes=8 << 20).build_core(
         model.model, model.eos_token_ids, model.max_sequence_length, observed=False
     )
-    prefix = [(7 * i) % 300 + 5 for i in range(1000)]
-    first, second = [*prefix, 11, 12], [*prefix, 13]
+    return model, core
+
+
+def test_a_prefix_hit_shares_the_blocks_it_finds(model_dirs: dict[str, Path]) -> None:
+    """A second prompt with a running one's 1,000-token prefix points its block table at the same blocks
+    (their reference count goes to 2): nothing is copied, and its first token equals generate()'s."""
+    model, core = _core(model_dirs)
+    first, second = [*PREFIX, 11, 12], [*PREFIX, 13]
     core.apply(AddRequest(1, _greedy(1, first, 50)))
     while core.scheduler.prefilling or core.scheduler.waiting:
         core.step()
@@ -116,13 +125,9 @@ def test_a_prefix_hit_shares_the_blocks_it_finds(model_dirs: dict[str, Path]) ->
 def test_prompts_sent_together_compute_their_common_prefix_once(model_dirs: dict[str, Path]) -> None:
     """Two prompts with one 1,000-token start arrive in the same step (n samples of a prompt, a shared system
     prompt): the second waits while the first computes the common blocks, then shares them, and its first
-    token is still generate()'s. A third, unrelated prompt behind them is not held up for long."""
-    model = _load(model_dirs["llama"])
-    core = EngineConfig(max_batch_size=4, kv_cache_bytes=8 << 20).build_core(
-        model.model, model.eos_token_ids, model.max_sequence_length, observed=False
-    )
-    prefix = [(7 * i) % 300 + 5 for i in range(1000)]
-    first, second = [*prefix, 11, 12], [*prefix, 13]
+    token is still generate()'s."""
+    model, core = _core(model_dirs)
+    first, second = [*PREFIX, 11, 12], [*PREFIX, 13]
     core.apply(AddRequest(1, _greedy(1, first, 5)))
     core.apply(AddRequest(2, _greedy(2, second, 3)))
     tokens: dict[int, int] = {}

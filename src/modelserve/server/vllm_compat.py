@@ -79,6 +79,8 @@ FINISH_REASONS = {
 _INT32_MAX = 2**31 - 1
 # The vLLM sampling parameters that modelserve.v1 names otherwise, so that a refusal names the field sent.
 _RENAMED = {**VLLM_NAMES, "top_logprobs": "logprobs"}
+# The plain SamplingParams fields that GenerationParameters names alike.
+_SAME_NAMES = ("top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 # vLLM's sampling defaults that GetModelInfo reports when the model sets them.
 _REPORTED_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
 
@@ -322,20 +324,11 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             ignore_eos=sampling.ignore_eos,
             include_stop_sequence=sampling.include_stop_str_in_output,
         )
-        # proto3 cannot tell these zeros from unset, and zero is no valid value here: the default applies.
-        if sampling.top_p:
-            params.top_p = sampling.top_p
-        if sampling.top_k:
-            params.top_k = sampling.top_k
-        if sampling.repetition_penalty:
-            params.repetition_penalty = sampling.repetition_penalty
-        # 0 is these three's default and means off, as unset does.
-        if sampling.presence_penalty:
-            params.presence_penalty = sampling.presence_penalty
-        if sampling.frequency_penalty:
-            params.frequency_penalty = sampling.frequency_penalty
-        if sampling.min_p:
-            params.min_p = sampling.min_p
+        # proto3 cannot tell these zeros from unset: a zero takes the default (the model's where it sets one).
+        for name in _SAME_NAMES:
+            value = getattr(sampling, name)
+            if value:
+                setattr(params, name, value)
         params.logit_bias.update(sampling.logit_bias)
         if sampling.min_tokens:
             params.min_new_tokens = sampling.min_tokens
