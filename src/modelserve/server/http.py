@@ -241,10 +241,10 @@ class _Api:
             )
         # OpenAI's order: prompt by prompt, a prompt's samples together.
         choices = [choice for prompt in prompts for choice in sample_choices(prompt, sampled, samples)]
-        if total > 1:
-            choices = [dataclasses.replace(c, request_id=f"{base_id}-{i}") for i, c in enumerate(choices)]
-        else:
-            choices = [dataclasses.replace(choices[0], request_id=request_id)]
+        choices = [
+            dataclasses.replace(c, request_id=f"{base_id}-{i}" if total > 1 else request_id)
+            for i, c in enumerate(choices)
+        ]
 
         def start() -> list[tuple[Request, RequestStream]]:
             self._serving.ready(HEALTH_HINT, chat)  # again: a drain may have begun while the body was read

@@ -1,7 +1,7 @@
 """Reading an OpenAI request: a chat or completion body becomes our GenerationParameters, which then meet
 the shared validation and limits (serving.py, validation.py) as a gRPC call's do, and the caller's deadline
 comes from the X-Request-Timeout-S header (in seconds). A body is read with OpenAI's types; the fields that
-ask for what this server cannot do (several choices, tools) are refused by name, and fields it does not know
+ask for what this server cannot do (tools, structured output) are refused by name, and fields it does not know
 are logged once and ignored (unserved.py).
 
 A refusal keeps its gRPC meaning, mapped onto an HTTP status in OpenAI's error shape

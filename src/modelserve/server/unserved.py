@@ -49,7 +49,11 @@ UNSERVED = (
         vllm=("sampling_params.prompt_logprobs",),
     ),
     Unserved("this server does not echo the prompt", openai=("echo",)),
-    Unserved("this server takes text only", vllm=("mm_inputs", "extra_mm_inputs", "media_refs")),
+    Unserved(
+        "this server takes text only",
+        openai=("prompt_embeds", "audio"),
+        vllm=("mm_inputs", "extra_mm_inputs", "media_refs"),
+    ),
     Unserved(
         "this server does no prefill/decode disaggregation",
         openai=("kv_transfer_params",),
@@ -68,7 +72,6 @@ UNSERVED = (
         "this server always detokenizes without special tokens and returns text",
         openai=("skip_special_tokens", "return_tokens_as_token_ids"),
     ),
-    Unserved("this server takes text only", openai=("prompt_embeds", "audio")),
     Unserved("this server makes text only", openai=("modalities",)),
     Unserved("this server has no predicted outputs", openai=("prediction",)),
     Unserved("this server does no fill-in-the-middle", openai=("suffix",)),
