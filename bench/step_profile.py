@@ -4,8 +4,9 @@ Loads a bench preset's random-weight model (bench.harness.model_dir) as the serv
 times, at each batch size: a transformers DynamicCache decode step, our runner's forward of a
 decode-only step plan (paged attention over the block tables), and one whole engine-core step in
 steady decode (scheduling, the plan, the forward, sampling, the step's output message: everything
-the core does per token); then prints the torch profiler's top ops for a few whole steps. For
-finding regressions and device-specific costs.
+the core does per token), on CUDA also both with the decode replayed from CUDA graphs; then
+prints the torch profiler's top ops for a few whole steps. For finding regressions and
+device-specific costs.
 
     python -m bench.step_profile --preset gpt2-small --device cpu
     python -m bench.step_profile --preset llama-1b --device cuda --dtype bfloat16
@@ -14,6 +15,7 @@ finding regressions and device-specific costs.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,8 +50,13 @@ def decoding_core(model: torch.nn.Module, batch: int, context: int, steps: int, 
     from modelserve.engine.protocol import AddRequest
     from modelserve.engine.request import Request, SamplingParams
 
+    # On a GPU, 0 would take most of its free memory for each of the several cores made here.
+    kv_bytes = 2 << 30 if next(model.parameters()).device.type == "cuda" else 0
     config = EngineConfig(
-        max_batch_size=batch, kv_cache_bytes=0, prefill_chunk_tokens=batch * context, enforce_eager=not cuda_graphs
+        max_batch_size=batch,
+        kv_cache_bytes=kv_bytes,
+        prefill_chunk_tokens=batch * context,
+        enforce_eager=not cuda_graphs,
     )
     core = config.build_core(model, (), context + steps + 8, observed=False)
     params = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
@@ -60,9 +67,12 @@ def decoding_core(model: torch.nn.Module, batch: int, context: int, steps: int, 
     return core
 
 
-def engine_step_ms(model: torch.nn.Module, batch: int, context: int, repeat: int, device: torch.device) -> float:
+def engine_step_ms(
+    model: torch.nn.Module, batch: int, context: int, repeat: int, device: torch.device, cuda_graphs: bool = False
+) -> float:
     """Median milliseconds of EngineCore.step() with `batch` greedy rows decoding after a `context`-token prompt."""
-    core = decoding_core(model, batch, context, 4 * repeat + 8, cuda_graphs=False)
+    core = decoding_core(model, batch, context, 4 * repeat + 8, cuda_graphs)
+    core.step()  # with graphs, this step captures the bucket; the timed ones replay it
     return timed(core.step, device, repeat)
 
 
@@ -107,8 +117,8 @@ def main() -> None:
     model = load_model(str(model_dir(ns.preset, ns.cache_dir)), device, dtype).model
     steps = 4 * ns.repeat + 8
     print(f"{ns.preset} {ns.dtype} on {device}, {ns.context} tokens of context per row")
-    print("| batch | transformers decode ms | our forward ms | with CUDA graphs ms | whole engine step ms |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | transformers decode ms | our forward ms | with CUDA graphs ms | engine step ms | with graphs ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for batch in ns.batch:
             cache = DynamicCache(config=model.config)
@@ -122,11 +132,15 @@ def main() -> None:
             hf_ms = timed(hf_step, device, ns.repeat)
             our_ms = forward_ms(decoding_core(model, batch, ns.context, steps, cuda_graphs=False), device, ns.repeat)
             step_ms = engine_step_ms(model, batch, ns.context, ns.repeat, device)
-            graph_ms = "-"
+            graph_ms = graph_step_ms = "-"
             if device.type == "cuda":  # the warm-up step captures this bucket; the timed ones replay it
                 graphs = decoding_core(model, batch, ns.context, steps, cuda_graphs=True)
                 graph_ms = f"{forward_ms(graphs, device, ns.repeat):.1f}"
-            print(f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {graph_ms} | {step_ms:.2f} |")
+                graph_step_ms = f"{engine_step_ms(model, batch, ns.context, ns.repeat, device, True):.2f}"
+                del graphs
+            gc.collect()  # each core's KV memory goes before the next is made
+            row = f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {graph_ms} | {step_ms:.2f} | {graph_step_ms} |"
+            print(row, flush=True)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -87,7 +87,9 @@ class _EagerGraphs(DecodeGraphs):
 
 def _bucketed(core: EngineCore, graphs: type[DecodeGraphs] = _EagerGraphs) -> DecodeGraphs:
     runner = core.runner
-    if runner.graphs is None:  # not CUDA: the same path, replayed eagerly
+    # Not CUDA: the same path, replayed eagerly. On CUDA the runner's own graphs stay, unless the test
+    # asks for another kind (the failing capture).
+    if runner.graphs is None or graphs is not _EagerGraphs:
         assert runner.kv is not None
         runner.graphs = graphs(
             runner.decoder_forward, runner.kv, core.scheduler.max_batch_size, core.max_sequence_tokens
