@@ -251,6 +251,41 @@ async def test_chunked_prefill_matches_generate(arch: str, model_dirs: dict[str,
         assert (await _collect(running))[2].finish is not None
 
 
+def _prompt_log_softmax(model: LoadedModel, prompt: list[int]) -> torch.Tensor:
+    """A plain forward's log-softmax over the prompt: row p is the distribution of token p + 1."""
+    with torch.inference_mode():
+        logits = model.model(torch.tensor([prompt], device=DEVICE)).logits[0].float()
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+async def test_prompt_logprobs_equal_a_plain_forward(arch: str, model_dirs: dict[str, Path]) -> None:
+    """Chunked over several steps, beside a decoding stream, and with the prompt already in the prefix cache
+    (a request that scores its prompt computes every position itself); then the output goes on as greedy."""
+    model = _load(model_dirs[arch])
+    prompt = model.encode(PROMPTS[1] * 3)
+    expected = _prompt_log_softmax(model, prompt)
+    scored = SamplingParams(max_new_tokens=6, temperature=0.0, prompt_logprobs=3)
+    async with _running(model, 4, prefill_chunk_tokens=7) as engine:
+        await _collect(engine.submit(_greedy(0, prompt, 2)))  # caches the prompt's full blocks
+        running = engine.submit(_greedy(1, model.encode(PROMPTS[0]), 30))
+        await running.__anext__()
+        events = [event async for event in engine.submit(Request("scored", tuple(prompt), scored))]
+        await _collect(running)
+        assert engine.core.blocks.used_blocks == 0
+    first = events[0]
+    assert [entry.chosen.token_id for entry in first.prompt_logprobs] == prompt[1:]
+    assert all(not event.prompt_logprobs for event in events[1:])
+    assert first.cached_tokens == 0
+    for p, entry in enumerate(first.prompt_logprobs):
+        row = expected[p]
+        assert entry.chosen.logprob == pytest.approx(float(row[prompt[p + 1]]), abs=1e-4)
+        assert entry.chosen.rank == int((row > row[prompt[p + 1]]).sum()) + 1
+        assert [t.token_id for t in entry.top] == row.topk(3).indices.tolist()
+        assert [t.logprob for t in entry.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    assert [t for e in events for t in e.token_ids] == _reference(model, prompt, 6)
+
+
 async def test_a_preempted_request_continues_with_nothing_lost_or_repeated(model_dirs: dict[str, Path]) -> None:
     """Two requests that each grow to the whole KV budget run together until the blocks run out; the newer
     is preempted (its blocks freed) and recomputed later. Both streams equal what they give alone: greedy

@@ -26,11 +26,11 @@ from modelserve.engine.block_manager import BlockManager
 from modelserve.engine.kv_memory import memory_warning
 from modelserve.engine.protocol import Abort, AbortAll, AddRequest, Command, RowOutput, StepOutput
 from modelserve.engine.request import EngineStats, FinishReason, StepRecord
-from modelserve.engine.runner import ModelRunner
+from modelserve.engine.runner import ModelRunner, StepResult
 from modelserve.engine.sampler import SampleResult
 from modelserve.engine.scheduler import Scheduler
 from modelserve.engine.sequence import Sequence
-from modelserve.engine.step_plan import StepPlan
+from modelserve.engine.step_plan import PromptScores, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,10 @@ class EngineCore:
         prefilled = plan.num_tokens - decoded
         executed, result = self._execute(plan, running, decoded, prefilled, out)
         scheduler.advance(executed)
-        if result is not None:
-            out.extend(self._append(running[key], result, i) for i, key in enumerate(executed.sampled_keys))
+        for key, scores in result.prompt_scores.items():
+            running[key].prompt_scores.extend(scores)
+        if result.sample is not None:
+            out.extend(self._append(running[key], result.sample, i) for i, key in enumerate(executed.sampled_keys))
         idle = scheduler.idle_plan()
         if idle is not None:
             self.runner.execute(idle)
@@ -190,7 +192,7 @@ class EngineCore:
 
     def _execute(
         self, plan: StepPlan, running: dict[int, Sequence], decoded: int, prefilled: int, out: list[RowOutput]
-    ) -> tuple[StepPlan, SampleResult | None]:
+    ) -> tuple[StepPlan, StepResult]:
         """Run the plan; return what ran and its samples. A failed step fails the requests it touched, not the
         engine: its prompt chunks end, and its decoding rows are tried once more on their own (so a prompt
         whose prefill fails does not take the running streams with it), ending only if that fails too."""
@@ -210,7 +212,7 @@ class EngineCore:
                 reason, error = self._step_failed(exc, len(decoding), 0)
             for row in decoding:
                 self._fail(running[row.key], reason, error, out)
-        return StepPlan(), None
+        return StepPlan(), StepResult()
 
     def _fail(self, seq: Sequence, reason: FinishReason, error: str, out: list[RowOutput]) -> None:
         self.scheduler.remove(seq)
@@ -231,6 +233,10 @@ class EngineCore:
         row = RowOutput(seq.key, token)
         if seq.output_len == 1:
             row.cached_tokens = seq.cached_tokens
+            if seq.params.prompt_logprobs >= 0:
+                scores, seq.prompt_scores = seq.prompt_scores, PromptScores()
+                row.prompt_logprobs, row.prompt_ranks = scores.logprobs, scores.ranks
+                row.prompt_top_ids, row.prompt_top_logprobs = scores.top_ids, scores.top_logprobs
         if result.chosen_logprobs is not None:
             row.logprob = result.chosen_logprobs[i]
         top = result.logprobs[i]

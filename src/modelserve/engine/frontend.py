@@ -70,6 +70,7 @@ class _RequestState:
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
+        self.prompt_logprobs: tuple[TokenLogprobs, ...] = ()
         self.ready = asyncio.Event()
 
     def take(self) -> StreamEvent:
@@ -80,8 +81,9 @@ class _RequestState:
             tuple(self.logprobs),
             self.finish,
             self.cached_tokens,
+            self.prompt_logprobs,
         )
-        self.text, self.token_ids, self.logprobs = [], [], []
+        self.text, self.token_ids, self.logprobs, self.prompt_logprobs = [], [], [], ()
         self.delivered_finish = self.finish is not None
         self.ready.clear()
         return event
@@ -213,8 +215,10 @@ class EngineFrontend(abc.ABC):
         if row.token_id >= 0:
             token = row.token_id
             state.output_tokens += 1
-            if state.output_tokens == 1:  # the core says it with the first token
+            if state.output_tokens == 1:  # the core says these with the first token
                 state.cached_tokens = row.cached_tokens
+                if row.prompt_logprobs is not None:
+                    state.prompt_logprobs = self._prompt_logprobs(state.request.prompt_ids, row)
             state.token_ids.append(token)
             if state.first_token_s is None:
                 state.first_token_s = now
@@ -246,6 +250,24 @@ class EngineFrontend(abc.ABC):
         )
         chosen = row.logprob if row.logprob is not None else float("nan")
         return TokenLogprobs(TokenLogprob(token, decode([token], skip_special_tokens=False), chosen), top)
+
+    def _prompt_logprobs(self, prompt_ids: tuple[int, ...], row: RowOutput) -> tuple[TokenLogprobs, ...]:
+        """Prompt tokens 1.. with their log-probabilities, ranks and alternatives, as text."""
+
+        def text(token: int) -> str:
+            return self._tokenizer.decode([token], skip_special_tokens=False)
+
+        assert row.prompt_logprobs is not None
+        n = len(row.prompt_logprobs)
+        ranks = row.prompt_ranks or [0] * n
+        top_ids, top_values = row.prompt_top_ids or [[]] * n, row.prompt_top_logprobs or [[]] * n
+        out = []
+        for token, logprob, rank, ids, values in zip(
+            prompt_ids[1:], row.prompt_logprobs, ranks, top_ids, top_values, strict=True
+        ):
+            top = tuple(TokenLogprob(t, text(t), v, r + 1) for r, (t, v) in enumerate(zip(ids, values, strict=True)))
+            out.append(TokenLogprobs(TokenLogprob(token, text(token), logprob, rank), top))
+        return tuple(out)
 
     def _finish(self, state: _RequestState, reason: FinishReason, error: str, now: float) -> None:
         """The request's one ending: timings from the frontend's own clock, and it stops taking rows."""

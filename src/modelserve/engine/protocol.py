@@ -57,6 +57,11 @@ class RowOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish: FinishReason | None = None
     error: str = ""  # why, for an ERROR, OUT_OF_MEMORY or a server-side CANCELLED
     cached_tokens: int = 0  # with a row's first token: its prompt tokens that came from the prefix cache
+    # With a row's first token, when its request asks for prompt log-probabilities: for prompt tokens 1..
+    prompt_logprobs: list[float] | None = None
+    prompt_ranks: list[int] | None = None
+    prompt_top_ids: list[list[int]] | None = None
+    prompt_top_logprobs: list[list[float]] | None = None
 
 
 class StepOutput(msgspec.Struct, tag=True, array_like=True):

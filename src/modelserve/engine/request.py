@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int = -1  # -1: none; else each prompt token's log-probability and this many alternatives
     include_stop_sequence: bool = False
 
     @property
@@ -71,6 +72,7 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
+    rank: int = 0  # 1 = the likeliest token; 0 = not computed (it is for prompt tokens)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ class StreamEvent:
     logprobs: tuple[TokenLogprobs, ...] = ()
     finish: Finish | None = None
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache (known from the first token on)
+    # With the first event, when params.prompt_logprobs asks: one per prompt token from the second on (the
+    # first has no log-probability), under the model's raw distribution.
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import itertools
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,15 +37,24 @@ from modelserve.engine.gathered_attention import GatheringCache, union_mask
 from modelserve.engine.kv_memory import KVMemory, KVShape
 from modelserve.engine.llama_forward import LlamaForward, supports
 from modelserve.engine.paged_decode_cpu import load as load_decode_kernel
+from modelserve.engine.prompt_logprobs import score
 from modelserve.engine.sampler import SampleResult, sample
 from modelserve.engine.sampling_state import SamplingStates
-from modelserve.engine.step_plan import StepPlan
+from modelserve.engine.step_plan import PromptScores, StepPlan
 
 log = logging.getLogger(__name__)
 
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 AttentionInterface.register(PAGED_ATTENTION, paged_attention)
+
+
+@dataclass
+class StepResult:
+    """What a step's forward gave: the sampled rows' tokens, and the prompt chunks' scores (by key)."""
+
+    sample: SampleResult | None = None
+    prompt_scores: dict[int, PromptScores] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -150,45 +160,57 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, chosen_logprobs: bool = False) -> SampleResult | None:
-        """Run `plan`'s forward; sample the rows it marks (None when none is)."""
+    def execute(self, plan: StepPlan, chosen_logprobs: bool = False) -> StepResult:
+        """Run `plan`'s forward; sample the rows it marks, and score the prompt tokens it names."""
         for key in plan.removed:
             self.states.remove(key)
         for new in plan.added:
             self.states.add(new)
         if not plan.rows:
-            return None
-        input_ids, positions, sampled, context = self._inputs(plan)
+            return StepResult()
+        input_ids, positions, kept, every_row, context = self._inputs(plan)
         if self.gathered:
-            logits = self.gathered_forward(input_ids, positions, sampled, context, plan)
+            logits = self.gathered_forward(input_ids, positions, kept, context, plan)
         else:
-            logits = self.forward(input_ids, positions, sampled, context)
+            logits = self.forward(input_ids, positions, kept, every_row, context)
         keys = plan.sampled_keys
-        if not keys:
-            return None
-        result = sample(logits, self.states.rows(keys), chosen_logprobs=chosen_logprobs)
-        self.states.record(keys, result.token_ids)
+        result = StepResult()
+        first = len(keys)  # the kept logits: the sampled rows' first, then the scored prompt tokens, row by row
+        for row in plan.rows:
+            if row.scoring is not None:
+                end = first + len(row.scoring.targets)
+                result.prompt_scores[row.key] = score(logits[first:end], row.scoring.targets, row.scoring.top)
+                first = end
+        if keys:
+            result.sample = sample(logits[: len(keys)], self.states.rows(keys), chosen_logprobs=chosen_logprobs)
+            self.states.record(keys, result.sample.token_ids)
         return result
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, sampled: torch.Tensor, context: StepContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kept: torch.Tensor,
+        every_row: bool,
+        context: StepContext,
     ) -> torch.Tensor:
-        """Logits [sampled tokens, vocab] after the step's `sampled` token indices."""
-        if self.graphs is not None and not context.prefills and context.decode_gather is not None:
+        """Logits [kept tokens, vocab] at the step's `kept` token indices; `every_row`: they are one per row,
+        in order (a decode-only step that scores nothing), which is what a CUDA graph replays."""
+        if every_row and self.graphs is not None and not context.prefills and context.decode_gather is not None:
             hidden = self.graphs.hidden_states(input_ids, positions, context)
-            if hidden is not None:  # every row of a decode-only step samples
+            if hidden is not None:
                 logits: torch.Tensor = self.model.get_output_embeddings()(hidden)
                 return logits
         if self.own is not None:
             with self._attention_backends():
                 hidden = self.own.hidden_states(input_ids, positions, context)
-                return self.own.logits(hidden.index_select(0, sampled))
+                return self.own.logits(hidden.index_select(0, kept))
         with step_context(context), self._attention_backends():
             out = self._paged(
                 input_ids=input_ids[None],
                 position_ids=positions[None],
                 use_cache=False,
-                logits_to_keep=sampled,
+                logits_to_keep=kept,
             )
         logits = out.logits[0]
         return logits
@@ -197,7 +219,7 @@ class ModelRunner:
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        sampled: torch.Tensor,
+        kept: torch.Tensor,
         context: StepContext,
         plan: StepPlan,
     ) -> torch.Tensor:
@@ -229,7 +251,7 @@ class ModelRunner:
                 attention_mask=mask,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=sampled,
+                logits_to_keep=kept,
             )
         logits: torch.Tensor = out.logits[0]
         return logits
@@ -244,16 +266,20 @@ class ModelRunner:
         hidden: torch.Tensor = out.last_hidden_state[0]
         return hidden
 
-    def _inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepContext]:
+    def _inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, StepContext]:
         assert self.kv is not None, "allocate_kv() first"
         size, device = self.kv.block_size, self.device
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sampled: list[int] = []
+        scored: list[int] = []
         for row in plan.rows:
             blocks_of = row.block_table
             span = range(row.start, row.start + len(row.token_ids))
+            if row.scoring is not None:
+                first = len(ids) + row.scoring.first
+                scored += range(first, first + len(row.scoring.targets))
             ids += row.token_ids
             positions += span
             slots += [blocks_of[p // size] * size + p % size for p in span]
@@ -292,7 +318,8 @@ class ModelRunner:
             self.kv.workspace,
             decode_kernel=self.decode_kernel,
         )
-        return _long(ids, device), _long(positions, device), _long(sampled, device), context
+        every_row = not scored and len(sampled) == len(ids)
+        return _long(ids, device), _long(positions, device), _long(sampled + scored, device), every_row, context
 
     def _attention_backends(self) -> contextlib.AbstractContextManager[None]:
         if self.device.type == "cuda":

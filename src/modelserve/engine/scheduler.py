@@ -21,7 +21,7 @@ import bisect
 from modelserve.engine.block_manager import BlockManager
 from modelserve.engine.request import FinishReason
 from modelserve.engine.sequence import Sequence
-from modelserve.engine.step_plan import NewRow, RowPlan, StepPlan
+from modelserve.engine.step_plan import NewRow, PromptScoring, RowPlan, StepPlan
 
 # With no stream decoding nobody waits on a step, and a larger chunk gives the first token sooner.
 IDLE_PREFILL_FACTOR = 8
@@ -157,12 +157,18 @@ class Scheduler:
     def _plan_row(self, plan: StepPlan, seq: Sequence, n: int) -> None:
         start = seq.computed
         sample = start + n == len(seq.tokens)
-        plan.rows.append(RowPlan(seq.key, seq.tokens[start : start + n], start, list(seq.table.blocks), sample))
+        scoring = None
+        if seq.scoring_prompt:  # positions not scored yet (a preempted prompt keeps what it had)
+            first, end = max(start, len(seq.prompt_scores)), min(start + n, seq.prompt_len - 1)
+            if first < end:
+                scoring = PromptScoring(first - start, seq.tokens[first + 1 : end + 1], seq.params.prompt_logprobs)
+        tokens = seq.tokens[start : start + n]
+        plan.rows.append(RowPlan(seq.key, tokens, start, list(seq.table.blocks), sample, scoring))
 
     def _admit(self, seq: Sequence) -> bool:
         """Give `seq` its blocks (shared cached ones first) for all its tokens so far, if they fit now."""
         blocks = self.blocks
-        shared = blocks.match_prefix(seq.tokens) if self.prefix_caching else []
+        shared = blocks.match_prefix(seq.tokens) if self.prefix_caching and not seq.scoring_prompt else []
         need = blocks.blocks_for(len(seq.tokens)) - len(shared)
         # Headroom of a block per running row, which may start a new block next step: without it a newcomer
         # would take the blocks the running rows grow into, and be preempted again at once.
@@ -181,7 +187,7 @@ class Scheduler:
         waits for them (the queue behind it too, keeping its order) rather than compute them a second time.
         This is how the n samples of one prompt, or requests that arrive together with one long system
         prompt, prefill their common part once; the wait ends as the other's prefill goes on, every step."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.scoring_prompt:
             return False
         size = self.blocks.block_size
         shareable = (len(seq.tokens) - 1) // size * size  # match_prefix never covers a prompt's last token

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from modelserve.engine.block_manager import BlockTable
 from modelserve.engine.request import FinishReason, Request, SamplingParams
+from modelserve.engine.step_plan import PromptScores
 
 
 @dataclass(eq=False)
@@ -23,6 +24,7 @@ class Sequence:
     table: BlockTable = field(default_factory=BlockTable)
     admitted: bool = False  # has left the waiting queue once (a preempted one goes back, but was admitted)
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, at admission
+    prompt_scores: PromptScores = field(default_factory=PromptScores)  # prompt log-probabilities so far
     finish: FinishReason | None = None
     abort_reason: FinishReason | None = None  # set by an abort or a deadline; acted on at the next step
     abort_error: str = ""  # why, when the server (not the caller) ended the request
@@ -46,6 +48,12 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.tokens[self.prompt_len :]
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Its prompt's log-probabilities are asked for and not yet sent (they go with the first token): every
+        prompt position is computed, none taken from the prefix cache."""
+        return self.params.prompt_logprobs >= 0 and self.output_len == 0
 
     @property
     def prefilling(self) -> bool:

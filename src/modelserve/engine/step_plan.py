@@ -13,6 +13,36 @@ from modelserve.engine.request import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
+class PromptScoring:
+    """Which of a prompt chunk's tokens are scored: the log-probability, at the fed tokens from index `first`
+    on, of the prompt token that follows each (`targets`), with `top` alternatives."""
+
+    first: int
+    targets: list[int]
+    top: int
+
+
+@dataclass(slots=True)
+class PromptScores:
+    """Per scored prompt token: its log-probability, its rank in the vocabulary (1 = the likeliest) and the
+    likeliest alternatives."""
+
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def extend(self, other: PromptScores) -> None:
+        self.logprobs += other.logprobs
+        self.ranks += other.ranks
+        self.top_ids += other.top_ids
+        self.top_logprobs += other.top_logprobs
+
+
+@dataclass(frozen=True, slots=True)
 class RowPlan:
     """One sequence's share of the step's forward."""
 
@@ -21,6 +51,7 @@ class RowPlan:
     start: int  # the position of token_ids[0]; the row attends to positions [0, start + len(token_ids))
     block_table: list[int]  # the blocks that hold those positions, in order
     sample: bool  # the fed tokens end the sequence: sample its next token from the last one's logits
+    scoring: PromptScoring | None = None  # prompt log-probabilities asked for from this chunk
 
 
 @dataclass(frozen=True, slots=True)
