@@ -153,6 +153,73 @@ def test_completions_whole_and_streamed_are_the_grpc_generate_text(client: OpenA
     assert "".join(r.text for r in stub.Generate(request, metadata=AUTH, timeout=CALL_TIMEOUT_S)) == choice.text
 
 
+def _prompt_log_softmax(long_model_dir: Path, ids: list[int]) -> Any:
+    """A transformers forward's log-softmax over a prompt (fp32, as the server runs): row p scores token p + 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(long_model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_a_plain_forward(client: OpenAI, long_model_dir: Path) -> None:
+    """What lm-evaluation-harness's loglikelihood sends: token ids, echo, logprobs 1, max_tokens 1. The prompt's
+    tokens come first (the first with null values), each equal to a transformers forward's log-softmax."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(long_model_dir / "tokenizer.json")).encode("The quick brown fox jumps over").ids
+    expected = _prompt_log_softmax(long_model_dir, ids)
+    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.top_logprobs is not None
+    assert len(logprobs.token_logprobs) == len(ids) + 1  # the prompt, then the generated token
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for p in range(len(ids) - 1):
+        assert logprobs.token_logprobs[p + 1] == pytest.approx(float(expected[p, ids[p + 1]]), abs=1e-4)
+        assert list(logprobs.top_logprobs[p + 1].values()) == pytest.approx([float(expected[p].max())], abs=1e-4)
+    assert logprobs.text_offset is not None and logprobs.text_offset[0] == 0
+    assert reply.choices[0].text.startswith(Tokenizer.from_file(str(long_model_dir / "tokenizer.json")).decode(ids))
+
+    text = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, temperature=0, echo=True)
+    plain = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, temperature=0)
+    assert text.choices[0].text == "Once upon" + plain.choices[0].text
+    streamed = list(
+        client.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, temperature=0, echo=True, stream=True)
+    )
+    assert streamed[0].choices[0].text == "Once upon"
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text.choices[0].text
+
+
+def test_prompt_logprobs_in_vllms_shape(client: OpenAI, long_model_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(long_model_dir / "tokenizer.json")).encode("Once upon a time").ids
+    expected = _prompt_log_softmax(long_model_dir, ids)
+    reply = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=1, extra_body={"prompt_logprobs": 2}
+    )
+    scored = reply.choices[0].model_extra["prompt_logprobs"]  # type: ignore[index]
+    assert scored[0] is None and len(scored) == len(ids)
+    for p in range(len(ids) - 1):
+        entry = scored[p + 1]
+        own = entry[str(ids[p + 1])]
+        assert own["logprob"] == pytest.approx(float(expected[p, ids[p + 1]]), abs=1e-4)
+        assert own["rank"] == int((expected[p] > expected[p, ids[p + 1]]).sum()) + 1
+        assert {int(t) for t, v in entry.items() if v["rank"] <= 2} == set(expected[p].topk(2).indices.tolist())
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    assert chat.model_extra["prompt_logprobs"][0] is None  # type: ignore[index]
+    for arguments, param in (
+        ({"stream": True, "extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
+        ({"extra_body": {"echo": True}}, "echo"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, **arguments)
+        assert isinstance(err.value.body, dict) and err.value.body["param"] == param
+
+
 PROMPTS = ["Hello", "Once upon a time", "The quick brown fox jumps"]
 
 
@@ -362,9 +429,7 @@ def test_penalties_bias_and_min_p_act_as_on_grpc(client: OpenAI, stub: Any) -> N
         ("chat", {"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
         ("chat", {"extra_body": {"structured_outputs": {"regex": "a+"}}}, "structured_outputs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ("completions", {"echo": True}, "echo"),
         ("completions", {"extra_body": {"use_beam_search": True}}, "use_beam_search"),
-        ("completions", {"extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
         ("completions", {"extra_body": {"guided_regex": "a+"}}, "guided_regex"),
     ],
 )
@@ -463,7 +528,7 @@ def test_this_faces_own_refusals_count_as_rejected(server: ServerProcess, client
     response = _post_raw(server, "/v1/completions", b"{not json")
     assert response.status_code == 400
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="Hello", echo=True)
+        client.completions.create(model=MODEL, prompt="Hello", extra_body={"use_beam_search": True})
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     after = [server.metric("modelserve_requests_rejected_total", **labels) for labels in (invalid, not_found)]

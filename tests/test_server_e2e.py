@@ -63,6 +63,37 @@ def test_greedy_over_grpc_equals_transformers_generate(stub: object, model_dirs:
         assert got == expected
 
 
+def test_prompt_logprobs_equal_a_transformers_forward(stub: object, model_dirs: dict[str, Path]) -> None:
+    """On the first message with tokens, one entry per prompt token from the second on, and in a batch item."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.float32)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = _tokenizer(model_dirs).encode(prompt).ids
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    messages = _stream(stub, prompt, max_new_tokens=3, temperature=0.0, prompt_logprobs=2)
+    with_tokens = [m for m in messages if m.token_ids]
+    scored = with_tokens[0].prompt_logprobs
+    assert all(not m.prompt_logprobs for m in messages if m is not with_tokens[0])
+    assert [lp.chosen.token_id for lp in scored] == ids[1:]
+    for p, lp in enumerate(scored):
+        row = expected[p]
+        assert lp.chosen.logprob == pytest.approx(float(row[ids[p + 1]]), abs=1e-4)
+        assert lp.chosen.rank == int((row > row[ids[p + 1]]).sum()) + 1
+        assert [t.token_id for t in lp.top] == row.topk(2).indices.tolist() and [t.rank for t in lp.top] == [1, 2]
+    batch = stub.BatchGenerate(  # type: ignore[attr-defined]
+        pb.BatchGenerateRequest(
+            requests=[
+                pb.GenerateRequest(prompt=prompt, params=pb.GenerationParameters(max_new_tokens=1, prompt_logprobs=0))
+            ]
+        ),
+        timeout=60,
+    )
+    item = batch.items[0].result.prompt_logprobs
+    assert [lp.chosen.logprob for lp in item] == pytest.approx([lp.chosen.logprob for lp in scored], abs=1e-5)
+
+
 def test_same_seed_same_output_and_utf8_round_trip(stub: object) -> None:
     def run() -> list[pb.GenerateResponse]:
         return _stream(stub, "絵文字 🙂 and 中文", max_new_tokens=48, temperature=1.0, seed=99, ignore_eos=True)
@@ -162,6 +193,8 @@ INVALID = [
     ({"stop_token_ids": [10**7]}, "params.stop_token_ids[0]"),
     ({"top_logprobs": 3}, "params.top_logprobs needs params.logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "params.top_logprobs"),
+    ({"prompt_logprobs": -1}, "params.prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "params.prompt_logprobs"),
     ({"truncate_input_tokens": -1}, "params.truncate_input_tokens"),
     ({"truncate_input_tokens": 10**7}, "params.truncate_input_tokens"),
 ]

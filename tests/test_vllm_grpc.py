@@ -121,6 +121,28 @@ def test_logprobs_with_alternatives(vllm: Any) -> None:
     assert len(logprobs.top_logprobs) == 5
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_prompt_logprobs_as_modelserve_v1_gives_them(vllm: Any, channel: grpc.Channel, stream: bool) -> None:
+    """Every prompt token (the first with no value), on the first chunk or the complete message."""
+    ours = pb.GenerateRequest(
+        prompt=PROMPT, params=pb.GenerationParameters(max_new_tokens=2, temperature=0, prompt_logprobs=2)
+    )
+    messages = list(pb_grpc.GenerationServiceStub(channel).Generate(ours, timeout=TIMEOUT_S))
+    expected = next(m.prompt_logprobs for m in messages if m.prompt_logprobs)
+    sampling = {"max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    answer = [
+        m.chunk if stream else m.complete for m in _generate(vllm, stream=stream, text=PROMPT, sampling_params=sampling)
+    ]
+    assert [m.HasField("input_logprobs") for m in answer] == [True] + [False] * (len(answer) - 1)
+    scored = answer[0].input_logprobs
+    assert len(scored.token_ids) == len(expected) + 1 and list(scored.token_ids)[1:] == [
+        lp.chosen.token_id for lp in expected
+    ]
+    assert not scored.token_logprobs[0].HasField("value") and not scored.top_logprobs[0].token_ids
+    assert [v.value for v in scored.token_logprobs[1:]] == pytest.approx([lp.chosen.logprob for lp in expected])
+    assert [list(t.token_ids) for t in scored.top_logprobs[1:]] == [[t.token_id for t in lp.top] for lp in expected]
+
+
 def test_penalties_bias_and_min_p_as_modelserve_v1_samples_them(vllm: Any, channel: grpc.Channel) -> None:
     """vLLM's sampling fields reach the same sampler as modelserve.v1's: the same seeded output on both faces,
     and a logit bias of +100 on one token makes every output token that token."""
@@ -244,7 +266,7 @@ def test_health_for_the_vllm_service_name(vllm: Any, channel: grpc.Channel) -> N
         ({"sampling_params": {"logit_bias": {-1: 2.0}}}, INVALID, "sampling_params.logit_bias key -1"),
         ({"sampling_params": {"n": 100000}}, INVALID, "sampling_params.n is 100000; at most"),
         ({"sampling_params": {"regex": "a+"}}, UNIMPLEMENTED, "sampling_params.regex"),
-        ({"sampling_params": {"prompt_logprobs": 1}}, UNIMPLEMENTED, "sampling_params.prompt_logprobs"),
+        ({"sampling_params": {"prompt_logprobs": -1}}, INVALID, "sampling_params.prompt_logprobs must be in [0, 20]"),
         ({"data_parallel_rank": 1}, INVALID, "data_parallel_rank"),
         ({"sampling_params": {"max_tokens": 10**6}}, INVALID, "sampling_params.max_tokens"),
         # uint32 values past our int32 fields: refused by name, not an UNKNOWN with a traceback

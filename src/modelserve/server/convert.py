@@ -20,7 +20,7 @@ FINISH_REASONS = {
 
 def logprobs_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:
     def one(t: TokenLogprob) -> pb.TokenLogprob:
-        return pb.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
+        return pb.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob, rank=t.rank)
 
     return pb.TokenLogprobs(chosen=one(lp.chosen), top=[one(t) for t in lp.top])
 
@@ -36,6 +36,7 @@ def response_proto(request_id: str, n_prompt: int, event: StreamEvent) -> pb.Gen
         token_ids=event.token_ids,
         logprobs=[logprobs_proto(lp) for lp in event.logprobs],
         usage=_usage(n_prompt, event),
+        prompt_logprobs=[logprobs_proto(lp) for lp in event.prompt_logprobs],
     )
     if event.finish is not None:
         set_final(response, n_prompt, event)

@@ -31,7 +31,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,7 +195,7 @@ class _Api:
         request: HttpRequest,
         body: Body,
         chat: bool,
-        prompts: list[str],
+        prompts: Sequence[str | list[int]],
         served: tuple[Engine, ServedModel, Limits],
     ) -> Response:
         """One engine request per prompt (a completion may send a list) and sample (`n`), each a choice of the
@@ -204,6 +204,13 @@ class _Api:
         params, names = generation_parameters(body, chat)
         names["prompt"] = "messages" if chat else "prompt"
         stream = bool(body.boolean("stream"))
+        echo = bool(body.boolean("echo"))
+        if echo and chat:
+            raise invalid("echo is for /v1/completions: a chat answer does not repeat the conversation", "echo")
+        if stream and body.integer("prompt_logprobs") is not None:
+            raise invalid(
+                "prompt_logprobs is not available with stream (it is with echo and logprobs)", "prompt_logprobs"
+            )
         include_usage = stream and bool(body.mapping("stream_options").get("include_usage"))
         priority = body.integer("priority") or 0
         timeout_s = request_timeout_s(request)
@@ -240,7 +247,15 @@ class _Api:
                 None,
             )
         # OpenAI's order: prompt by prompt, a prompt's samples together.
-        choices = [choice for prompt in prompts for choice in sample_choices(prompt, sampled, samples)]
+        choices = [
+            choice
+            for prompt in prompts
+            for choice in (
+                sample_choices(prompt, sampled, samples)
+                if isinstance(prompt, str)
+                else sample_choices("", sampled, samples, prompt_ids=prompt)
+            )
+        ]
         choices = [
             dataclasses.replace(c, request_id=f"{base_id}-{i}" if total > 1 else request_id)
             for i, c in enumerate(choices)
@@ -259,10 +274,17 @@ class _Api:
                 where=(lambda i: f"prompt[{i // samples}]") if len(prompts) > 1 else None,
             )
 
-        layout = Layout(chat, model.model_id, params.logprobs, include_usage)
+        scored = body.integer("prompt_logprobs") is not None
+        layout = Layout(chat, model.model_id, params.logprobs, include_usage, echo, scored)
         answer_id = base_id if len(choices) > 1 else None  # one choice: its request's own id
         prompts_per_choice = [choice.prompt for choice in choices]
-        return Generation(self._serving, start, prompts_per_choice, (samples, keep), layout, stream, names, answer_id)
+
+        def decode(ids: Sequence[int]) -> str:
+            return str(model.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+        return Generation(
+            self._serving, start, prompts_per_choice, (samples, keep), layout, stream, names, answer_id, decode
+        )
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

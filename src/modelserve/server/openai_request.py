@@ -207,6 +207,9 @@ def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParamete
         if top is not None:
             params.logprobs = True
             put("top_logprobs", "logprobs", top)
+            if body.boolean("echo"):  # the echoed prompt's tokens get theirs too
+                put("prompt_logprobs", "logprobs", top)
+    put("prompt_logprobs", "prompt_logprobs", body.integer("prompt_logprobs"))
     return params, names
 
 
@@ -265,15 +268,24 @@ def _content(content: object, where: str) -> str:
     return "\n".join(texts)
 
 
-def completion_prompts(body: Body, most: int) -> list[str]:
-    """A completion's prompts: one string, or a list of 1 to `most` strings (one choice each)."""
-    value = body.typed("prompt", (str, list), "a string or a list of strings")
+def completion_prompts(body: Body, most: int) -> list[str | list[int]]:
+    """A completion's prompts, as OpenAI takes them: a string, a list of token ids, or a list of 1 to `most`
+    of either (one choice each)."""
+    value = body.typed("prompt", (str, list), "a string, a list of token ids, or a list of those")
+    if isinstance(value, list) and value and all(_is_token_id(t) for t in value):
+        value = [value]  # one prompt as token ids
     prompts = [value] if isinstance(value, str) else value
-    if prompts is None or not all(isinstance(p, str) for p in prompts):
-        raise invalid("prompt must be a string or a list of strings: this server takes text prompts", "prompt")
+    if prompts is None or not all(
+        isinstance(p, str) or (isinstance(p, list) and p and all(_is_token_id(t) for t in p)) for p in prompts
+    ):
+        raise invalid("prompt must be a string, a non-empty list of token ids (integers), or a list of those", "prompt")
     if not 1 <= len(prompts) <= most:
         raise invalid(f"prompt has {len(prompts)} items; a list must have 1 to {most} (--max-batch-requests)", "prompt")
     return prompts
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def request_timeout_s(request: HttpRequest) -> float | None:

@@ -21,6 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from starlette.responses import JSONResponse, Response
@@ -62,15 +63,37 @@ def _usage(ends: Sequence[tuple[Request, StreamEvent]], samples: int) -> dict[st
     }
 
 
-Answer: TypeAlias = tuple[str, Sequence[TokenLogprobs], str]  # a whole choice: text, logprobs, finish reason
+@dataclass(frozen=True)
+class Prompt:
+    """A choice's prompt as the answer shows it: its text (echo), its first token's text, and the other
+    tokens' log-probabilities (echo with logprobs, or prompt_logprobs)."""
+
+    text: str
+    first_token: str
+    scored: Sequence[TokenLogprobs]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole choice."""
+
+    text: str
+    logprobs: Sequence[TokenLogprobs]
+    finish_reason: str
+    prompt: Prompt | None  # when echo or prompt_logprobs asks for it
 
 
 class Layout:
     """Where a request's text, log-probabilities and endings go, choice by choice: chat.completion(.chunk)
-    objects, or text_completion ones."""
+    objects, or text_completion ones. A completion's `echo` starts each choice with its prompt (and, with
+    `logprobs`, the prompt tokens' log-probabilities, the first token's null); `prompt_logprobs` (vLLM's)
+    adds them in vLLM's shape, per choice for a completion, for the answer in a chat."""
 
-    def __init__(self, chat: bool, model_id: str, logprobs: bool, include_usage: bool) -> None:
+    def __init__(
+        self, chat: bool, model_id: str, logprobs: bool, include_usage: bool, echo: bool, prompt_logprobs: bool
+    ) -> None:
         self.chat, self.logprobs, self.include_usage = chat, logprobs, include_usage
+        self.echo, self.prompt_logprobs = echo, prompt_logprobs
         self._id = ""
         self._object = "chat.completion" if chat else "text_completion"
         self._model_id = model_id
@@ -101,6 +124,12 @@ class Layout:
         choice = {"index": index, key: value, "logprobs": self._logprobs(index, logprobs), "finish_reason": None}
         return self._envelope([choice], True)
 
+    def echoed(self, index: int, prompt: Prompt) -> dict[str, Any]:
+        """A streamed completion choice's first chunk under echo: its prompt."""
+        logprobs = self._prompt_logprobs(index, prompt) if self.logprobs else None
+        choice = {"index": index, "text": prompt.text, "logprobs": logprobs, "finish_reason": None}
+        return self._envelope([choice], True)
+
     def ending(self, index: int, reason: str) -> dict[str, Any]:
         key, value = ("delta", {}) if self.chat else ("text", "")
         return self._envelope([{"index": index, key: value, "logprobs": None, "finish_reason": reason}], True)
@@ -109,13 +138,46 @@ class Layout:
         return {**self._envelope([], True), "usage": usage}
 
     def whole(self, answers: Sequence[Answer], usage: dict[str, Any]) -> dict[str, Any]:
-        """Every choice's (text, log-probabilities, finish reason), in order."""
+        """Every choice, in order."""
         choices = []
-        for index, (text, logprobs, reason) in enumerate(answers):
+        for index, answer in enumerate(answers):
+            text, prompt = answer.text, answer.prompt
+            echoed = None
+            if self.echo and prompt is not None:
+                text = prompt.text + text
+                echoed = self._prompt_logprobs(index, prompt) if self.logprobs else None
+            lps = self._logprobs(index, answer.logprobs)
+            if echoed is not None and lps is not None:
+                lps = {key: echoed[key] + lps[key] for key in lps}
             key, value = ("message", {"role": "assistant", "content": text}) if self.chat else ("text", text)
-            lps = self._logprobs(index, logprobs)
-            choices.append({"index": index, key: value, "logprobs": lps, "finish_reason": reason})
-        return {**self._envelope(choices, False), "usage": usage}
+            choice: dict[str, Any] = {
+                "index": index,
+                key: value,
+                "logprobs": lps,
+                "finish_reason": answer.finish_reason,
+            }
+            if self.prompt_logprobs and not self.chat:
+                choice["prompt_logprobs"] = _vllm_prompt_logprobs(prompt)
+            choices.append(choice)
+        whole = {**self._envelope(choices, False), "usage": usage}
+        if self.prompt_logprobs and self.chat:
+            whole["prompt_logprobs"] = _vllm_prompt_logprobs(answers[0].prompt)
+        return whole
+
+    def _prompt_logprobs(self, index: int, prompt: Prompt) -> dict[str, Any]:
+        """A completion's logprobs object for the echoed prompt: its first token's values null; the output's
+        text offsets go on after the prompt's text."""
+        tokens = [prompt.first_token, *(lp.chosen.token for lp in prompt.scored)]
+        offsets = [0]
+        for token in tokens[:-1]:
+            offsets.append(offsets[-1] + len(token))
+        self._text_offsets[index] = len(prompt.text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None, *(_finite(lp.chosen.logprob) for lp in prompt.scored)],
+            "top_logprobs": [None, *({t.token: _finite(t.logprob) for t in lp.top} for lp in prompt.scored)],
+            "text_offset": offsets,
+        }
 
     def _logprobs(self, index: int, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any] | None:
         if not self.logprobs:
@@ -138,6 +200,21 @@ class Layout:
             "top_logprobs": [{t.token: _finite(t.logprob) for t in lp.top} for lp in logprobs],
             "text_offset": offsets,
         }
+
+
+def _vllm_prompt_logprobs(prompt: Prompt | None) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's prompt_logprobs: per prompt token, null for the first, else {token id: {logprob, rank,
+    decoded_token}} for the token itself and its alternatives."""
+    if prompt is None:
+        return None
+
+    def one(t: TokenLogprob) -> dict[str, Any]:
+        return {"logprob": _finite(t.logprob), "rank": t.rank, "decoded_token": t.token}
+
+    entries: list[dict[str, dict[str, Any]] | None] = [None]
+    for lp in prompt.scored:
+        entries.append({str(lp.chosen.token_id): one(lp.chosen), **{str(t.token_id): one(t) for t in lp.top}})
+    return entries
 
 
 def _sse(payload: object) -> bytes:
@@ -172,6 +249,7 @@ class Generation(Response):
         stream: bool,
         names: Mapping[str, str],
         answer_id: str | None = None,
+        decode: Callable[[Sequence[int]], str] = str,
     ) -> None:
         """`samples`: (generated, returned) per prompt: best_of and n; the n with the highest cumulative
         log-probability are returned. `answer_id` names the answer (the X-Request-Id echoed); None: the one
@@ -181,6 +259,13 @@ class Generation(Response):
         self._serving, self._start, self._prompts = serving, start, prompts
         self._samples, self._keep = samples
         self._layout, self._stream, self._names = layout, stream, names
+        self._decode = decode  # token ids' text, for an echoed prompt sent as ids and its first token
+
+    def _prompt(self, started: Started, prompt: str, event: StreamEvent) -> Prompt:
+        """The choice's prompt as sent (its text, or its tokens' text), from its first event."""
+        ids = started[0].prompt_ids
+        text = prompt or self._decode(ids)
+        return Prompt(text, self._decode(ids[:1]), event.prompt_logprobs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self._serving.counted():
@@ -225,6 +310,7 @@ class Generation(Response):
         """The whole answer, or its error; None when the client went away."""
         texts: list[list[str]] = [[] for _ in started]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in started]
+        prompts: list[Prompt | None] = [None] * len(started)
         ends: dict[int, StreamEvent] = {}
         try:
             async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
@@ -232,6 +318,8 @@ class Generation(Response):
                     outcomes[index].saw(event)
                     if gone.is_set():
                         return None
+                    if prompts[index] is None:
+                        prompts[index] = self._prompt(started[index], self._prompts[index], event)
                     texts[index].append(event.text)
                     logprobs[index].extend(event.logprobs)
                     if event.finish is not None:
@@ -249,7 +337,8 @@ class Generation(Response):
             for index in candidates[: self._keep]:
                 finish = ends[index].finish
                 assert finish is not None
-                answers.append(("".join(texts[index]), logprobs[index], _FINISH_REASONS[finish.reason]))
+                reason = _FINISH_REASONS[finish.reason]
+                answers.append(Answer("".join(texts[index]), logprobs[index], reason, prompts[index]))
         usage = _usage([(started[i][0], ends[i]) for i in range(len(started))], self._samples)
         return JSONResponse(self._layout.whole(answers, usage), headers=headers)
 
@@ -274,6 +363,7 @@ class Generation(Response):
             await send({"type": "http.response.body", "body": _sse(payload), "more_body": True})
 
         ends: dict[int, StreamEvent] = {}
+        echoed: set[int] = set()
         try:
             for chunk in layout.opening(len(started)):
                 await event(chunk)
@@ -282,6 +372,11 @@ class Generation(Response):
                     outcomes[index].saw(engine_event)
                     if gone.is_set():
                         return
+                    if layout.echo and index not in echoed:
+                        echoed.add(index)
+                        await event(
+                            layout.echoed(index, self._prompt(started[index], self._prompts[index], engine_event))
+                        )
                     if engine_event.text or engine_event.logprobs:
                         await event(layout.piece(index, engine_event.text, engine_event.logprobs))
                     if engine_event.finish is not None:

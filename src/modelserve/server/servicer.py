@@ -191,6 +191,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                     result.text += event.text
                     result.token_ids.extend(event.token_ids)
                     result.logprobs.extend(logprobs_proto(lp) for lp in event.logprobs)
+                    result.prompt_logprobs.extend(logprobs_proto(lp) for lp in event.prompt_logprobs)
                     if event.finish is not None:
                         raise_for(event)
                         set_final(result, len(engine_request.prompt_ids), event)

@@ -44,12 +44,6 @@ UNSERVED = (
     ),
     Unserved("this server has no tool calling", openai=("tools", "tool_choice", "functions", "function_call")),
     Unserved(
-        "this server computes no prompt log-probabilities",
-        openai=("prompt_logprobs",),
-        vllm=("sampling_params.prompt_logprobs",),
-    ),
-    Unserved("this server does not echo the prompt", openai=("echo",)),
-    Unserved(
         "this server takes text only",
         openai=("prompt_embeds", "audio"),
         vllm=("mm_inputs", "extra_mm_inputs", "media_refs"),
@@ -81,7 +75,6 @@ _BY_VLLM = {name: entry for entry in UNSERVED for name in entry.vllm}
 
 # Values of an OpenAI field that ask for nothing (clients send some of them by default).
 _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "echo": (False,),
     "suffix": ("",),
     "tools": ([],),
     "functions": ([],),
@@ -109,6 +102,7 @@ OPENAI_SERVED = frozenset(
         *("max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p"),
         *("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos"),
         *("include_stop_str_in_output", "truncate_prompt_tokens", "logprobs", "top_logprobs"),
+        *("echo", "prompt_logprobs"),
         *("user", "store", "metadata", "service_tier", "parallel_tool_calls"),
         # How a guided_* constraint (refused) would be applied: alone they ask for nothing.
         *("guided_decoding_backend", "guided_whitespace_pattern"),

@@ -187,6 +187,10 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
     _in_range("params.top_logprobs", params.top_logprobs, 0, limits.max_top_logprobs)
     if params.top_logprobs and not params.logprobs:
         raise InvalidArgument("params.top_logprobs needs params.logprobs = true")
+    prompt_logprobs = -1  # none
+    if params.HasField("prompt_logprobs"):
+        prompt_logprobs = params.prompt_logprobs
+        _in_range("params.prompt_logprobs", prompt_logprobs, 0, limits.max_top_logprobs)
     if len(request_id) > limits.max_request_id_chars:
         raise InvalidArgument(f"request_id is {len(request_id)} characters; at most {limits.max_request_id_chars}")
 
@@ -210,6 +214,7 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
             top_logprobs=params.top_logprobs,
+            prompt_logprobs=prompt_logprobs,
             include_stop_sequence=params.include_stop_sequence,
         ),
     )

@@ -12,11 +12,13 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   the message modelserve.v1 gives, naming this contract's field (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
   which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structured
-  output, prompt_logprobs; Embed), INVALID_ARGUMENT for a value outside this server (data_parallel_rank
+  output; Embed), INVALID_ARGUMENT for a value outside this server (data_parallel_rank
   or dp_rank other than 0, as for any out-of-range value).
 - Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
   `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
   "stop" (matched_stop names a stop token or string, not the model's EOS), "abort", "error".
+- prompt_logprobs: every prompt token (the first with no value) in `input_logprobs`, on a sample's first
+  chunk with `stream`, else on its GenerateComplete.
 - n samples: one engine request each, run side by side (the scheduler computes their prompt once),
   every chunk and each sample's GenerateComplete carrying its `index`, as vLLM's messages do.
 
@@ -136,6 +138,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         # Per sample: all its ids (for a complete message without chunks before it), logprobs, last token.
         output_ids: list[list[int]] = [[] for _ in started]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in started]
+        prompt_logprobs: list[vpb.InputLogProbs | None] = [None] * len(started)
         last_token = [-1] * len(started)
         try:
             async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
@@ -144,10 +147,15 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
                     n_prompt = len(started[index][0].prompt_ids)
                     if event.token_ids:
                         last_token[index] = event.token_ids[-1]
+                    if event.prompt_logprobs:
+                        prompt_logprobs[index] = _input_logprobs(started[index][0].prompt_ids, event.prompt_logprobs)
                     if request.stream:
                         if event.token_ids:
                             chunk = _chunk(event, n_prompt, with_top)
                             chunk.index = index
+                            if (scored := prompt_logprobs[index]) is not None:  # on the first chunk only
+                                chunk.input_logprobs.CopyFrom(scored)
+                                prompt_logprobs[index] = None
                             yield vpb.GenerateResponse(chunk=chunk)
                     else:
                         output_ids[index] += event.token_ids
@@ -159,6 +167,8 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
                             event, n_prompt, output_ids[index], logprobs[index], with_top, last_token[index]
                         )
                         complete.index = index
+                        if (scored := prompt_logprobs[index]) is not None:
+                            complete.input_logprobs.CopyFrom(scored)
                         yield vpb.GenerateResponse(complete=complete)
                         if not calls[index].aborted:
                             raise_for(event)
@@ -340,6 +350,8 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             params.seed = sampling.seed % 2**32  # a negative int32 as its two's complement
         if sampling.HasField("logprobs"):
             params.logprobs, params.top_logprobs = True, sampling.logprobs
+        if sampling.HasField("prompt_logprobs"):
+            params.prompt_logprobs = sampling.prompt_logprobs
         if sampling.HasField("truncate_prompt_tokens"):
             keep = sampling.truncate_prompt_tokens
             params.truncate_input_tokens = limits.max_prompt_tokens if keep == -1 else keep
@@ -382,11 +394,21 @@ def _logprobs(logprobs: Sequence[TokenLogprobs], with_top: bool) -> vpb.OutputLo
         token_logprobs=[lp.chosen.logprob for lp in logprobs], token_ids=[lp.chosen.token_id for lp in logprobs]
     )
     if with_top:
-        out.top_logprobs.extend(
-            vpb.TopLogProbs(values=[t.logprob for t in lp.top], token_ids=[t.token_id for t in lp.top])
-            for lp in logprobs
-        )
+        out.top_logprobs.extend(_top(lp) for lp in logprobs)
     return out
+
+
+def _input_logprobs(prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs]) -> vpb.InputLogProbs:
+    """Every prompt token, the first without a log-probability (and with no alternatives)."""
+    return vpb.InputLogProbs(
+        token_ids=prompt_ids,
+        token_logprobs=[vpb.InputTokenLogProb(), *(vpb.InputTokenLogProb(value=lp.chosen.logprob) for lp in scored)],
+        top_logprobs=[vpb.TopLogProbs(), *(_top(lp) for lp in scored)],
+    )
+
+
+def _top(lp: TokenLogprobs) -> vpb.TopLogProbs:
+    return vpb.TopLogProbs(values=[t.logprob for t in lp.top], token_ids=[t.token_id for t in lp.top])
 
 
 def _chunk(event: StreamEvent, n_prompt: int, with_top: bool) -> vpb.GenerateStreamChunk:

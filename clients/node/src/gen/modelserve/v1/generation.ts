@@ -301,6 +301,14 @@ export interface GenerationParameters {
    * --max-batch-requests (and --max-waiting-requests).
    */
   n: number;
+  /**
+   * Return the log-probability of each prompt token under the model (in
+   * GenerateResponse.prompt_logprobs), with this many most likely
+   * alternatives per token. Range 0 to 20; unset (default) means none. The
+   * prompt is then computed in full, none of it from the prefix cache. As
+   * vLLM's prompt_logprobs; what evaluation harnesses score a text with.
+   */
+  promptLogprobs?: number | undefined;
 }
 
 export interface GenerationParameters_LogitBiasEntry {
@@ -380,6 +388,11 @@ export interface TokenLogprob {
    * distribution (before temperature, top-k, top-p and penalties).
    */
   logprob: number;
+  /**
+   * Its rank among all tokens, 1 being the likeliest: set for a prompt
+   * token and its alternatives (prompt_logprobs), 0 otherwise.
+   */
+  rank: number;
 }
 
 /** Log-probabilities for one generated token. */
@@ -457,6 +470,12 @@ export interface GenerateResponse {
    * ends after every sample's last message.
    */
   index: number;
+  /**
+   * When params.prompt_logprobs is set, on each sample's first message with
+   * tokens: one entry per prompt token from the second on, in order (the
+   * first token has no log-probability), each with its rank.
+   */
+  promptLogprobs: TokenLogprobs[];
 }
 
 /** Many prompts to complete together. */
@@ -498,6 +517,11 @@ export interface GenerateResult {
     | undefined;
   /** The seed the request sampled with. */
   seed: bigint;
+  /**
+   * The prompt tokens' log-probabilities, when params.prompt_logprobs asks
+   * (as GenerateResponse.prompt_logprobs).
+   */
+  promptLogprobs: TokenLogprobs[];
 }
 
 /** The outcome of one batch item: a result or an error. */
@@ -705,6 +729,7 @@ function createBaseGenerationParameters(): GenerationParameters {
     minP: undefined,
     logitBias: {},
     n: 0,
+    promptLogprobs: undefined,
   };
 }
 
@@ -773,6 +798,9 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     });
     if (message.n !== 0) {
       writer.uint32(152).int32(message.n);
+    }
+    if (message.promptLogprobs !== undefined) {
+      writer.uint32(160).int32(message.promptLogprobs);
     }
     return writer;
   },
@@ -955,6 +983,14 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
             message.n = reader.int32();
             continue;
           }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.promptLogprobs = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1068,6 +1104,11 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
         )
         : {},
       n: isSet(object.n) ? globalThis.Number(object.n) : 0,
+      promptLogprobs: isSet(object.promptLogprobs)
+        ? globalThis.Number(object.promptLogprobs)
+        : isSet(object.prompt_logprobs)
+        ? globalThis.Number(object.prompt_logprobs)
+        : undefined,
     };
   },
 
@@ -1136,6 +1177,9 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     if (message.n !== 0) {
       obj.n = Math.round(message.n);
     }
+    if (message.promptLogprobs !== undefined) {
+      obj.promptLogprobs = Math.round(message.promptLogprobs);
+    }
     return obj;
   },
 
@@ -1171,6 +1215,7 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
       {},
     );
     message.n = object.n ?? 0;
+    message.promptLogprobs = object.promptLogprobs ?? undefined;
     return message;
   },
 };
@@ -1598,7 +1643,7 @@ export const ChatRequest: MessageFns<ChatRequest> = {
 };
 
 function createBaseTokenLogprob(): TokenLogprob {
-  return { tokenId: 0, token: "", logprob: 0 };
+  return { tokenId: 0, token: "", logprob: 0, rank: 0 };
 }
 
 export const TokenLogprob: MessageFns<TokenLogprob> = {
@@ -1611,6 +1656,9 @@ export const TokenLogprob: MessageFns<TokenLogprob> = {
     }
     if (message.logprob !== 0) {
       writer.uint32(29).float(message.logprob);
+    }
+    if (message.rank !== 0) {
+      writer.uint32(32).int32(message.rank);
     }
     return writer;
   },
@@ -1652,6 +1700,14 @@ export const TokenLogprob: MessageFns<TokenLogprob> = {
             message.logprob = reader.float();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.rank = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1673,6 +1729,7 @@ export const TokenLogprob: MessageFns<TokenLogprob> = {
         : 0,
       token: isSet(object.token) ? globalThis.String(object.token) : "",
       logprob: isSet(object.logprob) ? globalThis.Number(object.logprob) : 0,
+      rank: isSet(object.rank) ? globalThis.Number(object.rank) : 0,
     };
   },
 
@@ -1687,6 +1744,9 @@ export const TokenLogprob: MessageFns<TokenLogprob> = {
     if (message.logprob !== 0) {
       obj.logprob = floatToJson(message.logprob);
     }
+    if (message.rank !== 0) {
+      obj.rank = Math.round(message.rank);
+    }
     return obj;
   },
 
@@ -1698,6 +1758,7 @@ export const TokenLogprob: MessageFns<TokenLogprob> = {
     message.tokenId = object.tokenId ?? 0;
     message.token = object.token ?? "";
     message.logprob = object.logprob ?? 0;
+    message.rank = object.rank ?? 0;
     return message;
   },
 };
@@ -2026,6 +2087,7 @@ function createBaseGenerateResponse(): GenerateResponse {
     timings: undefined,
     seed: 0n,
     index: 0,
+    promptLogprobs: [],
   };
 }
 
@@ -2064,6 +2126,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     }
     if (message.index !== 0) {
       writer.uint32(72).int32(message.index);
+    }
+    for (const v of message.promptLogprobs) {
+      TokenLogprobs.encode(v!, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -2163,6 +2228,14 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
             message.index = reader.int32();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.promptLogprobs.push(TokenLogprobs.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2200,6 +2273,11 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
       timings: isSet(object.timings) ? Timings.fromJSON(object.timings) : undefined,
       seed: isSet(object.seed) ? BigInt(object.seed) : 0n,
       index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      promptLogprobs: globalThis.Array.isArray(object?.promptLogprobs)
+        ? object.promptLogprobs.map((e: any) => TokenLogprobs.fromJSON(e))
+        : globalThis.Array.isArray(object?.prompt_logprobs)
+        ? object.prompt_logprobs.map((e: any) => TokenLogprobs.fromJSON(e))
+        : [],
     };
   },
 
@@ -2232,6 +2310,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     if (message.index !== 0) {
       obj.index = Math.round(message.index);
     }
+    if (message.promptLogprobs?.length) {
+      obj.promptLogprobs = message.promptLogprobs.map((e) => TokenLogprobs.toJSON(e));
+    }
     return obj;
   },
 
@@ -2251,6 +2332,7 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
       : undefined;
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
     message.index = object.index ?? 0;
+    message.promptLogprobs = object.promptLogprobs?.map((e) => TokenLogprobs.fromPartial(e)) || [];
     return message;
   },
 };
@@ -2421,6 +2503,7 @@ function createBaseGenerateResult(): GenerateResult {
     finishReason: 0,
     timings: undefined,
     seed: 0n,
+    promptLogprobs: [],
   };
 }
 
@@ -2456,6 +2539,9 @@ export const GenerateResult: MessageFns<GenerateResult> = {
         throw new globalThis.Error("value provided for field message.seed of type uint64 too large");
       }
       writer.uint32(64).uint64(message.seed);
+    }
+    for (const v of message.promptLogprobs) {
+      TokenLogprobs.encode(v!, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -2547,6 +2633,14 @@ export const GenerateResult: MessageFns<GenerateResult> = {
             message.seed = reader.uint64() as bigint;
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.promptLogprobs.push(TokenLogprobs.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2583,6 +2677,11 @@ export const GenerateResult: MessageFns<GenerateResult> = {
         : 0,
       timings: isSet(object.timings) ? Timings.fromJSON(object.timings) : undefined,
       seed: isSet(object.seed) ? BigInt(object.seed) : 0n,
+      promptLogprobs: globalThis.Array.isArray(object?.promptLogprobs)
+        ? object.promptLogprobs.map((e: any) => TokenLogprobs.fromJSON(e))
+        : globalThis.Array.isArray(object?.prompt_logprobs)
+        ? object.prompt_logprobs.map((e: any) => TokenLogprobs.fromJSON(e))
+        : [],
     };
   },
 
@@ -2612,6 +2711,9 @@ export const GenerateResult: MessageFns<GenerateResult> = {
     if (message.seed !== 0n) {
       obj.seed = message.seed.toString();
     }
+    if (message.promptLogprobs?.length) {
+      obj.promptLogprobs = message.promptLogprobs.map((e) => TokenLogprobs.toJSON(e));
+    }
     return obj;
   },
 
@@ -2630,6 +2732,7 @@ export const GenerateResult: MessageFns<GenerateResult> = {
       ? Timings.fromPartial(object.timings)
       : undefined;
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
+    message.promptLogprobs = object.promptLogprobs?.map((e) => TokenLogprobs.fromPartial(e)) || [];
     return message;
   },
 };
