@@ -425,12 +425,10 @@ def test_penalties_bias_and_min_p_act_as_on_grpc(client: OpenAI, stub: Any) -> N
 @pytest.mark.parametrize(
     ("path", "arguments", "param"),
     [
-        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("chat", {"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
-        ("chat", {"extra_body": {"structured_outputs": {"regex": "a+"}}}, "structured_outputs"),
+        ("chat", {"response_format": {"type": "structural_tag", "format": {}}}, "response_format"),
+        ("chat", {"extra_body": {"structured_outputs": {"structural_tag": "{}"}}}, "structured_outputs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ("completions", {"extra_body": {"use_beam_search": True}}, "use_beam_search"),
-        ("completions", {"extra_body": {"guided_regex": "a+"}}, "guided_regex"),
     ],
 )
 def test_what_this_server_does_not_serve_is_refused_never_ignored(

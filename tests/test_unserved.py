@@ -30,7 +30,7 @@ def test_neutral_values_ask_for_nothing(body: dict[str, object]) -> None:
         ({"continue_final_message": True}, "continue_final_message"),
         ({"skip_special_tokens": False}, "skip_special_tokens"),
         ({"bad_words": ["x"]}, "bad_words"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"use_beam_search": True}, "use_beam_search"),
         ({"tool_choice": "required"}, "tool_choice"),
     ],
 )

@@ -19,10 +19,12 @@ import logging
 import time
 
 import torch
+from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
 from modelserve.config import AUTO_PREFILL_CHUNK_CPU, AUTO_PREFILL_CHUNK_CUDA, DEFAULT_CPU_KV_BYTES, KV_BLOCK_TOKENS
 from modelserve.engine.block_manager import BlockManager
+from modelserve.engine.grammar import GrammarError, Grammars
 from modelserve.engine.kv_memory import memory_warning
 from modelserve.engine.protocol import Abort, AbortAll, AddRequest, Command, RowOutput, StepOutput
 from modelserve.engine.request import EngineStats, FinishReason, StepRecord
@@ -35,6 +37,7 @@ from modelserve.engine.step_plan import PromptScores, StepPlan
 log = logging.getLogger(__name__)
 
 MIN_PREFILL_CHUNK_AFTER_OOM = 16
+GRAMMAR_WAIT_S = 0.05  # an idle core's wait for a grammar being built, before it looks at its inbox again
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -59,9 +62,12 @@ class EngineCore:
         max_num_batched_tokens: int = 0,
         block_size: int = KV_BLOCK_TOKENS,
         own_forward: bool = True,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self._eos_ids = frozenset(eos_token_ids)
-        self.runner = ModelRunner(model, self._eos_ids, max_sequence_length, own_forward)
+        vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.grammars = Grammars(tokenizer, vocab_size, tuple(eos_token_ids))  # structured output's matchers
+        self.runner = ModelRunner(model, self._eos_ids, max_sequence_length, own_forward, self.grammars)
         shape = self.runner.kv_shape
         num_blocks = self._kv_budget_bytes(kv_cache_bytes, gpu_memory_fraction) // (shape.bytes_per_token * block_size)
         self.blocks = BlockManager(num_blocks, block_size)
@@ -110,6 +116,8 @@ class EngineCore:
             seq = Sequence(command.key, command.request)
             self._live[seq.key] = seq
             self.scheduler.add(seq)
+            if seq.params.grammar:
+                self._grammar_ready(seq)
         elif isinstance(command, Abort):
             target = self._live.get(command.key)
             if target is not None:
@@ -128,9 +136,13 @@ class EngineCore:
         scheduler = self.scheduler
         step_started = time.perf_counter()
         scheduler.expire(time.monotonic())
+        for seq in [s for s in scheduler.waiting if not s.grammar_ready]:
+            self._grammar_ready(seq)
         for seq in scheduler.take_aborted():
             out.append(self._end(seq, seq.abort_reason or FinishReason.CANCELLED, seq.abort_error))
         plan, admitted = scheduler.schedule()
+        if not plan.rows and self.grammars.building:  # only requests whose grammar is being built: wait for one
+            self.grammars.wait(GRAMMAR_WAIT_S)
         running = {seq.key: seq for seq in scheduler.running}
         decoded = sum(1 for r in plan.rows if len(r.token_ids) == 1 and r.start >= running[r.key].prompt_len)
         prefilled = plan.num_tokens - decoded
@@ -284,6 +296,14 @@ class EngineCore:
             what,
         )
         return FinishReason.OUT_OF_MEMORY, f"out of memory in a {phase} step ({what}); {lowered}"
+
+    def _grammar_ready(self, seq: Sequence) -> None:
+        """Mark `seq` ready once its grammar's matcher is built; a grammar that fails to build ends it."""
+        try:
+            seq.grammar_ready = self.grammars.ready(seq.params.grammar)
+        except GrammarError as exc:
+            seq.grammar_ready = True
+            _mark_aborted(seq, FinishReason.ERROR, f"the request's structured output grammar: {exc}")
 
 
 def _mark_aborted(seq: Sequence, reason: FinishReason, error: str) -> None:

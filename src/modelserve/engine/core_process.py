@@ -146,7 +146,9 @@ def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
         WAIT_POLICY,
         os.environ.get(WAIT_POLICY, "unset"),
     )
-    core = spec.engine.build_core(loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed)
+    core = spec.engine.build_core(
+        loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed, loaded.tokenizer
+    )
     if loaded.model_type not in FAMILIES:
         seconds = check_greedy_matches_generate(core, loaded.architecture)
         log.info(

@@ -58,7 +58,12 @@ class EngineConfig:
         )
 
     def build_core(
-        self, model: PreTrainedModel, eos_token_ids: tuple[int, ...], max_sequence_length: int, observed: bool
+        self,
+        model: PreTrainedModel,
+        eos_token_ids: tuple[int, ...],
+        max_sequence_length: int,
+        observed: bool,
+        tokenizer: Tokenizer | None = None,
     ) -> EngineCore:
         return EngineCore(
             model,
@@ -73,6 +78,7 @@ class EngineConfig:
             prefix_caching=self.prefix_caching,
             max_num_batched_tokens=self.max_num_batched_tokens,
             own_forward=self.own_forward,
+            tokenizer=tokenizer,
         )
 
 
@@ -88,7 +94,9 @@ class Engine(EngineFrontend):
         max_sequence_length: int,
         on_step: Callable[[StepRecord], None] | None = None,
     ) -> None:
-        self.core = config.build_core(model, tuple(eos_token_ids), max_sequence_length, observed=on_step is not None)
+        self.core = config.build_core(
+            model, tuple(eos_token_ids), max_sequence_length, observed=on_step is not None, tokenizer=tokenizer
+        )
         self.weight_bytes = weight_bytes(model)  # what the process engine's core reports in CoreReady
         super().__init__(
             tokenizer, config.queue_limits(self.core.kv_budget_tokens), self.core.max_sequence_tokens, on_step

@@ -44,6 +44,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int = -1  # -1: none; else each prompt token's log-probability and this many alternatives
+    grammar: str = ""  # structured output: the llguidance grammar the output must match (grammar.py); "" = none
     include_stop_sequence: bool = False
 
     @property

@@ -34,6 +34,7 @@ from modelserve.engine.attention import PAGED_ATTENTION, PrefillRow, StepContext
 from modelserve.engine.cpu_linears import Linears
 from modelserve.engine.cuda_graphs import DecodeGraphs
 from modelserve.engine.gathered_attention import GatheringCache, union_mask
+from modelserve.engine.grammar import Grammars
 from modelserve.engine.kv_memory import KVMemory, KVShape
 from modelserve.engine.llama_forward import LlamaForward, supports
 from modelserve.engine.paged_decode_cpu import load as load_decode_kernel
@@ -59,7 +60,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(
-        self, model: PreTrainedModel, eos_token_ids: frozenset[int], max_positions: int, own_forward: bool = True
+        self,
+        model: PreTrainedModel,
+        eos_token_ids: frozenset[int],
+        max_positions: int,
+        own_forward: bool = True,
+        grammars: Grammars | None = None,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -72,7 +78,7 @@ class ModelRunner:
         linears.release_originals(model)
         linears.log()
         self._paged = _paged_copy(model) if self.own is None else model
-        self.states = SamplingStates(self.device, self.vocab_size, eos_token_ids)
+        self.states = SamplingStates(self.device, self.vocab_size, eos_token_ids, grammars)
         self.kv: KVMemory | None = None
         self.gathered = False  # its attention bypasses the AttentionInterface (gathered_attention.py)
         self.graphs: DecodeGraphs | None = None

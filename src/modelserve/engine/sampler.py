@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from llguidance import LLMatcher
 
+from modelserve.engine.grammar import fill_masks
 from modelserve.engine.request import SamplingParams
 
 
@@ -30,6 +32,7 @@ class SamplingRow:
     suppress_ids: frozenset[int]  # tokens that may not be chosen now (EOS before min_new_tokens)
     counts: torch.Tensor | None = None  # float [vocab]: how often the row generated each token (penalties)
     bias: torch.Tensor | None = None  # float [vocab]: the row's logit bias
+    matcher: LLMatcher | None = None  # structured output: the tokens its grammar allows next
 
 
 @dataclass
@@ -148,6 +151,18 @@ def _presence_frequency_penalty(logits: torch.Tensor, row_ids: list[int], rows: 
     logits.index_copy_(0, index, scores)
 
 
+def _grammar(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
+    """Structured output: what each row's grammar does not allow next gets -inf (grammar.py)."""
+    words = -(-logits.shape[1] // 32)
+    bitmask = torch.zeros((len(row_ids), words), dtype=torch.int32)
+    fill_masks([rows[i].matcher for i in row_ids], bitmask)  # type: ignore[misc]  # chosen rows have one
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(len(row_ids), -1)[:, : logits.shape[1]].bool()
+    index = torch.tensor(row_ids, device=logits.device)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
+
+
 def _suppress(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
     """Tokens a row may not choose now get -inf."""
     ids = _padded_ids(logits.device, [sorted(rows[i].suppress_ids) for i in row_ids])
@@ -161,6 +176,7 @@ LOGITS_PROCESSORS: list[tuple[Callable[[SamplingRow], bool], LogitsProcessor]] =
     (lambda row: row.params.repetition_penalty != 1.0 and row.seen is not None, _repetition_penalty),
     (lambda row: row.counts is not None, _presence_frequency_penalty),
     (lambda row: bool(row.suppress_ids), _suppress),
+    (lambda row: row.matcher is not None, _grammar),  # last: whatever else was done, the grammar holds
 ]
 
 

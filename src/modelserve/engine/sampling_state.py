@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from llguidance import LLMatcher
 
+from modelserve.engine.grammar import Grammars
 from modelserve.engine.request import SamplingParams
 from modelserve.engine.sampler import SamplingRow
 from modelserve.engine.step_plan import NewRow
@@ -25,16 +27,20 @@ class RowState:
     seen: torch.Tensor | None  # bool [vocab], for rows with a repetition penalty
     counts: torch.Tensor | None  # float [vocab]: each token's generated count, for presence/frequency penalties
     bias: torch.Tensor | None  # float [vocab], for rows with a logit bias
+    matcher: LLMatcher | None = None  # structured output: where the row is in its grammar
     generated: int = 0
 
 
 class SamplingStates:
     """Row state by request key, on `device`, for a vocabulary of `vocab` tokens."""
 
-    def __init__(self, device: torch.device, vocab: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self, device: torch.device, vocab: int, eos_token_ids: frozenset[int], grammars: Grammars | None = None
+    ) -> None:
         self._device = device
         self._vocab = vocab
         self._eos = eos_token_ids
+        self._grammars = grammars
         self._rows: dict[int, RowState] = {}
 
     def __len__(self) -> int:
@@ -55,7 +61,11 @@ class SamplingStates:
             biased, values = zip(*params.logit_bias, strict=True)
             bias[torch.tensor(biased, device=self._device)] = torch.tensor(values, device=self._device)
         generator = torch.Generator().manual_seed(params.seed)
-        self._rows[row.key] = RowState(params, generator, seen, counts, bias)
+        matcher = None
+        if params.grammar:  # admitted only once its grammar was built (EngineCore)
+            assert self._grammars is not None
+            matcher = self._grammars.matcher(params.grammar)
+        self._rows[row.key] = RowState(params, generator, seen, counts, bias, matcher)
 
     def remove(self, key: int) -> None:
         self._rows.pop(key, None)
@@ -69,7 +79,8 @@ class SamplingStates:
             suppress: frozenset[int] = frozenset()
             if state.generated < params.min_new_tokens:
                 suppress = params.stop_token_ids | (frozenset() if params.ignore_eos else self._eos)
-            out.append(SamplingRow(params, state.generator, state.seen, suppress, state.counts, state.bias))
+            row = SamplingRow(params, state.generator, state.seen, suppress, state.counts, state.bias, state.matcher)
+            out.append(row)
         return out
 
     def record(self, keys: list[int], token_ids: list[int]) -> None:
@@ -81,3 +92,5 @@ class SamplingStates:
                 state.seen[token] = True
             if state.counts is not None:
                 state.counts[token] += 1
+            if state.matcher is not None:
+                state.matcher.consume_token(token)

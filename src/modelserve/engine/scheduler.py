@@ -117,9 +117,10 @@ class Scheduler:
             self._plan_row(plan, seq, n)
             budget -= n
         admitted: list[Sequence] = []
-        while budget > 0 and self.waiting and len(self.running) < self.max_batch_size:
-            head = self.waiting[0]
-            if self._prefix_pending(head) or not self._admit(head):
+        while budget > 0 and len(self.running) < self.max_batch_size:
+            # A request whose grammar is still being built is passed over, not waited for.
+            head = next((s for s in self.waiting if s.grammar_ready), None)
+            if head is None or self._prefix_pending(head) or not self._admit(head):
                 break
             n = min(len(head.tokens) - head.computed, budget)
             self._plan_row(plan, head, n)

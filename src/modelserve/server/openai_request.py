@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 
 from modelserve.server.chat import ChatMessage
 from modelserve.server.serving import RequestFailed
-from modelserve.server.unserved import openai_refusal
+from modelserve.server.unserved import STRUCTURAL_TAGS, openai_refusal
 from modelserve.server.validation import VLLM_NAMES, reworded
 
 TIMEOUT_HEADER = "x-request-timeout-s"  # the caller's deadline, in seconds from now (gRPC sends its own)
@@ -210,7 +210,67 @@ def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParamete
             if body.boolean("echo"):  # the echoed prompt's tokens get theirs too
                 put("prompt_logprobs", "logprobs", top)
     put("prompt_logprobs", "prompt_logprobs", body.integer("prompt_logprobs"))
+    _structured_output(body, params, names)
     return params, names
+
+
+def _structured_output(body: Body, params: pb.GenerationParameters, names: dict[str, str]) -> None:
+    """OpenAI's response_format, and vLLM's guided_* fields and structured_outputs object, as
+    params.structured_output (at most one of them); validation checks the schema, regex or grammar."""
+    asked: list[tuple[str, str, Any]] = []  # (the body field, our kind, its value)
+    response_format = body.mapping("response_format")
+    kind = response_format.get("type", "text")
+    if kind == "json_object":
+        asked.append(("response_format", "json_object", True))
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid("response_format.json_schema.schema must be a JSON schema (an object)", "response_format")
+        asked.append(("response_format", "json_schema", schema))
+    elif kind == "structural_tag":
+        raise invalid(f"response_format structural_tag is not supported: {STRUCTURAL_TAGS.reason}", "response_format")
+    elif kind != "text":
+        raise invalid(
+            f"response_format type {json.dumps(kind)[:40]} is not supported: text, json_object or json_schema",
+            "response_format",
+        )
+    for key, ours in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+        if body.has(key):
+            asked.append((key, ours, body.typed(key, (dict, str, list), "a schema, a string or a list")))
+    if body.has("guided_grammar"):
+        asked.append(("guided_grammar", "grammar", body.string("guided_grammar")))
+    outputs = body.mapping("structured_outputs")
+    if "structural_tag" in outputs:
+        raise invalid(
+            f"structured_outputs.structural_tag is not supported: {STRUCTURAL_TAGS.reason}", "structured_outputs"
+        )
+    for key, ours in (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):
+        if outputs.get(key) is not None:
+            asked.append(("structured_outputs", ours, outputs[key]))
+    if outputs.get("json_object"):
+        asked.append(("structured_outputs", "json_object", True))
+    if len(asked) > 1:
+        fields = ", ".join(sorted({f"{key} ({ours})" for key, ours, _ in asked}))
+        raise invalid(f"ask for one structured output at a time; this request asks for {fields}", asked[1][0])
+    if not asked:
+        return
+    key, ours, value = asked[0]
+    names[f"structured_output.{ours}"] = key
+    if ours == "json_schema":
+        if not isinstance(value, dict | str):
+            raise invalid(f"{key} must be a JSON schema (an object, or its JSON text)", key)
+        params.structured_output.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif ours == "choice":
+        if not isinstance(value, list) or not all(isinstance(choice, str) for choice in value):
+            raise invalid(f"{key} must be a list of strings", key)
+        params.structured_output.choice.choices.extend(value)
+    elif ours == "json_object":
+        params.structured_output.json_object = True
+    else:
+        if not isinstance(value, str):
+            raise invalid(f"{key} must be a string", key)
+        setattr(params.structured_output, ours, value)
 
 
 def _logit_bias(body: Body) -> dict[int, float]:

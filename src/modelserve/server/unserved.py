@@ -28,20 +28,12 @@ class Unserved:
     vllm: tuple[str, ...] = ()  # vLLM's GenerateRequest fields; its SamplingParams' as sampling_params.NAME
 
 
-_CONSTRAINTS = ("json_schema", "regex", "grammar", "structural_tag", "json_object", "choice")
+STRUCTURAL_TAGS = Unserved(
+    "this server constrains output by JSON schema, regex, choice or grammar, not by structural tags",
+    vllm=("sampling_params.structural_tag",),  # the OpenAI face's are inside response_format, structured_outputs
+)
 UNSERVED = (
-    Unserved(
-        "this server has no structured output",
-        openai=(
-            "response_format",
-            "structured_outputs",
-            "guided_json",
-            "guided_regex",
-            "guided_choice",
-            "guided_grammar",
-        ),
-        vllm=tuple(f"sampling_params.{name}" for name in _CONSTRAINTS),
-    ),
+    STRUCTURAL_TAGS,
     Unserved("this server has no tool calling", openai=("tools", "tool_choice", "functions", "function_call")),
     Unserved(
         "this server takes text only",
@@ -90,7 +82,6 @@ _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "return_tokens_as_token_ids": (False,),
     "modalities": (["text"],),
     "use_beam_search": (False,),
-    "response_format": ({"type": "text"},),
 }
 
 # Body fields the OpenAI face reads and serves (openai_request.py), and OpenAI's fields that ask nothing of
@@ -103,8 +94,9 @@ OPENAI_SERVED = frozenset(
         *("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos"),
         *("include_stop_str_in_output", "truncate_prompt_tokens", "logprobs", "top_logprobs"),
         *("echo", "prompt_logprobs"),
+        *("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"),
         *("user", "store", "metadata", "service_tier", "parallel_tool_calls"),
-        # How a guided_* constraint (refused) would be applied: alone they ask for nothing.
+        # How a guided_* constraint is applied (this server picks its own grammar engine and compact JSON).
         *("guided_decoding_backend", "guided_whitespace_pattern"),
     }
 )
@@ -115,8 +107,6 @@ def openai_refusal(body: Mapping[str, Any]) -> tuple[str, str] | None:
     for name, value in body.items():
         entry = _BY_OPENAI.get(name)
         if entry is None or value is None or value in _OPENAI_NEUTRAL.get(name, ()):
-            continue
-        if name == "response_format" and isinstance(value, dict) and value.get("type", "text") == "text":
             continue
         return name, f"{name} {_shown(value)} is not supported: {entry.reason}"
     return None

@@ -8,6 +8,7 @@ at start-up), else the server's own; a request's explicit value always wins.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from modelserve_client.v1 import generation_pb2 as pb
 
 from modelserve.config import DEFAULT_MAX_NEW_TOKENS
+from modelserve.engine.grammar import GrammarError, grammar_for
 from modelserve.engine.request import Request, SamplingParams
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ VLLM_NAMES = {
     "truncate_input_tokens": "truncate_prompt_tokens",
     "include_stop_sequence": "include_stop_str_in_output",
 }
-_OUR_FIELD = re.compile(r"(?<![\w.])(?:params\.(\w+)|prompt_ids\b)")
+_OUR_FIELD = re.compile(r"(?<![\w.])(?:params\.(\w+(?:\.\w+)*)|prompt_ids\b)")
 
 
 class InvalidArgument(ValueError):
@@ -187,6 +189,7 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
     _in_range("params.top_logprobs", params.top_logprobs, 0, limits.max_top_logprobs)
     if params.top_logprobs and not params.logprobs:
         raise InvalidArgument("params.top_logprobs needs params.logprobs = true")
+    grammar = structured_output_grammar(params)
     prompt_logprobs = -1  # none
     if params.HasField("prompt_logprobs"):
         prompt_logprobs = params.prompt_logprobs
@@ -215,9 +218,46 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
             logprobs=params.logprobs,
             top_logprobs=params.top_logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
             include_stop_sequence=params.include_stop_sequence,
         ),
     )
+
+
+MAX_CONSTRAINT_BYTES = 256 << 10
+MAX_CHOICES = 1024
+
+
+def structured_output_grammar(params: pb.GenerationParameters) -> str:
+    """The grammar for params.structured_output ("" for none), checked before the request is admitted."""
+    if not params.HasField("structured_output"):
+        return ""
+    constraint = params.structured_output
+    kind = constraint.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not constraint.json_object):
+        return ""
+    field = f"params.structured_output.{kind}"
+    value: str | list[str] | bool
+    if kind == "choice":
+        value = list(constraint.choice.choices)
+        if not 1 <= len(value) <= MAX_CHOICES:
+            raise InvalidArgument(f"{field} has {len(value)} strings; it must have 1 to {MAX_CHOICES}")
+        size = sum(len(choice.encode()) for choice in value)
+    else:
+        value = getattr(constraint, kind)
+        size = len(value.encode()) if isinstance(value, str) else 0
+    if size > MAX_CONSTRAINT_BYTES:
+        raise InvalidArgument(f"{field} is {size} bytes; the limit is {MAX_CONSTRAINT_BYTES} bytes")
+    try:
+        return _grammar(kind, tuple(value) if isinstance(value, list) else value)
+    except GrammarError as exc:
+        raise InvalidArgument(f"{field} {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar(kind: str, value: str | tuple[str, ...] | bool) -> str:
+    """Checked once per distinct constraint: a service sends the same schema again and again."""
+    return grammar_for(kind, list(value) if isinstance(value, tuple) else value)
 
 
 def _in_range(field: str, value: int, low: int, high: int, note: str = "") -> None:

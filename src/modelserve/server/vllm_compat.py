@@ -11,12 +11,14 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   modelserve.v1 (vLLM's servicer uses fixed defaults there). A value out of range is INVALID_ARGUMENT with
   the message modelserve.v1 gives, naming this contract's field (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
-  which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structured
-  output; Embed), INVALID_ARGUMENT for a value outside this server (data_parallel_rank
+  which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structural
+  tags; Embed), INVALID_ARGUMENT for a value outside this server (data_parallel_rank
   or dp_rank other than 0, as for any out-of-range value).
 - Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
   `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
   "stop" (matched_stop names a stop token or string, not the model's EOS), "abort", "error".
+- The constraint oneof (json_schema, regex, grammar, json_object, choice) is modelserve.v1's
+  structured_output, with its checks: an invalid one is INVALID_ARGUMENT naming sampling_params.KIND.
 - prompt_logprobs: every prompt token (the first with no value) in `input_logprobs`, on a sample's first
   chunk with `stream`, else on its GenerateComplete.
 - n samples: one engine request each, run side by side (the scheduler computes their prompt once),
@@ -80,7 +82,11 @@ FINISH_REASONS = {
 
 _INT32_MAX = 2**31 - 1
 # The vLLM sampling parameters that modelserve.v1 names otherwise, so that a refusal names the field sent.
-_RENAMED = {**VLLM_NAMES, "top_logprobs": "logprobs"}
+_RENAMED = {
+    **VLLM_NAMES,
+    "top_logprobs": "logprobs",
+    **{f"structured_output.{kind}": kind for kind in ("json_schema", "json_object", "regex", "choice", "grammar")},
+}
 # The plain SamplingParams fields that GenerationParameters names alike.
 _SAME_NAMES = ("top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 # vLLM's sampling defaults that GetModelInfo reports when the model sets them.
@@ -352,6 +358,11 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             params.logprobs, params.top_logprobs = True, sampling.logprobs
         if sampling.HasField("prompt_logprobs"):
             params.prompt_logprobs = sampling.prompt_logprobs
+        constraint = sampling.WhichOneof("constraint")  # structural_tag was refused above
+        if constraint == "choice":
+            params.structured_output.choice.choices.extend(sampling.choice.choices)
+        elif constraint is not None:
+            setattr(params.structured_output, constraint, getattr(sampling, constraint))
         if sampling.HasField("truncate_prompt_tokens"):
             keep = sampling.truncate_prompt_tokens
             params.truncate_input_tokens = limits.max_prompt_tokens if keep == -1 else keep

@@ -308,12 +308,65 @@ export interface GenerationParameters {
    * prompt is then computed in full, none of it from the prefix cache. As
    * vLLM's prompt_logprobs; what evaluation harnesses score a text with.
    */
-  promptLogprobs?: number | undefined;
+  promptLogprobs?:
+    | number
+    | undefined;
+  /**
+   * Structured output: the generated text must match this constraint. Unset
+   * (default): free text. An invalid schema, regex or grammar is rejected
+   * with INVALID_ARGUMENT naming what is wrong, before the request runs.
+   */
+  structuredOutput: StructuredOutput | undefined;
 }
 
 export interface GenerationParameters_LogitBiasEntry {
   key: number;
   value: number;
+}
+
+/**
+ * What the output of a constrained request must be. Each step, the tokens
+ * that cannot continue a match are excluded before sampling. Once a match is
+ * complete only the end-of-sequence token may follow (finish reason
+ * EOS_TOKEN); an output cut short by max_new_tokens ends with LENGTH and
+ * need not be complete. Stop sequences still apply.
+ */
+export interface StructuredOutput {
+  /**
+   * A JSON schema, as JSON text (at most 256 KiB): the output is one JSON
+   * value valid against it, written without spaces between tokens.
+   * Bound strings (maxLength) and arrays (maxItems) where a model might go
+   * on forever.
+   */
+  jsonSchema?:
+    | string
+    | undefined;
+  /** True: the output is any JSON object. False: no constraint. */
+  jsonObject?:
+    | boolean
+    | undefined;
+  /**
+   * A regular expression the whole output matches (Rust regex syntax, no
+   * look-around or back-references; at most 256 KiB).
+   */
+  regex?:
+    | string
+    | undefined;
+  /** The output is exactly one of these strings. */
+  choice?:
+    | ChoiceList
+    | undefined;
+  /**
+   * A grammar the output is a sentence of: EBNF as llama.cpp's GBNF and
+   * xgrammar write it (root ::= ...), or Lark (at most 256 KiB).
+   */
+  grammar?: string | undefined;
+}
+
+/** Strings to choose among: 1 to 1,024 of them. */
+export interface ChoiceList {
+  /** The choices, each matched exactly. */
+  choices: string[];
 }
 
 /** One prompt to complete. */
@@ -730,6 +783,7 @@ function createBaseGenerationParameters(): GenerationParameters {
     logitBias: {},
     n: 0,
     promptLogprobs: undefined,
+    structuredOutput: undefined,
   };
 }
 
@@ -801,6 +855,9 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     }
     if (message.promptLogprobs !== undefined) {
       writer.uint32(160).int32(message.promptLogprobs);
+    }
+    if (message.structuredOutput !== undefined) {
+      StructuredOutput.encode(message.structuredOutput, writer.uint32(170).fork()).join();
     }
     return writer;
   },
@@ -991,6 +1048,14 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
             message.promptLogprobs = reader.int32();
             continue;
           }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.structuredOutput = StructuredOutput.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1109,6 +1174,11 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
         : isSet(object.prompt_logprobs)
         ? globalThis.Number(object.prompt_logprobs)
         : undefined,
+      structuredOutput: isSet(object.structuredOutput)
+        ? StructuredOutput.fromJSON(object.structuredOutput)
+        : isSet(object.structured_output)
+        ? StructuredOutput.fromJSON(object.structured_output)
+        : undefined,
     };
   },
 
@@ -1180,6 +1250,9 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     if (message.promptLogprobs !== undefined) {
       obj.promptLogprobs = Math.round(message.promptLogprobs);
     }
+    if (message.structuredOutput !== undefined) {
+      obj.structuredOutput = StructuredOutput.toJSON(message.structuredOutput);
+    }
     return obj;
   },
 
@@ -1216,6 +1289,9 @@ export const GenerationParameters: MessageFns<GenerationParameters> = {
     );
     message.n = object.n ?? 0;
     message.promptLogprobs = object.promptLogprobs ?? undefined;
+    message.structuredOutput = (object.structuredOutput !== undefined && object.structuredOutput !== null)
+      ? StructuredOutput.fromPartial(object.structuredOutput)
+      : undefined;
     return message;
   },
 };
@@ -1305,6 +1381,218 @@ export const GenerationParameters_LogitBiasEntry: MessageFns<GenerationParameter
     const message = createBaseGenerationParameters_LogitBiasEntry();
     message.key = object.key ?? 0;
     message.value = object.value ?? 0;
+    return message;
+  },
+};
+
+function createBaseStructuredOutput(): StructuredOutput {
+  return { jsonSchema: undefined, jsonObject: undefined, regex: undefined, choice: undefined, grammar: undefined };
+}
+
+export const StructuredOutput: MessageFns<StructuredOutput> = {
+  encode(message: StructuredOutput, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jsonSchema !== undefined) {
+      writer.uint32(10).string(message.jsonSchema);
+    }
+    if (message.jsonObject !== undefined) {
+      writer.uint32(16).bool(message.jsonObject);
+    }
+    if (message.regex !== undefined) {
+      writer.uint32(26).string(message.regex);
+    }
+    if (message.choice !== undefined) {
+      ChoiceList.encode(message.choice, writer.uint32(34).fork()).join();
+    }
+    if (message.grammar !== undefined) {
+      writer.uint32(42).string(message.grammar);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StructuredOutput {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStructuredOutput();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jsonSchema = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.jsonObject = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.regex = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.choice = ChoiceList.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.grammar = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StructuredOutput {
+    return {
+      jsonSchema: isSet(object.jsonSchema)
+        ? globalThis.String(object.jsonSchema)
+        : isSet(object.json_schema)
+        ? globalThis.String(object.json_schema)
+        : undefined,
+      jsonObject: isSet(object.jsonObject)
+        ? globalThis.Boolean(object.jsonObject)
+        : isSet(object.json_object)
+        ? globalThis.Boolean(object.json_object)
+        : undefined,
+      regex: isSet(object.regex) ? globalThis.String(object.regex) : undefined,
+      choice: isSet(object.choice) ? ChoiceList.fromJSON(object.choice) : undefined,
+      grammar: isSet(object.grammar) ? globalThis.String(object.grammar) : undefined,
+    };
+  },
+
+  toJSON(message: StructuredOutput): unknown {
+    const obj: any = {};
+    if (message.jsonSchema !== undefined) {
+      obj.jsonSchema = message.jsonSchema;
+    }
+    if (message.jsonObject !== undefined) {
+      obj.jsonObject = message.jsonObject;
+    }
+    if (message.regex !== undefined) {
+      obj.regex = message.regex;
+    }
+    if (message.choice !== undefined) {
+      obj.choice = ChoiceList.toJSON(message.choice);
+    }
+    if (message.grammar !== undefined) {
+      obj.grammar = message.grammar;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StructuredOutput>, I>>(base?: I): StructuredOutput {
+    return StructuredOutput.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StructuredOutput>, I>>(object: I): StructuredOutput {
+    const message = createBaseStructuredOutput();
+    message.jsonSchema = object.jsonSchema ?? undefined;
+    message.jsonObject = object.jsonObject ?? undefined;
+    message.regex = object.regex ?? undefined;
+    message.choice = (object.choice !== undefined && object.choice !== null)
+      ? ChoiceList.fromPartial(object.choice)
+      : undefined;
+    message.grammar = object.grammar ?? undefined;
+    return message;
+  },
+};
+
+function createBaseChoiceList(): ChoiceList {
+  return { choices: [] };
+}
+
+export const ChoiceList: MessageFns<ChoiceList> = {
+  encode(message: ChoiceList, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.choices) {
+      writer.uint32(10).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ChoiceList {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseChoiceList();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.choices.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ChoiceList {
+    return {
+      choices: globalThis.Array.isArray(object?.choices) ? object.choices.map((e: any) => globalThis.String(e)) : [],
+    };
+  },
+
+  toJSON(message: ChoiceList): unknown {
+    const obj: any = {};
+    if (message.choices?.length) {
+      obj.choices = message.choices;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ChoiceList>, I>>(base?: I): ChoiceList {
+    return ChoiceList.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ChoiceList>, I>>(object: I): ChoiceList {
+    const message = createBaseChoiceList();
+    message.choices = object.choices?.map((e) => e) || [];
     return message;
   },
 };
