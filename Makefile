@@ -59,6 +59,9 @@ $(TEST_STAMP): $(STAMP) clients/node/package-lock.json scripts/go_offline.py
 	@if command -v npm >/dev/null 2>&1; then cd clients/node && npm ci --no-audit --no-fund \
 		|| echo "note: npm ci failed in clients/node: the Node client test will skip"; \
 		else echo "note: npm is not installed: the Node client is not built and its test will skip"; fi
+	@# lm-evaluation-harness in its own environment (bench/lm_eval_peer.py), for tests/test_lm_eval.py.
+	$(BIN)/python -m bench.lm_eval_peer --install \
+		|| echo "note: lm-eval could not be installed in bench/.venv-lmeval: tests/test_lm_eval.py will skip"
 	touch $@
 
 install: $(STAMP) $(TEST_STAMP) ## create .venv with the server, the client and the dev tools (torch only if missing), and the tests' tools
