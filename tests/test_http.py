@@ -427,7 +427,7 @@ def test_penalties_bias_and_min_p_act_as_on_grpc(client: OpenAI, stub: Any) -> N
     [
         ("chat", {"response_format": {"type": "structural_tag", "format": {}}}, "response_format"),
         ("chat", {"extra_body": {"structured_outputs": {"structural_tag": "{}"}}}, "structured_outputs"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ("chat", {"extra_body": {"functions": [{"name": "f", "parameters": {}}]}}, "functions"),
         ("completions", {"extra_body": {"use_beam_search": True}}, "use_beam_search"),
     ],
 )

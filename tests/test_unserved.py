@@ -13,7 +13,7 @@ from modelserve.server.unserved import MAX_UNKNOWN_LOGGED, OPENAI_SERVED, UNSERV
     "body",
     [
         {"n": 3, "temperature": 0.5},
-        {"best_of": 1, "echo": False, "tools": [], "tool_choice": "none", "function_call": "none"},
+        {"best_of": 1, "functions": [], "function_call": "none"},
         {"response_format": {"type": "text"}, "add_generation_prompt": True, "skip_special_tokens": True},
         {"modalities": ["text"], "chat_template_kwargs": {}, "logits_processors": None},
         {"guided_decoding_backend": "xgrammar"},  # says how a constraint would apply; alone it asks nothing
@@ -31,7 +31,7 @@ def test_neutral_values_ask_for_nothing(body: dict[str, object]) -> None:
         ({"skip_special_tokens": False}, "skip_special_tokens"),
         ({"bad_words": ["x"]}, "bad_words"),
         ({"use_beam_search": True}, "use_beam_search"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
     ],
 )
 def test_fields_that_would_change_the_output_are_refused_by_name(body: dict[str, object], field: str) -> None:

@@ -30,6 +30,7 @@ from modelserve.config import (
     DEFAULT_MAX_NEW_TOKENS,
     LOG_FORMAT,
     QUANTIZATIONS,
+    TOOL_CALL_PARSERS,
     Config,
 )
 
@@ -42,6 +43,9 @@ _HELP = {
     "(0 = the model's own; a larger value is refused at start-up)",
     "chat_template": "Jinja chat template file that Chat renders messages with, in place of the model's own "
     "(default: the model's; without either, Chat answers FAILED_PRECONDITION)",
+    "tool_call_parser": "how a chat reply's tool calls are read: auto (from the chat template: Mistral's "
+    "[TOOL_CALLS], Llama 3's <|python_tag|>, else Hermes' <tool_call> as Qwen writes) | hermes | llama3_json "
+    "| mistral",
     "host": "address to listen on",
     "port": "port to listen on (gRPC)",
     "http_port": "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
@@ -190,6 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if ns.quantization not in QUANTIZATIONS:
         serve.error(
             f"--quantization / MODELSERVE_QUANTIZATION {ns.quantization!r}: use one of {', '.join(QUANTIZATIONS)}"
+        )
+    if ns.tool_call_parser not in TOOL_CALL_PARSERS:
+        serve.error(
+            f"--tool-call-parser / MODELSERVE_TOOL_CALL_PARSER {ns.tool_call_parser!r}: use one of "
+            f"{', '.join(TOOL_CALL_PARSERS)}"
         )
     return ns
 

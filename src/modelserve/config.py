@@ -38,6 +38,7 @@ KV_BLOCK_TOKENS = 16
 DEFAULT_MAX_NEW_TOKENS = 256
 # --quantization values: "none" keeps the weights as loaded; "int8" is weight-only int8 (models/quantize.py).
 QUANTIZATIONS = ("none", "int8")
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")  # auto: the one the chat template's tokens say
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Config:
     revision: str = ""  # hub branch, tag or commit of --model; "" = the default branch; ignored for a local directory
     max_model_len: int = 0  # most tokens (prompt + output) a sequence holds; 0 = the model's context; above it: refused
     chat_template: str = ""  # Jinja file Chat renders messages with, in place of the model's own; "" = the model's
+    tool_call_parser: str = "auto"  # one of TOOL_CALL_PARSERS: how a chat reply's tool calls are read
     host: str = "0.0.0.0"
     port: int = 50051
     http_port: int = 8000  # OpenAI-compatible HTTP API and chat page, on host; 0 = off

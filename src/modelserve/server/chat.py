@@ -19,12 +19,15 @@ wrote them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from jinja2.exceptions import TemplateSyntaxError
+
+from modelserve.server.tools import Tool, ToolCall
 
 if TYPE_CHECKING:
     from modelserve.models.loader import ModelInfo
@@ -39,10 +42,31 @@ _EMPTY_ALLOWED = frozenset({"assistant", "tool"})
 
 @dataclasses.dataclass(frozen=True)
 class ChatMessage:
-    """One turn of a chat, as the template reads it (`message['role']`, `message['content']`)."""
+    """One turn of a chat, as the template reads it (`message['role']`, `message['content']`, and an
+    assistant's `tool_calls` or a tool result's `tool_call_id`)."""
 
     role: str  # one of ROLES
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls (tools.py)
+    tool_call_id: str = ""  # a tool message: the call it answers
+
+    def as_template_reads_it(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:  # arguments as an object: templates write them with tojson
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class ChatError(ValueError):
@@ -57,8 +81,9 @@ class ChatError(ValueError):
         self.code = code
 
 
-def render_chat(model: ModelInfo, messages: Sequence[ChatMessage]) -> str:
-    """The prompt text for `messages`, with the generation prompt added; ChatError when it cannot be made.
+def render_chat(model: ModelInfo, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> str:
+    """The prompt text for `messages` (and the `tools` the model may call, as the template lays them out), with
+    the generation prompt added; ChatError when it cannot be made.
 
     Tokenize it with `model.encode(text, add_special_tokens=False)` (the module docstring says why); bound
     `messages` first with `check_chat_size`.
@@ -70,8 +95,10 @@ def render_chat(model: ModelInfo, messages: Sequence[ChatMessage]) -> str:
             f"the model {model.model_id} has no chat template; start the server with --chat-template FILE",
         )
     _check_messages(messages)
-    context = {f"{role}_token": token for role, token, _ in model.special_tokens}
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    context: dict[str, Any] = {f"{role}_token": token for role, token, _ in model.special_tokens}
+    if tools:
+        context["tools"] = [tool.as_openai() for tool in tools]
+    conversation = [m.as_template_reads_it() for m in messages]
     try:
         return _render(template, conversation, context)
     # raise_exception() in the template, what it read was not there, or its own code failing on this chat (a
@@ -89,7 +116,12 @@ def check_chat_size(messages: Sequence[ChatMessage], max_prompt_bytes: int) -> N
     Checked before rendering, so that a huge chat (of many empty messages, too: each role counts) costs no
     rendering; the rendered prompt is then bounded as any prompt is, since the template adds text.
     """
-    size = sum(_utf8_size(m.role) + _utf8_size(m.content) for m in messages)
+    size = sum(
+        _utf8_size(m.role)
+        + _utf8_size(m.content)
+        + sum(_utf8_size(c.name) + _utf8_size(c.arguments) for c in m.tool_calls)
+        for m in messages
+    )
     if size > max_prompt_bytes:
         raise ChatError(
             "invalid", f"messages are {size} bytes (roles and contents); the limit is {max_prompt_bytes} bytes"
@@ -106,11 +138,13 @@ def _check_messages(messages: Sequence[ChatMessage]) -> None:
     for i, message in enumerate(messages):
         if message.role not in ROLES:
             raise ChatError("invalid", f"messages[{i}].role {message.role!r} is not one of {', '.join(ROLES)}")
+        if message.tool_calls and message.role != "assistant":
+            raise ChatError("invalid", f"messages[{i}].tool_calls: only an assistant message makes tool calls")
         if not message.content and message.role not in _EMPTY_ALLOWED:
             raise ChatError("invalid", f"messages[{i}].content is empty; only assistant and tool messages may be")
 
 
-def _render(template: str, conversation: list[dict[str, str]], context: dict[str, str]) -> str:
+def _render(template: str, conversation: list[dict[str, Any]], context: dict[str, Any]) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
@@ -119,7 +153,7 @@ def _render(template: str, conversation: list[dict[str, str]], context: dict[str
     return str(rendered[0])
 
 
-def _first_refused(template: str, conversation: list[dict[str, str]], context: dict[str, str]) -> int:
+def _first_refused(template: str, conversation: list[dict[str, Any]], context: dict[str, Any]) -> int:
     """The index of the message whose addition makes the template fail (the whole chat fails).
 
     Exact for templates that check each message as they reach it (roles must alternate, no system

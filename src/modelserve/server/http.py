@@ -50,6 +50,7 @@ from modelserve.server.openai_request import (
     ApiError,
     Body,
     chat_messages,
+    chat_tools,
     check_model,
     completion_prompts,
     failure,
@@ -57,9 +58,10 @@ from modelserve.server.openai_request import (
     invalid,
     request_timeout_s,
 )
-from modelserve.server.openai_response import Generation, Layout
+from modelserve.server.openai_response import Generation, Layout, ToolCalling
 from modelserve.server.security import bearer_refusal, tls_enabled
 from modelserve.server.serving import RequestFailed, Serving, sample_choices
+from modelserve.server.tools import constraint_for, parser_for
 from modelserve.server.unserved import UnknownFields
 from modelserve.telemetry.http_server import HttpTelemetryMiddleware
 
@@ -162,11 +164,17 @@ class _Api:
             check_model(body.string("model"), model.model_id)
             body.refuse_unsupported()
             messages = chat_messages(body)
+            tools, choice = chat_tools(body)
             try:
-                prompt = self._serving.chat_prompt(model, limits, messages)
+                prompt = self._serving.chat_prompt(model, limits, messages, tools if choice.mode != "none" else ())
             except RequestFailed as exc:
                 raise failure(exc, {}) from None
-            return self._generation(request, body, True, [prompt], (engine, model, limits))
+            calling = None
+            if choice.mode != "none":
+                calling = ToolCalling(
+                    tools, choice, parser_for(model.chat_template, self._serving.config.tool_call_parser)
+                )
+            return self._generation(request, body, True, [prompt], (engine, model, limits), calling)
 
     async def completions(self, request: HttpRequest) -> Response:
         self._authorize(request)
@@ -197,12 +205,20 @@ class _Api:
         chat: bool,
         prompts: Sequence[str | list[int]],
         served: tuple[Engine, ServedModel, Limits],
+        calling: ToolCalling | None = None,
     ) -> Response:
         """One engine request per prompt (a completion may send a list) and sample (`n`), each a choice of the
         answer, ordered as OpenAI orders them: prompt by prompt, a prompt's samples together."""
         engine, model, limits = served
         params, names = generation_parameters(body, chat)
         names["prompt"] = "messages" if chat else "prompt"
+        if calling is not None and (schema := constraint_for(calling.tools, calling.choice)) is not None:
+            if params.HasField("structured_output"):
+                raise invalid(
+                    "tool_choice required or a named function cannot be combined with a response_format", "tool_choice"
+                )
+            params.structured_output.json_schema = schema
+            names["structured_output.json_schema"] = "tool_choice"
         stream = bool(body.boolean("stream"))
         echo = bool(body.boolean("echo"))
         if echo and chat:
@@ -275,7 +291,7 @@ class _Api:
             )
 
         scored = body.integer("prompt_logprobs") is not None
-        layout = Layout(chat, model.model_id, params.logprobs, include_usage, echo, scored)
+        layout = Layout(chat, model.model_id, params.logprobs, include_usage, echo, scored, calling)
         answer_id = base_id if len(choices) > 1 else None  # one choice: its request's own id
         prompts_per_choice = [choice.prompt for choice in choices]
 

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from modelserve.server.chat import ChatMessage
 from modelserve.server.serving import RequestFailed
+from modelserve.server.tools import Tool, ToolCall, ToolChoice, ToolError, check_tools
 from modelserve.server.unserved import STRUCTURAL_TAGS, openai_refusal
 from modelserve.server.validation import VLLM_NAMES, reworded
 
@@ -300,10 +301,68 @@ def chat_messages(body: Body) -> list[ChatMessage]:
         role = item.get("role")
         if not isinstance(role, str):
             raise invalid(f"{where}.role must be a string", f"{where}.role")
-        if item.get("tool_calls"):
-            raise invalid(f"{where}.tool_calls: tool calls are not supported by this server", f"{where}.tool_calls")
-        messages.append(ChatMessage(role, _content(item.get("content"), f"{where}.content")))
+        calls = _tool_calls(item.get("tool_calls"), f"{where}.tool_calls")
+        call_id = item.get("tool_call_id") or ""
+        if not isinstance(call_id, str):
+            raise invalid(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+        messages.append(ChatMessage(role, _content(item.get("content"), f"{where}.content"), calls, call_id))
     return messages
+
+
+def _tool_calls(raw: object, where: str) -> tuple[ToolCall, ...]:
+    """An assistant message's earlier calls, sent back with the tools' results."""
+    if not raw:
+        return ()
+    if not isinstance(raw, list):
+        raise invalid(f"{where} must be a list of tool calls", where)
+    calls = []
+    for j, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, str | dict):
+            raise invalid(
+                f"{where}[{j}] must be {{id, type: function, function: {{name, arguments}}}}", f"{where}[{j}]"
+            )
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        calls.append(ToolCall(str(call.get("id") or ""), name, text))
+    return tuple(calls)
+
+
+def chat_tools(body: Body) -> tuple[list[Tool], ToolChoice]:
+    """The body's `tools` and `tool_choice` (OpenAI's: none, auto, required or {type: function, function:
+    {name}}), checked; auto when tools are given and tool_choice is not."""
+    tools = []
+    for i, item in enumerate(body.array("tools") or []):
+        function = (
+            item.get("function") if isinstance(item, dict) and item.get("type", "function") == "function" else None
+        )
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid(
+                f"tools[{i}] must be {{type: function, function: {{name, description, parameters}}}}", "tools"
+            )
+        description = function.get("description") or ""
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(description, str) or not isinstance(parameters, dict):
+            raise invalid(f"tools[{i}].function: description must be a string and parameters an object", "tools")
+        tools.append(Tool(function["name"], description, parameters))
+    raw = body.typed("tool_choice", (str, dict), "none, auto, required or {type: function, function: {name}}")
+    mode, named = "auto", ""
+    if isinstance(raw, str):
+        mode = raw
+    elif isinstance(raw, dict):
+        function = raw.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if raw.get("type") != "function" or not isinstance(name, str) or not name:
+            raise invalid(
+                "tool_choice must be none, auto, required or {type: function, function: {name}}", "tool_choice"
+            )
+        named = name
+    parallel = body.boolean("parallel_tool_calls")
+    try:
+        return tools, check_tools(tools, mode, named, parallel is not False)
+    except ToolError as exc:
+        raise invalid(str(exc), "tool_choice" if "tool_choice" in str(exc) else "tools") from None
 
 
 def _content(content: object, where: str) -> str:

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from modelserve.engine.request import FinishReason, StreamEvent, TokenLogprob, TokenLogprobs
 from modelserve.server.openai_request import failure
 from modelserve.server.serving import RequestFailed, Serving, merged_streams, raise_for
+from modelserve.server.tools import Tool, ToolCall, ToolChoice, constrained_calls, constraint_for, holds_back, parse
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import RequestStream
@@ -83,6 +84,42 @@ class Answer:
     prompt: Prompt | None  # when echo or prompt_logprobs asks for it
 
 
+@dataclass(frozen=True)
+class ToolCalling:
+    """A chat that offers tools: how its replies become tool calls (tools.py)."""
+
+    tools: Sequence[Tool]
+    choice: ToolChoice
+    parser: str
+
+    def split(self, text: str, complete: bool) -> tuple[str, list[ToolCall]]:
+        """(content, calls) of a whole reply; `complete`: it ended by itself (not at its length limit)."""
+        if constraint_for(self.tools, self.choice) is None:
+            return parse(text, self.parser, self.tools, self.choice.parallel)
+        if not complete:  # cut short inside the constrained JSON: no call can be read from it
+            return text, []
+        try:
+            return "", constrained_calls(text, self.choice)
+        except (ValueError, KeyError, TypeError):
+            return text, []
+
+    def held_from(self, text: str) -> int:
+        """Where a streamed reply's text must be held back from (the rest may be a call)."""
+        return 0 if constraint_for(self.tools, self.choice) is not None else holds_back(text, self.parser)
+
+
+def _openai_calls(calls: Sequence[ToolCall], streamed: bool) -> list[dict[str, Any]]:
+    return [
+        {
+            **({"index": i} if streamed else {}),
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for i, call in enumerate(calls)
+    ]
+
+
 class Layout:
     """Where a request's text, log-probabilities and endings go, choice by choice: chat.completion(.chunk)
     objects, or text_completion ones. A completion's `echo` starts each choice with its prompt (and, with
@@ -90,10 +127,19 @@ class Layout:
     adds them in vLLM's shape, per choice for a completion, for the answer in a chat."""
 
     def __init__(
-        self, chat: bool, model_id: str, logprobs: bool, include_usage: bool, echo: bool, prompt_logprobs: bool
+        self,
+        chat: bool,
+        model_id: str,
+        logprobs: bool,
+        include_usage: bool,
+        echo: bool,
+        prompt_logprobs: bool,
+        calling: ToolCalling | None = None,
     ) -> None:
         self.chat, self.logprobs, self.include_usage = chat, logprobs, include_usage
         self.echo, self.prompt_logprobs = echo, prompt_logprobs
+        self._calling = calling
+        self._held: dict[int, str] = {}  # a streamed chat choice's text held back while it may be a tool call
         self._id = ""
         self._object = "chat.completion" if chat else "text_completion"
         self._model_id = model_id
@@ -119,10 +165,17 @@ class Layout:
         choices = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None} for i in range(count)]
         return [self._envelope(choices, True)]
 
-    def piece(self, index: int, text: str, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    def piece(self, index: int, text: str, logprobs: Sequence[TokenLogprobs]) -> list[dict[str, Any]]:
+        """The chunk for an event's text (none while all of it is held back as a possible tool call)."""
+        if self._calling is not None:
+            held = self._held.get(index, "") + text
+            cut = self._calling.held_from(held)
+            text, self._held[index] = held[:cut], held[cut:]
+            if not text and not logprobs:
+                return []
         key, value = ("delta", {"content": text}) if self.chat else ("text", text)
         choice = {"index": index, key: value, "logprobs": self._logprobs(index, logprobs), "finish_reason": None}
-        return self._envelope([choice], True)
+        return [self._envelope([choice], True)]
 
     def echoed(self, index: int, prompt: Prompt) -> dict[str, Any]:
         """A streamed completion choice's first chunk under echo: its prompt."""
@@ -130,9 +183,24 @@ class Layout:
         choice = {"index": index, "text": prompt.text, "logprobs": logprobs, "finish_reason": None}
         return self._envelope([choice], True)
 
-    def ending(self, index: int, reason: str) -> dict[str, Any]:
+    def ending(self, index: int, reason: str) -> list[dict[str, Any]]:
+        """A choice's last chunks: what was held back (its text, or the tool calls it turned out to be), then
+        the finish reason."""
+        chunks = []
+        held = self._held.pop(index, "")
+        if self._calling is not None and held:
+            content, calls = self._calling.split(held, complete=reason == "stop")
+            delta: dict[str, Any] = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = _openai_calls(calls, streamed=True)
+                reason = "tool_calls"
+            if delta:
+                chunks.append(
+                    self._envelope([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], True)
+                )
         key, value = ("delta", {}) if self.chat else ("text", "")
-        return self._envelope([{"index": index, key: value, "logprobs": None, "finish_reason": reason}], True)
+        chunks.append(self._envelope([{"index": index, key: value, "logprobs": None, "finish_reason": reason}], True))
+        return chunks
 
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._envelope([], True), "usage": usage}
@@ -149,13 +217,15 @@ class Layout:
             lps = self._logprobs(index, answer.logprobs)
             if echoed is not None and lps is not None:
                 lps = {key: echoed[key] + lps[key] for key in lps}
-            key, value = ("message", {"role": "assistant", "content": text}) if self.chat else ("text", text)
-            choice: dict[str, Any] = {
-                "index": index,
-                key: value,
-                "logprobs": lps,
-                "finish_reason": answer.finish_reason,
-            }
+            reason = answer.finish_reason
+            value: str | dict[str, Any] = {"role": "assistant", "content": text} if self.chat else text
+            key = "message" if self.chat else "text"
+            if self._calling is not None:
+                content, calls = self._calling.split(text, complete=reason == "stop")
+                if calls:
+                    value = {"role": "assistant", "content": content or None, "tool_calls": _openai_calls(calls, False)}
+                    reason = "tool_calls"
+            choice: dict[str, Any] = {"index": index, key: value, "logprobs": lps, "finish_reason": reason}
             if self.prompt_logprobs and not self.chat:
                 choice["prompt_logprobs"] = _vllm_prompt_logprobs(prompt)
             choices.append(choice)
@@ -378,11 +448,13 @@ class Generation(Response):
                             layout.echoed(index, self._prompt(started[index], self._prompts[index], engine_event))
                         )
                     if engine_event.text or engine_event.logprobs:
-                        await event(layout.piece(index, engine_event.text, engine_event.logprobs))
+                        for chunk in layout.piece(index, engine_event.text, engine_event.logprobs):
+                            await event(chunk)
                     if engine_event.finish is not None:
                         raise_for(engine_event)
                         ends[index] = engine_event
-                        await event(layout.ending(index, _FINISH_REASONS[engine_event.finish.reason]))
+                        for chunk in layout.ending(index, _FINISH_REASONS[engine_event.finish.reason]):
+                            await event(chunk)
             if layout.include_usage:
                 ends_in_order = [(started[i][0], ends[i]) for i in range(len(started))]
                 await event(layout.usage(_usage(ends_in_order, self._samples)))

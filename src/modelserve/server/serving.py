@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend as Engine
     from modelserve.engine.frontend import RequestStream
     from modelserve.models.loader import ModelInfo as ServedModel
+    from modelserve.server.tools import Tool
 
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (gRFC A6), read by clients' retry policies
@@ -300,13 +301,15 @@ class Serving:
             self.rejected("unavailable", chat)
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
-    def chat_prompt(self, model: ServedModel, limits: Limits, messages: Sequence[ChatMessage]) -> str:
+    def chat_prompt(
+        self, model: ServedModel, limits: Limits, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()
+    ) -> str:
         """The prompt the model's chat template makes of `messages` (submit it with add_special_tokens=False);
         a refusal is counted and raised as RequestFailed: FAILED_PRECONDITION when the model has no template
         (the server's set-up, not the request, must change), else INVALID_ARGUMENT."""
         try:
             check_chat_size(messages, limits.max_prompt_bytes)
-            return render_chat(model, messages)
+            return render_chat(model, messages, tools)
         except ChatError as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
             if exc.code == "no_template":

@@ -34,7 +34,7 @@ STRUCTURAL_TAGS = Unserved(
 )
 UNSERVED = (
     STRUCTURAL_TAGS,
-    Unserved("this server has no tool calling", openai=("tools", "tool_choice", "functions", "function_call")),
+    Unserved("this server calls tools given as `tools` (OpenAI's current API)", openai=("functions", "function_call")),
     Unserved(
         "this server takes text only",
         openai=("prompt_embeds", "audio"),
@@ -68,9 +68,7 @@ _BY_VLLM = {name: entry for entry in UNSERVED for name in entry.vllm}
 # Values of an OpenAI field that ask for nothing (clients send some of them by default).
 _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
-    "tools": ([],),
     "functions": ([],),
-    "tool_choice": ("none",),
     "function_call": ("none",),
     "chat_template_kwargs": ({},),
     "add_generation_prompt": (True,),
@@ -93,9 +91,10 @@ OPENAI_SERVED = frozenset(
         *("max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p"),
         *("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos"),
         *("include_stop_str_in_output", "truncate_prompt_tokens", "logprobs", "top_logprobs"),
-        *("echo", "prompt_logprobs"),
+        *("echo", "prompt_logprobs", "tools", "tool_choice"),
         *("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"),
-        *("user", "store", "metadata", "service_tier", "parallel_tool_calls"),
+        "parallel_tool_calls",
+        *("user", "store", "metadata", "service_tier"),
         # How a guided_* constraint is applied (this server picks its own grammar engine and compact JSON).
         *("guided_decoding_backend", "guided_whitespace_pattern"),
     }

@@ -1,0 +1,143 @@
+"""What per-row sampling work costs at 32 streams: every stream with a JSON schema, or with presence and
+frequency penalties, against the same engine and streams without them (issue 18's goal: each >= 0.8x).
+
+The engine runs in this process as the server builds it (bench.serving_bench's in-process run), on the
+preset's model with a tokenizer of its whole vocabulary (bench.vllm_peer.words_model_dir: a grammar's mask
+is computed over every token, as with a real model). A closed loop keeps `--concurrency` streams running;
+the arms alternate within each repeat (plain, schema, penalties, then the next repeat in another order),
+and the report gives each arm's median output tokens per second and its ratio to the plain arm's median.
+The schema arm's streams end when their JSON is complete; the others generate a fixed number of tokens.
+
+    python -m bench.sampling_cost_bench                 # gpt2-small fp32, C=32, 3 repeats
+    python -m bench.sampling_cost_bench --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import harness
+from bench.vllm_peer import words_model_dir
+
+# Bounded, so a random model's answer ends (it never chooses to close a string by itself).
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"type": "string", "enum": ["cat", "dog", "fish"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 4},
+        "owner": {
+            "type": "object",
+            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999}, "vip": {"type": "boolean"}},
+            "required": ["id", "vip"],
+        },
+    },
+    "required": ["name", "kind", "age", "tags", "owner"],
+    "additionalProperties": False,
+}
+ARMS = ("plain", "json_schema", "penalties")
+
+
+async def arm(engine: Any, name: str, prompts: list[list[int]], concurrency: int, new_tokens: int) -> dict[str, Any]:
+    """One arm's closed loop over `prompts`: output tokens per second, and how many of them."""
+    from modelserve.engine.grammar import grammar_for
+    from modelserve.engine.request import Request, SamplingParams
+
+    grammar = grammar_for("json_schema", json.dumps(SCHEMA)) if name == "json_schema" else ""
+    todo = list(enumerate(prompts))
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while todo:
+            i, prompt = todo.pop(0)
+            params = SamplingParams(
+                max_new_tokens=4 * new_tokens if grammar else new_tokens,
+                temperature=1.0,
+                seed=i,
+                ignore_eos=not grammar,
+                presence_penalty=0.5 if name == "penalties" else 0.0,
+                frequency_penalty=0.5 if name == "penalties" else 0.0,
+                grammar=grammar,
+            )
+            async for event in engine.submit(Request(f"{name}-{i}", tuple(prompt), params)):
+                tokens += len(event.token_ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {"arm": name, "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall}
+
+
+async def run(ns: argparse.Namespace, path: Path) -> list[dict[str, Any]]:
+    from modelserve.config import Config
+    from modelserve.server.lifecycle import build_engine, load
+
+    config = Config(model=str(path), dtype=ns.dtype, max_batch_size=ns.concurrency)
+    loaded = load(config)
+    engine = build_engine(config, loaded)
+    engine.start(asyncio.get_running_loop())
+    prompts = [loaded.encode(f"Record {i}: a pet and its owner, as JSON.") for i in range(2 * ns.concurrency)]
+    runs = []
+    try:
+        await arm(engine, "json_schema", prompts[:4], 4, 8)  # warm-up: the grammar's matcher, the kernels
+        for repeat in range(ns.repeats):
+            order = ARMS if repeat % 2 == 0 else tuple(reversed(ARMS))
+            for name in order:
+                result = await arm(engine, name, prompts, ns.concurrency, ns.new_tokens)
+                print(f"  repeat {repeat + 1} {name}: {result['tok_per_s']:.1f} tok/s", flush=True)
+                runs.append({**result, "repeat": repeat + 1})
+    finally:
+        engine.shutdown()
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2-small", choices=sorted(harness.PRESETS))
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per request in the fixed-length arms")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write-docs", action="store_true", help="put the table into docs/benchmarks.md")
+    parser.add_argument("--cache-dir", type=Path, default=harness.CACHE_DIR)
+    ns = parser.parse_args()
+
+    runs = asyncio.run(run(ns, words_model_dir(ns.preset, ns.cache_dir)))
+    medians = {name: statistics.median(r["tok_per_s"] for r in runs if r["arm"] == name) for name in ARMS}
+    report: dict[str, Any] = {
+        "title": f"Sampling work at {ns.concurrency} streams: {ns.preset}, {ns.dtype}, engine in-process",
+        **harness.run_info("cpu", "bench.sampling_cost_bench"),
+        "runs": runs,
+        "medians": medians,
+    }
+    lines = [
+        *harness.header(
+            report["title"],
+            report,
+            f"workload: {2 * ns.concurrency} requests per arm in a closed loop of {ns.concurrency}, sampled "
+            f"(temperature 1); plain and penalties {ns.new_tokens} tokens each (EOS ignored), json_schema until "
+            f"its JSON is complete; arms alternate in each of {ns.repeats} repeats; medians",
+        ),
+        "| arm | output tok/s (median) | over plain | goal |",
+        "|---|---:|---:|---|",
+    ]
+    for name in ARMS:
+        ratio = medians[name] / medians["plain"]
+        goal = "-" if name == "plain" else ("met" if ratio >= 0.8 else "MISSED") + " (>= 0.8x)"
+        lines.append(f"| {name} | {medians[name]:.1f} | {ratio:.2f}x | {goal} |")
+    table = "\n".join(lines) + "\n"
+    harness.save(f"sampling-cost-{ns.preset}", report, table)
+    if ns.write_docs:
+        harness.write_docs("benchmarks.md", f"sampling-cost-{ns.preset}", table)
+
+
+if __name__ == "__main__":
+    main()
