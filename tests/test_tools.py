@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonschema
 import openai
 import pytest
+from modelserve_client.v1 import generation_pb2 as pb
+from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from openai import OpenAI
 
 from bench.harness import ServerProcess, start_server
@@ -267,3 +270,76 @@ def test_bad_tool_requests_are_400_naming_the_field(client: OpenAI, arguments: d
         client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, **arguments)
     body = err.value.body
     assert isinstance(body, dict) and body["param"] == param, body
+
+
+def _proto_tools() -> list[pb.Tool]:
+    return [pb.Tool(name=t.name, description=t.description, parameters=json.dumps(dict(t.parameters))) for t in TOOLS]
+
+
+def test_the_chat_rpc_calls_tools_as_the_openai_face_does(tool_server: ServerProcess) -> None:
+    """modelserve.v1's Chat: tools, tool_choice, tool_choice_function; the calls on the last message, the held
+    text never streamed; the calls sent back as an assistant message with the tool's result."""
+    with tool_server.channel() as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        user = pb.ChatMessage(role="user", content="What is 2 + 3?")
+        for seed in range(5):
+            request = pb.ChatRequest(
+                messages=[user],
+                tools=_proto_tools(),
+                tool_choice=pb.TOOL_CHOICE_REQUIRED,
+                parallel_tool_calls=False,
+                params=pb.GenerationParameters(max_new_tokens=300, seed=seed),
+            )
+            messages = list(stub.Chat(request, timeout=60))
+            last = messages[-1]
+            assert last.finish_reason == pb.FINISH_REASON_EOS_TOKEN and len(last.tool_calls) == 1
+            assert not "".join(m.text for m in messages)  # the reply was the call: no text streamed
+            call = last.tool_calls[0]
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+            assert all(not m.tool_calls for m in messages[:-1])
+        named = pb.ChatRequest(
+            messages=[user],
+            tools=_proto_tools(),
+            tool_choice_function="get_weather",
+            params=pb.GenerationParameters(seed=3),
+        )
+        call = list(stub.Chat(named, timeout=60))[-1].tool_calls[0]
+        assert call.name == "get_weather"
+        jsonschema.validate(json.loads(call.arguments), WEATHER)
+
+        back = pb.ChatRequest(
+            messages=[
+                user,
+                pb.ChatMessage(role="assistant", tool_calls=[call]),
+                pb.ChatMessage(role="tool", tool_call_id=call.id, content='{"forecast": "sun"}'),
+            ],
+            tools=_proto_tools(),
+            params=pb.GenerationParameters(max_new_tokens=6, seed=4),
+        )
+        answer = list(stub.Chat(back, timeout=60))
+        assert answer[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"tool_choice_function": "multiply"}, "tool_choice_function names the function 'multiply'"),
+        ({"tools": [pb.Tool(name="f", parameters="{not json")]}, "tools[0].parameters is not valid JSON"),
+        ({"tool_choice": pb.TOOL_CHOICE_REQUIRED, "tools": []}, "tool_choice is required, but tools is empty"),
+        (
+            {
+                "tool_choice": pb.TOOL_CHOICE_REQUIRED,
+                "params": pb.GenerationParameters(structured_output=pb.StructuredOutput(regex="a")),
+            },
+            "cannot be combined with params.structured_output",
+        ),
+    ],
+)
+def test_bad_tool_chats_are_invalid_argument(tool_server: ServerProcess, fields: dict[str, Any], named: str) -> None:
+    request = pb.ChatRequest(
+        messages=[pb.ChatMessage(role="user", content="Hi")], **{"tools": _proto_tools(), **fields}
+    )
+    with tool_server.channel() as channel, pytest.raises(grpc.RpcError) as err:
+        list(pb_grpc.GenerationServiceStub(channel).Chat(request, timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert named in err.value.details()  # type: ignore[attr-defined]

@@ -151,8 +151,38 @@ class Grammars:
                 copy = Tokenizer.from_str(self._source.to_str())
                 copy.no_padding()
                 copy.no_truncation()
-                self._tokenizer = llguidance.LLTokenizer(copy.to_str(), n_vocab=self._vocab_size, eos_token=self._eos)
+                try:  # llguidance reads the tokenizer's own JSON: byte-level BPE and SentencePiece-style decoders
+                    self._tokenizer = llguidance.LLTokenizer(
+                        copy.to_str(), n_vocab=self._vocab_size, eos_token=self._eos
+                    )
+                except ValueError as exc:  # a decoder it does not know (a bare Metaspace, say): each token's text
+                    log.info("structured output reads each token's text from the tokenizer (%s)", exc)
+                    table = llguidance.TokenizerWrapper(_TokenTable(copy, self._vocab_size, self._eos))
+                    self._tokenizer = llguidance.LLTokenizer(table, n_vocab=self._vocab_size, eos_token=self._eos)
             return self._tokenizer
+
+
+class _TokenTable:
+    """A tokenizer as llguidance's TokenizerWrapper takes it: every token's bytes as the token adds them to a
+    text (decoded after an anchor token, so a leading space a decoder strips at the start is kept)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_id = eos[0] if eos else 0
+        self.bos_token_id = None
+        special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+        self.special_token_ids = sorted(special)
+        anchor = tokenizer.encode("a", add_special_tokens=False).ids[:1] or [0]
+        start = tokenizer.decode(anchor, skip_special_tokens=False)
+        self.tokens = [
+            b""
+            if i in special or i >= tokenizer.get_vocab_size()
+            else tokenizer.decode([*anchor, i], skip_special_tokens=False).removeprefix(start).encode()
+            for i in range(vocab_size)
+        ]
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def fill_masks(matchers: list[llguidance.LLMatcher], bitmask: torch.Tensor) -> None:

@@ -151,16 +151,26 @@ def _presence_frequency_penalty(logits: torch.Tensor, row_ids: list[int], rows: 
     logits.index_copy_(0, index, scores)
 
 
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}  # [256, 8] bool: bit k of each byte value, per device
+
+
 def _grammar(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:
-    """Structured output: what each row's grammar does not allow next gets -inf (grammar.py)."""
-    words = -(-logits.shape[1] // 32)
-    bitmask = torch.zeros((len(row_ids), words), dtype=torch.int32)
+    """Structured output: what each row's grammar does not allow next gets -inf (grammar.py). The masks are
+    packed bits (32 tokens a word, little-endian); they are unpacked a byte at a time through a table."""
+    n_rows, vocab = len(row_ids), logits.shape[1]
+    bitmask = torch.zeros((n_rows, -(-vocab // 32)), dtype=torch.int32)
     fill_masks([rows[i].matcher for i in row_ids], bitmask)  # type: ignore[misc]  # chosen rows have one
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(len(row_ids), -1)[:, : logits.shape[1]].bool()
+    table = _BYTE_BITS.get(logits.device)
+    if table is None:
+        values = torch.arange(256, dtype=torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)
+        table = _BYTE_BITS[logits.device] = (values & 1).bool().to(logits.device)
+    packed = bitmask.view(torch.uint8).to(logits.device, non_blocking=True)
+    banned = ~table[packed.long()].reshape(n_rows, -1)[:, :vocab]
+    if row_ids == list(range(logits.shape[0])):  # every row is constrained: in place
+        logits.masked_fill_(banned, float("-inf"))
+        return
     index = torch.tensor(row_ids, device=logits.device)
-    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(banned, float("-inf")))
 
 
 def _suppress(logits: torch.Tensor, row_ids: list[int], rows: Sequence[SamplingRow]) -> None:

@@ -58,10 +58,10 @@ from modelserve.server.openai_request import (
     invalid,
     request_timeout_s,
 )
-from modelserve.server.openai_response import Generation, Layout, ToolCalling
+from modelserve.server.openai_response import Generation, Layout
 from modelserve.server.security import bearer_refusal, tls_enabled
 from modelserve.server.serving import RequestFailed, Serving, sample_choices
-from modelserve.server.tools import constraint_for, parser_for
+from modelserve.server.tools import ToolCalling, constraint_for, parser_for
 from modelserve.server.unserved import UnknownFields
 from modelserve.telemetry.http_server import HttpTelemetryMiddleware
 

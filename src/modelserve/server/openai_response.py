@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from modelserve.engine.request import FinishReason, StreamEvent, TokenLogprob, TokenLogprobs
 from modelserve.server.openai_request import failure
 from modelserve.server.serving import RequestFailed, Serving, merged_streams, raise_for
-from modelserve.server.tools import Tool, ToolCall, ToolChoice, constrained_calls, constraint_for, holds_back, parse
+from modelserve.server.tools import HeldReply, ToolCall, ToolCalling
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import RequestStream
@@ -84,30 +84,6 @@ class Answer:
     prompt: Prompt | None  # when echo or prompt_logprobs asks for it
 
 
-@dataclass(frozen=True)
-class ToolCalling:
-    """A chat that offers tools: how its replies become tool calls (tools.py)."""
-
-    tools: Sequence[Tool]
-    choice: ToolChoice
-    parser: str
-
-    def split(self, text: str, complete: bool) -> tuple[str, list[ToolCall]]:
-        """(content, calls) of a whole reply; `complete`: it ended by itself (not at its length limit)."""
-        if constraint_for(self.tools, self.choice) is None:
-            return parse(text, self.parser, self.tools, self.choice.parallel)
-        if not complete:  # cut short inside the constrained JSON: no call can be read from it
-            return text, []
-        try:
-            return "", constrained_calls(text, self.choice)
-        except (ValueError, KeyError, TypeError):
-            return text, []
-
-    def held_from(self, text: str) -> int:
-        """Where a streamed reply's text must be held back from (the rest may be a call)."""
-        return 0 if constraint_for(self.tools, self.choice) is not None else holds_back(text, self.parser)
-
-
 def _openai_calls(calls: Sequence[ToolCall], streamed: bool) -> list[dict[str, Any]]:
     return [
         {
@@ -139,7 +115,7 @@ class Layout:
         self.chat, self.logprobs, self.include_usage = chat, logprobs, include_usage
         self.echo, self.prompt_logprobs = echo, prompt_logprobs
         self._calling = calling
-        self._held: dict[int, str] = {}  # a streamed chat choice's text held back while it may be a tool call
+        self._held: dict[int, HeldReply] = {}  # a streamed chat choice's text held back while it may be a call
         self._id = ""
         self._object = "chat.completion" if chat else "text_completion"
         self._model_id = model_id
@@ -168,9 +144,7 @@ class Layout:
     def piece(self, index: int, text: str, logprobs: Sequence[TokenLogprobs]) -> list[dict[str, Any]]:
         """The chunk for an event's text (none while all of it is held back as a possible tool call)."""
         if self._calling is not None:
-            held = self._held.get(index, "") + text
-            cut = self._calling.held_from(held)
-            text, self._held[index] = held[:cut], held[cut:]
+            text = self._held.setdefault(index, HeldReply(self._calling)).feed(text)
             if not text and not logprobs:
                 return []
         key, value = ("delta", {"content": text}) if self.chat else ("text", text)
@@ -187,9 +161,9 @@ class Layout:
         """A choice's last chunks: what was held back (its text, or the tool calls it turned out to be), then
         the finish reason."""
         chunks = []
-        held = self._held.pop(index, "")
-        if self._calling is not None and held:
-            content, calls = self._calling.split(held, complete=reason == "stop")
+        held = self._held.pop(index, None)
+        if held is not None:
+            content, calls = held.finish(complete=reason == "stop")
             delta: dict[str, Any] = {"content": content} if content else {}
             if calls:
                 delta["tool_calls"] = _openai_calls(calls, streamed=True)

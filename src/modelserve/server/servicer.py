@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -28,7 +29,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve import __version__
-from modelserve.engine.request import Request
+from modelserve.engine.request import FinishReason, Request
 from modelserve.server.chat import ChatMessage
 from modelserve.server.convert import logprobs_proto, response_proto, set_final
 from modelserve.server.serving import (
@@ -41,6 +42,17 @@ from modelserve.server.serving import (
     merged_streams,
     raise_for,
     sample_choices,
+)
+from modelserve.server.tools import (
+    HeldReply,
+    Tool,
+    ToolCall,
+    ToolCalling,
+    ToolChoice,
+    ToolError,
+    check_tools,
+    constraint_for,
+    parser_for,
 )
 from modelserve.server.validation import InvalidArgument, Limits, check_prompt_size
 
@@ -60,6 +72,14 @@ HEALTH_HINT = "grpc.health.v1 reports SERVING"
 # so that retry policies may retry it): which replica serves it, as host name (the pod's, on Kubernetes) and
 # gRPC port, for a caller that balances over many.
 SERVER_ID_KEY = "modelserve-server-id"
+_TOOL_CHOICES = {
+    pb.TOOL_CHOICE_UNSPECIFIED: "auto",
+    pb.TOOL_CHOICE_AUTO: "auto",
+    pb.TOOL_CHOICE_NONE: "none",
+    pb.TOOL_CHOICE_REQUIRED: "required",
+}
+# A reply that ended by itself (not cut at its length, not cancelled) can be read as complete tool calls.
+_ENDED_BY_ITSELF = (FinishReason.EOS_TOKEN, FinishReason.STOP_TOKEN, FinishReason.STOP_SEQUENCE)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[misc]  # untyped generated base
@@ -86,18 +106,39 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[pb.ChatRequest, pb.GenerateResponse]
     ) -> AsyncIterator[pb.GenerateResponse]:
         """The chat rendered by the model's template is a Generate prompt whose special tokens the template
-        wrote (chat.py); from there on it is a Generate call."""
+        wrote (chat.py); from there on it is a Generate call, whose replies are read for tool calls when the
+        chat offers tools (tools.py)."""
         engine, model, limits = await self._serving(context, chat=True)
-        messages = [ChatMessage(m.role, m.content) for m in request.messages]
+        messages = [
+            ChatMessage(
+                m.role, m.content, tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls), m.tool_call_id
+            )
+            for m in request.messages
+        ]
+        params, calling = request.params, None
         try:
-            prompt = self._serving_state.chat_prompt(model, limits, messages)
+            tools, choice = self._chat_tools(request)
+            prompt = self._serving_state.chat_prompt(model, limits, messages, tools if choice.mode != "none" else ())
+            if choice.mode != "none":
+                calling = ToolCalling(tools, choice, parser_for(model.chat_template, self._config.tool_call_parser))
+                if (schema := constraint_for(tools, choice)) is not None:
+                    if params.HasField("structured_output"):
+                        self._serving_state.rejected("invalid_argument", chat=True)
+                        raise RequestFailed(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            "tool_choice REQUIRED or tool_choice_function cannot be combined with "
+                            "params.structured_output: the calls are the reply's structure",
+                        )
+                    params = pb.GenerationParameters()
+                    params.CopyFrom(request.params)
+                    params.structured_output.json_schema = schema
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc))
         generate = pb.GenerateRequest(
-            prompt=prompt, params=request.params, request_id=request.request_id, priority=request.priority
+            prompt=prompt, params=params, request_id=request.request_id, priority=request.priority
         )
         with self._serving_state.counted():
-            responses = self._generate(engine, model, limits, generate, context, chat=True)
+            responses = self._generate(engine, model, limits, generate, context, chat=True, calling=calling)
             async with contextlib.aclosing(responses):
                 async for response in responses:
                     yield response
@@ -110,6 +151,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext[Any, pb.GenerateResponse],
         chat: bool = False,
+        calling: ToolCalling | None = None,
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """A Generate call's stream; a chat's prompt was rendered by its template, which wrote the special
         tokens, so the tokenizer adds none. With params.n samples, their messages interleave, each with its
@@ -130,6 +172,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             await _abort(context, exc.code, str(exc), grpc_trailers(exc))
         request_id = started[0][0].request_id
         outcomes = [self._serving_state.track(engine_request, request.prompt, chat) for engine_request, _ in started]
+        held = [HeldReply(calling) for _ in started] if calling is not None else None
         try:
             await context.send_initial_metadata(self._server_id)
             for index, (engine_request, _) in enumerate(started):
@@ -140,6 +183,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                     outcomes[index].saw(event)
                     response = response_proto(request_id, len(started[index][0].prompt_ids), event)
                     response.index = index
+                    if held is not None:  # text that may be a tool call waits for the reply's end
+                        response.text = held[index].feed(event.text)
+                        if event.finish is not None:
+                            content, calls = held[index].finish(event.finish.reason in _ENDED_BY_ITSELF)
+                            response.text += content
+                            response.tool_calls.extend(
+                                pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls
+                            )
                     yield response
                     if event.finish is not None:
                         raise_for(event)
@@ -149,6 +200,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             for (_, stream), outcome in zip(started, outcomes, strict=True):
                 stream.abort(ended_early(context))
                 outcome.close(ended_early(context).value)
+
+    def _chat_tools(self, request: pb.ChatRequest) -> tuple[list[Tool], ToolChoice]:
+        """The chat's tools and tool choice, checked (INVALID_ARGUMENT naming what is wrong)."""
+        tools = []
+        try:
+            for i, tool in enumerate(request.tools):
+                try:
+                    parameters = (
+                        json.loads(tool.parameters) if tool.parameters else {"type": "object", "properties": {}}
+                    )
+                except ValueError as exc:
+                    raise ToolError(f"tools[{i}].parameters is not valid JSON: {exc}") from None
+                tools.append(Tool(tool.name, tool.description, parameters))
+            mode = _TOOL_CHOICES[request.tool_choice]
+            parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+            return tools, check_tools(tools, mode, request.tool_choice_function, parallel)
+        except ToolError as exc:
+            self._serving_state.rejected("invalid_argument", chat=True)
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT, str(exc).replace("tool_choice names", "tool_choice_function names")
+            ) from None
 
     def _samples(self, n: int, engine: Engine) -> int:
         """params.n as a count of samples (0 means 1), within what one call may ask for."""

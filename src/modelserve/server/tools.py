@@ -195,3 +195,48 @@ def _object_call(text: str, names: set[str], arguments_key: str) -> ToolCall | N
 def _call(name: str, arguments: Any) -> ToolCall:
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
     return ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, text)
+
+
+@dataclass(frozen=True)
+class ToolCalling:
+    """A chat that offers tools: how its replies become tool calls (tools.py)."""
+
+    tools: Sequence[Tool]
+    choice: ToolChoice
+    parser: str
+
+    def split(self, text: str, complete: bool) -> tuple[str, list[ToolCall]]:
+        """(content, calls) of a whole reply; `complete`: it ended by itself (not at its length limit)."""
+        if constraint_for(self.tools, self.choice) is None:
+            return parse(text, self.parser, self.tools, self.choice.parallel)
+        if not complete:  # cut short inside the constrained JSON: no call can be read from it
+            return text, []
+        try:
+            return "", constrained_calls(text, self.choice)
+        except (ValueError, KeyError, TypeError):
+            return text, []
+
+    def held_from(self, text: str) -> int:
+        """Where a streamed reply's text must be held back from (the rest may be a call)."""
+        return 0 if constraint_for(self.tools, self.choice) is not None else holds_back(text, self.parser)
+
+
+class HeldReply:
+    """One streamed reply of a chat with tools: its text is sent as it comes, except from where a call may
+    have begun, which waits for the reply's end to be read as calls or sent as text."""
+
+    def __init__(self, calling: ToolCalling) -> None:
+        self._calling = calling
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        """What of the reply so far may be sent now."""
+        held = self._held + text
+        cut = self._calling.held_from(held)
+        self._held = held[cut:]
+        return held[:cut]
+
+    def finish(self, complete: bool) -> tuple[str, list[ToolCall]]:
+        """At the reply's end: the held text left as content, and the calls it made."""
+        held, self._held = self._held, ""
+        return self._calling.split(held, complete) if held else ("", [])

@@ -36,6 +36,56 @@ export const protobufFileName = "modelserve/v1/generation.proto";
  * served beside it for probes.
  */
 
+/** Whether the model calls a tool (ChatRequest.tool_choice). */
+export enum ToolChoice {
+  /** TOOL_CHOICE_UNSPECIFIED - AUTO when tools are given. */
+  TOOL_CHOICE_UNSPECIFIED = 0,
+  /** TOOL_CHOICE_AUTO - The model decides: its reply is text, or tool calls. */
+  TOOL_CHOICE_AUTO = 1,
+  /** TOOL_CHOICE_NONE - No tool is called, and the tools are not shown to the model. */
+  TOOL_CHOICE_NONE = 2,
+  /** TOOL_CHOICE_REQUIRED - The reply is one or more tool calls (enforced with structured output). */
+  TOOL_CHOICE_REQUIRED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function toolChoiceFromJSON(object: any): ToolChoice {
+  switch (object) {
+    case 0:
+    case "TOOL_CHOICE_UNSPECIFIED":
+      return ToolChoice.TOOL_CHOICE_UNSPECIFIED;
+    case 1:
+    case "TOOL_CHOICE_AUTO":
+      return ToolChoice.TOOL_CHOICE_AUTO;
+    case 2:
+    case "TOOL_CHOICE_NONE":
+      return ToolChoice.TOOL_CHOICE_NONE;
+    case 3:
+    case "TOOL_CHOICE_REQUIRED":
+      return ToolChoice.TOOL_CHOICE_REQUIRED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ToolChoice.UNRECOGNIZED;
+  }
+}
+
+export function toolChoiceToJSON(object: ToolChoice): string {
+  switch (object) {
+    case ToolChoice.TOOL_CHOICE_UNSPECIFIED:
+      return "TOOL_CHOICE_UNSPECIFIED";
+    case ToolChoice.TOOL_CHOICE_AUTO:
+      return "TOOL_CHOICE_AUTO";
+    case ToolChoice.TOOL_CHOICE_NONE:
+      return "TOOL_CHOICE_NONE";
+    case ToolChoice.TOOL_CHOICE_REQUIRED:
+      return "TOOL_CHOICE_REQUIRED";
+    case ToolChoice.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Why generation ended. */
 export enum FinishReason {
   /** FINISH_REASON_UNSPECIFIED - Not finished: every message but the last. */
@@ -402,6 +452,33 @@ export interface ChatMessage {
   role: string;
   /** What it says. Must not be empty, except in an assistant or tool message. */
   content: string;
+  /**
+   * An assistant message's tool calls, as an earlier reply gave them
+   * (GenerateResponse.tool_calls), sent back with their results.
+   */
+  toolCalls: ToolCall[];
+  /** A tool message: the id of the call whose result it is. */
+  toolCallId: string;
+}
+
+/** A function the model may call (ChatRequest.tools). */
+export interface Tool {
+  /** 1 to 64 letters, digits, '_', '.' or '-'; unique among a request's tools. */
+  name: string;
+  /** What it does, for the model. */
+  description: string;
+  /** Its arguments: a JSON schema (as JSON text) of an object. Empty: none. */
+  parameters: string;
+}
+
+/** A call the model made: a function's name and its arguments. */
+export interface ToolCall {
+  /** The call's id (call_...), which the tool message answering it names. */
+  id: string;
+  /** The function's name, one of the request's tools. */
+  name: string;
+  /** The arguments, as JSON text (an object). */
+  arguments: string;
 }
 
 /** A conversation, for which to generate the assistant's next reply. */
@@ -428,6 +505,20 @@ export interface ChatRequest {
   requestId: string;
   /** Scheduling priority in [-1000, 1000], default 0, as for Generate. */
   priority: number;
+  /**
+   * Functions the model may call, laid out for it by the chat template. At
+   * most 128. The reply's calls come in GenerateResponse.tool_calls.
+   */
+  tools: Tool[];
+  /** Whether it must, may or may not call one of them. */
+  toolChoice: ToolChoice;
+  /**
+   * The name of one of tools that the reply must call (its arguments then
+   * follow that function's schema); overrides tool_choice.
+   */
+  toolChoiceFunction: string;
+  /** More than one call in a reply; unset means true. False: at most one. */
+  parallelToolCalls?: boolean | undefined;
 }
 
 /** A candidate token with its log-probability. */
@@ -529,6 +620,13 @@ export interface GenerateResponse {
    * first token has no log-probability), each with its rank.
    */
   promptLogprobs: TokenLogprobs[];
+  /**
+   * A Chat with tools: on each sample's last message, the calls its reply
+   * makes. Text that may be the start of a call is held back while the
+   * reply streams; once it is read as calls it is not sent as text, and
+   * otherwise it comes with this last message.
+   */
+  toolCalls: ToolCall[];
 }
 
 /** Many prompts to complete together. */
@@ -1721,7 +1819,7 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
 };
 
 function createBaseChatMessage(): ChatMessage {
-  return { role: "", content: "" };
+  return { role: "", content: "", toolCalls: [], toolCallId: "" };
 }
 
 export const ChatMessage: MessageFns<ChatMessage> = {
@@ -1731,6 +1829,12 @@ export const ChatMessage: MessageFns<ChatMessage> = {
     }
     if (message.content !== "") {
       writer.uint32(18).string(message.content);
+    }
+    for (const v of message.toolCalls) {
+      ToolCall.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.toolCallId !== "") {
+      writer.uint32(34).string(message.toolCallId);
     }
     return writer;
   },
@@ -1764,6 +1868,22 @@ export const ChatMessage: MessageFns<ChatMessage> = {
             message.content = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.toolCallId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1780,6 +1900,16 @@ export const ChatMessage: MessageFns<ChatMessage> = {
     return {
       role: isSet(object.role) ? globalThis.String(object.role) : "",
       content: isSet(object.content) ? globalThis.String(object.content) : "",
+      toolCalls: globalThis.Array.isArray(object?.toolCalls)
+        ? object.toolCalls.map((e: any) => ToolCall.fromJSON(e))
+        : globalThis.Array.isArray(object?.tool_calls)
+        ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
+        : [],
+      toolCallId: isSet(object.toolCallId)
+        ? globalThis.String(object.toolCallId)
+        : isSet(object.tool_call_id)
+        ? globalThis.String(object.tool_call_id)
+        : "",
     };
   },
 
@@ -1791,6 +1921,12 @@ export const ChatMessage: MessageFns<ChatMessage> = {
     if (message.content !== "") {
       obj.content = message.content;
     }
+    if (message.toolCalls?.length) {
+      obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
+    }
+    if (message.toolCallId !== "") {
+      obj.toolCallId = message.toolCallId;
+    }
     return obj;
   },
 
@@ -1801,12 +1937,225 @@ export const ChatMessage: MessageFns<ChatMessage> = {
     const message = createBaseChatMessage();
     message.role = object.role ?? "";
     message.content = object.content ?? "";
+    message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
+    message.toolCallId = object.toolCallId ?? "";
+    return message;
+  },
+};
+
+function createBaseTool(): Tool {
+  return { name: "", description: "", parameters: "" };
+}
+
+export const Tool: MessageFns<Tool> = {
+  encode(message: Tool, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.description !== "") {
+      writer.uint32(18).string(message.description);
+    }
+    if (message.parameters !== "") {
+      writer.uint32(26).string(message.parameters);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Tool {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTool();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.parameters = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Tool {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      parameters: isSet(object.parameters) ? globalThis.String(object.parameters) : "",
+    };
+  },
+
+  toJSON(message: Tool): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.parameters !== "") {
+      obj.parameters = message.parameters;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Tool>, I>>(base?: I): Tool {
+    return Tool.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Tool>, I>>(object: I): Tool {
+    const message = createBaseTool();
+    message.name = object.name ?? "";
+    message.description = object.description ?? "";
+    message.parameters = object.parameters ?? "";
+    return message;
+  },
+};
+
+function createBaseToolCall(): ToolCall {
+  return { id: "", name: "", arguments: "" };
+}
+
+export const ToolCall: MessageFns<ToolCall> = {
+  encode(message: ToolCall, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.name !== "") {
+      writer.uint32(18).string(message.name);
+    }
+    if (message.arguments !== "") {
+      writer.uint32(26).string(message.arguments);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToolCall {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToolCall();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.arguments = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ToolCall {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      arguments: isSet(object.arguments) ? globalThis.String(object.arguments) : "",
+    };
+  },
+
+  toJSON(message: ToolCall): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.arguments !== "") {
+      obj.arguments = message.arguments;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToolCall>, I>>(base?: I): ToolCall {
+    return ToolCall.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToolCall>, I>>(object: I): ToolCall {
+    const message = createBaseToolCall();
+    message.id = object.id ?? "";
+    message.name = object.name ?? "";
+    message.arguments = object.arguments ?? "";
     return message;
   },
 };
 
 function createBaseChatRequest(): ChatRequest {
-  return { messages: [], params: undefined, requestId: "", priority: 0 };
+  return {
+    messages: [],
+    params: undefined,
+    requestId: "",
+    priority: 0,
+    tools: [],
+    toolChoice: 0,
+    toolChoiceFunction: "",
+    parallelToolCalls: undefined,
+  };
 }
 
 export const ChatRequest: MessageFns<ChatRequest> = {
@@ -1822,6 +2171,18 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     }
     if (message.priority !== 0) {
       writer.uint32(32).int32(message.priority);
+    }
+    for (const v of message.tools) {
+      Tool.encode(v!, writer.uint32(42).fork()).join();
+    }
+    if (message.toolChoice !== 0) {
+      writer.uint32(48).int32(message.toolChoice);
+    }
+    if (message.toolChoiceFunction !== "") {
+      writer.uint32(58).string(message.toolChoiceFunction);
+    }
+    if (message.parallelToolCalls !== undefined) {
+      writer.uint32(64).bool(message.parallelToolCalls);
     }
     return writer;
   },
@@ -1871,6 +2232,38 @@ export const ChatRequest: MessageFns<ChatRequest> = {
             message.priority = reader.int32();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.tools.push(Tool.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.toolChoice = reader.int32() as any;
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.toolChoiceFunction = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.parallelToolCalls = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1895,6 +2288,22 @@ export const ChatRequest: MessageFns<ChatRequest> = {
         ? globalThis.String(object.request_id)
         : "",
       priority: isSet(object.priority) ? globalThis.Number(object.priority) : 0,
+      tools: globalThis.Array.isArray(object?.tools) ? object.tools.map((e: any) => Tool.fromJSON(e)) : [],
+      toolChoice: isSet(object.toolChoice)
+        ? toolChoiceFromJSON(object.toolChoice)
+        : isSet(object.tool_choice)
+        ? toolChoiceFromJSON(object.tool_choice)
+        : 0,
+      toolChoiceFunction: isSet(object.toolChoiceFunction)
+        ? globalThis.String(object.toolChoiceFunction)
+        : isSet(object.tool_choice_function)
+        ? globalThis.String(object.tool_choice_function)
+        : "",
+      parallelToolCalls: isSet(object.parallelToolCalls)
+        ? globalThis.Boolean(object.parallelToolCalls)
+        : isSet(object.parallel_tool_calls)
+        ? globalThis.Boolean(object.parallel_tool_calls)
+        : undefined,
     };
   },
 
@@ -1912,6 +2321,18 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     if (message.priority !== 0) {
       obj.priority = Math.round(message.priority);
     }
+    if (message.tools?.length) {
+      obj.tools = message.tools.map((e) => Tool.toJSON(e));
+    }
+    if (message.toolChoice !== 0) {
+      obj.toolChoice = toolChoiceToJSON(message.toolChoice);
+    }
+    if (message.toolChoiceFunction !== "") {
+      obj.toolChoiceFunction = message.toolChoiceFunction;
+    }
+    if (message.parallelToolCalls !== undefined) {
+      obj.parallelToolCalls = message.parallelToolCalls;
+    }
     return obj;
   },
 
@@ -1926,6 +2347,10 @@ export const ChatRequest: MessageFns<ChatRequest> = {
       : undefined;
     message.requestId = object.requestId ?? "";
     message.priority = object.priority ?? 0;
+    message.tools = object.tools?.map((e) => Tool.fromPartial(e)) || [];
+    message.toolChoice = object.toolChoice ?? 0;
+    message.toolChoiceFunction = object.toolChoiceFunction ?? "";
+    message.parallelToolCalls = object.parallelToolCalls ?? undefined;
     return message;
   },
 };
@@ -2376,6 +2801,7 @@ function createBaseGenerateResponse(): GenerateResponse {
     seed: 0n,
     index: 0,
     promptLogprobs: [],
+    toolCalls: [],
   };
 }
 
@@ -2417,6 +2843,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     }
     for (const v of message.promptLogprobs) {
       TokenLogprobs.encode(v!, writer.uint32(82).fork()).join();
+    }
+    for (const v of message.toolCalls) {
+      ToolCall.encode(v!, writer.uint32(90).fork()).join();
     }
     return writer;
   },
@@ -2524,6 +2953,14 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
             message.promptLogprobs.push(TokenLogprobs.decode(reader, reader.uint32()));
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2566,6 +3003,11 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
         : globalThis.Array.isArray(object?.prompt_logprobs)
         ? object.prompt_logprobs.map((e: any) => TokenLogprobs.fromJSON(e))
         : [],
+      toolCalls: globalThis.Array.isArray(object?.toolCalls)
+        ? object.toolCalls.map((e: any) => ToolCall.fromJSON(e))
+        : globalThis.Array.isArray(object?.tool_calls)
+        ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
+        : [],
     };
   },
 
@@ -2601,6 +3043,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     if (message.promptLogprobs?.length) {
       obj.promptLogprobs = message.promptLogprobs.map((e) => TokenLogprobs.toJSON(e));
     }
+    if (message.toolCalls?.length) {
+      obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
+    }
     return obj;
   },
 
@@ -2621,6 +3066,7 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     message.seed = (object.seed !== undefined && object.seed !== null) ? BigInt(object.seed) : 0n;
     message.index = object.index ?? 0;
     message.promptLogprobs = object.promptLogprobs?.map((e) => TokenLogprobs.fromPartial(e)) || [];
+    message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
     return message;
   },
 };
