@@ -116,9 +116,7 @@ def bpe_model_dir(preset: str, cache_dir: Path) -> Path:
     trained on this environment's Python sources (sorted, so every machine with the same packages agrees)."""
     import sysconfig
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from modelserve.models.random_init import EOS_TOKEN, build_random_model
+    from modelserve.models.random_init import build_random_model, build_tokenizer
 
     path = cache_dir / f"bench-{preset}-bpe"
     if (path / "config.json").exists():
@@ -137,16 +135,7 @@ def bpe_model_dir(preset: str, cache_dir: Path) -> Path:
             if seen > CORPUS_BYTES:
                 return
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    tokenizer = build_tokenizer(vocab, corpus())
     spec["vocab_size"] = vocab
     return build_random_model(path, arch, tokenizer=tokenizer, **spec)
 

@@ -41,8 +41,9 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
-    """A byte-level BPE tokenizer (GPT-2 style) trained here, deterministically."""
+def build_tokenizer(vocab_size: int = 1024, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) trained here, deterministically, on `corpus` (a small built-in
+    text by default, which gives a few hundred pieces whatever `vocab_size` asks)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -52,7 +53,7 @@ def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     return tok
 
 
