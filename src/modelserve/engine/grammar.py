@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -125,8 +125,6 @@ class Grammars:
         """Block until a build finishes (or `timeout_s`): for a core with nothing else to do."""
         futures = list(self._building.values())
         if futures:
-            from concurrent.futures import FIRST_COMPLETED, wait
-
             wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     @property

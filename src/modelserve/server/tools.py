@@ -98,8 +98,8 @@ def parser_for(chat_template: str | None, configured: str = "auto") -> str:
 
 
 def constraint_for(tools: Sequence[Tool], choice: ToolChoice) -> str | None:
-    """The JSON schema (as text) a reply must follow: for `required`, an array of calls; for a named function,
-    its arguments. None when the model chooses (auto, none)."""
+    """The JSON schema (as text) a reply must follow: for `required`, an array of calls; for a named function
+    (mode required too), its arguments. None when the model chooses (auto, none)."""
     if choice.function:
         tool = next(t for t in tools if t.name == choice.function)
         return json.dumps(dict(tool.parameters) or {"type": "object"})
@@ -207,7 +207,7 @@ class ToolCalling:
 
     def split(self, text: str, complete: bool) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a whole reply; `complete`: it ended by itself (not at its length limit)."""
-        if constraint_for(self.tools, self.choice) is None:
+        if self.choice.mode != "required":  # the model chose: read the calls as its family writes them
             return parse(text, self.parser, self.tools, self.choice.parallel)
         if not complete:  # cut short inside the constrained JSON: no call can be read from it
             return text, []
@@ -218,7 +218,7 @@ class ToolCalling:
 
     def held_from(self, text: str) -> int:
         """Where a streamed reply's text must be held back from (the rest may be a call)."""
-        return 0 if constraint_for(self.tools, self.choice) is not None else holds_back(text, self.parser)
+        return 0 if self.choice.mode == "required" else holds_back(text, self.parser)
 
 
 class HeldReply:
