@@ -77,6 +77,15 @@ async def test_every_output_matches_its_constraint(model_dirs: dict[str, Path]) 
     assert results[-1][2].finish is not None
 
 
+async def test_a_complete_match_ends_even_before_min_new_tokens(model_dirs: dict[str, Path]) -> None:
+    """min_new_tokens holds EOS back, but once the grammar is complete EOS is all it allows: the row ends."""
+    model = _load(model_dirs["llama"])
+    params = SamplingParams(max_new_tokens=40, min_new_tokens=30, seed=1, grammar=grammar_for("choice", CHOICES))
+    async with _running(model, 4) as engine:
+        _, text, last = await _collect(engine.submit(Request("early", tuple(model.encode("Hi")), params)))
+    assert text in CHOICES and last.finish is not None and last.finish.reason is FinishReason.EOS_TOKEN
+
+
 async def test_a_length_limit_mid_object_is_reported_as_length(model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs["llama"])
     grammar = grammar_for("json_schema", json.dumps(SCHEMA))

@@ -77,7 +77,10 @@ class SamplingStates:
             state = self._rows[key]
             params = state.params
             suppress: frozenset[int] = frozenset()
-            if state.generated < params.min_new_tokens:
+            # Before min_new_tokens, unless the row's grammar is complete (it allows nothing but EOS then).
+            if state.generated < params.min_new_tokens and not (
+                state.matcher is not None and state.matcher.is_stopped()
+            ):
                 suppress = params.stop_token_ids | (frozenset() if params.ignore_eos else self._eos)
             row = SamplingRow(params, state.generator, state.seen, suppress, state.counts, state.bias, state.matcher)
             out.append(row)
