@@ -48,7 +48,7 @@ from modelserve_client.client import HEALTH_SERVICE_NAME
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from bench import harness
-from modelserve.server.servicer import SERVER_ID_KEY
+from modelserve.server.grpc.servicer import SERVER_ID_KEY
 
 MODEL = "tiny-llama"
 CONCURRENCY = 12

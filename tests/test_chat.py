@@ -37,7 +37,7 @@ from bench.harness import ROOT, wait_idle, wait_until
 from modelserve.models.demo import DEMO_CHAT_TEMPLATE, DEMO_WORDS, demo_model_dir
 from modelserve.models.loader import ModelInfo, _chat_template, load_model_info
 from modelserve.models.random_init import EOS_TOKEN, UNK_TOKEN, build_random_model, build_word_tokenizer
-from modelserve.server.chat import ChatError, ChatMessage, check_chat_size, render_chat, with_chat_template
+from modelserve.server.core.chat import ChatError, ChatMessage, check_chat_size, render_chat, with_chat_template
 from tests.conftest import LONG, LONG_CONTEXT, ServerProcess, long_args, start_server
 
 TOKEN = "chat-test-token"

@@ -37,7 +37,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML: installed with huggingface_hub, which transformers needs
 
 from modelserve.config import DEFAULT_CPU_KV_BYTES, Config
-from modelserve.server.servicer import SERVICE_NAME
+from modelserve.server.grpc.servicer import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

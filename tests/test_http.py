@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (server/http.py) on a real server, driven by the official `openai` client,
+"""The OpenAI-compatible HTTP API (server/openai/app.py) on a real server, driven by the official `openai` client,
 unmodified: chat and text completions, streamed and whole, the same text as the gRPC RPCs give; models;
 errors in OpenAI's shape; token auth; a client that disconnects mid-stream; and the HTTP port's phases
 (loading, serving, draining, closed)."""

@@ -22,10 +22,10 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from bench.harness import wait_until
 from modelserve.config import Config
 from modelserve.engine.request import EngineStats
-from modelserve.server.http import _Api
-from modelserve.server.servicer import GenerationServicer
-from modelserve.server.serving import Phase, RequestFailed, Serving
-from modelserve.server.vllm_compat import VllmEngineServicer
+from modelserve.server.core.serving import Phase, RequestFailed, Serving
+from modelserve.server.grpc.servicer import GenerationServicer
+from modelserve.server.grpc.vllm import VllmEngineServicer
+from modelserve.server.openai.app import _Api
 from tests.conftest import ServerProcess, start_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -22,7 +22,7 @@ from modelserve.models import loader
 from modelserve.models.loader import GenerationDefaults, load_model, load_model_info, resolve_dtype
 from modelserve.models.random_init import build_random_model
 from modelserve.models.source import ModelLoadError
-from modelserve.server.validation import InvalidArgument, Limits, RequestDefaults, build_request, resolve_defaults
+from modelserve.server.core.validation import InvalidArgument, Limits, RequestDefaults, build_request, resolve_defaults
 from tests.conftest import ServerProcess, start_server
 
 CPU = torch.device("cpu")
@@ -169,7 +169,7 @@ def test_unset_parameters_take_the_models_defaults_and_set_ones_win() -> None:
 
 
 def test_the_servers_limits_bind_the_models_defaults(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="modelserve.server.validation")
+    caplog.set_level(logging.INFO, logger="modelserve.server.core.validation")
     too_long = GenerationDefaults(max_new_tokens=8192)
     capped = resolve_defaults(too_long, default_max_new_tokens=0, max_max_new_tokens=4096, vocab_size=VOCAB)
     assert capped.max_new_tokens == 4096 and capped.from_model == ("max_new_tokens",)

@@ -19,7 +19,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from bench import replicas
-from modelserve.server.servicer import SERVICE_NAME
+from modelserve.server.grpc.servicer import SERVICE_NAME
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -262,7 +262,7 @@ def test_unary_methods_need_the_token_too(tls_channel: grpc.Channel) -> None:
 
 
 def test_every_vllm_engine_method_needs_the_token(tls_channel: grpc.Channel) -> None:
-    """The vLLM-compatible service (server/vllm_compat.py) is behind the same interceptor, every method of it."""
+    """The vLLM-compatible service (server/grpc/vllm.py) is behind the same interceptor, every method of it."""
     stub = vpb_grpc.VllmEngineStub(tls_channel)
     methods = vpb.DESCRIPTOR.services_by_name["VllmEngine"].methods
     assert {m.name for m in methods} >= {"Generate", "Abort", "HealthCheck", "GetModelInfo", "GetLoads"}

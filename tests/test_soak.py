@@ -65,7 +65,7 @@ def test_log_errors_counts_what_is_logged_at_error_and_uncaught_tracebacks() -> 
     """The soak's "no ERROR lines" check fails on these; a caller's cancel logged below ERROR is not one."""
     log = """\
 2026-11-30 04:53:41,000 INFO modelserve: listening on 127.0.0.1:5000
-2026-11-30 04:53:41,553 WARNING modelserve.server.servicer: request 7 cancelled by the caller
+2026-11-30 04:53:41,553 WARNING modelserve.server.grpc.servicer: request 7 cancelled by the caller
 Traceback (most recent call last):
   File "servicer.py", line 1, in Generate
 asyncio.exceptions.CancelledError

@@ -21,7 +21,7 @@ from openai import OpenAI
 
 from bench.harness import ServerProcess, start_server
 from modelserve.engine.grammar import grammar_for
-from modelserve.server.tools import (
+from modelserve.server.core.tools import (
     Tool,
     ToolChoice,
     ToolError,

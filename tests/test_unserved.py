@@ -1,4 +1,4 @@
-"""The one table of what the server knows and does not serve (server/unserved.py), as the faces read it."""
+"""The one table of what the server knows and does not serve (server/core/unserved.py), as the faces read it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from modelserve.server.unserved import MAX_UNKNOWN_LOGGED, OPENAI_SERVED, UNSERVED, UnknownFields, openai_refusal
+from modelserve.server.core.unserved import MAX_UNKNOWN_LOGGED, OPENAI_SERVED, UNSERVED, UnknownFields, openai_refusal
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_no_field_is_both_served_and_refused() -> None:
 
 def test_unknown_fields_are_logged_once_each_and_only_so_many(caplog: pytest.LogCaptureFixture) -> None:
     unknown = UnknownFields()
-    with caplog.at_level(logging.WARNING, logger="modelserve.server.unserved"):
+    with caplog.at_level(logging.WARNING, logger="modelserve.server.core.unserved"):
         unknown.note({"frobnicate": 1, "temperature": 1.0})
         unknown.note({"frobnicate": 2})
         assert [r.getMessage() for r in caplog.records] == [

@@ -1,4 +1,4 @@
-"""vLLM's VllmEngine service (server/vllm_compat.py) on the real server, through stubs generated from
+"""vLLM's VllmEngine service (server/grpc/vllm.py) on the real server, through stubs generated from
 protos/vllm/grpc/engine/vllm_engine.proto: streams, token-id input, abort, model/server/load info, health,
 refusals by field name; and modelserve.v1 on the same port giving the same tokens."""
 
@@ -19,7 +19,7 @@ from modelserve_client.vllm import vllm_engine_pb2 as vpb
 from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from bench.harness import wait_idle
-from modelserve.server.unserved import OPENAI_SERVED, UNSERVED
+from modelserve.server.core.unserved import OPENAI_SERVED, UNSERVED
 from tests.conftest import LONG, ServerProcess
 
 VLLM_SERVICE = "vllm.grpc.engine.VllmEngine"

@@ -13,7 +13,7 @@ once, running streams get `grace_s` to finish, and whatever still runs then is
 ended by the engine, so each caller gets a last message (finish_reason
 CANCELLED) and an UNAVAILABLE status that says why, not a cut connection.
 
-The OpenAI-compatible HTTP port (http.py, --http-port) shares the phases: it
+The OpenAI-compatible HTTP port (openai/app.py, --http-port) shares the phases: it
 opens with the gRPC port, its /health says 200 only while serving, it answers
 503 from the moment a shutdown begins, and it closes after the same drain.
 """
@@ -33,18 +33,18 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve.config import Config
-from modelserve.server.http import HttpServer
-from modelserve.server.parsing import RequestParsingInterceptor
+from modelserve.server.core.serving import Phase, Serving
+from modelserve.server.grpc.parsing import RequestParsingInterceptor
+from modelserve.server.grpc.servicer import SERVICE_NAME, GenerationServicer
+from modelserve.server.grpc.vllm import SERVICE_NAME as VLLM_SERVICE_NAME
+from modelserve.server.grpc.vllm import VllmEngineServicer
+from modelserve.server.openai.app import HttpServer
 from modelserve.server.security import (
     OPEN_METHOD_PREFIXES,
     BearerTokenInterceptor,
     resolve_token,
     server_credentials,
 )
-from modelserve.server.servicer import SERVICE_NAME, GenerationServicer
-from modelserve.server.serving import Phase, Serving
-from modelserve.server.vllm_compat import SERVICE_NAME as VLLM_SERVICE_NAME
-from modelserve.server.vllm_compat import VllmEngineServicer
 from modelserve.telemetry.rpc_metrics import RpcMetricsInterceptor
 from modelserve.telemetry.setup import Telemetry, start_telemetry
 from modelserve.telemetry.tracing import server_interceptor
@@ -124,7 +124,7 @@ def build_grpc_server(
     token: str | None,
 ) -> grpc.aio.Server:
     """The gRPC server with its interceptors and services (no port yet): ours and vLLM's VllmEngine
-    (vllm_compat.py), both over `serving`."""
+    (grpc/vllm.py), both over `serving`."""
     server = grpc.aio.server(
         interceptors=_interceptors(config, telemetry, token),
         options=[

@@ -10,7 +10,7 @@ Only when the running calls have ended (or the grace period is over and the
 engine has ended the rest with a last message) is the gRPC server stopped.
 Stopping it at once instead would leave a window in which a call that reaches
 an open connection is killed by the transport as CANCELLED, which no retry
-policy retries. The HTTP port (http.py) drains the same way: 503 for new
+policy retries. The HTTP port (openai/app.py) drains the same way: 503 for new
 requests on open connections, running ones counted with the gRPC calls, and
 the port closed with the gRPC server.
 """
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend
     from modelserve.engine.request import StepRecord
     from modelserve.models.loader import LoadedModel, ModelInfo
-    from modelserve.server.http import HttpServer
-    from modelserve.server.serving import Serving
+    from modelserve.server.core.serving import Serving
+    from modelserve.server.openai.app import HttpServer
 
 log = logging.getLogger("modelserve")
 
@@ -79,7 +79,7 @@ def load_info(config: Config) -> ModelInfo:
 
     from modelserve.models.demo import DEMO_MODEL_ID, demo_model_dir
     from modelserve.models.loader import load_model_info
-    from modelserve.server.chat import with_chat_template
+    from modelserve.server.core.chat import with_chat_template
 
     # Placeholders until the core says which device and dtype it chose (it alone touches the GPU).
     device, dtype = torch.device("cpu"), torch.float32

@@ -16,7 +16,7 @@ from opentelemetry import trace
 from modelserve.engine.request import Request, StreamEvent
 from modelserve.telemetry.metrics import OPERATION, GenerationMetrics, RequestOutcome
 
-log = logging.getLogger("modelserve.server.servicer")  # the request log keeps its logger name
+log = logging.getLogger("modelserve.server.grpc.servicer")  # the request log keeps its logger name
 
 
 class OutcomeTracker:

@@ -1,7 +1,7 @@
 """Writing the answer: an engine stream as OpenAI's chat.completion or text_completion objects, whole, or
 streamed as server-sent events (chat.completion.chunk) ending `data: [DONE]`, with `usage` and the
 log-probabilities in OpenAI's layout. A refusal before the answer starts is an error response of OpenAI's
-shape (openai_request.py); a failure after a stream's first byte is sent as a last event of that shape
+shape (request.py); a failure after a stream's first byte is sent as a last event of that shape
 (what the openai client raises as APIError).
 
 A client that closes its connection aborts its generation at the next engine step, as a cancelled gRPC
@@ -28,9 +28,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from modelserve.engine.request import FinishReason, StreamEvent, TokenLogprob, TokenLogprobs
-from modelserve.server.openai_request import failure
-from modelserve.server.serving import RequestFailed, Serving, merged_streams, raise_for
-from modelserve.server.tools import HeldReply, ToolCall, ToolCalling
+from modelserve.server.core.serving import RequestFailed, Serving, merged_streams, raise_for
+from modelserve.server.core.tools import HeldReply, ToolCall, ToolCalling
+from modelserve.server.openai.request import failure
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import RequestStream

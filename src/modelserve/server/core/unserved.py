@@ -82,7 +82,7 @@ _OPENAI_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,),
 }
 
-# Body fields the OpenAI face reads and serves (openai_request.py), and OpenAI's fields that ask nothing of
+# Body fields the OpenAI face reads and serves (openai/request.py), and OpenAI's fields that ask nothing of
 # a server (who the caller is, whether OpenAI should store the answer): neither is logged as unknown.
 OPENAI_SERVED = frozenset(
     {

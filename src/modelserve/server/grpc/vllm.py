@@ -48,7 +48,7 @@ from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 from modelserve import __version__
 from modelserve.config import KV_BLOCK_TOKENS
 from modelserve.engine.request import EngineStats, FinishReason, Request, StreamEvent, TokenLogprobs
-from modelserve.server.serving import (
+from modelserve.server.core.serving import (
     RequestFailed,
     Serving,
     ended_early,
@@ -57,8 +57,8 @@ from modelserve.server.serving import (
     raise_for,
     sample_choices,
 )
-from modelserve.server.unserved import vllm_refusal
-from modelserve.server.validation import VLLM_NAMES, Limits, reworded
+from modelserve.server.core.unserved import vllm_refusal
+from modelserve.server.core.validation import VLLM_NAMES, Limits, reworded
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend as Engine

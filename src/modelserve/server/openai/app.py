@@ -15,8 +15,8 @@ seconds), admission, the in-flight count a drain waits for, request metrics, and
 open, as it holds no data). A refusal keeps its gRPC meaning, in OpenAI's error shape.
 
 This module holds the endpoints, the error handlers and the port. Reading a body into GenerationParameters,
-and the refusals' shape: openai_request.py. Writing the answer, whole or as server-sent events, and
-aborting a generation whose client went away: openai_response.py.
+and the refusals' shape: request.py. Writing the answer, whole or as server-sent events, and
+aborting a generation whose client went away: response.py.
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from modelserve.server.core.serving import RequestFailed, Serving, sample_choices
+from modelserve.server.core.tools import ToolCalling, constraint_for, parser_for
+from modelserve.server.core.unserved import UnknownFields
 from modelserve.server.lifecycle import STOP_GRACE_S
-from modelserve.server.openai_request import (
+from modelserve.server.openai.request import (
     ApiError,
     Body,
     chat_messages,
@@ -58,11 +61,8 @@ from modelserve.server.openai_request import (
     invalid,
     request_timeout_s,
 )
-from modelserve.server.openai_response import Generation, Layout
+from modelserve.server.openai.response import Generation, Layout
 from modelserve.server.security import bearer_refusal, tls_enabled
-from modelserve.server.serving import RequestFailed, Serving, sample_choices
-from modelserve.server.tools import ToolCalling, constraint_for, parser_for
-from modelserve.server.unserved import UnknownFields
 from modelserve.telemetry.http_server import HttpTelemetryMiddleware
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from modelserve.engine.frontend import RequestStream
     from modelserve.engine.request import Request
     from modelserve.models.loader import ModelInfo as ServedModel
-    from modelserve.server.validation import Limits
+    from modelserve.server.core.validation import Limits
     from modelserve.telemetry.setup import Telemetry
 
 log = logging.getLogger("modelserve")

@@ -30,9 +30,8 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve import __version__
 from modelserve.engine.request import FinishReason, Request
-from modelserve.server.chat import ChatMessage
-from modelserve.server.convert import logprobs_proto, response_proto, set_final
-from modelserve.server.serving import (
+from modelserve.server.core.chat import ChatMessage
+from modelserve.server.core.serving import (
     Choice,
     Phase,
     RequestFailed,
@@ -43,7 +42,7 @@ from modelserve.server.serving import (
     raise_for,
     sample_choices,
 )
-from modelserve.server.tools import (
+from modelserve.server.core.tools import (
     HeldReply,
     Tool,
     ToolCall,
@@ -54,7 +53,8 @@ from modelserve.server.tools import (
     constraint_for,
     parser_for,
 )
-from modelserve.server.validation import InvalidArgument, Limits, check_prompt_size
+from modelserve.server.core.validation import InvalidArgument, Limits, check_prompt_size
+from modelserve.server.grpc.convert import logprobs_proto, response_proto, set_final
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend as Engine

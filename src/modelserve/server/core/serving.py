@@ -2,7 +2,7 @@
 flight (what a drain waits for), and one request's way from prompt text to an engine stream, with each
 refusal counted and each outcome tracked.
 
-The gRPC servicer (servicer.py) and the OpenAI-compatible HTTP app (http.py) both serve through one
+The gRPC servicers (grpc/) and the OpenAI-compatible HTTP app (openai/) all serve through one
 Serving, so a limit, a priority rule or a metric is written once, and a drain waits for the calls of
 both. A refusal is a RequestFailed carrying a gRPC status code: the server's one vocabulary of outcomes,
 which the HTTP app maps onto HTTP statuses.
@@ -31,8 +31,8 @@ from modelserve.engine.request import (
     Request,
     StreamEvent,
 )
-from modelserve.server.chat import ChatError, ChatMessage, check_chat_size, render_chat
-from modelserve.server.validation import (
+from modelserve.server.core.chat import ChatError, ChatMessage, check_chat_size, render_chat
+from modelserve.server.core.validation import (
     InvalidArgument,
     Limits,
     build_request,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend as Engine
     from modelserve.engine.frontend import RequestStream
     from modelserve.models.loader import ModelInfo as ServedModel
-    from modelserve.server.tools import Tool
+    from modelserve.server.core.tools import Tool
 
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (gRFC A6), read by clients' retry policies

@@ -22,11 +22,11 @@ from modelserve_client.v1 import generation_pb2 as pb
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
-from modelserve.server.chat import ChatMessage
-from modelserve.server.serving import RequestFailed
-from modelserve.server.tools import Tool, ToolCall, ToolChoice, ToolError, check_tools
-from modelserve.server.unserved import STRUCTURAL_TAGS, openai_refusal
-from modelserve.server.validation import VLLM_NAMES, reworded
+from modelserve.server.core.chat import ChatMessage
+from modelserve.server.core.serving import RequestFailed
+from modelserve.server.core.tools import Tool, ToolCall, ToolChoice, ToolError, check_tools
+from modelserve.server.core.unserved import STRUCTURAL_TAGS, openai_refusal
+from modelserve.server.core.validation import VLLM_NAMES, reworded
 
 TIMEOUT_HEADER = "x-request-timeout-s"  # the caller's deadline, in seconds from now (gRPC sends its own)
 SEED_MAX = 2**64 - 1  # GenerationParameters.seed is a uint64

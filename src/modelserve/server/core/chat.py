@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from jinja2.exceptions import TemplateSyntaxError
 
-from modelserve.server.tools import Tool, ToolCall
+from modelserve.server.core.tools import Tool, ToolCall
 
 if TYPE_CHECKING:
     from modelserve.models.loader import ModelInfo

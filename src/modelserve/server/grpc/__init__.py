@@ -1,0 +1,2 @@
+"""The gRPC faces: modelserve.v1's GenerationService and vLLM's VllmEngine, their protobuf mapping and the
+request-parsing interceptor."""
