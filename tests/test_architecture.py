@@ -4,6 +4,8 @@ including the ones inside functions.
 - engine -> server, telemetry, grpc, protobuf, OpenTelemetry: the engine emits plain events and stats.
 - models -> engine, server.
 - clients -> src/modelserve, torch, transformers: a backend team installs the client alone.
+- server/core -> the faces (server/grpc, server/openai), and one face -> another: each face maps its
+  calls onto the core, and a second face is another module over the same core.
 - the scheduler's side of a step (scheduler, sequences, block manager, the step plan) -> torch: a plan
   is plain data another process can execute.
 """
@@ -31,6 +33,13 @@ RULES = (
     ),
     (SRC / "models", ("modelserve.engine", "modelserve.server"), "models import no engine or server"),
     (CLIENTS, ("modelserve", "torch", "transformers"), "the client imports nothing of src/modelserve, nor torch"),
+    (
+        SRC / "server" / "core",
+        ("modelserve.server.grpc", "modelserve.server.openai", "starlette"),
+        "what the faces share knows none of them",
+    ),
+    (SRC / "server" / "grpc", ("modelserve.server.openai", "starlette"), "the gRPC faces know nothing of HTTP"),
+    (SRC / "server" / "openai", ("modelserve.server.grpc",), "the OpenAI face knows nothing of the gRPC faces"),
 )
 
 
@@ -69,7 +78,11 @@ def python_files(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.rglob("*.py")) if "/v1/" not in p.as_posix()]  # generated stubs excepted
 
 
-@pytest.mark.parametrize(("folder", "forbidden", "why"), RULES, ids=["engine", "models", "clients"])
+@pytest.mark.parametrize(
+    ("folder", "forbidden", "why"),
+    RULES,
+    ids=["engine", "models", "clients", "server-core", "server-grpc", "server-openai"],
+)
 def test_no_forbidden_arrow(folder: Path, forbidden: tuple[str, ...], why: str) -> None:
     files = python_files(folder)
     assert files, f"no Python files under {folder}"

@@ -23,6 +23,7 @@ from modelserve.models.loader import GenerationDefaults, load_model, load_model_
 from modelserve.models.random_init import build_random_model
 from modelserve.models.source import ModelLoadError
 from modelserve.server.core.validation import InvalidArgument, Limits, RequestDefaults, build_request, resolve_defaults
+from modelserve.server.grpc.convert import parameters
 from tests.conftest import ServerProcess, start_server
 
 CPU = torch.device("cpu")
@@ -154,18 +155,18 @@ def test_unset_parameters_take_the_models_defaults_and_set_ones_win() -> None:
         "max_new_tokens",
     }
 
-    unset = build_request("a", [1, 2, 3], pb.GenerationParameters(), _limits(defaults)).params
+    unset = build_request("a", [1, 2, 3], parameters(pb.GenerationParameters()), _limits(defaults)).params
     assert (unset.max_new_tokens, unset.temperature, unset.top_p, unset.top_k) == (64, 0.7, 0.8, 20)
     assert (unset.repetition_penalty, unset.min_p) == (1.05, pytest.approx(0.05))
     explicit = pb.GenerationParameters(
         max_new_tokens=3, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, min_p=0.0
     )
-    params = build_request("b", [1, 2, 3], explicit, _limits(defaults)).params
+    params = build_request("b", [1, 2, 3], parameters(explicit), _limits(defaults)).params
     assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (3, 0.0, 1.0, 0)
     assert (params.repetition_penalty, params.min_p) == (1.0, 0.0)
     # The server's own limits still bind a request that asks for more than the model's default.
     with pytest.raises(InvalidArgument, match=r"params.max_new_tokens must be in \[1, 511\]"):
-        build_request("c", [1], pb.GenerationParameters(max_new_tokens=600), _limits(defaults))
+        build_request("c", [1], parameters(pb.GenerationParameters(max_new_tokens=600)), _limits(defaults))
 
 
 def test_the_servers_limits_bind_the_models_defaults(caplog: pytest.LogCaptureFixture) -> None:

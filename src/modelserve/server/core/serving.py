@@ -32,6 +32,7 @@ from modelserve.engine.request import (
     StreamEvent,
 )
 from modelserve.server.core.chat import ChatError, ChatMessage, check_chat_size, render_chat
+from modelserve.server.core.params import Parameters
 from modelserve.server.core.validation import (
     InvalidArgument,
     Limits,
@@ -94,14 +95,14 @@ class Choice:
     """One choice of a call that asks for several: its prompt (or its token ids) and parameters."""
 
     prompt: str
-    params: pb.GenerationParameters
+    params: Parameters
     request_id: str = ""
     prompt_ids: Sequence[int] | None = None
 
 
 def sample_choices(
     prompt: str,
-    params: pb.GenerationParameters,
+    params: Parameters,
     samples: int,
     request_id: str = "",
     prompt_ids: Sequence[int] | None = None,
@@ -113,10 +114,8 @@ def sample_choices(
     choices = []
     for sample in range(samples):
         own = params
-        if sample and params.HasField("seed"):
-            own = pb.GenerationParameters()
-            own.CopyFrom(params)
-            own.seed = (params.seed + sample) % seed_modulus
+        if sample and params.seed is not None:
+            own = dataclasses.replace(params, seed=(params.seed + sample) % seed_modulus)
         own_id = f"{request_id}-{sample}" if sample and request_id else request_id
         choices.append(Choice(prompt, own, own_id, prompt_ids))
     return choices

@@ -17,11 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from modelserve_client.v1 import generation_pb2 as pb
-
 from modelserve.config import DEFAULT_MAX_NEW_TOKENS
 from modelserve.engine.grammar import GrammarError, grammar_for
 from modelserve.engine.request import Request, SamplingParams
+from modelserve.server.core.params import Parameters
 
 if TYPE_CHECKING:
     from modelserve.models.loader import GenerationDefaults
@@ -122,7 +121,7 @@ def check_token_ids(token_ids: Sequence[int], limits: Limits, field: str = "prom
     return ids
 
 
-def truncate_prompt(prompt_ids: list[int], params: pb.GenerationParameters, limits: Limits) -> list[int]:
+def truncate_prompt(prompt_ids: list[int], params: Parameters, limits: Limits) -> list[int]:
     keep = params.truncate_input_tokens
     if not 0 <= keep <= limits.max_sequence_length - 1:
         raise InvalidArgument(
@@ -133,7 +132,7 @@ def truncate_prompt(prompt_ids: list[int], params: pb.GenerationParameters, limi
     return prompt_ids[-keep:] if keep and len(prompt_ids) > keep else prompt_ids
 
 
-def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationParameters, limits: Limits) -> Request:
+def build_request(request_id: str, prompt_ids: list[int], params: Parameters, limits: Limits) -> Request:
     """Validate every parameter against `limits`; `prompt_ids` are already truncated."""
     n_prompt = len(prompt_ids)
     if n_prompt > limits.max_prompt_tokens:
@@ -147,7 +146,7 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
             f"prompt is {n_prompt} tokens; a sequence holds {limits.max_sequence_length} tokens in all, so a prompt "
             f"may have at most {limits.max_sequence_length - 1} (or set params.truncate_input_tokens)"
         )
-    if params.HasField("max_new_tokens"):
+    if params.max_new_tokens is not None:
         max_new = params.max_new_tokens
         _in_range("params.max_new_tokens", max_new, 1, limits.max_max_new_tokens)
         if max_new > room:
@@ -159,12 +158,12 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
     else:
         max_new = min(limits.defaults.max_new_tokens, room)
 
-    min_new = params.min_new_tokens if params.HasField("min_new_tokens") else 0
+    min_new = params.min_new_tokens or 0
     _in_range("params.min_new_tokens", min_new, 0, max_new, note=" (at most max_new_tokens)")
     defaults = limits.defaults
     temperature = _float(params, "temperature", defaults.temperature)
     top_p = _float(params, "top_p", defaults.top_p)
-    top_k = params.top_k if params.HasField("top_k") else defaults.top_k
+    top_k = defaults.top_k if params.top_k is None else params.top_k
     _check_top_k("params.top_k", top_k, limits.vocab_size)
     repetition_penalty = _float(params, "repetition_penalty", defaults.repetition_penalty)
     presence_penalty = _float(params, "presence_penalty", 0.0)
@@ -190,9 +189,8 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
     if params.top_logprobs and not params.logprobs:
         raise InvalidArgument("params.top_logprobs needs params.logprobs = true")
     grammar = structured_output_grammar(params)
-    prompt_logprobs = -1  # none
-    if params.HasField("prompt_logprobs"):
-        prompt_logprobs = params.prompt_logprobs
+    prompt_logprobs = -1 if params.prompt_logprobs is None else params.prompt_logprobs  # -1: none
+    if params.prompt_logprobs is not None:
         _in_range("params.prompt_logprobs", prompt_logprobs, 0, limits.max_top_logprobs)
     if len(request_id) > limits.max_request_id_chars:
         raise InvalidArgument(f"request_id is {len(request_id)} characters; at most {limits.max_request_id_chars}")
@@ -206,13 +204,13 @@ def build_request(request_id: str, prompt_ids: list[int], params: pb.GenerationP
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
-            seed=params.seed if params.HasField("seed") else secrets.randbits(63),
+            seed=secrets.randbits(63) if params.seed is None else params.seed,
             repetition_penalty=repetition_penalty,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             min_p=min_p,
             logit_bias=logit_bias,
-            stop=tuple(params.stop),
+            stop=params.stop,
             stop_token_ids=frozenset(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
@@ -228,28 +226,23 @@ MAX_CONSTRAINT_BYTES = 256 << 10
 MAX_CHOICES = 1024
 
 
-def structured_output_grammar(params: pb.GenerationParameters) -> str:
+def structured_output_grammar(params: Parameters) -> str:
     """The grammar for params.structured_output ("" for none), checked before the request is admitted."""
-    if not params.HasField("structured_output"):
-        return ""
     constraint = params.structured_output
-    kind = constraint.WhichOneof("constraint")
-    if kind is None or (kind == "json_object" and not constraint.json_object):
+    if constraint is None or constraint.value is False:
         return ""
+    kind, value = constraint.kind, constraint.value
     field = f"params.structured_output.{kind}"
-    value: str | list[str] | bool
-    if kind == "choice":
-        value = list(constraint.choice.choices)
+    if isinstance(value, tuple):
         if not 1 <= len(value) <= MAX_CHOICES:
             raise InvalidArgument(f"{field} has {len(value)} strings; it must have 1 to {MAX_CHOICES}")
         size = sum(len(choice.encode()) for choice in value)
     else:
-        value = getattr(constraint, kind)
         size = len(value.encode()) if isinstance(value, str) else 0
     if size > MAX_CONSTRAINT_BYTES:
         raise InvalidArgument(f"{field} is {size} bytes; the limit is {MAX_CONSTRAINT_BYTES} bytes")
     try:
-        return _grammar(kind, tuple(value) if isinstance(value, list) else value)
+        return _grammar(kind, value)
     except GrammarError as exc:
         raise InvalidArgument(f"{field} {exc}") from None
 
@@ -265,21 +258,22 @@ def _in_range(field: str, value: int, low: int, high: int, note: str = "") -> No
         raise InvalidArgument(f"{field} must be in [{low}, {high}]{note}, got {value}")
 
 
-def _float(params: pb.GenerationParameters, name: str, default: float) -> float:
-    if not params.HasField(name):
+def _float(params: Parameters, name: str, default: float) -> float:
+    value = getattr(params, name)
+    if value is None:
         return default
-    value = float(getattr(params, name))
+    value = float(value)
     _check_float(f"params.{name}", name, value)
     return value
 
 
-def _logit_bias(params: pb.GenerationParameters, vocab_size: int) -> tuple[tuple[int, float], ...]:
+def _logit_bias(params: Parameters, vocab_size: int) -> tuple[tuple[int, float], ...]:
     low, high = LOGIT_BIAS_RANGE
-    for token_id, bias in sorted(params.logit_bias.items()):
+    for token_id, bias in sorted(params.logit_bias):
         _in_range(f"params.logit_bias key {token_id}", token_id, 0, vocab_size - 1, note=" (a token id)")
         if not (math.isfinite(bias) and low <= bias <= high):
             raise InvalidArgument(f"params.logit_bias[{token_id}] must be in [{low:g}, {high:g}], got {bias:g}")
-    return tuple(sorted(params.logit_bias.items()))
+    return tuple(sorted(params.logit_bias))
 
 
 def _check_float(field: str, name: str, value: float) -> None:

@@ -1,10 +1,18 @@
-"""Engine events and results as protobuf messages: the one place that maps engine types to the contract."""
+"""modelserve.v1's messages and the server's types: GenerationParameters in, as the one parameter model
+(core/params.py); engine events and results out. The one place that maps them to the contract."""
 
 from __future__ import annotations
 
 from modelserve_client.v1 import generation_pb2 as pb
 
 from modelserve.engine.request import FinishReason, StreamEvent, TokenLogprob, TokenLogprobs
+from modelserve.server.core.params import Parameters, StructuredOutput
+
+# GenerationParameters' fields with presence (proto3 optional): unset is None.
+_OPTIONAL = (
+    *("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty"),
+    *("presence_penalty", "frequency_penalty", "min_p", "prompt_logprobs"),
+)
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -16,6 +24,30 @@ FINISH_REASONS = {
     FinishReason.OUT_OF_MEMORY: pb.FINISH_REASON_ERROR,
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
 }
+
+
+def parameters(params: pb.GenerationParameters) -> Parameters:
+    """A request's GenerationParameters as the one parameter model, unset fields None."""
+    constraint = None
+    if params.HasField("structured_output"):
+        kind = params.structured_output.WhichOneof("constraint")
+        if kind == "choice":
+            constraint = StructuredOutput(kind, tuple(params.structured_output.choice.choices))
+        elif kind is not None:
+            constraint = StructuredOutput(kind, getattr(params.structured_output, kind))
+    return Parameters(
+        **{name: getattr(params, name) if params.HasField(name) else None for name in _OPTIONAL},
+        logit_bias=tuple(sorted(params.logit_bias.items())),
+        stop=tuple(params.stop),
+        stop_token_ids=tuple(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
+        truncate_input_tokens=params.truncate_input_tokens,
+        include_stop_sequence=params.include_stop_sequence,
+        n=params.n,
+        structured_output=constraint,
+    )
 
 
 def logprobs_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:

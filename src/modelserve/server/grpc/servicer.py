@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -31,6 +32,7 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from modelserve import __version__
 from modelserve.engine.request import FinishReason, Request
 from modelserve.server.core.chat import ChatMessage
+from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
     Choice,
     Phase,
@@ -54,7 +56,7 @@ from modelserve.server.core.tools import (
     parser_for,
 )
 from modelserve.server.core.validation import InvalidArgument, Limits, check_prompt_size
-from modelserve.server.grpc.convert import logprobs_proto, response_proto, set_final
+from modelserve.server.grpc.convert import logprobs_proto, parameters, response_proto, set_final
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend as Engine
@@ -72,6 +74,18 @@ HEALTH_HINT = "grpc.health.v1 reports SERVING"
 # so that retry policies may retry it): which replica serves it, as host name (the pod's, on Kubernetes) and
 # gRPC port, for a caller that balances over many.
 SERVER_ID_KEY = "modelserve-server-id"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What a Generate (or a rendered Chat) asks for, its parameters in the one parameter model."""
+
+    prompt: str
+    params: Parameters
+    request_id: str
+    priority: int
+
+
 _TOOL_CHOICES = {
     pb.TOOL_CHOICE_UNSPECIFIED: "auto",
     pb.TOOL_CHOICE_AUTO: "auto",
@@ -97,8 +111,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine, model, limits = await self._serving(context)
         # aclosing: on a cancel the inner generator's cleanup (the engine abort) runs now, inside counted().
+        call = _Call(request.prompt, parameters(request.params), request.request_id, request.priority)
         with self._serving_state.counted():
-            async with contextlib.aclosing(self._generate(engine, model, limits, request, context)) as responses:
+            async with contextlib.aclosing(self._generate(engine, model, limits, call, context)) as responses:
                 async for response in responses:
                     yield response
 
@@ -115,30 +130,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             )
             for m in request.messages
         ]
-        params, calling = request.params, None
+        params, calling = parameters(request.params), None
         try:
             tools, choice = self._chat_tools(request)
             prompt = self._serving_state.chat_prompt(model, limits, messages, tools if choice.mode != "none" else ())
             if choice.mode != "none":
                 calling = ToolCalling(tools, choice, parser_for(model.chat_template, self._config.tool_call_parser))
                 if (schema := constraint_for(tools, choice)) is not None:
-                    if params.HasField("structured_output"):
+                    if params.structured_output is not None:
                         self._serving_state.rejected("invalid_argument", chat=True)
                         raise RequestFailed(
                             grpc.StatusCode.INVALID_ARGUMENT,
                             "tool_choice REQUIRED or tool_choice_function cannot be combined with "
                             "params.structured_output: the calls are the reply's structure",
                         )
-                    params = pb.GenerationParameters()
-                    params.CopyFrom(request.params)
-                    params.structured_output.json_schema = schema
+                    params = dataclasses.replace(params, structured_output=StructuredOutput("json_schema", schema))
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc))
-        generate = pb.GenerateRequest(
-            prompt=prompt, params=params, request_id=request.request_id, priority=request.priority
-        )
+        call = _Call(prompt, params, request.request_id, request.priority)
         with self._serving_state.counted():
-            responses = self._generate(engine, model, limits, generate, context, chat=True, calling=calling)
+            responses = self._generate(engine, model, limits, call, context, chat=True, calling=calling)
             async with contextlib.aclosing(responses):
                 async for response in responses:
                     yield response
@@ -148,7 +159,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         engine: Engine,
         model: ServedModel,
         limits: Limits,
-        request: pb.GenerateRequest,
+        request: _Call,
         context: grpc.aio.ServicerContext[Any, pb.GenerateResponse],
         chat: bool = False,
         calling: ToolCalling | None = None,
@@ -380,7 +391,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 f"{field}.params.n is {request.params.n}: a BatchGenerate item makes one sample (0 or 1); "
                 "send an item per sample, or call Generate",
             )
-        choice = Choice(request.prompt, request.params, request.request_id)
+        choice = Choice(request.prompt, parameters(request.params), request.request_id)
         (started,) = self._serving_state.start_choices(
             engine,
             model,

@@ -7,9 +7,10 @@ same validation and limits, priority 0, the call's deadline, admission, the in-f
 for, request telemetry; interceptors give it auth and RPC metrics as for every method). Only shapes differ:
 
 - Input: text, tokenized here, or token ids, checked against the vocabulary.
-- SamplingParams become GenerationParameters; a field left at zero takes the model's default, as in
-  modelserve.v1 (vLLM's servicer uses fixed defaults there). A value out of range is INVALID_ARGUMENT with
-  the message modelserve.v1 gives, naming this contract's field (sampling_params.max_tokens).
+- SamplingParams become the one parameter model (core/params.py); a field left at zero takes the model's
+  default, as in modelserve.v1 (vLLM's servicer uses fixed defaults there). A value out of range is
+  INVALID_ARGUMENT with the message modelserve.v1 gives, naming this contract's field
+  (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
   which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structural
   tags; Embed), INVALID_ARGUMENT for a value outside this server (data_parallel_rank
@@ -41,13 +42,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.vllm import vllm_engine_pb2 as vpb
 from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve import __version__
 from modelserve.config import KV_BLOCK_TOKENS
 from modelserve.engine.request import EngineStats, FinishReason, Request, StreamEvent, TokenLogprobs
+from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
     RequestFailed,
     Serving,
@@ -87,7 +88,7 @@ _RENAMED = {
     "top_logprobs": "logprobs",
     **{f"structured_output.{kind}": kind for kind in ("json_schema", "json_object", "regex", "choice", "grammar")},
 }
-# The plain SamplingParams fields that GenerationParameters names alike.
+# The plain SamplingParams fields that the parameter model names alike.
 _SAME_NAMES = ("top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 # vLLM's sampling defaults that GetModelInfo reports when the model sets them.
 _REPORTED_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
@@ -196,7 +197,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         model: ServedModel,
         limits: Limits,
         request: vpb.GenerateRequest,
-        params: pb.GenerationParameters,
+        params: Parameters,
         prompt: str,
         prompt_ids: Sequence[int] | None,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -314,9 +315,9 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         engine = self._serving.engine
         return engine.stats() if engine is not None else EngineStats()
 
-    def _parameters(self, request: vpb.GenerateRequest, limits: Limits) -> pb.GenerationParameters:
-        """modelserve.v1's parameters for the request, which Serving.prepare then validates; RequestFailed
-        (counted) for what this server cannot honour."""
+    def _parameters(self, request: vpb.GenerateRequest, limits: Limits) -> Parameters:
+        """The request's parameters in the one parameter model, which Serving.prepare then validates;
+        RequestFailed (counted) for what this server cannot honour."""
         sampling = request.sampling_params
         refusal = _unsupported(request, sampling)
         if refusal is not None:
@@ -334,39 +335,36 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             self._check_int32(f"sampling_params.{name}", getattr(sampling, name))
         for i, token_id in enumerate(sampling.stop_token_ids):
             self._check_int32(f"sampling_params.stop_token_ids[{i}]", token_id)
-        params = pb.GenerationParameters(
-            stop=sampling.stop,
-            stop_token_ids=sampling.stop_token_ids,
+        # proto3 cannot tell these zeros from unset: a zero takes the default (the model's where it sets one).
+        fields: dict[str, Any] = {name: getattr(sampling, name) or None for name in _SAME_NAMES}
+        if sampling.min_tokens:
+            fields["min_new_tokens"] = sampling.min_tokens
+        if sampling.HasField("temperature"):
+            fields["temperature"] = sampling.temperature
+        if sampling.HasField("max_tokens"):
+            fields["max_new_tokens"] = sampling.max_tokens
+        if sampling.HasField("seed"):
+            fields["seed"] = sampling.seed % 2**32  # a negative int32 as its two's complement
+        if sampling.HasField("logprobs"):
+            fields["logprobs"], fields["top_logprobs"] = True, sampling.logprobs
+        if sampling.HasField("prompt_logprobs"):
+            fields["prompt_logprobs"] = sampling.prompt_logprobs
+        constraint = sampling.WhichOneof("constraint")  # structural_tag was refused above
+        if constraint == "choice":
+            fields["structured_output"] = StructuredOutput("choice", tuple(sampling.choice.choices))
+        elif constraint is not None:
+            fields["structured_output"] = StructuredOutput(constraint, getattr(sampling, constraint))
+        if sampling.HasField("truncate_prompt_tokens"):
+            keep = sampling.truncate_prompt_tokens
+            fields["truncate_input_tokens"] = limits.max_prompt_tokens if keep == -1 else keep
+        return Parameters(
+            **fields,
+            logit_bias=tuple(sorted(sampling.logit_bias.items())),
+            stop=tuple(sampling.stop),
+            stop_token_ids=tuple(sampling.stop_token_ids),
             ignore_eos=sampling.ignore_eos,
             include_stop_sequence=sampling.include_stop_str_in_output,
         )
-        # proto3 cannot tell these zeros from unset: a zero takes the default (the model's where it sets one).
-        for name in _SAME_NAMES:
-            value = getattr(sampling, name)
-            if value:
-                setattr(params, name, value)
-        params.logit_bias.update(sampling.logit_bias)
-        if sampling.min_tokens:
-            params.min_new_tokens = sampling.min_tokens
-        if sampling.HasField("temperature"):
-            params.temperature = sampling.temperature
-        if sampling.HasField("max_tokens"):
-            params.max_new_tokens = sampling.max_tokens
-        if sampling.HasField("seed"):
-            params.seed = sampling.seed % 2**32  # a negative int32 as its two's complement
-        if sampling.HasField("logprobs"):
-            params.logprobs, params.top_logprobs = True, sampling.logprobs
-        if sampling.HasField("prompt_logprobs"):
-            params.prompt_logprobs = sampling.prompt_logprobs
-        constraint = sampling.WhichOneof("constraint")  # structural_tag was refused above
-        if constraint == "choice":
-            params.structured_output.choice.choices.extend(sampling.choice.choices)
-        elif constraint is not None:
-            setattr(params.structured_output, constraint, getattr(sampling, constraint))
-        if sampling.HasField("truncate_prompt_tokens"):
-            keep = sampling.truncate_prompt_tokens
-            params.truncate_input_tokens = limits.max_prompt_tokens if keep == -1 else keep
-        return params
 
     def _check_int32(self, field: str, value: int) -> None:
         if value > _INT32_MAX:

@@ -14,9 +14,9 @@ seconds), admission, the in-flight count a drain waits for, request metrics, and
 `Authorization: Bearer` header; /health is open unless --auth-health, like gRPC health; the static page is
 open, as it holds no data). A refusal keeps its gRPC meaning, in OpenAI's error shape.
 
-This module holds the endpoints, the error handlers and the port. Reading a body into GenerationParameters,
-and the refusals' shape: request.py. Writing the answer, whole or as server-sent events, and
-aborting a generation whose client went away: response.py.
+This module holds the endpoints, the error handlers and the port. Reading a body into the one parameter
+model (core/params.py), and the refusals' shape: request.py. Writing the answer, whole or as server-sent
+events, and aborting a generation whose client went away: response.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from modelserve_client.v1 import generation_pb2 as pb
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -45,6 +44,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from modelserve.server.core.params import StructuredOutput
 from modelserve.server.core.serving import RequestFailed, Serving, sample_choices
 from modelserve.server.core.tools import ToolCalling, constraint_for, parser_for
 from modelserve.server.core.unserved import UnknownFields
@@ -213,11 +213,11 @@ class _Api:
         params, names = generation_parameters(body, chat)
         names["prompt"] = "messages" if chat else "prompt"
         if calling is not None and (schema := constraint_for(calling.tools, calling.choice)) is not None:
-            if params.HasField("structured_output"):
+            if params.structured_output is not None:
                 raise invalid(
                     "tool_choice required or a named function cannot be combined with a response_format", "tool_choice"
                 )
-            params.structured_output.json_schema = schema
+            params = dataclasses.replace(params, structured_output=StructuredOutput("json_schema", schema))
             names["structured_output.json_schema"] = "tool_choice"
         stream = bool(body.boolean("stream"))
         echo = bool(body.boolean("echo"))
@@ -250,9 +250,7 @@ class _Api:
             raise invalid("best_of must equal n when streaming: the best are known only at the end", "best_of")
         sampled = params
         if keep < samples and not params.logprobs:  # ranking reads each token's log-probability
-            sampled = pb.GenerationParameters()
-            sampled.CopyFrom(params)
-            sampled.logprobs = True
+            sampled = dataclasses.replace(params, logprobs=True)
         base_id = request_id or uuid.uuid4().hex  # the answer's id; its choices' requests are BASE-0, BASE-1, ...
         total = len(prompts) * samples
         suffix = len(f"-{total - 1}")

@@ -1,7 +1,7 @@
-"""Reading an OpenAI request: a chat or completion body becomes our GenerationParameters, which then meet
+"""Reading an OpenAI request: a chat or completion body becomes the one parameter model, which then meets
 the shared validation and limits (serving.py, validation.py) as a gRPC call's do, and the caller's deadline
 comes from the X-Request-Timeout-S header (in seconds). A body is read with OpenAI's types; the fields that
-ask for what this server cannot do (tools, structured output) are refused by name, and fields it does not know
+ask for what this server cannot do (unserved.py's table) are refused by name, and fields it does not know
 are logged once and ignored (unserved.py).
 
 A refusal keeps its gRPC meaning, mapped onto an HTTP status in OpenAI's error shape
@@ -18,18 +18,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from modelserve_client.v1 import generation_pb2 as pb
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
 from modelserve.server.core.chat import ChatMessage
+from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import RequestFailed
 from modelserve.server.core.tools import Tool, ToolCall, ToolChoice, ToolError, check_tools
 from modelserve.server.core.unserved import STRUCTURAL_TAGS, openai_refusal
 from modelserve.server.core.validation import VLLM_NAMES, reworded
 
 TIMEOUT_HEADER = "x-request-timeout-s"  # the caller's deadline, in seconds from now (gRPC sends its own)
-SEED_MAX = 2**64 - 1  # GenerationParameters.seed is a uint64
+SEED_MAX = 2**64 - 1  # as modelserve.v1's seed, a uint64
 
 # A refusal's gRPC status -> its HTTP status and OpenAI error type.
 _HTTP_STATUS = {
@@ -88,7 +88,7 @@ def failure(exc: RequestFailed, names: Mapping[str, str]) -> ApiError:
 
 
 def _body_names(message: str, names: Mapping[str, str]) -> tuple[str, str | None]:
-    """Validation names GenerationParameters' fields (params.max_new_tokens); this caller sent the body's
+    """Validation names the parameter model's fields (params.max_new_tokens); this caller sent the body's
     (max_tokens): the message in the body's names, and the field it names first."""
     text, renamed = reworded(message, lambda ours: names.get(ours or "prompt", ours or "prompt"))
     leading = _LEADING_FIELD.match(message)
@@ -160,21 +160,17 @@ class Body:
             raise invalid(refusal[1], refusal[0])
 
 
-def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParameters, dict[str, str]]:
-    """The body's sampling fields as GenerationParameters (validated later, by the shared request path),
+def generation_parameters(body: Body, chat: bool) -> tuple[Parameters, dict[str, str]]:
+    """The body's sampling fields in the one parameter model (validated later, by the shared request path),
     and the body's name of each field, for that path's messages: vLLM's names where ours differ
     (validation.py), and the request's own choice (max_completion_tokens, a completion's `logprobs` count)."""
-    params = pb.GenerationParameters()
+    fields: dict[str, Any] = {}
     names = dict(VLLM_NAMES)
 
     def put(field: str, key: str, value: object) -> None:
-        if value is None:
-            return
-        names[field] = key
-        try:
-            setattr(params, field, value)
-        except (ValueError, TypeError) as exc:  # out of the proto field's own range (int32)
-            raise invalid(f"{key} is out of range: {exc}", key) from None
+        if value is not None:
+            names[field] = key
+            fields[field] = value
 
     max_key = "max_completion_tokens" if chat and body.has("max_completion_tokens") else "max_tokens"
     put("max_new_tokens", max_key, body.integer(max_key))
@@ -186,8 +182,7 @@ def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParamete
     put("presence_penalty", "presence_penalty", body.number("presence_penalty"))
     put("frequency_penalty", "frequency_penalty", body.number("frequency_penalty"))
     put("min_p", "min_p", body.number("min_p"))
-    for token_id, bias in _logit_bias(body).items():
-        params.logit_bias[token_id] = bias
+    fields["logit_bias"] = tuple(sorted(_logit_bias(body).items()))
     put("ignore_eos", "ignore_eos", body.boolean("ignore_eos"))
     put("include_stop_sequence", "include_stop_str_in_output", body.boolean("include_stop_str_in_output"))
     put("truncate_input_tokens", "truncate_prompt_tokens", body.integer("truncate_prompt_tokens"))
@@ -195,29 +190,26 @@ def generation_parameters(body: Body, chat: bool) -> tuple[pb.GenerationParamete
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise invalid(f"seed must be in [0, {SEED_MAX}], got {seed}", "seed")
     put("seed", "seed", seed)
-    params.stop.extend(body.strings("stop"))
-    try:
-        params.stop_token_ids.extend(body.integers("stop_token_ids"))
-    except ValueError as exc:
-        raise invalid(f"stop_token_ids is out of range: {exc}", "stop_token_ids") from None
+    fields["stop"] = tuple(body.strings("stop"))
+    fields["stop_token_ids"] = tuple(body.integers("stop_token_ids"))
     if chat:  # logprobs: true, top_logprobs: n
         put("logprobs", "logprobs", body.boolean("logprobs"))
         put("top_logprobs", "top_logprobs", body.integer("top_logprobs"))
     else:  # logprobs: n, the alternatives per token (0: the chosen token's only)
         top = body.integer("logprobs")
         if top is not None:
-            params.logprobs = True
+            fields["logprobs"] = True
             put("top_logprobs", "logprobs", top)
             if body.boolean("echo"):  # the echoed prompt's tokens get theirs too
                 put("prompt_logprobs", "logprobs", top)
     put("prompt_logprobs", "prompt_logprobs", body.integer("prompt_logprobs"))
-    _structured_output(body, params, names)
-    return params, names
+    fields["structured_output"] = _structured_output(body, names)
+    return Parameters(**fields), names
 
 
-def _structured_output(body: Body, params: pb.GenerationParameters, names: dict[str, str]) -> None:
-    """OpenAI's response_format, and vLLM's guided_* fields and structured_outputs object, as
-    params.structured_output (at most one of them); validation checks the schema, regex or grammar."""
+def _structured_output(body: Body, names: dict[str, str]) -> StructuredOutput | None:
+    """OpenAI's response_format, and vLLM's guided_* fields and structured_outputs object, as one structured
+    output (at most one of them may be asked for); validation checks the schema, regex or grammar."""
     asked: list[tuple[str, str, Any]] = []  # (the body field, our kind, its value)
     response_format = body.mapping("response_format")
     kind = response_format.get("type", "text")
@@ -255,23 +247,22 @@ def _structured_output(body: Body, params: pb.GenerationParameters, names: dict[
         fields = ", ".join(sorted({f"{key} ({ours})" for key, ours, _ in asked}))
         raise invalid(f"ask for one structured output at a time; this request asks for {fields}", asked[1][0])
     if not asked:
-        return
+        return None
     key, ours, value = asked[0]
     names[f"structured_output.{ours}"] = key
     if ours == "json_schema":
         if not isinstance(value, dict | str):
             raise invalid(f"{key} must be a JSON schema (an object, or its JSON text)", key)
-        params.structured_output.json_schema = value if isinstance(value, str) else json.dumps(value)
-    elif ours == "choice":
+        return StructuredOutput(ours, value if isinstance(value, str) else json.dumps(value))
+    if ours == "choice":
         if not isinstance(value, list) or not all(isinstance(choice, str) for choice in value):
             raise invalid(f"{key} must be a list of strings", key)
-        params.structured_output.choice.choices.extend(value)
-    elif ours == "json_object":
-        params.structured_output.json_object = True
-    else:
-        if not isinstance(value, str):
-            raise invalid(f"{key} must be a string", key)
-        setattr(params.structured_output, ours, value)
+        return StructuredOutput(ours, tuple(value))
+    if ours == "json_object":
+        return StructuredOutput(ours, True)
+    if not isinstance(value, str):
+        raise invalid(f"{key} must be a string", key)
+    return StructuredOutput(ours, value)
 
 
 def _logit_bias(body: Body) -> dict[int, float]:
