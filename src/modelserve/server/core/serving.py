@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -324,6 +324,44 @@ class Serving:
         operation = CHAT_OPERATION if chat else OPERATION
         return OutcomeTracker(self._metrics, request, content, cfg.trace_content, cfg.log_content, operation)
 
+    @contextlib.asynccontextmanager
+    async def consuming(
+        self,
+        started: Sequence[tuple[Request, RequestStream]],
+        prompts: Sequence[str],
+        chat: bool,
+        ending: Callable[[], FinishReason],
+    ) -> AsyncIterator[AsyncGenerator[tuple[int, StreamEvent], None]]:
+        """The one consume loop of every face, entered as soon as its choices have started: it yields their
+        events as they come (each with its place in `started`), each recorded in its request's telemetry. On
+        leaving, however the face stops (the last event, a failure it raises, its caller gone, before or while
+        reading), every stream is aborted (a no-op once finished: the engine frees the row at its next step)
+        and every outcome closed, with `ending()` saying why (a deadline passed, a cancel)."""
+        outcomes = [self.track(request, prompt, chat) for (request, _), prompt in zip(started, prompts, strict=True)]
+
+        def abort_all() -> None:
+            reason = ending()
+            for _, stream in started:
+                stream.abort(reason)  # a no-op once it finished
+
+        async def events() -> AsyncGenerator[tuple[int, StreamEvent], None]:
+            try:
+                async with contextlib.aclosing(_merged_streams([stream for _, stream in started])) as merged:
+                    async for index, event in merged:
+                        outcomes[index].saw(event)
+                        yield index, event
+            finally:  # a face that stops reading (a failure, a gone caller) stops every choice now
+                abort_all()
+
+        reading = events()
+        try:
+            yield reading
+        finally:
+            await reading.aclose()
+            abort_all()  # also when reading never began
+            for outcome in outcomes:
+                outcome.close(ending().value)
+
     def rejected(self, error_type: str, chat: bool = False) -> None:
         """Count a request refused before generating, by `error_type` (a gRPC code's name), as a chat's or not."""
         if self._metrics is not None:
@@ -384,15 +422,13 @@ def grpc_trailers(exc: RequestFailed) -> tuple[tuple[str, str], ...]:
     return ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
 
 
-async def merged_streams(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
+async def _merged_streams(streams: Sequence[RequestStream]) -> AsyncGenerator[tuple[int, StreamEvent], None]:
     """Every stream's events as they come, each with its stream's place in `streams` (a request's several
-    choices). Ended early (a failure, a gone caller), it aborts every stream and waits for its tasks."""
+    choices). Ended early (a failure, a gone caller), it waits for its tasks; its reader (Serving.consuming)
+    aborts the streams, saying why."""
     if len(streams) == 1:  # the common case: no tasks
-        try:
-            async for event in streams[0]:
-                yield 0, event
-        finally:
-            streams[0].abort(FinishReason.CANCELLED)  # a no-op once it finished
+        async for event in streams[0]:
+            yield 0, event
         return
     # Unbounded: each stream's events are bounded by its own output, and a pump must never wait on the reader.
     queue: asyncio.Queue[tuple[int, StreamEvent | Exception | None]] = asyncio.Queue()
@@ -417,9 +453,7 @@ async def merged_streams(streams: Sequence[RequestStream]) -> AsyncGenerator[tup
                 running -= 1
             else:
                 yield index, item
-    finally:  # ended early (a failure, a gone client): the other choices stop now, not after the reply is sent
-        for stream in streams:
-            stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
+    finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -40,7 +40,6 @@ from modelserve.server.core.serving import (
     Serving,
     ended_early,
     grpc_trailers,
-    merged_streams,
     raise_for,
     sample_choices,
 )
@@ -182,16 +181,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc), grpc_trailers(exc))
         request_id = started[0][0].request_id
-        outcomes = [self._serving_state.track(engine_request, request.prompt, chat) for engine_request, _ in started]
         held = [HeldReply(calling) for _ in started] if calling is not None else None
+        prompts = [request.prompt] * len(started)
         try:
-            await context.send_initial_metadata(self._server_id)
-            for index, (engine_request, _) in enumerate(started):
-                usage = pb.Usage(input_tokens=len(engine_request.prompt_ids))
-                yield pb.GenerateResponse(request_id=request_id, usage=usage, index=index)
-            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
+            async with self._serving_state.consuming(started, prompts, chat, lambda: ended_early(context)) as events:
+                await context.send_initial_metadata(self._server_id)
+                for index, (engine_request, _) in enumerate(started):
+                    usage = pb.Usage(input_tokens=len(engine_request.prompt_ids))
+                    yield pb.GenerateResponse(request_id=request_id, usage=usage, index=index)
                 async for index, event in events:
-                    outcomes[index].saw(event)
                     response = response_proto(request_id, len(started[index][0].prompt_ids), event)
                     response.index = index
                     if held is not None:  # text that may be a tool call waits for the reply's end
@@ -207,10 +205,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                         raise_for(event)
         except RequestFailed as exc:
             await context.abort(exc.code, str(exc), grpc_trailers(exc))
-        finally:
-            for (_, stream), outcome in zip(started, outcomes, strict=True):
-                stream.abort(ended_early(context))
-                outcome.close(ended_early(context).value)
 
     def _chat_tools(self, request: pb.ChatRequest) -> tuple[list[Tool], ToolChoice]:
         """The chat's tools and tool choice, checked (INVALID_ARGUMENT naming what is wrong)."""
@@ -267,22 +261,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             except RequestFailed as exc:
                 return _item_error(exc)
             result = pb.GenerateResult(request_id=engine_request.request_id)
-            outcome = self._serving_state.track(engine_request, item.prompt)
+            started = [(engine_request, stream)]
             try:
-                async for event in stream:
-                    outcome.saw(event)
-                    result.text += event.text
-                    result.token_ids.extend(event.token_ids)
-                    result.logprobs.extend(logprobs_proto(lp) for lp in event.logprobs)
-                    result.prompt_logprobs.extend(logprobs_proto(lp) for lp in event.prompt_logprobs)
-                    if event.finish is not None:
-                        raise_for(event)
-                        set_final(result, len(engine_request.prompt_ids), event)
+                async with self._serving_state.consuming(
+                    started, [item.prompt], False, lambda: ended_early(context)
+                ) as events:
+                    async for _, event in events:
+                        result.text += event.text
+                        result.token_ids.extend(event.token_ids)
+                        result.logprobs.extend(logprobs_proto(lp) for lp in event.logprobs)
+                        result.prompt_logprobs.extend(logprobs_proto(lp) for lp in event.prompt_logprobs)
+                        if event.finish is not None:
+                            raise_for(event)
+                            set_final(result, len(engine_request.prompt_ids), event)
             except RequestFailed as exc:
                 return _item_error(exc)
-            finally:
-                stream.abort(ended_early(context))
-                outcome.close(ended_early(context).value)
             return pb.BatchItem(result=result)
 
         with self._serving_state.counted():

@@ -54,7 +54,6 @@ from modelserve.server.core.serving import (
     Serving,
     ended_early,
     grpc_trailers,
-    merged_streams,
     raise_for,
     sample_choices,
 )
@@ -141,16 +140,15 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         calls = [_Call(stream) for _, stream in started]
         self._calls.setdefault(request_id, []).extend(calls)
         with_top = params.top_logprobs > 0
-        outcomes = [self._serving.track(engine_request, prompt) for engine_request, _ in started]
         # Per sample: all its ids (for a complete message without chunks before it), logprobs, last token.
         output_ids: list[list[int]] = [[] for _ in started]
         logprobs: list[list[TokenLogprobs]] = [[] for _ in started]
         prompt_logprobs: list[vpb.InputLogProbs | None] = [None] * len(started)
         last_token = [-1] * len(started)
+        prompts = [prompt] * len(started)
         try:
-            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
+            async with self._serving.consuming(started, prompts, False, lambda: ended_early(context)) as events:
                 async for index, event in events:
-                    outcomes[index].saw(event)
                     n_prompt = len(started[index][0].prompt_ids)
                     if event.token_ids:
                         last_token[index] = event.token_ids[-1]
@@ -187,9 +185,6 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
                 registered.remove(call)
             if not registered:
                 del self._calls[request_id]
-            for (_, stream), outcome in zip(started, outcomes, strict=True):
-                stream.abort(ended_early(context))
-                outcome.close(ended_early(context).value)
 
     def _start_samples(
         self,

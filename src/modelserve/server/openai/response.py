@@ -16,11 +16,10 @@ whole request, and one failing ends it, as OpenAI's API does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -28,14 +27,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from modelserve.engine.request import FinishReason, StreamEvent, TokenLogprob, TokenLogprobs
-from modelserve.server.core.serving import RequestFailed, Serving, merged_streams, raise_for
+from modelserve.server.core.serving import RequestFailed, Serving, raise_for
 from modelserve.server.core.tools import HeldReply, ToolCall, ToolCalling
 from modelserve.server.openai.request import failure
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import RequestStream
     from modelserve.engine.request import Request
-    from modelserve.telemetry.request_outcome import OutcomeTracker
 
 _FINISH_REASONS = {
     FinishReason.LENGTH: "length",
@@ -261,6 +259,10 @@ def _vllm_prompt_logprobs(prompt: Prompt | None) -> list[dict[str, dict[str, Any
     return entries
 
 
+def _cancelled() -> FinishReason:
+    return FinishReason.CANCELLED
+
+
 def _sse(payload: object) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -313,41 +315,34 @@ class Generation(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self._serving.counted():
-            started: list[Started] = []
-            outcomes: list[OutcomeTracker] = []
-            gone = asyncio.Event()
-            watcher: asyncio.Future[None] | None = None
             try:
-                try:
-                    started = self._start()  # readiness again (a drain may have begun), then submit
-                except RequestFailed as exc:  # one prompt refused: none is served
-                    await failure(exc, self._names).response()(scope, receive, send)
-                    return
-                for (engine_request, _), prompt in zip(started, self._prompts, strict=True):
-                    outcomes.append(self._serving.track(engine_request, prompt, self._layout.chat))
-                streams = [stream for _, stream in started]
-                answer_id = self._answer_id or started[0][0].request_id
-                self._layout.begin(answer_id)
-                watcher = asyncio.ensure_future(_watch_disconnect(receive, streams, gone))
-                headers = {"x-request-id": answer_id}
-                if self._stream:
-                    await self._send_events(send, started, outcomes, gone, headers)
-                else:
-                    response = await self._collect(started, outcomes, gone, headers)
-                    if response is not None:
-                        await response(scope, receive, send)
+                started = self._start()  # readiness again (a drain may have begun), then submit
+            except RequestFailed as exc:  # one prompt refused: none is served
+                await failure(exc, self._names).response()(scope, receive, send)
+                return
+            gone = asyncio.Event()
+            streams = [stream for _, stream in started]
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, streams, gone))
+            chat = self._layout.chat
+            try:
+                # What is unfinished when the answer ends (a gone client, a failed choice) was cancelled.
+                async with self._serving.consuming(started, self._prompts, chat, _cancelled) as events:
+                    answer_id = self._answer_id or started[0][0].request_id
+                    self._layout.begin(answer_id)
+                    headers = {"x-request-id": answer_id}
+                    if self._stream:
+                        await self._send_events(send, started, events, gone, headers)
+                    else:
+                        response = await self._collect(started, events, gone, headers)
+                        if response is not None:
+                            await response(scope, receive, send)
             finally:
-                if watcher is not None:
-                    watcher.cancel()
-                for _, stream in started:
-                    stream.abort(FinishReason.CANCELLED)  # a no-op once it finished
-                for outcome in outcomes:
-                    outcome.close(FinishReason.CANCELLED.value)
+                watcher.cancel()
 
     async def _collect(
         self,
         started: Sequence[Started],
-        outcomes: Sequence[OutcomeTracker],
+        events: AsyncGenerator[tuple[int, StreamEvent], None],
         gone: asyncio.Event,
         headers: dict[str, str],
     ) -> Response | None:
@@ -357,19 +352,18 @@ class Generation(Response):
         prompts: list[Prompt | None] = [None] * len(started)
         ends: dict[int, StreamEvent] = {}
         try:
-            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
-                async for index, event in events:
-                    outcomes[index].saw(event)
-                    if gone.is_set():
-                        return None
-                    if prompts[index] is None:
-                        prompts[index] = self._prompt(started[index], self._prompts[index], event)
-                    texts[index].append(event.text)
-                    logprobs[index].extend(event.logprobs)
-                    if event.finish is not None:
-                        raise_for(event)
-                        ends[index] = event
+            async for index, event in events:
+                if gone.is_set():
+                    return None
+                if prompts[index] is None:
+                    prompts[index] = self._prompt(started[index], self._prompts[index], event)
+                texts[index].append(event.text)
+                logprobs[index].extend(event.logprobs)
+                if event.finish is not None:
+                    raise_for(event)
+                    ends[index] = event
         except RequestFailed as exc:
+            await events.aclose()  # the other choices stop now, not after the error is sent
             error = failure(exc, self._names)
             return JSONResponse(error.body(), error.status, {**headers, **error.headers})
         assert len(ends) == len(started), "a request stream ends with its finish event"
@@ -390,7 +384,7 @@ class Generation(Response):
         self,
         send: Send,
         started: Sequence[Started],
-        outcomes: Sequence[OutcomeTracker],
+        events: AsyncGenerator[tuple[int, StreamEvent], None],
         gone: asyncio.Event,
         headers: dict[str, str],
     ) -> None:
@@ -411,28 +405,25 @@ class Generation(Response):
         try:
             for chunk in layout.opening(len(started)):
                 await event(chunk)
-            async with contextlib.aclosing(merged_streams([stream for _, stream in started])) as events:
-                async for index, engine_event in events:
-                    outcomes[index].saw(engine_event)
-                    if gone.is_set():
-                        return
-                    if layout.echo and index not in echoed:
-                        echoed.add(index)
-                        await event(
-                            layout.echoed(index, self._prompt(started[index], self._prompts[index], engine_event))
-                        )
-                    if engine_event.text or engine_event.logprobs:
-                        for chunk in layout.piece(index, engine_event.text, engine_event.logprobs):
-                            await event(chunk)
-                    if engine_event.finish is not None:
-                        raise_for(engine_event)
-                        ends[index] = engine_event
-                        for chunk in layout.ending(index, _FINISH_REASONS[engine_event.finish.reason]):
-                            await event(chunk)
+            async for index, engine_event in events:
+                if gone.is_set():
+                    return
+                if layout.echo and index not in echoed:
+                    echoed.add(index)
+                    await event(layout.echoed(index, self._prompt(started[index], self._prompts[index], engine_event)))
+                if engine_event.text or engine_event.logprobs:
+                    for chunk in layout.piece(index, engine_event.text, engine_event.logprobs):
+                        await event(chunk)
+                if engine_event.finish is not None:
+                    raise_for(engine_event)
+                    ends[index] = engine_event
+                    for chunk in layout.ending(index, _FINISH_REASONS[engine_event.finish.reason]):
+                        await event(chunk)
             if layout.include_usage:
                 ends_in_order = [(started[i][0], ends[i]) for i in range(len(started))]
                 await event(layout.usage(_usage(ends_in_order, self._samples)))
             last = b"data: [DONE]\n\n"
         except RequestFailed as exc:
+            await events.aclose()  # the other choices stop now, not after the error is sent
             last = _sse(failure(exc, self._names).body())
         await send({"type": "http.response.body", "body": last, "more_body": False})
