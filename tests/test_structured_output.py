@@ -204,6 +204,31 @@ def test_regex_choice_grammar_and_json_object_on_the_openai_face(openai_client: 
         )
 
 
+def test_a_hundred_json_schema_answers_validate_on_the_vllm_face(
+    llama_server: ServerProcess, model_dirs: dict[str, Path]
+) -> None:
+    """vLLM's gRPC face, through its generated stubs (grpcurl, the issue's client, is not packaged for this
+    Debian): the constraint oneof's json_schema, 100 sampled answers side by side, each parsed from its
+    token ids with the model's tokenizer, as a router detokenizes."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dirs["llama"] / "tokenizer.json"))
+    with llama_server.channel() as channel:
+        theirs = vpb_grpc.VllmEngineStub(channel)
+
+        def one(seed: int) -> tuple[str, str]:
+            sampling = vpb.SamplingParams(max_tokens=200, seed=seed, json_schema=json.dumps(SCHEMA))
+            request = vpb.GenerateRequest(text="A record:", sampling_params=sampling, stream=False)
+            complete = list(theirs.Generate(request, timeout=TIMEOUT_S))[-1].complete
+            return tokenizer.decode(list(complete.output_ids)), complete.finish_reason
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(100)))
+    for text, reason in answers:
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
 def test_constraints_on_the_grpc_faces(llama_server: ServerProcess) -> None:
     """modelserve.v1's structured_output and vLLM's constraint oneof: the same checks, the same outputs."""
     with llama_server.channel() as channel:
