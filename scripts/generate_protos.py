@@ -4,17 +4,14 @@ One command (`make proto`, which runs this script) is the only way the generated
 clients/python/src/modelserve_client/ are made; tests/test_protos_generated.py runs it into a
 temporary folder and fails when the committed files differ.
 
-Two contracts, each into a package of its own (PACKAGES):
-- protos/modelserve/v1 (ours) -> modelserve_client.v1;
-- protos/vllm/grpc/engine (vLLM's VllmEngine, which the server also serves) -> modelserve_client.vllm.
-The server imports both from the client package (one generated copy), and a backend team that speaks
-the vLLM contract gets its stubs with the client.
+Our contract, protos/modelserve/v1 -> modelserve_client.v1 (PACKAGES). vLLM's VllmEngine, which the server
+also serves, is not generated here: its maintained definitions and Python code come from PyPI's
+smg-grpc-proto (pinned in pyproject.toml), the package the smg router itself is built from.
 
 The proto files live at buf's package layout, but the Python modules must not be named after their
-proto packages: `modelserve.v1` would collide with the server's own `modelserve` package, and `vllm`
-with vLLM itself. protoc's virtual proto path (`-Imodelserve_client/v1=protos/modelserve/v1`) places
-them in the client package with self-consistent imports; the wire names
-(`modelserve.v1.GenerationService`, `vllm.grpc.engine.VllmEngine`) are unchanged.
+proto packages: `modelserve.v1` would collide with the server's own `modelserve` package. protoc's
+virtual proto path (`-Imodelserve_client/v1=protos/modelserve/v1`) places them in the client package
+with self-consistent imports; the wire name (`modelserve.v1.GenerationService`) is unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ DEFAULT_OUT = ROOT / "clients" / "python" / "src"
 # proto folder under protos/ -> (Python package folder under the output root, what it holds)
 PACKAGES = {
     "modelserve/v1": ("modelserve_client/v1", "modelserve.v1"),
-    "vllm/grpc/engine": ("modelserve_client/vllm", "vLLM's vllm.grpc.engine (the VllmEngine service)"),
 }
 
 

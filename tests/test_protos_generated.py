@@ -17,14 +17,14 @@ def _load_generator():  # type: ignore[no-untyped-def]
 
 
 def test_generated_code_matches_protos(tmp_path: Path) -> None:
-    """Every generated package: modelserve.v1's and the vLLM-compatible one."""
+    """modelserve.v1's package (vLLM's comes generated in smg-grpc-proto, pinned)."""
     generator = _load_generator()
     generated = generator.generate(tmp_path)
     src = ROOT / "clients" / "python" / "src"
     committed = [p for package, _ in generator.PACKAGES.values() for p in (src / package).iterdir() if p.is_file()]
     names = sorted(str(p.relative_to(tmp_path)) for p in generated)
     assert names == sorted(str(p.relative_to(src)) for p in committed), "run `make proto`"
-    assert any(name.startswith("modelserve_client/vllm/") for name in names), "the vLLM-compatible stubs"
+    assert any(name.startswith("modelserve_client/v1/") for name in names), "modelserve.v1's stubs"
     for path in generated:
         name = path.relative_to(tmp_path)
         assert (src / name).read_bytes() == path.read_bytes(), f"{name} is out of date with protos/: run `make proto`"

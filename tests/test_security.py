@@ -27,13 +27,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelserve_client import AsyncModelServeClient, ModelServeClient
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
-from modelserve_client.vllm import vllm_engine_pb2 as vpb
-from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve.cli import main as cli_main
 from modelserve.config import Config
@@ -267,7 +268,7 @@ def test_every_vllm_engine_method_needs_the_token(tls_channel: grpc.Channel) -> 
     methods = vpb.DESCRIPTOR.services_by_name["VllmEngine"].methods
     assert {m.name for m in methods} >= {"Generate", "Abort", "HealthCheck", "GetModelInfo", "GetLoads"}
     for method in methods:
-        request = getattr(vpb, method.input_type.name)()
+        request = message_factory.GetMessageClass(method.input_type)()  # vLLM's or smg's common messages
         for metadata, refused in (((), True), (_bearer(), False)):
             try:
                 answer = getattr(stub, method.name)(request, metadata=metadata, timeout=CALL_TIMEOUT_S)

@@ -18,9 +18,9 @@ import openai
 import pytest
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
-from modelserve_client.vllm import vllm_engine_pb2 as vpb
-from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
 from openai import OpenAI
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve.engine.grammar import GrammarError, grammar_for
 from modelserve.engine.request import FinishReason, Request, SamplingParams

@@ -1,6 +1,7 @@
-"""vLLM's VllmEngine service (server/grpc/vllm.py) on the real server, through stubs generated from
-protos/vllm/grpc/engine/vllm_engine.proto: streams, token-id input, abort, model/server/load info, health,
-refusals by field name; and modelserve.v1 on the same port giving the same tokens."""
+"""vLLM's VllmEngine service (server/grpc/vllm.py) on the real server, through smg-grpc-proto's stubs (the
+contract the smg router is built from): streams, token-id input, abort, model/server/load info, the
+tokenizer bundle, a cache flush, health, refusals by field name; and modelserve.v1 on the same port giving
+the same tokens."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
-from modelserve_client.vllm import vllm_engine_pb2 as vpb
-from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
+from smg_grpc_proto.generated import common_pb2
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from bench.harness import wait_idle
 from modelserve.server.core.unserved import OPENAI_SERVED, UNSERVED
@@ -242,6 +244,44 @@ def test_server_info_and_loads(vllm: Any) -> None:
     assert load.dp_rank == 0 and load.max_running_requests == 8  # the server's --max-batch-size
     assert load.max_total_num_tokens > 0 and 0 <= load.token_usage <= 1
     assert load.num_total_reqs == load.num_running_reqs + load.num_waiting_reqs
+    assert load.gen_throughput > 0, "a token was generated within the last seconds"
+    assert 0 <= load.cache_hit_rate <= 1 and 0 <= load.utilization <= 1 and load.num_waiting_uncached_tokens >= 0
+
+
+def test_the_tokenizer_bundle_is_what_the_server_serves_with(vllm: Any, model_dirs: dict[str, Path]) -> None:
+    """GetTokenizer: one ZIP in chunks, its SHA-256 on the last; tokenizer.json as served, and the config."""
+    import hashlib
+    import io
+    import json
+    import zipfile
+
+    chunks = list(vllm.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=TIMEOUT_S))
+    data = b"".join(c.data for c in chunks)
+    assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest() and not any(c.sha256 for c in chunks[:-1])
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = set(archive.namelist())
+        assert {"tokenizer.json", "tokenizer_config.json"} <= names
+        served = json.loads(archive.read("tokenizer.json"))
+        config = json.loads(archive.read("tokenizer_config.json"))
+    on_disk = json.loads((model_dirs["llama"] / "tokenizer.json").read_text())
+    assert served["model"]["vocab"] == on_disk["model"]["vocab"]
+    assert "chat_template" not in config  # the tiny model has none, and the server none either
+
+
+def test_flush_cache_drops_the_blocks_nobody_holds(vllm: Any) -> None:
+    prompt = " ".join(["Once upon a time there was a fox"] * 8)
+    sampling = {"max_tokens": 1, "temperature": 0}
+    _generate(vllm, stream=False, text=prompt, sampling_params=sampling)
+    again = _generate(vllm, stream=False, text=prompt, sampling_params=sampling)[-1].complete
+    assert again.cached_tokens > 0
+    answer = vllm.FlushCache(common_pb2.FlushCacheRequest(), timeout=TIMEOUT_S)
+    assert answer.success and answer.message
+    after = _generate(vllm, stream=False, text=prompt, sampling_params=sampling)[-1].complete
+    assert after.cached_tokens == 0, "the flush reached the core before the next request (one command queue)"
+    code, details = _refusal(lambda: vllm.StartProfile(common_pb2.StartProfileRequest(), timeout=TIMEOUT_S))
+    assert code == UNIMPLEMENTED and "StartProfile" in details
+    code, details = _refusal(lambda: list(vllm.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=5)))
+    assert code == UNIMPLEMENTED and "SubscribeKvEvents" in details
 
 
 def test_health_for_the_vllm_service_name(vllm: Any, channel: grpc.Channel) -> None:

@@ -154,6 +154,18 @@ class BlockManager:
         table.keyed = 0
         table.last_key = NO_KEY
 
+    def flush_cache(self) -> int:
+        """Forget every cached block no sequence holds (held ones stay shared); return how many."""
+        dropped = 0
+        for block_id in self._free:
+            block = self.blocks.get(block_id)
+            if block is not None and block.key != NO_KEY:
+                if self._by_key.get(block.key) == block_id:
+                    del self._by_key[block.key]
+                block.key, block.tokens, block.parent = NO_KEY, (), NO_KEY
+                dropped += 1
+        return dropped
+
     def _take(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks.get(block_id)

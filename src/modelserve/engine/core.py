@@ -26,7 +26,7 @@ from modelserve.config import AUTO_PREFILL_CHUNK_CPU, AUTO_PREFILL_CHUNK_CUDA, D
 from modelserve.engine.block_manager import BlockManager
 from modelserve.engine.grammar import GrammarError, Grammars
 from modelserve.engine.kv_memory import memory_warning
-from modelserve.engine.protocol import Abort, AbortAll, AddRequest, Command, RowOutput, StepOutput
+from modelserve.engine.protocol import Abort, AbortAll, AddRequest, Command, FlushCache, RowOutput, StepOutput
 from modelserve.engine.request import EngineStats, FinishReason, StepRecord
 from modelserve.engine.runner import ModelRunner, StepResult
 from modelserve.engine.sampler import SampleResult
@@ -125,6 +125,8 @@ class EngineCore:
         elif isinstance(command, AbortAll):
             for live in self._live.values():
                 _mark_aborted(live, command.reason, command.error)
+        elif isinstance(command, FlushCache):
+            log.info("prefix cache flushed: %d cached blocks dropped", self.blocks.flush_cache())
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -195,6 +197,7 @@ class EngineCore:
             prefix_cache_budget_tokens=self.kv_budget_tokens if self.prefix_caching else 0,
             prefix_cache_tokens=blocks.cached_blocks() * blocks.block_size,
             prefix_cache_hit_tokens=blocks.hit_tokens,
+            admitted_prompt_tokens=scheduler.admitted_prompt_tokens,
             max_batch_size=scheduler.max_batch_size,
             gpu_allocated_bytes=gpu_allocated,
             gpu_reserved_bytes=gpu_reserved,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -27,7 +28,7 @@ from tokenizers import Tokenizer
 
 from modelserve.engine.admission import AdmissionControl, QueueLimits
 from modelserve.engine.detokenizer import IncrementalDetokenizer
-from modelserve.engine.protocol import Abort, AbortAll, Ack, AddRequest, Command, RowOutput, StepOutput
+from modelserve.engine.protocol import Abort, AbortAll, Ack, AddRequest, Command, FlushCache, RowOutput, StepOutput
 from modelserve.engine.request import (
     EngineClosedError,
     EngineStats,
@@ -43,6 +44,8 @@ from modelserve.engine.request import (
 from modelserve.engine.stop import StopSequenceMatcher
 
 log = logging.getLogger(__name__)
+
+THROUGHPUT_WINDOW_S = 10.0  # the window EngineStats.generated_tokens_per_s is measured over
 
 _NO_TEXT_ENDINGS = (FinishReason.STOP_TOKEN, FinishReason.EOS_TOKEN)  # an ending token adds no text
 
@@ -134,6 +137,7 @@ class EngineFrontend(abc.ABC):
         self._keys = itertools.count(1)
         self._states: dict[int, _RequestState] = {}
         self._stats = EngineStats()
+        self._throughput: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
         self._closed = False
         self._stopped = asyncio.Event()
 
@@ -167,7 +171,19 @@ class EngineFrontend(abc.ABC):
         self._admission.check()
 
     def stats(self) -> EngineStats:
-        return dataclasses.replace(self._stats, waiting_tokens=self._admission.waiting()[1])
+        return dataclasses.replace(
+            self._stats, waiting_tokens=self._admission.waiting()[1], generated_tokens_per_s=self._tokens_per_s()
+        )
+
+    def _tokens_per_s(self) -> float:
+        """Output tokens a second over the last THROUGHPUT_WINDOW_S (0 when idle that long)."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._throughput if now - t <= THROUGHPUT_WINDOW_S]
+        return sum(n for _, n in recent) / THROUGHPUT_WINDOW_S if recent else 0.0
+
+    def flush_cache(self) -> None:
+        """Drop the prefix cache's blocks that no running request holds, at the core's next step."""
+        self._send(FlushCache())
 
     def abort_all(self, reason: FinishReason, error: str) -> None:
         """End every request at the next step, each with a last event saying `error`."""
@@ -199,6 +215,9 @@ class EngineFrontend(abc.ABC):
             state = self._states.get(row.key)
             if state is not None:
                 self._take_row(state, row, now)
+        self._throughput.append((now, sum(1 for row in out.rows if row.token_id >= 0)))
+        while now - self._throughput[0][0] > THROUGHPUT_WINDOW_S:
+            self._throughput.popleft()
         self._stats = out.stats
         record = out.record
         if record is not None:

@@ -33,6 +33,10 @@ class AbortAll(msgspec.Struct, tag=True, array_like=True):
     error: str
 
 
+class FlushCache(msgspec.Struct, tag=True, array_like=True):
+    """Drop the prefix cache's blocks that no running request holds (at the next step)."""
+
+
 class Ack(msgspec.Struct, tag=True, array_like=True):
     """The frontend has taken in step `step`'s output (the core never runs more than one step ahead)."""
 
@@ -43,7 +47,7 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-Command = AddRequest | Abort | AbortAll | Ack | Shutdown
+Command = AddRequest | Abort | AbortAll | FlushCache | Ack | Shutdown
 
 
 class RowOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -146,6 +146,8 @@ class EngineStats:
     prefix_cache_budget_tokens: int = 0  # the prefix cache's share of the KV budget (0: off)
     prefix_cache_tokens: int = 0  # tokens it holds
     prefix_cache_hit_tokens: int = 0  # prompt tokens it saved from prefilling, since the start
+    admitted_prompt_tokens: int = 0  # prompt tokens of the requests admitted, since the start
+    generated_tokens_per_s: float = 0.0  # output tokens a second over the last THROUGHPUT_WINDOW_S (frontend)
     waiting_tokens: int = 0  # prompt tokens of the queued requests
     max_batch_size: int = 0  # rows allowed now (lowered after an out-of-memory step)
     gpu_allocated_bytes: int = 0  # by the engine's tensors, on CUDA

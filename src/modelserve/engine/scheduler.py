@@ -46,6 +46,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # in admission order: highest priority, then oldest
         self.running: list[Sequence] = []  # hold blocks, in admission order
         self.preemptions = 0  # since the start
+        self.admitted_prompt_tokens = 0  # since the start, each request's prompt once
         self._known: set[int] = set()  # keys the runner holds sampling state for
         self._ended: list[int] = []  # keys to tell the runner to forget at the next plan
 
@@ -179,6 +180,7 @@ class Scheduler:
         seq.computed = len(shared) * blocks.block_size
         if not seq.admitted:
             seq.cached_tokens = seq.computed
+            self.admitted_prompt_tokens += seq.prompt_len
         self.waiting.remove(seq)
         self.running.append(seq)
         return True

@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
-from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve.config import Config
 from modelserve.server.core.serving import Phase, Serving

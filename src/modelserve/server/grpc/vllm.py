@@ -1,5 +1,5 @@
 """The vLLM-compatible face: vLLM's `vllm.grpc.engine.VllmEngine` service over the same Serving as
-GenerationService, on the same port (protos/vllm/grpc/engine/vllm_engine.proto).
+GenerationService, on the same port (the contract and stubs of PyPI's smg-grpc-proto, pinned).
 
 Routers, gateways and benchmark tools that speak gRPC to LLM servers speak vLLM's service; serving it lets
 them use modelserve unchanged. A Generate here goes the way a modelserve.v1 one goes (Serving.start_choices: the
@@ -13,8 +13,8 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
   which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structural
-  tags; Embed), INVALID_ARGUMENT for a value outside this server (data_parallel_rank
-  or dp_rank other than 0, as for any out-of-range value).
+  tags; Embed, SubscribeKvEvents, StartProfile, StopProfile), INVALID_ARGUMENT for a value outside this
+  server (data_parallel_rank or dp_rank other than 0, as for any out-of-range value).
 - Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
   `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
   "stop" (matched_stop names a stop token or string, not the model's EOS), "abort", "error".
@@ -22,6 +22,8 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   structured_output, with its checks: an invalid one is INVALID_ARGUMENT naming sampling_params.KIND.
 - prompt_logprobs: every prompt token (the first with no value) in `input_logprobs`, on a sample's first
   chunk with `stream`, else on its GenerateComplete.
+- GetTokenizer: the tokenizer files as one ZIP (tokenizer_bundle.py); FlushCache: the prefix cache's blocks
+  no running request holds are dropped; GetLoads: vLLM's load fields, throughput and hit rate included.
 - n samples: one engine request each, run side by side (the scheduler computes their prompt once),
   every chunk and each sample's GenerateComplete carrying its `index`, as vLLM's messages do.
 
@@ -33,6 +35,7 @@ message and then the status modelserve.v1 ends such a call with, so retry polici
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -42,8 +45,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from modelserve_client.vllm import vllm_engine_pb2 as vpb
-from modelserve_client.vllm import vllm_engine_pb2_grpc as vpb_grpc
+from smg_grpc_proto.generated import common_pb2
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve import __version__
 from modelserve.config import KV_BLOCK_TOKENS
@@ -59,6 +63,7 @@ from modelserve.server.core.serving import (
 )
 from modelserve.server.core.unserved import vllm_refusal
 from modelserve.server.core.validation import VLLM_NAMES, Limits, reworded
+from modelserve.server.grpc import tokenizer_bundle
 
 if TYPE_CHECKING:
     from modelserve.engine.frontend import EngineFrontend as Engine
@@ -81,6 +86,7 @@ FINISH_REASONS = {
 }
 
 _INT32_MAX = 2**31 - 1
+_NO_PROFILER = "this server runs no profiler on request (bench/step_profile.py profiles an engine step)"
 # The vLLM sampling parameters that modelserve.v1 names otherwise, so that a refusal names the field sent.
 _RENAMED = {
     **VLLM_NAMES,
@@ -108,6 +114,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         self._serving = serving
         self._calls: dict[str, list[_Call]] = {}  # request ids may repeat: Abort ends them all, as vLLM does
         self._last_receive_s = 0.0  # wall clock, for GetServerInfo
+        self._tokenizer_bundle: tuple[bytes, str] | None = None  # GetTokenizer's ZIP and its SHA-256, once made
 
     # ---- RPCs ---------------------------------------------------------------
 
@@ -292,11 +299,59 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             num_used_tokens=stats.kv_tokens_used,
             max_total_num_tokens=stats.kv_budget_tokens,
             token_usage=stats.kv_usage,
+            gen_throughput=stats.generated_tokens_per_s,
+            cache_hit_rate=(
+                stats.prefix_cache_hit_tokens / stats.admitted_prompt_tokens if stats.admitted_prompt_tokens else 0.0
+            ),
+            utilization=running / stats.max_batch_size if stats.max_batch_size else 0.0,
             max_running_requests=stats.max_batch_size,
+            # Queued prompt tokens: which of them the prefix cache will serve is known only at admission.
+            num_waiting_uncached_tokens=stats.waiting_tokens,
         )
         return vpb.GetLoadsResponse(
             timestamp=datetime.now(UTC).isoformat(), version=f"modelserve {__version__}", dp_rank_count=1, loads=[load]
         )
+
+    async def GetTokenizer(
+        self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
+        """The tokenizer files as one ZIP (tokenizer_bundle.py), for a router that cannot read the model's."""
+        _, model, _ = await self._ready(context)
+        if self._tokenizer_bundle is None:
+            self._tokenizer_bundle = await asyncio.to_thread(tokenizer_bundle.bundle, model)
+        for data, sha256 in tokenizer_bundle.chunks(*self._tokenizer_bundle):
+            yield common_pb2.GetTokenizerChunk(data=data, sha256=sha256)
+
+    async def FlushCache(
+        self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.FlushCacheResponse:
+        """Drops the cached blocks no running request holds (those that are held stay shared): no request
+        in flight is disturbed, so there is nothing to wait for whatever timeout_s says."""
+        engine, _, _ = await self._ready(context)
+        engine.flush_cache()
+        return common_pb2.FlushCacheResponse(
+            success=True, message="the prefix cache's blocks that no running request holds are dropped at the next step"
+        )
+
+    async def StartProfile(
+        self, request: common_pb2.StartProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.ProfileResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"StartProfile is not supported: {_NO_PROFILER}")
+
+    async def StopProfile(
+        self, request: common_pb2.StopProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.ProfileResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"StopProfile is not supported: {_NO_PROFILER}")
+
+    async def SubscribeKvEvents(
+        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[common_pb2.KvEventBatch]:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "SubscribeKvEvents is not supported yet: this server does not publish its prefix cache's blocks "
+            "(a router routes by its own estimate)",
+        )
+        yield common_pb2.KvEventBatch()  # never reached: makes this a stream handler
 
     # ---- helpers ------------------------------------------------------------
 
