@@ -59,6 +59,9 @@ $(TEST_STAMP): $(STAMP) clients/node/package-lock.json scripts/go_offline.py
 	@if command -v npm >/dev/null 2>&1; then cd clients/node && npm ci --no-audit --no-fund \
 		|| echo "note: npm ci failed in clients/node: the Node client test will skip"; \
 		else echo "note: npm is not installed: the Node client is not built and its test will skip"; fi
+	@# The smg router (a Rust binary in a wheel; its few Python needs are ours already), for tests/test_smg.py.
+	$(BIN)/python -m pip install -c constraints.txt smg==1.13.0 \
+		|| echo "note: smg could not be installed: tests/test_smg.py will skip"
 	@# lm-evaluation-harness in its own environment (bench/lm_eval_peer.py), for tests/test_lm_eval.py.
 	$(BIN)/python -m bench.lm_eval_peer --install \
 		|| echo "note: lm-eval could not be installed in bench/.venv-lmeval: tests/test_lm_eval.py will skip"

@@ -1,0 +1,145 @@
+"""The smg router (PyPI `smg`, the gateway vLLM's and SGLang's communities run in front of gRPC workers) in
+front of two modelserve replicas, as a new user starts it: `smg launch --worker-urls grpc://... --policy
+cache_aware`, given no tokenizer path, and unable to read the model directory (it is moved away once the
+replicas have loaded it, as on another host). smg finds vLLM's face, fetches the tokenizer with
+GetTokenizer, and serves chat with the replicas' chat template; answers equal a replica's own; requests
+that share a long prefix land on one replica.
+
+Skips where smg cannot be installed (`make test`'s test tools install it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
+
+from bench.harness import ServerProcess, free_port, start_server, wait_until
+
+SMG = shutil.which("smg") or str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "smg")
+pytestmark = pytest.mark.skipif(
+    not Path(SMG).exists(), reason="smg (PyPI `smg`) is not installed: `pip install smg==1.13.0`"
+)
+
+TEMPLATE = Path(__file__).with_name("tool_template.jinja")
+START_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def replicas(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    root = tmp_path_factory.mktemp("smg")
+    model = root / "model"
+    shutil.copytree(model_dirs["llama"], model)
+    servers = [
+        start_server(root, "--model", str(model), "--chat-template", str(TEMPLATE), name=f"replica{i}")
+        for i in range(2)
+    ]
+    try:
+        for server in servers:
+            server.wait_serving()
+        model.rename(root / "moved")  # the router cannot read it: it must ask the replicas for the tokenizer
+        yield servers
+    finally:
+        for server in servers:
+            server.terminate()
+
+
+@pytest.fixture(scope="module")
+def router(replicas: list[ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("smg-log") / "smg.log"
+    command = [SMG, "launch", "--worker-urls", *(f"grpc://{s.address}" for s in replicas)]
+    command += ["--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--prometheus-port", str(metrics_port), "--log-level", "info"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    model = OpenAI(base_url=f"http://127.0.0.1:{replicas[0].http_port}/v1", api_key="none").models.list().data[0].id
+    try:
+        ready = wait_until(lambda: _chat_status(base, model), lambda status: status == 200, START_S)
+        assert ready == 200, f"smg did not serve a chat in {START_S} s:\n{log.read_text()[-3000:]}"
+        yield base, log
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _chat_status(base: str, model: str) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    request = urllib.request.Request(
+        f"{base}/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:  # not ready yet (no worker or tokenizer): its status
+        return int(exc.code)
+    except OSError:  # not listening yet
+        return 0
+
+
+def _client(base: str) -> OpenAI:
+    return OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+MESSAGES: Any = [{"role": "user", "content": "Tell me about the fox."}]
+
+
+def test_chat_and_completions_through_smg_equal_a_replicas_own(
+    router: tuple[str, Path], replicas: list[ServerProcess]
+) -> None:
+    base, log = router
+    own = OpenAI(base_url=f"http://127.0.0.1:{replicas[0].http_port}/v1", api_key="none", max_retries=0)
+    model = own.models.list().data[0].id
+    with _client(base) as client:
+        chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
+        expected = own.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
+        assert chat.choices[0].message.content == expected.choices[0].message.content
+        streamed = client.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=12, temperature=0, stream=True
+        )
+        # A random model's answer may end inside a UTF-8 character: smg's stream holds those bytes back, its
+        # whole answer shows them as U+FFFD. The text before them is the same.
+        joined = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert joined.rstrip("\ufffd") == (chat.choices[0].message.content or "").rstrip("\ufffd")
+        prompt = "Once upon a time"
+        text = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+        ours = own.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+        assert text.rstrip("\ufffd") == ours.rstrip("\ufffd")
+    lines = log.read_text()
+    assert "Fetching tokenizer from worker" in lines, "smg read the tokenizer from the replicas (GetTokenizer)"
+
+
+def test_a_shared_long_prefix_lands_on_one_replica(router: tuple[str, Path], replicas: list[ServerProcess]) -> None:
+    base, _ = router
+    prefix = " ".join(["The history of the quick brown fox and the lazy dog, told at length."] * 6)
+
+    def finished() -> list[float]:
+        return [s.metric("modelserve_requests_finished_total") for s in replicas]
+
+    before = finished()
+    with _client(base) as client:
+        model = client.models.list().data[0].id
+        for i in range(6):
+            client.completions.create(model=model, prompt=f"{prefix} Part {i}:", max_tokens=2, temperature=0)
+    counts = wait_until(finished, lambda now: sum(now) - sum(before) >= 6, 30)
+    per_replica = sorted(now - then for now, then in zip(counts, before, strict=True))
+    assert per_replica == [0, 6], f"requests per replica: {per_replica}"
+
+
+def test_get_loads_shows_throughput_under_load(replicas: list[ServerProcess]) -> None:
+    with replicas[0].channel() as channel:
+        stub = vpb_grpc.VllmEngineStub(channel)
+        params = vpb.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        list(stub.Generate(vpb.GenerateRequest(text="Hello", sampling_params=params), timeout=60))
+        load = stub.GetLoads(vpb.GetLoadsRequest(), timeout=60).loads[0]
+    assert load.gen_throughput > 0 and load.max_running_requests > 0
