@@ -39,7 +39,7 @@ def install() -> None:
     if not (VENV / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     python = str(VENV / "bin" / "python")
-    subprocess.run([python, "-m", "pip", "install", "-q", TORCH_SPEC, TRANSFORMERS_SPEC, LM_EVAL_SPEC], check=True)
+    subprocess.run([python, "-m", "pip", "install", TORCH_SPEC, TRANSFORMERS_SPEC, LM_EVAL_SPEC], check=True)
 
 
 def write_task(folder: Path, docs: int = 16, seed: int = 0) -> Path:

@@ -258,7 +258,7 @@ def test_make_help_lists_every_target_and_is_the_default() -> None:
 def test_make_install_shows_pip_progress() -> None:
     commands = _make("-n", "-B", "install")  # dry run: prints the recipe, runs nothing
     pip_lines = [line for line in commands.splitlines() if "pip install" in line]
-    assert len(pip_lines) == 3 and not any("--quiet" in line or " -q" in line for line in pip_lines), commands
+    assert len(pip_lines) == 4 and not any("--quiet" in line or " -q" in line for line in pip_lines), commands
     torch_line = '.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install torch==2.13.0'
     assert torch_line in commands.splitlines(), commands
 
