@@ -451,3 +451,28 @@ def test_grpcs_error_for_a_caller_that_left_before_the_status_is_one_info_line()
     assert record.getMessage().endswith("(the caller left): /modelserve.v1.GenerationService/Generate")
     other = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "x", 1, "Unexpected [%s]", ("E",), None)
     assert ClientGoneFilter().filter(other) and other.levelno == logging.ERROR  # anything else stays an error
+
+
+def test_calls_that_reach_a_stopping_server_are_answered_by_it(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """An idle server's drain has nothing to wait for; it still keeps its ports open until no call has been
+    refused for a moment (lifecycle.QUIET_S), so 30 calls sent on the open channel 30 ms apart from SIGTERM
+    on are each answered with the drain's own UNAVAILABLE ("retry on another replica"), never cut by a
+    stopping transport (CANCELLED, which no retry policy retries). Three servers in turn."""
+    for rep in range(3):
+        server = start_server(tmp_path / str(rep), "--model", str(model_dirs["llama"]), "--grace-s", "5")
+        server.wait_serving()
+        with server.watch_health() as statuses, server.channel() as channel:
+            assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.GenerationServiceStub(channel)
+            _completes(stub)  # the channel is connected; the server is idle
+            server.proc.send_signal(signal.SIGTERM)
+            assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+            calls = []
+            for i in range(30):
+                calls.append(_start_stream(stub, _request(f"Late {i}", 2)))
+                time.sleep(0.03)  # the arrival process the issue measured, not a wait for state
+            for call in calls:
+                call.result()
+        errors = [call.error for call in calls]
+        assert all(_refused_by_the_drain(e) for e in errors), [(e.code(), e.details()) for e in errors if e]
+        assert server.proc.wait(CALL_TIMEOUT_S) == 0

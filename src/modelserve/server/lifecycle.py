@@ -7,7 +7,8 @@ The drain is the part with a contract. From the moment SIGTERM arrives, the gRPC
 server stays open and every new call, on a new or an already-open connection,
 reaches the servicer, which answers UNAVAILABLE ("retry on another replica").
 Only when the running calls have ended (or the grace period is over and the
-engine has ended the rest with a last message) is the gRPC server stopped.
+engine has ended the rest with a last message), and no call has been refused for
+QUIET_S, is the gRPC server stopped.
 Stopping it at once instead would leave a window in which a call that reaches
 an open connection is killed by the transport as CANCELLED, which no retry
 policy retries. The HTTP port (openai/app.py) drains the same way: 503 for new
@@ -45,6 +46,11 @@ T = TypeVar("T")
 FINAL_MESSAGE_S = 5.0
 # What the gRPC server's own stop waits for calls the drain does not count (health Watch streams).
 STOP_GRACE_S = 1.0
+# Before the ports close, the drain waits until no call has been refused for QUIET_S (at most LINGER_S):
+# a client still sending on an open connection (a router's in-flight burst) gets UNAVAILABLE, which its
+# retry policy retries elsewhere, not the CANCELLED a stopping transport gives a call it finds in flight.
+QUIET_S = 0.5
+LINGER_S = 5.0
 
 
 async def in_daemon_thread(fn: Callable[[], T]) -> T:
@@ -210,4 +216,5 @@ async def drain(
             log.warning(
                 "some calls did not end within %gs of the grace period; the server cancels them", FINAL_MESSAGE_S
             )
+    await serving.wait_quiet(QUIET_S, min(LINGER_S, max(grace_s, QUIET_S)))
     await asyncio.gather(server.stop(STOP_GRACE_S), *([http.stop()] if http is not None else []))

@@ -127,6 +127,7 @@ class Serving:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_s = time.monotonic()
+        self._refused = asyncio.Event()  # set by each call refused UNAVAILABLE (loading, draining)
         self.phase = Phase.LOADING
         self.model: ServedModel | None = None
         self.engine: Engine | None = None
@@ -176,6 +177,7 @@ class Serving:
             assert self.engine is not None and self.model is not None and self._limits is not None
             return self.engine, self.model, self._limits
         advice = {Phase.LOADING: f"; retry when {health_hint}", Phase.DRAINING: "; retry on another replica"}
+        self._refused.set()
         self.rejected("unavailable", chat)
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, health.why + advice.get(health.phase, ""))
 
@@ -384,6 +386,18 @@ class Serving:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def wait_quiet(self, quiet_s: float, most_s: float) -> None:
+        """Wait until no call has been refused for `quiet_s` (at most `most_s` in all): callers that still send
+        to a draining server, on connections it keeps open, get its UNAVAILABLE rather than the CANCELLED a
+        stopping transport gives the calls it finds in flight."""
+        deadline = time.monotonic() + most_s
+        while (left := deadline - time.monotonic()) > 0:
+            self._refused.clear()
+            try:
+                await asyncio.wait_for(self._refused.wait(), min(quiet_s, left))
+            except TimeoutError:
+                return  # quiet
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no generation call is running; False if `timeout_s` passed first."""
