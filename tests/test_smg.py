@@ -2,14 +2,15 @@
 front of two modelserve replicas, as a new user starts it: `smg launch --worker-urls grpc://... --policy
 cache_aware`, given no tokenizer path, and unable to read the model directory (it is moved away once the
 replicas have loaded it, as on another host). smg finds vLLM's face, fetches the tokenizer with
-GetTokenizer, and serves chat with the replicas' chat template; answers equal a replica's own; requests
-that share a long prefix land on one replica.
+GetTokenizer, subscribes to the replicas' KV events, and serves chat with the replicas' chat template;
+answers equal a replica's own; requests that share a long prefix land on one replica.
 
 Skips where smg cannot be installed (`make test`'s test tools install it)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -51,6 +52,8 @@ def replicas(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     finally:
         for server in servers:
             server.terminate()
+    for server in servers:  # smg's KV event subscriptions, cut by the shutdown, are no server error
+        assert server.log_errors() == [], server.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +120,8 @@ def test_chat_and_completions_through_smg_equal_a_replicas_own(
         assert text.rstrip("\ufffd") == ours.rstrip("\ufffd")
     lines = log.read_text()
     assert "Fetching tokenizer from worker" in lines, "smg read the tokenizer from the replicas (GetTokenizer)"
+    assert "does not implement" not in lines, "every RPC smg calls is served (SubscribeKvEvents included)"
+    assert "KV event stream connected" in re.sub(r"\x1b\[[0-9;]*m", "", lines), "smg reads our KV events"
 
 
 def test_a_shared_long_prefix_lands_on_one_replica(router: tuple[str, Path], replicas: list[ServerProcess]) -> None:

@@ -280,8 +280,57 @@ def test_flush_cache_drops_the_blocks_nobody_holds(vllm: Any) -> None:
     assert after.cached_tokens == 0, "the flush reached the core before the next request (one command queue)"
     code, details = _refusal(lambda: vllm.StartProfile(common_pb2.StartProfileRequest(), timeout=TIMEOUT_S))
     assert code == UNIMPLEMENTED and "StartProfile" in details
-    code, details = _refusal(lambda: list(vllm.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=5)))
-    assert code == UNIMPLEMENTED and "SubscribeKvEvents" in details
+
+
+def test_kv_events_tell_the_blocks_stored_and_removed(vllm: Any, channel: grpc.Channel) -> None:
+    """SubscribeKvEvents: a prompt's full blocks arrive as stored (its token ids, each chained to its parent);
+    a flush removes them; a subscriber resuming from a sequence number gets the same batches again."""
+    import queue
+    import threading
+
+    received: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    subscription = vllm.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=TIMEOUT_S)
+
+    def read() -> None:
+        try:
+            for batch in subscription:
+                received.put(batch)
+        except grpc.RpcError:
+            pass  # cancelled at the end of the test
+
+    threading.Thread(target=read, daemon=True).start()
+    tokens = list(range(100, 140))  # 40 ids: two full blocks of 16
+    done = _generate(
+        vllm, stream=False, tokenized=vpb.TokenizedInput(input_ids=tokens), sampling_params={"max_tokens": 1}
+    )
+    assert done[-1].complete.finish_reason
+    stored: list[Any] = []
+    first_sequence = 0
+    while len(stored) < 2:
+        batch = received.get(timeout=TIMEOUT_S)
+        first_sequence = first_sequence or batch.sequence_number
+        stored += [
+            e.stored
+            for e in batch.events
+            if e.WhichOneof("data") == "stored" and list(e.stored.blocks[0].token_ids) in (tokens[:16], tokens[16:32])
+        ]
+    assert [list(s.blocks[0].token_ids) for s in stored] == [tokens[:16], tokens[16:32]]
+    assert all(s.blocks[0].block_size == 16 for s in stored)
+    assert not stored[0].HasField("parent_block_hash") and stored[1].parent_block_hash == stored[0].blocks[0].block_hash
+    assert vllm.FlushCache(common_pb2.FlushCacheRequest(), timeout=TIMEOUT_S).success
+    _generate(vllm, stream=False, text=PROMPT, sampling_params={"max_tokens": 1})  # a step carries the removal
+    removed: set[int] = set()
+    hashes = {s.blocks[0].block_hash for s in stored}
+    while not hashes <= removed:
+        batch = received.get(timeout=TIMEOUT_S)
+        removed |= {h for e in batch.events if e.WhichOneof("data") == "removed" for h in e.removed.block_hashes}
+    subscription.cancel()
+    again = vllm.SubscribeKvEvents(
+        common_pb2.SubscribeKvEventsRequest(start_sequence_number=first_sequence), timeout=TIMEOUT_S
+    )
+    replayed = next(iter(again))
+    again.cancel()
+    assert replayed.sequence_number == first_sequence
 
 
 def test_health_for_the_vllm_service_name(vllm: Any, channel: grpc.Channel) -> None:

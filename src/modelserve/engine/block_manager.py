@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from modelserve.engine.protocol import KvEvent, KvRemoved, KvStored
+
 NO_KEY = -1  # a block that is not full, or whose contents are not known to the cache
 
 
@@ -61,6 +63,12 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # least recently freed first
         self._by_key: dict[int, int] = {}  # key -> block id
         self.hit_tokens = 0  # prompt tokens served from cached blocks, since the start
+        self._events: list[KvEvent] = []  # the cache's changes since take_events(), for routers (KV events)
+
+    def take_events(self) -> list[KvEvent]:
+        """The prefix cache's changes (blocks stored, blocks removed) since the last call, in order."""
+        events, self._events = self._events, []
+        return events
 
     @property
     def free_blocks(self) -> int:
@@ -140,6 +148,7 @@ class BlockManager:
             if block.key == NO_KEY and key not in self._by_key:
                 block.key, block.tokens, block.parent = key, chunk, table.last_key
                 self._by_key[key] = block.id
+                self._events.append(KvStored(key, table.last_key, list(chunk)))
             table.keyed += 1
             table.last_key = key
 
@@ -156,15 +165,17 @@ class BlockManager:
 
     def flush_cache(self) -> int:
         """Forget every cached block no sequence holds (held ones stay shared); return how many."""
-        dropped = 0
+        dropped = []
         for block_id in self._free:
             block = self.blocks.get(block_id)
             if block is not None and block.key != NO_KEY:
                 if self._by_key.get(block.key) == block_id:
                     del self._by_key[block.key]
+                    dropped.append(block.key)
                 block.key, block.tokens, block.parent = NO_KEY, (), NO_KEY
-                dropped += 1
-        return dropped
+        if dropped:
+            self._events.append(KvRemoved(dropped))
+        return len(dropped)
 
     def _take(self) -> int:
         block_id, _ = self._free.popitem(last=False)
@@ -175,6 +186,7 @@ class BlockManager:
         if block.key != NO_KEY:  # evicted from the cache: its contents are about to change
             if self._by_key.get(block.key) == block_id:
                 del self._by_key[block.key]
+                self._events.append(KvRemoved([block.key]))
             block.key, block.tokens, block.parent = NO_KEY, (), NO_KEY
         block.refs = 1
         return block_id

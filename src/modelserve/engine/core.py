@@ -169,7 +169,8 @@ class EngineCore:
             # One forward does both now: the step's time is split between them by their token counts.
             prefill_s = step_s * prefilled / plan.num_tokens
             record = StepRecord(decoded, prefilled, prefill_s, step_s - prefill_s, step_s)
-        return StepOutput(self._step, out, [seq.key for seq in admitted], self.stats(), record)
+        admitted_keys = [seq.key for seq in admitted]
+        return StepOutput(self._step, out, admitted_keys, self.stats(), record, self.blocks.take_events())
 
     def end_all(self, reason: FinishReason, error: str) -> StepOutput:
         """The loop is ending: close every request it holds."""

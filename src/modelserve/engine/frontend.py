@@ -22,13 +22,23 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 
 from tokenizers import Tokenizer
 
 from modelserve.engine.admission import AdmissionControl, QueueLimits
 from modelserve.engine.detokenizer import IncrementalDetokenizer
-from modelserve.engine.protocol import Abort, AbortAll, Ack, AddRequest, Command, FlushCache, RowOutput, StepOutput
+from modelserve.engine.protocol import (
+    Abort,
+    AbortAll,
+    Ack,
+    AddRequest,
+    Command,
+    FlushCache,
+    KvEvent,
+    RowOutput,
+    StepOutput,
+)
 from modelserve.engine.request import (
     EngineClosedError,
     EngineStats,
@@ -46,6 +56,30 @@ from modelserve.engine.stop import StopSequenceMatcher
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 10.0  # the window EngineStats.generated_tokens_per_s is measured over
+KV_EVENT_BATCHES = 4096  # batches of prefix-cache events kept for a subscriber that resumes from a number
+KV_SUBSCRIBER_BATCHES = 1024  # batches a subscriber may fall behind before it is dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class KvEventBatch:
+    """One step's prefix-cache events, numbered from 1 in the order the core made them."""
+
+    sequence_number: int
+    timestamp_s: float  # wall clock
+    events: list[KvEvent]
+
+
+class KvSubscriberLagged(RuntimeError):
+    """A subscriber read its events more slowly than the engine made them and was dropped."""
+
+
+@dataclasses.dataclass(eq=False)  # kept in a set, by identity
+class _KvSubscriber:
+    queue: asyncio.Queue[KvEventBatch] = dataclasses.field(
+        default_factory=lambda: asyncio.Queue(maxsize=KV_SUBSCRIBER_BATCHES)
+    )
+    lagged: bool = False
+
 
 _NO_TEXT_ENDINGS = (FinishReason.STOP_TOKEN, FinishReason.EOS_TOKEN)  # an ending token adds no text
 
@@ -138,6 +172,8 @@ class EngineFrontend(abc.ABC):
         self._states: dict[int, _RequestState] = {}
         self._stats = EngineStats()
         self._throughput: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
+        self._kv_log: collections.deque[KvEventBatch] = collections.deque(maxlen=KV_EVENT_BATCHES)
+        self._kv_subscribers: set[_KvSubscriber] = set()
         self._closed = False
         self._stopped = asyncio.Event()
 
@@ -181,6 +217,34 @@ class EngineFrontend(abc.ABC):
         recent = [(t, n) for t, n in self._throughput if now - t <= THROUGHPUT_WINDOW_S]
         return sum(n for _, n in recent) / THROUGHPUT_WINDOW_S if recent else 0.0
 
+    def _publish(self, events: list[KvEvent]) -> None:
+        """Number a step's prefix-cache events, keep them for resuming subscribers, hand them to the live ones
+        (never waiting: one that has fallen KV_SUBSCRIBER_BATCHES behind is dropped)."""
+        batch = KvEventBatch(self._kv_log[-1].sequence_number + 1 if self._kv_log else 1, time.time(), events)
+        self._kv_log.append(batch)
+        for subscriber in list(self._kv_subscribers):
+            try:
+                subscriber.queue.put_nowait(batch)
+            except asyncio.QueueFull:
+                subscriber.lagged = True
+                self._kv_subscribers.discard(subscriber)
+
+    async def kv_events(self, start: int = 0) -> AsyncGenerator[KvEventBatch, None]:
+        """The prefix cache's changes as they come; with `start`, the kept batches numbered from it first.
+        KvSubscriberLagged once the reader has fallen too far behind."""
+        subscriber = _KvSubscriber()
+        self._kv_subscribers.add(subscriber)  # before the backlog is read: nothing made between is missed
+        backlog = [batch for batch in self._kv_log if batch.sequence_number >= start] if start else []
+        try:
+            for batch in backlog:
+                yield batch
+            while True:
+                if subscriber.lagged and subscriber.queue.empty():
+                    raise KvSubscriberLagged(f"fell more than {KV_SUBSCRIBER_BATCHES} batches of KV events behind")
+                yield await subscriber.queue.get()
+        finally:
+            self._kv_subscribers.discard(subscriber)
+
     def flush_cache(self) -> None:
         """Drop the prefix cache's blocks that no running request holds, at the core's next step."""
         self._send(FlushCache())
@@ -215,6 +279,8 @@ class EngineFrontend(abc.ABC):
             state = self._states.get(row.key)
             if state is not None:
                 self._take_row(state, row, now)
+        if out.kv_events:
+            self._publish(out.kv_events)
         self._throughput.append((now, sum(1 for row in out.rows if row.token_id >= 0)))
         while now - self._throughput[0][0] > THROUGHPUT_WINDOW_S:
             self._throughput.popleft()

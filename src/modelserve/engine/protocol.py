@@ -68,12 +68,30 @@ class RowOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_top_logprobs: list[list[float]] | None = None
 
 
+class KvStored(msgspec.Struct, tag=True, array_like=True):
+    """A full block entered the prefix cache: its key (chaining its parent's and its tokens) and tokens."""
+
+    key: int
+    parent: int  # block_manager.NO_KEY for a sequence's first block
+    tokens: list[int]
+
+
+class KvRemoved(msgspec.Struct, tag=True, array_like=True):
+    """Cached blocks left the prefix cache (taken for new tokens, or flushed)."""
+
+    keys: list[int]
+
+
+KvEvent = KvStored | KvRemoved
+
+
 class StepOutput(msgspec.Struct, tag=True, array_like=True):
     step: int
     rows: list[RowOutput]
     admitted: list[int]  # keys that left the waiting queue for a batch row this step
     stats: EngineStats
     record: StepRecord | None  # None for a step that ran no model work
+    kv_events: list[KvEvent] = []  # the prefix cache's changes since the last output, in order
 
 
 class CoreReady(msgspec.Struct, tag=True, array_like=True):

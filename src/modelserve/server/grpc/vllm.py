@@ -13,7 +13,7 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
   which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structural
-  tags; Embed, SubscribeKvEvents, StartProfile, StopProfile), INVALID_ARGUMENT for a value outside this
+  tags; Embed, StartProfile, StopProfile), INVALID_ARGUMENT for a value outside this
   server (data_parallel_rank or dp_rank other than 0, as for any out-of-range value).
 - Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
   `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
@@ -23,7 +23,8 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
 - prompt_logprobs: every prompt token (the first with no value) in `input_logprobs`, on a sample's first
   chunk with `stream`, else on its GenerateComplete.
 - GetTokenizer: the tokenizer files as one ZIP (tokenizer_bundle.py); FlushCache: the prefix cache's blocks
-  no running request holds are dropped; GetLoads: vLLM's load fields, throughput and hit rate included.
+  no running request holds are dropped; GetLoads: vLLM's load fields, throughput and hit rate included;
+  SubscribeKvEvents: the prefix cache's blocks as they are stored and removed, for cache-aware routing.
 - n samples: one engine request each, run side by side (the scheduler computes their prompt once),
   every chunk and each sample's GenerateComplete carrying its `index`, as vLLM's messages do.
 
@@ -51,6 +52,9 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve import __version__
 from modelserve.config import KV_BLOCK_TOKENS
+from modelserve.engine.block_manager import NO_KEY
+from modelserve.engine.frontend import KvSubscriberLagged
+from modelserve.engine.protocol import KvEvent, KvStored
 from modelserve.engine.request import EngineStats, FinishReason, Request, StreamEvent, TokenLogprobs
 from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
@@ -346,12 +350,22 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
     async def SubscribeKvEvents(
         self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "SubscribeKvEvents is not supported yet: this server does not publish its prefix cache's blocks "
-            "(a router routes by its own estimate)",
-        )
-        yield common_pb2.KvEventBatch()  # never reached: makes this a stream handler
+        """The prefix cache's blocks as they are stored and removed, one batch per engine step that changed it
+        (from start_sequence_number, when the server still keeps it): what a cache-aware router indexes. A
+        block's hash is the engine's own key, which chains its parent's and its 16 token ids."""
+        engine, _, _ = await self._ready(context)
+        event_id = 0
+        try:
+            async for batch in engine.kv_events(request.start_sequence_number):
+                events = []
+                for event in batch.events:
+                    event_id += 1
+                    events.append(_kv_event(event_id, event))
+                yield common_pb2.KvEventBatch(
+                    sequence_number=batch.sequence_number, timestamp=batch.timestamp_s, events=events, dp_rank=0
+                )
+        except KvSubscriberLagged as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; subscribe again")
 
     # ---- helpers ------------------------------------------------------------
 
@@ -455,6 +469,16 @@ def _logprobs(logprobs: Sequence[TokenLogprobs], with_top: bool) -> vpb.OutputLo
     if with_top:
         out.top_logprobs.extend(_top(lp) for lp in logprobs)
     return out
+
+
+def _kv_event(event_id: int, event: KvEvent) -> common_pb2.KvCacheEvent:
+    if isinstance(event, KvStored):
+        block = common_pb2.KvBlock(block_hash=event.key, token_ids=event.tokens, block_size=KV_BLOCK_TOKENS)
+        stored = common_pb2.KvBlocksStored(blocks=[block])
+        if event.parent != NO_KEY:
+            stored.parent_block_hash = event.parent
+        return common_pb2.KvCacheEvent(event_id=event_id, stored=stored)
+    return common_pb2.KvCacheEvent(event_id=event_id, removed=common_pb2.KvBlocksRemoved(block_hashes=event.keys))
 
 
 def _input_logprobs(prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs]) -> vpb.InputLogProbs:
