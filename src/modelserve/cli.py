@@ -64,6 +64,8 @@ _HELP = {
     f"(0 = auto: gpu_memory_fraction of free GPU memory, {DEFAULT_CPU_KV_BYTES >> 30} GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs (for debugging)",
+    "profile_dir": "directory the vLLM face's StartProfile / StopProfile (smg's /start_profile, /stop_profile) "
+    "write torch profiler traces of the engine's steps to (empty = those calls are refused)",
     "prefix_caching": "reuse the keys and values an earlier prompt computed for the same start (a shared system "
     "prompt, a chat's history) instead of prefilling it again; the cache is the KV memory's own blocks: "
     "a finished request's blocks stay cached until new tokens need them",

@@ -63,6 +63,7 @@ class Config:
     kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False  # on CUDA, decode without CUDA graphs
+    profile_dir: str = ""  # where StartProfile writes the engine's step traces; "" = profiling refused
     prefix_caching: bool = True  # reuse the keys and values of prompt prefixes seen before
     own_forward: bool = True  # the Llama family (llama, mistral, qwen2, qwen3) on modelserve's own forward
     default_max_new_tokens: int = 0  # 0 = the model's generation_config.json's, else DEFAULT_MAX_NEW_TOKENS

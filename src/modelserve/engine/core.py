@@ -26,13 +26,24 @@ from modelserve.config import AUTO_PREFILL_CHUNK_CPU, AUTO_PREFILL_CHUNK_CUDA, D
 from modelserve.engine.block_manager import BlockManager
 from modelserve.engine.grammar import GrammarError, Grammars
 from modelserve.engine.kv_memory import memory_warning
-from modelserve.engine.protocol import Abort, AbortAll, AddRequest, Command, FlushCache, RowOutput, StepOutput
+from modelserve.engine.protocol import (
+    Abort,
+    AbortAll,
+    AddRequest,
+    Command,
+    FlushCache,
+    RowOutput,
+    StartProfile,
+    StepOutput,
+    StopProfile,
+)
 from modelserve.engine.request import EngineStats, FinishReason, StepRecord
 from modelserve.engine.runner import ModelRunner, StepResult
 from modelserve.engine.sampler import SampleResult
 from modelserve.engine.scheduler import Scheduler
 from modelserve.engine.sequence import Sequence
 from modelserve.engine.step_plan import PromptScores, StepPlan
+from modelserve.engine.step_profiler import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,7 @@ class EngineCore:
         shape = self.runner.kv_shape
         num_blocks = self._kv_budget_bytes(kv_cache_bytes, gpu_memory_fraction) // (shape.bytes_per_token * block_size)
         self.blocks = BlockManager(num_blocks, block_size)
+        self.profiler = StepProfiler()
         self.runner.allocate_kv(num_blocks, block_size)
         self.kv_budget_tokens = num_blocks * block_size
         self.max_sequence_tokens = min(max_sequence_length, self.kv_budget_tokens)
@@ -127,6 +139,10 @@ class EngineCore:
                 _mark_aborted(live, command.reason, command.error)
         elif isinstance(command, FlushCache):
             log.info("prefix cache flushed: %d cached blocks dropped", self.blocks.flush_cache())
+        elif isinstance(command, StartProfile):
+            self.profiler.start(command)
+        elif isinstance(command, StopProfile):
+            self.profiler.stop()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -170,6 +186,7 @@ class EngineCore:
             prefill_s = step_s * prefilled / plan.num_tokens
             record = StepRecord(decoded, prefilled, prefill_s, step_s - prefill_s, step_s)
         admitted_keys = [seq.key for seq in admitted]
+        self.profiler.step()
         return StepOutput(self._step, out, admitted_keys, self.stats(), record, self.blocks.take_events())
 
     def end_all(self, reason: FinishReason, error: str) -> StepOutput:
@@ -180,6 +197,7 @@ class EngineCore:
             self.runner.execute(idle)
         self._live.clear()
         self._step += 1
+        self.profiler.stop()  # a profile still running is written
         return StepOutput(self._step, out, [], self.stats(), None)
 
     def stats(self) -> EngineStats:

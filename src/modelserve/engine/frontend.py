@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 
@@ -37,7 +38,9 @@ from modelserve.engine.protocol import (
     FlushCache,
     KvEvent,
     RowOutput,
+    StartProfile,
     StepOutput,
+    StopProfile,
 )
 from modelserve.engine.request import (
     EngineClosedError,
@@ -172,6 +175,7 @@ class EngineFrontend(abc.ABC):
         self._states: dict[int, _RequestState] = {}
         self._stats = EngineStats()
         self._throughput: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
+        self._throughput_lock = threading.Lock()  # stats() is also read on the metrics exporter's thread
         self._kv_log: collections.deque[KvEventBatch] = collections.deque(maxlen=KV_EVENT_BATCHES)
         self._kv_subscribers: set[_KvSubscriber] = set()
         self._closed = False
@@ -214,7 +218,8 @@ class EngineFrontend(abc.ABC):
     def _tokens_per_s(self) -> float:
         """Output tokens a second over the last THROUGHPUT_WINDOW_S (0 when idle that long)."""
         now = time.monotonic()
-        recent = [(t, n) for t, n in self._throughput if now - t <= THROUGHPUT_WINDOW_S]
+        with self._throughput_lock:
+            recent = [(t, n) for t, n in self._throughput if now - t <= THROUGHPUT_WINDOW_S]
         return sum(n for _, n in recent) / THROUGHPUT_WINDOW_S if recent else 0.0
 
     def _publish(self, events: list[KvEvent]) -> None:
@@ -249,6 +254,14 @@ class EngineFrontend(abc.ABC):
         """Drop the prefix cache's blocks that no running request holds, at the core's next step."""
         self._send(FlushCache())
 
+    def start_profile(self, profile: StartProfile) -> None:
+        """Profile the core's steps into `profile.path` (step_profiler.py)."""
+        self._send(profile)
+
+    def stop_profile(self) -> None:
+        """End the profile; the core writes its trace as it takes the command."""
+        self._send(StopProfile())
+
     def abort_all(self, reason: FinishReason, error: str) -> None:
         """End every request at the next step, each with a last event saying `error`."""
         self._send(AbortAll(reason, error))
@@ -281,9 +294,10 @@ class EngineFrontend(abc.ABC):
                 self._take_row(state, row, now)
         if out.kv_events:
             self._publish(out.kv_events)
-        self._throughput.append((now, sum(1 for row in out.rows if row.token_id >= 0)))
-        while now - self._throughput[0][0] > THROUGHPUT_WINDOW_S:
-            self._throughput.popleft()
+        with self._throughput_lock:
+            self._throughput.append((now, sum(1 for row in out.rows if row.token_id >= 0)))
+            while now - self._throughput[0][0] > THROUGHPUT_WINDOW_S:
+                self._throughput.popleft()
         self._stats = out.stats
         record = out.record
         if record is not None:

@@ -37,6 +37,21 @@ class FlushCache(msgspec.Struct, tag=True, array_like=True):
     """Drop the prefix cache's blocks that no running request holds (at the next step)."""
 
 
+class StartProfile(msgspec.Struct, tag=True, array_like=True):
+    """Profile the steps (step_profiler.py) into the Chrome trace at `path`."""
+
+    path: str
+    start_step: int = 0  # steps to wait before starting
+    num_steps: int = 0  # steps to profile; 0 = until StopProfile
+    activities: list[str] = []  # CPU, GPU (CUDA), MEM; none = CPU and, where there is one, the GPU
+    with_stack: bool = False
+    record_shapes: bool = False
+
+
+class StopProfile(msgspec.Struct, tag=True, array_like=True):
+    """End the profile and write its trace."""
+
+
 class Ack(msgspec.Struct, tag=True, array_like=True):
     """The frontend has taken in step `step`'s output (the core never runs more than one step ahead)."""
 
@@ -47,7 +62,7 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-Command = AddRequest | Abort | AbortAll | FlushCache | Ack | Shutdown
+Command = AddRequest | Abort | AbortAll | FlushCache | StartProfile | StopProfile | Ack | Shutdown
 
 
 class RowOutput(msgspec.Struct, array_like=True, omit_defaults=True):

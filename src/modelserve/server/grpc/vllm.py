@@ -13,7 +13,7 @@ for, request telemetry; interceptors give it auth and RPC metrics as for every m
   (sampling_params.max_tokens).
 - What the engine cannot do is refused by field name, never ignored: UNIMPLEMENTED for a feature it lacks,
   which a vLLM that has it would serve (unserved.py's table: multimodal inputs, KV transfer, structural
-  tags; Embed, StartProfile, StopProfile), INVALID_ARGUMENT for a value outside this
+  tags; Embed), INVALID_ARGUMENT for a value outside this
   server (data_parallel_rank or dp_rank other than 0, as for any out-of-range value).
 - Output: token ids and counts, no text (a router speaking this contract detokenizes itself): with
   `stream`, a chunk per engine event, then one GenerateComplete whose finish_reason is vLLM's: "length",
@@ -43,6 +43,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -52,12 +53,15 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve import __version__
 from modelserve.config import KV_BLOCK_TOKENS
+from modelserve.engine import protocol
 from modelserve.engine.block_manager import NO_KEY
 from modelserve.engine.frontend import KvSubscriberLagged
 from modelserve.engine.protocol import KvEvent, KvStored
 from modelserve.engine.request import EngineStats, FinishReason, Request, StreamEvent, TokenLogprobs
+from modelserve.engine.step_profiler import ACTIVITIES, MEMORY
 from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
+    Phase,
     RequestFailed,
     Serving,
     ended_early,
@@ -90,7 +94,6 @@ FINISH_REASONS = {
 }
 
 _INT32_MAX = 2**31 - 1
-_NO_PROFILER = "this server runs no profiler on request (bench/step_profile.py profiles an engine step)"
 # The vLLM sampling parameters that modelserve.v1 names otherwise, so that a refusal names the field sent.
 _RENAMED = {
     **VLLM_NAMES,
@@ -119,6 +122,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         self._calls: dict[str, list[_Call]] = {}  # request ids may repeat: Abort ends them all, as vLLM does
         self._last_receive_s = 0.0  # wall clock, for GetServerInfo
         self._tokenizer_bundle: tuple[bytes, str] | None = None  # GetTokenizer's ZIP and its SHA-256, once made
+        self._profile_path = ""  # the trace file of the profile StartProfile began, until StopProfile
 
     # ---- RPCs ---------------------------------------------------------------
 
@@ -287,12 +291,18 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
     async def GetLoads(
         self, request: vpb.GetLoadsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> vpb.GetLoadsResponse:
-        """vLLM's meanings, as the vllm: metric aliases give them: a prompt being prefilled is running."""
+        """vLLM's meanings, as the vllm: metric aliases give them: a prompt being prefilled is running.
+
+        A draining (or failed) server's load poll fails UNAVAILABLE from the drain's first moment: a load report
+        has no field to say so, and a failed poll is what takes a worker out of a router's choice (smg's)."""
         if request.HasField("dp_rank") and request.dp_rank != 0:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"dp_rank is {request.dp_rank}; this server has one data-parallel rank, 0",
             )
+        health = self._serving.health()
+        if health.phase in (Phase.DRAINING, Phase.FAILED):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{health.why}; it takes no new requests")
         stats = self._stats()
         running, waiting = stats.running + stats.prefilling, stats.waiting - stats.prefilling
         load = vpb.SchedulerLoad(
@@ -340,12 +350,65 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
     async def StartProfile(
         self, request: common_pb2.StartProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.ProfileResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"StartProfile is not supported: {_NO_PROFILER}")
+        """torch's profiler over the engine's steps (engine/step_profiler.py), into a trace file under the
+        directory the operator gave with --profile-dir; `output_dir` may name a folder inside it."""
+        engine, model, _ = await self._ready(context)
+        root = self._serving.config.profile_dir
+        if not root:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "profiling is off: start the server with --profile-dir DIR to allow StartProfile",
+            )
+        if self._profile_path:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a profile is already running into {self._profile_path}; call StopProfile first",
+            )
+        folder = Path(request.output_dir)
+        if folder.is_absolute() or ".." in folder.parts:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"output_dir is {request.output_dir!r}; it must be a relative folder inside --profile-dir, "
+                "without '..' (or empty for --profile-dir itself)",
+            )
+        activities = [name.upper() for name in request.activities]
+        allowed = [*ACTIVITIES, MEMORY] if model.device.type == "cuda" else ["CPU", MEMORY]
+        if unknown := [name for name in activities if name not in allowed]:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"activities {unknown} are not profiled on this {model.device.type} server; allowed: {allowed}",
+            )
+        if request.profile_by_stage:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "profile_by_stage is not supported: prefill and decode share each step's forward here",
+            )
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        self._profile_path = str(Path(root) / folder / f"modelserve-{stamp}.trace.json")
+        engine.start_profile(
+            protocol.StartProfile(
+                self._profile_path,
+                request.start_step,
+                request.num_steps,
+                activities,
+                request.with_stack,
+                request.record_shapes,
+            )
+        )
+        until = f"after {request.num_steps} steps or StopProfile" if request.num_steps else "at StopProfile"
+        return common_pb2.ProfileResponse(
+            success=True, message=f"profiling; the trace goes to {self._profile_path} {until}"
+        )
 
     async def StopProfile(
         self, request: common_pb2.StopProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.ProfileResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"StopProfile is not supported: {_NO_PROFILER}")
+        engine, _, _ = await self._ready(context)
+        path, self._profile_path = self._profile_path, ""
+        if not path:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no profile is running; call StartProfile first")
+        engine.stop_profile()
+        return common_pb2.ProfileResponse(success=True, message=f"the trace is written to {path}")
 
     async def SubscribeKvEvents(
         self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
