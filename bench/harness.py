@@ -219,6 +219,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(arch="gpt2", hidden=768, layers=12, heads=12, vocab_size=50257, max_len=4096),
     # A tiny model for a smoke run of a benchmark.
     "tiny": dict(arch="gpt2", max_len=4096),
+    # A Llama of GPT-2-small's size (bench/lora_bench.py: LoRA needs the Llama family).
+    "llama-small": dict(arch="llama", hidden=768, layers=12, heads=12, vocab_size=32000, max_len=4096),
     # Llama-3.2-1B-like shape (for a lent GPU).
     "llama-1b": dict(arch="llama", hidden=2048, layers=16, heads=32, vocab_size=128256, max_len=4096),
     # The tests' and the soak's: build_random_model's own size (2 layers, 64 wide, a 1,024-token vocabulary,

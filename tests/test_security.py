@@ -344,6 +344,9 @@ def test_http_port_speaks_tls_with_the_grpc_certificate(pki: Pki, tls_server: Se
         assert client.get(f"{url}/health").status_code == 200  # open, as standard health is
         assert client.get(f"{url}/v1/models").status_code == 401
         assert client.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        # Loading and unloading LoRA adapters are guarded by the token too (before anything else is checked).
+        for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            assert client.post(f"{url}{route}", json={"lora_name": "a", "lora_path": "/x"}).status_code == 401
     with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
         httpx.get(f"http://127.0.0.1:{tls_server.http_port}/health", timeout=CALL_TIMEOUT_S)
 

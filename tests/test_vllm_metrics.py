@@ -73,9 +73,9 @@ def test_vllm_names_beside_ours_under_load_and_back_to_zero(long_stub: Any, long
     assert info.value == 1 and during["vllm:cache_config_info"].type == "gauge"
     block_size = int(info.labels["block_size"])
     assert block_size > 1 and int(info.labels["num_gpu_blocks"]) == budget_tokens // block_size
-    lora = _sample(during, "vllm:lora_requests_info")  # no adapters, said as vLLM says it
+    lora = _sample(during, "vllm:lora_requests_info")  # LoRA off: no adapters, said as vLLM says it
     assert lora.labels == {"max_lora": "0", "running_lora_adapters": "", "waiting_lora_adapters": ""}
-    assert lora.value > 0  # when the adapter set last changed: the server's start
+    assert lora.value > 0  # when the adapters in use last changed: the server's start
 
     assert is_idle(wait_idle(stub))  # the server's own state, polled until idle (bounded)
     after = _scrape(long_server)

@@ -60,10 +60,20 @@ _HELP = {
     f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",
     "max_num_batched_tokens": "most tokens one step's single forward takes: every decoding row's next token "
     "plus prompt chunks (0 = no cap beyond the rows and --prefill-chunk-tokens)",
-    "kv_cache_bytes": "KV cache budget in bytes "
+    "kv_cache_bytes": "KV cache budget in bytes, of each rank with --tensor-parallel-size "
     f"(0 = auto: gpu_memory_fraction of free GPU memory, {DEFAULT_CPU_KV_BYTES >> 30} GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs (for debugging)",
+    "tensor_parallel_size": "split the model over this many ranks, one process per device (cuda:0..N-1 on a GPU "
+    "machine, NCCL; the CPU's cores shared out on one without, gloo): each holds its share of the attention heads "
+    "and of the MLP; Llama-family models on modelserve's own forward, not with --quantization int8 or LoRA",
+    "enable_lora": "serve LoRA adapters beside the base model, chosen per request by name (the OpenAI `model`, "
+    "modelserve.v1's `adapter`) and loaded at run time (/v1/load_lora_adapter); Llama-family models only",
+    "lora_modules": "LoRA adapters to serve from the start, as NAME=DIR (a PEFT adapter directory) items; "
+    "implies --enable-lora",
+    "max_loras": "LoRA adapters resident at once: a batch mixes at most this many; a request for another waits for "
+    "a slot no running request uses",
+    "max_lora_rank": "the largest LoRA rank accepted (the slots' size: memory and work grow with it)",
     "profile_dir": "directory the vLLM face's StartProfile / StopProfile (smg's /start_profile, /stop_profile) "
     "write torch profiler traces of the engine's steps to (empty = those calls are refused)",
     "prefix_caching": "reuse the keys and values an earlier prompt computed for the same start (a shared system "
@@ -158,6 +168,8 @@ def _env_default(field: dataclasses.Field[Any]) -> Any:
             return float(raw.strip())
         except ValueError:
             return _InvalidEnv(f"{name}={raw!r} is not a number")
+    if kind is tuple:  # a list flag: its items separated by spaces
+        return tuple(raw.split())
     return kind(raw)
 
 
@@ -173,6 +185,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help_text = f"{_HELP[field.name]} [env MODELSERVE_{field.name.upper()}]"
         if isinstance(field.default, bool):
             serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(field.default, tuple):
+            serve.add_argument(flag, nargs="*", default=default, help=help_text)
         else:
             kind: Any = type(field.default) if field.default is not None else str
             serve.add_argument(flag, type=kind, default=default, help=help_text)
@@ -208,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_from_args(ns: argparse.Namespace) -> Config:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(Config)}
     values["cache_dir"] = Path(values["cache_dir"])
+    values["lora_modules"] = tuple(values["lora_modules"])
     return Config(**values)
 
 

@@ -63,6 +63,11 @@ class Config:
     kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False  # on CUDA, decode without CUDA graphs
+    tensor_parallel_size: int = 1  # ranks (processes, one per device) the model's layers are split over
+    enable_lora: bool = False  # LoRA adapters chosen per request (--lora-modules turns it on)
+    lora_modules: tuple[str, ...] = ()  # NAME=DIR of each PEFT LoRA adapter loaded at start-up
+    max_loras: int = 4  # adapters resident on the device at once (more are loaded into a slot as needed)
+    max_lora_rank: int = 16  # the largest adapter rank accepted
     profile_dir: str = ""  # where StartProfile writes the engine's step traces; "" = profiling refused
     prefix_caching: bool = True  # reuse the keys and values of prompt prefixes seen before
     own_forward: bool = True  # the Llama family (llama, mistral, qwen2, qwen3) on modelserve's own forward

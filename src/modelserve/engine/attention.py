@@ -25,10 +25,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from modelserve.engine.lora import LoraBatch
 
 PAGED_ATTENTION = "modelserve_paged"
 
@@ -77,6 +80,7 @@ class StepContext:
     prefills: list[PrefillRow]
     workspace: Workspace
     decode_kernel: bool = False  # decoding rows go through torch.ops.modelserve.paged_decode (CPU)
+    lora: LoraBatch | None = None  # the step's LoRA adapters, per token (engine/lora.py); None: no adapted row
     calls: int = 0  # layers that ran the paged attention in this context (start-up checks it is every one)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 

@@ -27,8 +27,14 @@ NO_KEY = -1  # a block that is not full, or whose contents are not known to the 
 
 
 def block_key(parent: int, tokens: Sequence[int]) -> int:
-    """A full block's key: its parent's key (NO_KEY for a sequence's first block) chained with its tokens."""
+    """A full block's key: its parent's key (the root's for a sequence's first block) chained with its tokens."""
     return hash((parent, tuple(tokens)))
+
+
+def root_key(lora: str) -> int:
+    """The parent key of a sequence's first block: NO_KEY for the base model, one of its own for each LoRA
+    adapter, whose keys and values differ from the base model's for the same tokens."""
+    return hash(("lora", lora)) if lora else NO_KEY
 
 
 @dataclass(slots=True)
@@ -46,7 +52,8 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     keyed: int = 0  # blocks[:keyed] are full and registered under their key
-    last_key: int = NO_KEY  # the key of blocks[keyed - 1]
+    last_key: int = NO_KEY  # the key of blocks[keyed - 1] (the root's while none is keyed)
+    lora: str = ""  # the adapter its keys and values were computed with
 
 
 class BlockManager:
@@ -87,11 +94,11 @@ class BlockManager:
 
     # ---- the prefix cache ---------------------------------------------------------------------------------
 
-    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
-        """The cached blocks that begin `tokens`, in order. The last token is never covered: its logits are
-        what a prompt is computed for."""
+    def match_prefix(self, tokens: Sequence[int], lora: str = "") -> list[int]:
+        """The cached blocks that begin `tokens` (computed with adapter `lora`), in order. The last token is
+        never covered: its logits are what a prompt is computed for."""
         found: list[int] = []
-        parent = NO_KEY
+        parent = root_key(lora)
         size = self.block_size
         for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % size, size):
             chunk = tuple(tokens[start : start + size])
@@ -114,8 +121,9 @@ class BlockManager:
         reclaimed = sum(1 for b in shared if self.blocks[b].refs == 0)
         return self.free_blocks - reclaimed >= n_blocks
 
-    def allocate(self, table: BlockTable, n_tokens: int, shared: Sequence[int] = ()) -> None:
-        """Give an empty `table` the `shared` cached blocks (by reference), then fresh blocks up to `n_tokens`."""
+    def allocate(self, table: BlockTable, n_tokens: int, shared: Sequence[int] = (), lora: str = "") -> None:
+        """Give an empty `table` the `shared` cached blocks (by reference), then fresh blocks up to `n_tokens`;
+        its blocks are keyed as computed with adapter `lora`."""
         assert not table.blocks
         for block_id in shared:
             block = self.blocks[block_id]
@@ -124,7 +132,8 @@ class BlockManager:
             block.refs += 1
             table.blocks.append(block_id)
         table.keyed = len(shared)
-        table.last_key = self.blocks[shared[-1]].key if shared else NO_KEY
+        table.lora = lora
+        table.last_key = self.blocks[shared[-1]].key if shared else root_key(lora)
         self.hit_tokens += len(shared) * self.block_size
         self.grow(table, n_tokens)
 
@@ -148,7 +157,8 @@ class BlockManager:
             if block.key == NO_KEY and key not in self._by_key:
                 block.key, block.tokens, block.parent = key, chunk, table.last_key
                 self._by_key[key] = block.id
-                self._events.append(KvStored(key, table.last_key, list(chunk)))
+                parent = table.last_key if index else NO_KEY  # a router keys the adapter by its name
+                self._events.append(KvStored(key, parent, list(chunk), table.lora))
             table.keyed += 1
             table.last_key = key
 

@@ -26,12 +26,15 @@ from modelserve.config import AUTO_PREFILL_CHUNK_CPU, AUTO_PREFILL_CHUNK_CUDA, D
 from modelserve.engine.block_manager import BlockManager
 from modelserve.engine.grammar import GrammarError, Grammars
 from modelserve.engine.kv_memory import memory_warning
+from modelserve.engine.lora_slots import LoraSlots
 from modelserve.engine.protocol import (
     Abort,
     AbortAll,
+    AddLora,
     AddRequest,
     Command,
     FlushCache,
+    RemoveLora,
     RowOutput,
     StartProfile,
     StepOutput,
@@ -44,6 +47,8 @@ from modelserve.engine.scheduler import Scheduler
 from modelserve.engine.sequence import Sequence
 from modelserve.engine.step_plan import PromptScores, StepPlan
 from modelserve.engine.step_profiler import StepProfiler
+from modelserve.engine.tensor_parallel import TensorParallel
+from modelserve.models.lora import LoraAdapter, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +79,14 @@ class EngineCore:
         block_size: int = KV_BLOCK_TOKENS,
         own_forward: bool = True,
         tokenizer: Tokenizer | None = None,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
+        tp: TensorParallel | None = None,
     ) -> None:
         self._eos_ids = frozenset(eos_token_ids)
         vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.grammars = Grammars(tokenizer, vocab_size, tuple(eos_token_ids))  # structured output's matchers
-        self.runner = ModelRunner(model, self._eos_ids, max_sequence_length, own_forward, self.grammars)
+        self.runner = ModelRunner(model, self._eos_ids, max_sequence_length, own_forward, self.grammars, tp)
         shape = self.runner.kv_shape
         num_blocks = self._kv_budget_bytes(kv_cache_bytes, gpu_memory_fraction) // (shape.bytes_per_token * block_size)
         self.blocks = BlockManager(num_blocks, block_size)
@@ -90,8 +98,19 @@ class EngineCore:
         chunk = prefill_chunk_tokens or (
             AUTO_PREFILL_CHUNK_CUDA if self.runner.device.type == "cuda" else AUTO_PREFILL_CHUNK_CPU
         )
-        self.scheduler = Scheduler(self.blocks, max_batch_size, chunk, max_num_batched_tokens, prefix_caching)
-        if cuda_graphs:
+        lora_slots = None
+        if max_loras:
+            self.runner.enable_lora(max_loras, max_lora_rank)
+            lora_slots = LoraSlots(max_loras)
+        self.adapters = self.runner.adapters  # LoRA adapters by name, their weights on the CPU
+        self.scheduler = Scheduler(
+            self.blocks, max_batch_size, chunk, max_num_batched_tokens, prefix_caching, lora_slots
+        )
+        if cuda_graphs and max_loras:
+            log.info("decode runs eagerly: CUDA graphs do not capture the LoRA adapters' products (--enable-lora)")
+        elif cuda_graphs and tp is not None:
+            log.info("decode runs eagerly: CUDA graphs are not captured with --tensor-parallel-size")
+        elif cuda_graphs:
             self.runner.use_cuda_graphs(max_batch_size, self.max_sequence_tokens)
         self.prefix_caching = prefix_caching
         # Telemetry watches this core: it reads each response's mean log-probability (a logsumexp over the
@@ -100,11 +119,12 @@ class EngineCore:
         self._live: dict[int, Sequence] = {}
         self._step = 0
         log.info(
-            "KV memory: %d blocks of %d tokens (%.2f GiB at %d bytes/token), up to %d rows; prefix caching %s",
+            "KV memory: %d blocks of %d tokens (%.2f GiB at %d bytes/token%s), up to %d rows; prefix caching %s",
             num_blocks,
             block_size,
             self.kv_budget_tokens * shape.bytes_per_token / 2**30,
             shape.bytes_per_token,
+            f" on each of {tp.world} ranks, which hold a share of the KV heads each" if tp is not None else "",
             max_batch_size,
             "on (the same blocks)" if prefix_caching else "off",
         )
@@ -130,6 +150,8 @@ class EngineCore:
             self.scheduler.add(seq)
             if seq.params.grammar:
                 self._grammar_ready(seq)
+            if seq.request.lora and seq.request.lora not in self.adapters:  # unloaded since the frontend checked
+                _mark_aborted(seq, FinishReason.CANCELLED, _unloaded(seq.request.lora))
         elif isinstance(command, Abort):
             target = self._live.get(command.key)
             if target is not None:
@@ -143,6 +165,18 @@ class EngineCore:
             self.profiler.start(command)
         elif isinstance(command, StopProfile):
             self.profiler.stop()
+        elif isinstance(command, AddLora):
+            adapter = LoraAdapter(command.name, command.path, command.rank, command.scaling, tuple(command.modules))
+            self.adapters[command.name] = load_weights(adapter, self.runner.model.dtype)
+            log.info("LoRA adapter %r loaded from %s (rank %d)", command.name, command.path, command.rank)
+        elif isinstance(command, RemoveLora):
+            self.adapters.pop(command.name, None)
+            if self.scheduler.lora_slots is not None:
+                self.scheduler.lora_slots.forget(command.name)
+            for seq in self.scheduler.waiting:
+                if seq.request.lora == command.name and not seq.admitted:
+                    _mark_aborted(seq, FinishReason.CANCELLED, _unloaded(command.name))
+            log.info("LoRA adapter %r unloaded", command.name)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -220,6 +254,8 @@ class EngineCore:
             max_batch_size=scheduler.max_batch_size,
             gpu_allocated_bytes=gpu_allocated,
             gpu_reserved_bytes=gpu_reserved,
+            lora_running=_adapters(scheduler.running),
+            lora_waiting=_adapters(scheduler.waiting),
         )
 
     # ---- pieces -----------------------------------------------------------------------------------------
@@ -326,6 +362,14 @@ class EngineCore:
         except GrammarError as exc:
             seq.grammar_ready = True
             _mark_aborted(seq, FinishReason.ERROR, f"the request's structured output grammar: {exc}")
+
+
+def _adapters(seqs: list[Sequence]) -> tuple[str, ...]:
+    return tuple(sorted({seq.request.lora for seq in seqs if seq.request.lora}))
+
+
+def _unloaded(name: str) -> str:
+    return f"the LoRA adapter {name!r} was unloaded before the request started"
 
 
 def _mark_aborted(seq: Sequence, reason: FinishReason, error: str) -> None:

@@ -30,8 +30,12 @@ from modelserve.engine.cpu_threads import WAIT_POLICY, core_threads
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
 
 if TYPE_CHECKING:
+    import torch
+
     from modelserve.engine.core import EngineCore
     from modelserve.engine.engine import EngineConfig
+    from modelserve.engine.runner import ModelRunner
+    from modelserve.engine.tensor_parallel import Ranks, TensorParallel
     from modelserve.models.loader import LoadedModel, ModelInfo
 
 log = logging.getLogger("modelserve.engine")
@@ -81,7 +85,7 @@ def main(specs: Connection) -> None:
     decoder = msgspec.msgpack.Decoder(Command)
 
     try:
-        loaded, core = _build_core(spec)
+        loaded, core, ranks = _build_core(spec)
     except Exception as exc:
         outputs.send(encoder.encode(CoreFailed(" ".join(str(exc).split()) or type(exc).__name__)))
         outputs.close()
@@ -114,41 +118,35 @@ def main(specs: Connection) -> None:
         outputs.send(encoder.encode(out), copy=False)
 
     run_core_loop(core, take, emit)  # an exception here ends the process non-zero: the frontend sees it die
+    if ranks is not None and core.runner.tp is not None:
+        ranks.stop(core.runner.tp)
     outputs.close()
     commands.close()
     context.term()
 
 
-def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
-    import torch
-
+def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore, Ranks | None]:
+    """The model, loaded (rank 0's shard of it when tensor-parallel, the other ranks started first), and the
+    engine core over it."""
     from modelserve.engine.self_check import check_greedy_matches_generate
+    from modelserve.engine.tensor_parallel import Ranks, connect
     from modelserve.models.capability import FAMILIES
-    from modelserve.models.loader import load_weights_on
 
-    loaded = load_weights_on(
-        spec.model,
-        spec.device,
-        spec.dtype,
-        trust_remote_code=spec.trust_remote_code,
-        quantization=spec.quantization,
-    )
-    threads = core_threads(
-        on_cpu=loaded.device.type == "cpu",
-        parameters=sum(p.numel() for p in loaded.model.parameters()),
-        torch_threads=torch.get_num_threads(),
-    )
-    torch.set_num_threads(threads.threads)
-    log.info(
-        "engine core: torch threads %d (%s); %s=%s",
-        threads.threads,
-        threads.reason,
-        WAIT_POLICY,
-        os.environ.get(WAIT_POLICY, "unset"),
-    )
+    world = spec.engine.tensor_parallel_size
+    ranks = tp = None
+    if world > 1:
+        if spec.quantization != "none":
+            raise ValueError(f"--quantization {spec.quantization} does not combine with --tensor-parallel-size")
+        address = f"127.0.0.1:{_free_port()}"
+        ranks = Ranks(spec, world, address)
+        tp = connect(0, world, address, _rank_device(spec, 0))
+    loaded = _load(spec, 0, world)
     core = spec.engine.build_core(
-        loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed, loaded.tokenizer
+        loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed, loaded.tokenizer, tp
     )
+    if ranks is not None:
+        pids = [p.pid for p in ranks.processes]
+        log.info("tensor parallel: %d ranks, rank 0 in this process, ranks 1.. in processes %s", world, pids)
     if loaded.model_type not in FAMILIES:
         seconds = check_greedy_matches_generate(core, loaded.architecture)
         log.info(
@@ -158,4 +156,62 @@ def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore]:
             loaded.model_type,
             seconds,
         )
-    return loaded, core
+    return loaded, core, ranks
+
+
+def load_rank(spec: CoreSpec, rank: int, world: int, address: str) -> tuple[ModelRunner, TensorParallel]:
+    """A rank other than 0 (tensor_parallel.main): join the ranks, load the model, keep this rank's shard."""
+    from modelserve.engine.runner import ModelRunner
+    from modelserve.engine.tensor_parallel import connect
+
+    tp = connect(rank, world, address, _rank_device(spec, rank))
+    loaded = _load(spec, rank, world)
+    runner = ModelRunner(loaded.model, frozenset(loaded.eos_token_ids), loaded.max_sequence_length, True, None, tp)
+    return runner, tp
+
+
+def _rank_device(spec: CoreSpec, rank: int) -> torch.device:
+    from modelserve.engine.tensor_parallel import rank_device
+    from modelserve.models.loader import resolve_device
+
+    return rank_device(resolve_device(spec.device), rank)
+
+
+def _load(spec: CoreSpec, rank: int, world: int) -> LoadedModel:
+    """The weights on this rank's device, with torch's threads set for it (the CPU's share of each rank)."""
+    import torch
+
+    from modelserve.models.loader import load_weights_on
+
+    loaded = load_weights_on(
+        spec.model,
+        str(_rank_device(spec, rank)),
+        spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        quantization=spec.quantization,
+    )
+    threads = core_threads(
+        on_cpu=loaded.device.type == "cpu",
+        parameters=sum(p.numel() for p in loaded.model.parameters()),
+        torch_threads=torch.get_num_threads(),
+    )
+    share = max(1, threads.threads // world) if loaded.device.type == "cpu" else threads.threads
+    torch.set_num_threads(share)
+    log.info(
+        "engine core%s: torch threads %d (%s%s); %s=%s",
+        f" rank {rank}" if world > 1 else "",
+        share,
+        threads.reason,
+        f", shared by {world} ranks" if world > 1 and loaded.device.type == "cpu" else "",
+        WAIT_POLICY,
+        os.environ.get(WAIT_POLICY, "unset"),
+    )
+    return loaded
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -26,6 +26,7 @@ from modelserve.engine.core_loop import run_core_loop
 from modelserve.engine.frontend import EngineFrontend, RequestStream
 from modelserve.engine.protocol import Command, Shutdown, StepOutput
 from modelserve.engine.request import FinishReason, StepRecord
+from modelserve.engine.tensor_parallel import TensorParallel
 from modelserve.models.quantize import weight_bytes
 
 __all__ = ["Engine", "EngineConfig", "RequestStream"]
@@ -47,10 +48,15 @@ class EngineConfig:
     own_forward: bool = Config.own_forward  # the Llama family on our own forward (llama_forward.py)
     max_waiting_requests: int = Config.max_waiting_requests  # more are refused (QueueFullError)
     max_waiting_tokens: int = Config.max_waiting_tokens  # 0 = AUTO_WAITING_KV_BUDGETS x the KV budget
+    tensor_parallel_size: int = Config.tensor_parallel_size  # ranks the model is split over (core process only)
+    enable_lora: bool = Config.enable_lora  # room for LoRA adapters chosen per request
+    max_loras: int = Config.max_loras  # adapters resident at once
+    max_lora_rank: int = Config.max_lora_rank
 
     @classmethod
     def from_config(cls, config: Config) -> EngineConfig:
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        engine = cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        return dataclasses.replace(engine, enable_lora=config.enable_lora or bool(config.lora_modules))
 
     def queue_limits(self, kv_budget_tokens: int) -> QueueLimits:
         return QueueLimits(
@@ -64,6 +70,7 @@ class EngineConfig:
         max_sequence_length: int,
         observed: bool,
         tokenizer: Tokenizer | None = None,
+        tp: TensorParallel | None = None,
     ) -> EngineCore:
         return EngineCore(
             model,
@@ -79,6 +86,9 @@ class EngineConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             own_forward=self.own_forward,
             tokenizer=tokenizer,
+            max_loras=self.max_loras if self.enable_lora else 0,
+            max_lora_rank=self.max_lora_rank,
+            tp=tp,
         )
 
 

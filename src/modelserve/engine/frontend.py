@@ -33,10 +33,12 @@ from modelserve.engine.protocol import (
     Abort,
     AbortAll,
     Ack,
+    AddLora,
     AddRequest,
     Command,
     FlushCache,
     KvEvent,
+    RemoveLora,
     RowOutput,
     StartProfile,
     StepOutput,
@@ -55,6 +57,7 @@ from modelserve.engine.request import (
     TokenLogprobs,
 )
 from modelserve.engine.stop import StopSequenceMatcher
+from modelserve.models.lora import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +256,14 @@ class EngineFrontend(abc.ABC):
     def flush_cache(self) -> None:
         """Drop the prefix cache's blocks that no running request holds, at the core's next step."""
         self._send(FlushCache())
+
+    def add_lora(self, adapter: LoraAdapter) -> None:
+        """Make a checked adapter (models/lora.py) available to requests by its name, from the next command on."""
+        self._send(AddLora(adapter.name, adapter.path, adapter.rank, adapter.scaling, list(adapter.modules)))
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter: requests waiting for it end; running ones finish with it."""
+        self._send(RemoveLora(name))
 
     def start_profile(self, profile: StartProfile) -> None:
         """Profile the core's steps into `profile.path` (step_profiler.py)."""

@@ -5,7 +5,8 @@ one path. Here: the query, key and value projections are one matmul, gate and up
 rotary table is computed once for every position the model serves and indexed per step; attention is
 the paged one (attention.py) on flat [tokens, heads, dim] tensors; the LM head runs on the sampled
 tokens only. Fewer, larger kernels and no Python per layer beyond the few calls it makes: on a CPU a
-small model's step is mostly dispatch, and on a GPU it is what a CUDA graph records.
+small model's step is mostly dispatch, and on a GPU it is what a CUDA graph records. A step whose rows run
+LoRA adapters adds each fused projection's adapter product, for every row at once (lora.py).
 
 The linear layers come through cpu_linears.py: fused, and on a CPU packed for oneDNN, with the model's
 modules left computing the same products, so no weight is held twice and generate() on the model still
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel
 
 from modelserve.engine.attention import StepContext, attend
 from modelserve.engine.cpu_linears import Linears, Projection
+from modelserve.engine.tensor_parallel import TensorParallel
 
 OWN_FORWARD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -63,15 +65,21 @@ class _Layer:
 class LlamaForward:
     """A Llama-family model's forward over a step's flat tokens and the paged KV memory."""
 
-    def __init__(self, model: PreTrainedModel, max_positions: int, linears: Linears) -> None:
+    def __init__(
+        self, model: PreTrainedModel, max_positions: int, linears: Linears, tp: TensorParallel | None = None
+    ) -> None:
+        """With `tp`, the model's layers hold this rank's shard (tensor_parallel.py): its share of the heads,
+        and a partial sum out of o_proj and down_proj, which the ranks add up."""
         config = model.config
+        world = tp.world if tp is not None else 1
+        self.reduce = tp.all_reduce if tp is not None else None
         base: Any = model.model
         self.embed: Projection = base.embed_tokens
         self.norm: Projection = base.norm
         self.lm_head = linears.lm_head(model)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads)
+        self.heads = int(config.num_attention_heads) // world
+        self.kv_heads = int(config.num_key_value_heads) // world
         with torch.no_grad():
             positions = torch.arange(max_positions, device=model.device)[None]
             probe = torch.zeros(1, dtype=model.dtype, device=model.device)
@@ -88,9 +96,13 @@ class LlamaForward:
         h = self.embed(input_ids)
         tokens = h.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]
+        lora = context.lora
         for layer in self.layers:
             residual = h
-            qkv = layer.qkv(layer.input_norm(h))
+            x = layer.input_norm(h)
+            qkv = layer.qkv(x)
+            if lora is not None:
+                qkv = qkv + lora.delta("qkv", layer.index, x)
             q = qkv[:, : layer.q_size].view(tokens, self.heads, self.head_dim)
             k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(tokens, self.kv_heads, self.head_dim)
             v = qkv[:, layer.q_size + layer.kv_size :].view(tokens, self.kv_heads, self.head_dim)
@@ -106,10 +118,25 @@ class LlamaForward:
                 layer.scaling,
                 layer.window,
             )
-            h = residual + layer.o_proj(o.reshape(tokens, -1))
+            o = o.reshape(tokens, -1)
+            out = layer.o_proj(o)
+            if lora is not None:
+                out = out + lora.delta("o", layer.index, o)
+            if self.reduce is not None:
+                self.reduce(out)
+            h = residual + out
             residual = h
-            gate_up = layer.gate_up(layer.post_norm(h))
-            h = residual + layer.down(layer.act(gate_up[:, : layer.inner]) * gate_up[:, layer.inner :])
+            x = layer.post_norm(h)
+            gate_up = layer.gate_up(x)
+            if lora is not None:
+                gate_up = gate_up + lora.delta("gate_up", layer.index, x)
+            m = layer.act(gate_up[:, : layer.inner]) * gate_up[:, layer.inner :]
+            out = layer.down(m)
+            if lora is not None:
+                out = out + lora.delta("down", layer.index, m)
+            if self.reduce is not None:
+                self.reduce(out)
+            h = residual + out
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

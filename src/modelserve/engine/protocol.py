@@ -52,6 +52,22 @@ class StopProfile(msgspec.Struct, tag=True, array_like=True):
     """End the profile and write its trace."""
 
 
+class AddLora(msgspec.Struct, tag=True, array_like=True):
+    """Make a LoRA adapter (checked by the frontend, models/lora.py) available to requests by its name."""
+
+    name: str
+    path: str
+    rank: int
+    scaling: float
+    modules: list[str]
+
+
+class RemoveLora(msgspec.Struct, tag=True, array_like=True):
+    """Unload an adapter: requests still waiting for it end; running ones finish with it."""
+
+    name: str
+
+
 class Ack(msgspec.Struct, tag=True, array_like=True):
     """The frontend has taken in step `step`'s output (the core never runs more than one step ahead)."""
 
@@ -62,7 +78,9 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-Command = AddRequest | Abort | AbortAll | FlushCache | StartProfile | StopProfile | Ack | Shutdown
+Command = (
+    AddRequest | Abort | AbortAll | FlushCache | StartProfile | StopProfile | AddLora | RemoveLora | Ack | Shutdown
+)
 
 
 class RowOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -89,6 +107,7 @@ class KvStored(msgspec.Struct, tag=True, array_like=True):
     key: int
     parent: int  # block_manager.NO_KEY for a sequence's first block
     tokens: list[int]
+    lora: str = ""  # the LoRA adapter its keys and values were computed with ("" = the base model)
 
 
 class KvRemoved(msgspec.Struct, tag=True, array_like=True):

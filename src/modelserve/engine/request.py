@@ -61,6 +61,7 @@ class Request:
     params: SamplingParams
     priority: int = 0  # higher is admitted first; equal priorities are first come, first served
     deadline_s: float | None = None  # time.monotonic() after which the request is dropped
+    lora: str = ""  # the LoRA adapter its tokens go through ("" = the base model)
 
     @property
     def need(self) -> int:
@@ -152,6 +153,8 @@ class EngineStats:
     max_batch_size: int = 0  # rows allowed now (lowered after an out-of-memory step)
     gpu_allocated_bytes: int = 0  # by the engine's tensors, on CUDA
     gpu_reserved_bytes: int = 0  # by its caching allocator, on CUDA
+    lora_running: tuple[str, ...] = ()  # the LoRA adapters of the requests in the batch
+    lora_waiting: tuple[str, ...] = ()  # and of the requests waiting for it
 
     @property
     def kv_usage(self) -> float:

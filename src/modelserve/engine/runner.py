@@ -37,11 +37,13 @@ from modelserve.engine.gathered_attention import GatheringCache, union_mask
 from modelserve.engine.grammar import Grammars
 from modelserve.engine.kv_memory import KVMemory, KVShape
 from modelserve.engine.llama_forward import LlamaForward, supports
+from modelserve.engine.lora import LoraTensors, LoraWeights
 from modelserve.engine.paged_decode_cpu import load as load_decode_kernel
 from modelserve.engine.prompt_logprobs import score
 from modelserve.engine.sampler import SampleResult, sample
 from modelserve.engine.sampling_state import SamplingStates
 from modelserve.engine.step_plan import PromptScores, StepPlan
+from modelserve.engine.tensor_parallel import TensorParallel, shard
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,22 @@ class ModelRunner:
         max_positions: int,
         own_forward: bool = True,
         grammars: Grammars | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         self.model = model
         self.device = model.device
+        self.tp = tp
+        if tp is not None:
+            if not (own_forward and supports(model)):
+                raise ValueError(
+                    f"--tensor-parallel-size needs modelserve's own Llama-family forward; {type(model).__name__} "
+                    "does not run on it (a Llama, Mistral, Qwen2 or Qwen3 model, without --no-own-forward)"
+                )
+            shard(model, tp)  # before the KV geometry is read: each rank holds its share of the KV heads
         self.kv_shape = self._probe_kv_shape()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         linears = Linears(model)
-        self.own = LlamaForward(model, max_positions, linears) if own_forward and supports(model) else None
+        self.own = LlamaForward(model, max_positions, linears, tp) if own_forward and supports(model) else None
         if self.own is None:
             linears.pack_model(model)
         linears.release_originals(model)
@@ -83,6 +94,20 @@ class ModelRunner:
         self.gathered = False  # its attention bypasses the AttentionInterface (gathered_attention.py)
         self.graphs: DecodeGraphs | None = None
         self.decode_kernel = self.device.type == "cpu" and self._load_decode_kernel()
+        self.lora: LoraWeights | None = None
+        self.adapters: dict[str, LoraTensors] = {}  # the LoRA adapters a plan may load, by name (the core's)
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Room for `max_loras` resident adapters of rank up to `max_rank` (engine/lora.py)."""
+        if self.tp is not None:
+            raise ValueError("LoRA adapters do not combine with --tensor-parallel-size (yet): serve them on one rank")
+        if self.own is None:
+            raise ValueError(
+                f"LoRA adapters need modelserve's own Llama-family forward; {type(self.model).__name__} "
+                "does not run on it (a Llama, Mistral, Qwen2 or Qwen3 model, without --no-own-forward)"
+            )
+        self.lora = LoraWeights(self.model.config, max_loras, max_rank, self.model.dtype, self.device)
+        log.info("LoRA: %d adapter slots of rank up to %d", max_loras, max_rank)
 
     @staticmethod
     def _load_decode_kernel() -> bool:
@@ -98,6 +123,8 @@ class ModelRunner:
         return False
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        if self.tp is not None and self.tp.rank == 0:  # every rank's KV memory has the same blocks
+            self.tp.broadcast_int(num_blocks)
         self.kv = KVMemory(self.kv_shape, num_blocks, block_size)
         if self.own is not None:
             log.info("%s runs on modelserve's own Llama-family forward (llama_forward.py)", type(self.model).__name__)
@@ -172,8 +199,13 @@ class ModelRunner:
             self.states.remove(key)
         for new in plan.added:
             self.states.add(new)
+        for slot, name in plan.lora_loads:
+            assert self.lora is not None
+            self.lora.load(slot, self.adapters[name])
         if not plan.rows:
             return StepResult()
+        if self.tp is not None:  # the other ranks run the same forward on their shards
+            self.tp.broadcast_plan(plan)
         input_ids, positions, kept, every_row, context = self._inputs(plan)
         if self.gathered:
             logits = self.gathered_forward(input_ids, positions, kept, context, plan)
@@ -192,6 +224,14 @@ class ModelRunner:
             self.states.record(keys, result.sample.token_ids)
         return result
 
+    @torch.inference_mode()
+    def forward_only(self, plan: StepPlan) -> None:
+        """A rank other than 0: its share of `plan`'s forward (rank 0 computes the logits and samples)."""
+        assert self.own is not None
+        input_ids, positions, _, _, context = self._inputs(plan)
+        with self._attention_backends():
+            self.own.hidden_states(input_ids, positions, context)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -202,7 +242,13 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Logits [kept tokens, vocab] at the step's `kept` token indices; `every_row`: they are one per row,
         in order (a decode-only step that scores nothing), which is what a CUDA graph replays."""
-        if every_row and self.graphs is not None and not context.prefills and context.decode_gather is not None:
+        if (
+            every_row
+            and self.graphs is not None
+            and not context.prefills
+            and context.decode_gather is not None
+            and context.lora is None
+        ):
             hidden = self.graphs.hidden_states(input_ids, positions, context)
             if hidden is not None:
                 logits: torch.Tensor = self.model.get_output_embeddings()(hidden)
@@ -280,8 +326,11 @@ class ModelRunner:
         slots: list[int] = []
         sampled: list[int] = []
         scored: list[int] = []
+        lora_slots: list[int] = []
         for row in plan.rows:
             blocks_of = row.block_table
+            if self.lora is not None:
+                lora_slots += [row.lora_slot] * len(row.token_ids)
             span = range(row.start, row.start + len(row.token_ids))
             if row.scoring is not None:
                 first = len(ids) + row.scoring.first
@@ -323,6 +372,7 @@ class ModelRunner:
             prefills,
             self.kv.workspace,
             decode_kernel=self.decode_kernel,
+            lora=self.lora.batch(lora_slots) if self.lora is not None else None,
         )
         every_row = not scored and len(sampled) == len(ids)
         return _long(ids, device), _long(positions, device), _long(sampled + scored, device), every_row, context

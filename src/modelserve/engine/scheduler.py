@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 
 from modelserve.engine.block_manager import BlockManager
+from modelserve.engine.lora_slots import LoraSlots
 from modelserve.engine.request import FinishReason
 from modelserve.engine.sequence import Sequence
 from modelserve.engine.step_plan import NewRow, PromptScoring, RowPlan, StepPlan
@@ -37,8 +38,10 @@ class Scheduler:
         prefill_chunk_tokens: int,
         max_num_batched_tokens: int = 0,
         prefix_caching: bool = True,
+        lora_slots: LoraSlots | None = None,
     ) -> None:
         self.blocks = blocks
+        self.lora_slots = lora_slots  # resident LoRA adapters (engine/lora.py); None: LoRA is off
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_num_batched_tokens = max_num_batched_tokens  # 0: decoding rows + the prefill chunk
@@ -49,6 +52,7 @@ class Scheduler:
         self.admitted_prompt_tokens = 0  # since the start, each request's prompt once
         self._known: set[int] = set()  # keys the runner holds sampling state for
         self._ended: list[int] = []  # keys to tell the runner to forget at the next plan
+        self._lora_loads: list[tuple[int, str]] = []  # adapters to load into their slots before the next step
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=_admission_order)
@@ -85,6 +89,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.table)
+        self._release_lora(seq)
         if seq.key in self._known:
             self._known.discard(seq.key)
             self._ended.append(seq.key)
@@ -134,6 +139,7 @@ class Scheduler:
                 seq = next(s for s in self.running if s.key == row.key)
                 self._known.add(row.key)
                 plan.added.append(NewRow(row.key, seq.params, seq.request.prompt_ids))
+        plan.lora_loads, self._lora_loads = self._lora_loads, []
         return plan, admitted
 
     def idle_plan(self) -> StepPlan | None:
@@ -165,18 +171,26 @@ class Scheduler:
             if first < end:
                 scoring = PromptScoring(first - start, seq.tokens[first + 1 : end + 1], seq.params.prompt_logprobs)
         tokens = seq.tokens[start : start + n]
-        plan.rows.append(RowPlan(seq.key, tokens, start, list(seq.table.blocks), sample, scoring))
+        plan.rows.append(RowPlan(seq.key, tokens, start, list(seq.table.blocks), sample, scoring, seq.lora_slot))
 
     def _admit(self, seq: Sequence) -> bool:
         """Give `seq` its blocks (shared cached ones first) for all its tokens so far, if they fit now."""
-        blocks = self.blocks
-        shared = blocks.match_prefix(seq.tokens) if self.prefix_caching and not seq.scoring_prompt else []
+        blocks, lora = self.blocks, seq.request.lora
+        shared = blocks.match_prefix(seq.tokens, lora) if self.prefix_caching and not seq.scoring_prompt else []
         need = blocks.blocks_for(len(seq.tokens)) - len(shared)
         # Headroom of a block per running row, which may start a new block next step: without it a newcomer
         # would take the blocks the running rows grow into, and be preempted again at once.
         if not blocks.can_allocate(need + len(self.running), shared):
             return False
-        blocks.allocate(seq.table, len(seq.tokens), shared)
+        if lora:  # and a slot for its adapter (it waits, and the queue behind it, while every slot is in use)
+            assert self.lora_slots is not None, "the frontend refuses an adapter when LoRA is off"
+            got = self.lora_slots.acquire(lora)
+            if got is None:
+                return False
+            seq.lora_slot, fresh = got
+            if fresh:
+                self._lora_loads.append((seq.lora_slot, lora))
+        blocks.allocate(seq.table, len(seq.tokens), shared, lora)
         seq.computed = len(shared) * blocks.block_size
         if not seq.admitted:
             seq.cached_tokens = seq.computed
@@ -196,7 +210,7 @@ class Scheduler:
         shareable = (len(seq.tokens) - 1) // size * size  # match_prefix never covers a prompt's last token
         for other in self.running:
             cached = other.computed // size * size  # what advance() has committed of it
-            if not other.prefilling or cached >= shareable:
+            if not other.prefilling or cached >= shareable or other.request.lora != seq.request.lora:
                 continue
             # Wait when the two share every block up to and including the first one not yet cached.
             end = cached + size
@@ -222,9 +236,16 @@ class Scheduler:
         """Free a running sequence's blocks and queue it again; it keeps its tokens and its sampling state."""
         self.running.remove(seq)
         self.blocks.free(seq.table)
+        self._release_lora(seq)
         seq.computed = 0
         self.preemptions += 1
         self.add(seq)
+
+    def _release_lora(self, seq: Sequence) -> None:
+        if seq.lora_slot:
+            assert self.lora_slots is not None
+            self.lora_slots.release(seq.lora_slot)
+            seq.lora_slot = 0
 
 
 def _admission_order(seq: Sequence) -> tuple[int, int]:

@@ -25,6 +25,7 @@ class Sequence:
     admitted: bool = False  # has left the waiting queue once (a preempted one goes back, but was admitted)
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, at admission
     prompt_scores: PromptScores = field(default_factory=PromptScores)  # prompt log-probabilities so far
+    lora_slot: int = 0  # the resident adapter slot it runs with while admitted (0: the base model)
     grammar_ready: bool = True  # False while the core builds its grammar's matcher: it may not be admitted
     finish: FinishReason | None = None
     abort_reason: FinishReason | None = None  # set by an abort or a deadline; acted on at the next step

@@ -52,6 +52,7 @@ class RowPlan:
     block_table: list[int]  # the blocks that hold those positions, in order
     sample: bool  # the fed tokens end the sequence: sample its next token from the last one's logits
     scoring: PromptScoring | None = None  # prompt log-probabilities asked for from this chunk
+    lora_slot: int = 0  # the adapter slot its tokens go through (engine/lora.py; 0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class StepPlan:
     rows: list[RowPlan] = field(default_factory=list)  # decoding rows first, then prompt chunks
     added: list[NewRow] = field(default_factory=list)  # sampling state to create before the step
     removed: list[int] = field(default_factory=list)  # keys whose sampling state goes (they ended)
+    lora_loads: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter) to load before the step
 
     @property
     def num_tokens(self) -> int:

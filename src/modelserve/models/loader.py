@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from modelserve.models.capability import unsupported_reason
+from modelserve.models.lora import LoraTarget, lora_target
 from modelserve.models.quantize import quantize_model, weight_bytes
 from modelserve.models.source import ModelLoadError, check_source, one_line
 
@@ -73,6 +74,7 @@ class ModelInfo:
     revision: str | None = None  # the hub revision the config and tokenizer came from (None: local, or the default)
     generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     chat_template: str | None = None  # the Jinja template Chat renders messages with (None: the model has none)
+    lora: LoraTarget | None = None  # what LoRA adapters must fit; None: a family that cannot take them
     # Bytes of the parameters and buffers the model holds on its device, as served (after quantisation);
     # 0 until the weights are loaded (the frontend's info gets it from the engine core).
     weight_bytes: int = 0
@@ -204,6 +206,7 @@ def load_model_info(
         revision=revision,
         generation_defaults=_generation_defaults(generation),
         chat_template=_chat_template(hf_tokenizer),
+        lora=lora_target(config),
     )
 
 

@@ -170,7 +170,8 @@ async def _start_engine(
         if config.vllm_metrics and telemetry.registry is not None:
             from modelserve.telemetry.vllm_aliases import VllmAliases  # imports torch: not before the port is open
 
-            telemetry.registry.register(VllmAliases(engine.stats, info.model_id))
+            lora_slots = config.max_loras if config.enable_lora or config.lora_modules else 0
+            telemetry.registry.register(VllmAliases(engine.stats, info.model_id, lora_slots))
         if info.device.type == "cuda":
             telemetry.metrics.attach_gpu_memory(
                 lambda: (engine.stats().gpu_allocated_bytes, engine.stats().gpu_reserved_bytes)
@@ -198,6 +199,7 @@ class ClientGoneFilter(logging.Filter):
 async def serve(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
     from modelserve.engine.client import CoreProcess
+    from modelserve.models.lora import LoraError
     from modelserve.models.source import ModelLoadError, check_source
     from modelserve.server.lifecycle import FINAL_MESSAGE_S, drain, in_daemon_thread, load_info
 
@@ -293,6 +295,12 @@ async def serve(config: Config) -> int:
                 time.monotonic() - started,
             )
             serving.attach(model, engine, telemetry.metrics if telemetry else None)
+            try:
+                await serving.adapters.load_configured(config.lora_modules)
+            except LoraError as exc:
+                log.error("could not load the LoRA adapters: %s", exc)
+                serving.phase = Phase.FAILED
+                return 1
             serving.phase = Phase.SERVING
             await _set_health(health_servicer, SERVING)
             log.info("ready: serving %s and %s on %s:%d", SERVICE_NAME, VLLM_SERVICE_NAME, config.host, port)

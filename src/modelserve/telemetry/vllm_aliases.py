@@ -3,7 +3,8 @@
 The Gateway API Inference Extension's endpoint picker (which llm-d and KServe's LLMInferenceService build
 on) scores replicas by `vllm:num_requests_waiting`, `vllm:num_requests_running` and
 `vllm:kv_cache_usage_perc`, sizes its prefix index from `vllm:cache_config_info` and reads
-`vllm:lora_requests_info` (exported with no adapters), unless its flags name other metrics.
+`vllm:lora_requests_info` (the LoRA adapters of the running and the waiting requests), unless its flags
+name other metrics.
 Exporting these names beside ours lets it route to modelserve with its default settings
 (docs/gateway.md); `--no-vllm-metrics` turns them off.
 
@@ -37,10 +38,12 @@ ENGINE = "0"  # vLLM labels each engine core by its index; a modelserve server r
 class VllmAliases:
     """A prometheus_client collector: the engine's load under vLLM's metric names and labels."""
 
-    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str, max_loras: int = 0) -> None:
         self._stats = stats
         self._labels = {"model_name": model_name, "engine": ENGINE}
-        self._started_s = time.time()  # vLLM's lora_requests_info value: when the adapter set last changed
+        self._max_loras = max_loras  # 0: LoRA is off
+        self._adapters: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._changed_s = time.time()  # vLLM's lora_requests_info value: when the adapters in use last changed
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -57,11 +60,19 @@ class VllmAliases:
         info = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration, in the labels", labels=list(config))
         info.add_metric(list(config.values()), 1)
         yield info
-        # No adapters, said as vLLM says it: a picker that reads this family (by default it does, and some
-        # versions count a replica without it as unhealthy) sees a replica that holds none.
-        lora = {"max_lora": "0", "running_lora_adapters": "", "waiting_lora_adapters": ""}
-        adapters = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters: none served", labels=list(lora))
-        adapters.add_metric(list(lora.values()), self._started_s)
+        # The adapters in use, as vLLM says it (comma-separated names; none: empty). A picker that reads this
+        # family (by default it does, and some versions count a replica without it as unhealthy) prefers a
+        # replica that already runs a request's adapter.
+        in_use = (stats.lora_running, stats.lora_waiting)
+        if in_use != self._adapters:
+            self._adapters, self._changed_s = in_use, time.time()
+        lora = {
+            "max_lora": str(self._max_loras),
+            "running_lora_adapters": ",".join(stats.lora_running),
+            "waiting_lora_adapters": ",".join(stats.lora_waiting),
+        }
+        adapters = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters in use", labels=list(lora))
+        adapters.add_metric(list(lora.values()), self._changed_s)
         yield adapters
 
     def _gauge(self, name: str, documentation: str, value: float) -> GaugeMetricFamily:

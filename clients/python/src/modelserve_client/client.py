@@ -197,7 +197,7 @@ class _Connection:
 PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields)
 #: The request's own fields (GenerateRequest's and ChatRequest's) that `stream()`, `generate()`, `complete()`
 #: and the chat methods also accept as keywords.
-REQUEST_NAMES: tuple[str, ...] = ("priority", "request_id")
+REQUEST_NAMES: tuple[str, ...] = ("priority", "request_id", "adapter")
 _MAPS = frozenset(
     f.name
     for f in pb.GenerationParameters.DESCRIPTOR.fields
@@ -251,15 +251,18 @@ def _as_list(value: Any) -> list[Any]:
 
 def _request_fields(params: Params, request_id: str, overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The one place both clients turn keywords into a request's fields (raising TypeError for an
-    unknown keyword before any call starts). `priority` and `request_id`, as keywords or keys of a
-    dict `params`, are the request's own fields; the rest are GenerationParameters."""
+    unknown keyword before any call starts). `priority`, `request_id` and `adapter` (a LoRA adapter's name),
+    as keywords or keys of a dict `params`, are the request's own fields; the rest are GenerationParameters."""
     if params is not None and not isinstance(params, pb.GenerationParameters):
         overrides, params = {**params, **overrides}, None
     _check_names(overrides, PARAMETER_NAMES + REQUEST_NAMES, where)
     overrides = dict(overrides)
     priority = int(overrides.pop("priority", None) or 0)
     request_id = overrides.pop("request_id", None) or request_id
-    return dict(params=generation_parameters(params, **overrides), request_id=request_id, priority=priority)
+    adapter = str(overrides.pop("adapter", None) or "")
+    return dict(
+        params=generation_parameters(params, **overrides), request_id=request_id, priority=priority, adapter=adapter
+    )
 
 
 def _request(prompt: str, params: Params, request_id: str, overrides: Mapping[str, Any]) -> pb.GenerateRequest:

@@ -31,6 +31,7 @@ from modelserve.engine.request import (
     Request,
     StreamEvent,
 )
+from modelserve.server.core.adapters import Adapters
 from modelserve.server.core.chat import ChatError, ChatMessage, check_chat_size, render_chat
 from modelserve.server.core.params import Parameters
 from modelserve.server.core.validation import (
@@ -136,9 +137,11 @@ class Serving:
         self._in_flight = 0  # generation calls past admission, not yet ended, over every face
         self._idle = asyncio.Event()
         self._idle.set()
+        self.adapters = Adapters(config)
 
     def attach(self, model: ServedModel, engine: Engine, metrics: GenerationMetrics | None = None) -> None:
         self.model, self.engine, self._metrics = model, engine, metrics
+        self.adapters.attach(engine, model)
         cfg = self.config
         longest_prompt = engine.max_sequence_tokens - 1  # leaves room for one new token
         max_max_new_tokens = min(cfg.max_max_new_tokens, longest_prompt)
@@ -192,11 +195,13 @@ class Serving:
         time_remaining_s: float | None = None,
         field: str = "",
         chat: bool = False,
+        lora: str = "",
     ) -> Request:
         """The engine request for `choice`, validated, not yet submitted; a refusal is counted and raised as
         RequestFailed.
 
-        `field` prefixes the caller's field names in messages (a batch item's place in its batch).
+        `field` prefixes the caller's field names in messages (a batch item's place in its batch); `lora` is
+        the adapter the request runs with (Adapters.resolve), "" for the base model.
         `chat`: the prompt is a chat rendered by its template, which wrote the special tokens (chat.py), so
         the tokenizer adds none; a refusal counts as a chat's.
         A choice's `prompt_ids` is a prompt that comes tokenized (the vLLM face's): checked against the
@@ -222,7 +227,7 @@ class Serving:
             self.rejected("invalid_argument", chat)
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
         deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
-        return dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s)
+        return dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s, lora=lora)
 
     def max_choices(self, engine: Engine) -> int:
         """The most choices (prompts x samples) one call may ask for: each waits in the queue as a request."""
@@ -240,6 +245,7 @@ class Serving:
         field: str = "",
         chat: bool = False,
         where: Callable[[int], str] | None = None,
+        lora: str = "",
     ) -> list[tuple[Request, RequestStream]]:
         """A call's choice or choices (a list of prompts, n samples): every one validated before any is
         submitted, and their prompt tokens checked against the waiting queue's bound, so one refused means
@@ -263,6 +269,7 @@ class Serving:
                         time_remaining_s=time_remaining_s,
                         field=field,
                         chat=chat,
+                        lora=lora,
                     )
                 )
             except RequestFailed as exc:

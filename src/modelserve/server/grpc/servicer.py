@@ -31,6 +31,8 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from modelserve import __version__
 from modelserve.engine.request import FinishReason, Request
+from modelserve.models.lora import LoraAdapter
+from modelserve.server.core.adapters import AdapterError
 from modelserve.server.core.chat import ChatMessage
 from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
@@ -83,6 +85,7 @@ class _Call:
     params: Parameters
     request_id: str
     priority: int
+    adapter: str  # the LoRA adapter named ("" = the base model), not yet resolved
 
 
 _TOOL_CHOICES = {
@@ -110,7 +113,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine, model, limits = await self._serving(context)
         # aclosing: on a cancel the inner generator's cleanup (the engine abort) runs now, inside counted().
-        call = _Call(request.prompt, parameters(request.params), request.request_id, request.priority)
+        call = _Call(request.prompt, parameters(request.params), request.request_id, request.priority, request.adapter)
         with self._serving_state.counted():
             async with contextlib.aclosing(self._generate(engine, model, limits, call, context)) as responses:
                 async for response in responses:
@@ -146,7 +149,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                     params = dataclasses.replace(params, structured_output=StructuredOutput("json_schema", schema))
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc))
-        call = _Call(prompt, params, request.request_id, request.priority)
+        call = _Call(prompt, params, request.request_id, request.priority, request.adapter)
         with self._serving_state.counted():
             responses = self._generate(engine, model, limits, call, context, chat=True, calling=calling)
             async with contextlib.aclosing(responses):
@@ -168,6 +171,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         sample's index."""
         try:
             samples = self._samples(request.params.n, engine)
+            lora = self._adapter(request.adapter, model, chat)
             choices = sample_choices(request.prompt, request.params, samples, request.request_id)
             started = self._serving_state.start_choices(
                 engine,
@@ -177,6 +181,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 priority=request.priority,
                 time_remaining_s=context.time_remaining(),
                 chat=chat,
+                lora=lora,
             )
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc), grpc_trailers(exc))
@@ -315,6 +320,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             dtype=str(model.dtype).removeprefix("torch."),
             is_demo=model.is_demo,
             weight_bytes=model.weight_bytes or None,  # 0 (weights not loaded: never while serving) leaves it unset
+            adapters=[_adapter_proto(a) for a in self._serving_state.adapters.loaded.values()],
             generation_defaults=pb.GenerationDefaults(
                 max_new_tokens=defaults.max_new_tokens,
                 temperature=defaults.temperature,
@@ -325,6 +331,30 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 from_model=defaults.from_model,
             ),
         )
+
+    async def LoadLoraAdapter(
+        self,
+        request: pb.LoadLoraAdapterRequest,
+        context: grpc.aio.ServicerContext[pb.LoadLoraAdapterRequest, pb.LoadLoraAdapterResponse],
+    ) -> pb.LoadLoraAdapterResponse:
+        try:
+            adapter = await self._serving_state.adapters.load(request.name, request.path)
+        except AdapterError as exc:
+            await _abort(context, exc.code, str(exc))
+        log.info("LoRA adapter %r loaded from %s", adapter.name, adapter.path)
+        return pb.LoadLoraAdapterResponse(adapter=_adapter_proto(adapter))
+
+    async def UnloadLoraAdapter(
+        self,
+        request: pb.UnloadLoraAdapterRequest,
+        context: grpc.aio.ServicerContext[pb.UnloadLoraAdapterRequest, pb.UnloadLoraAdapterResponse],
+    ) -> pb.UnloadLoraAdapterResponse:
+        try:
+            await self._serving_state.adapters.unload(request.name)
+        except AdapterError as exc:
+            await _abort(context, exc.code, str(exc))
+        log.info("LoRA adapter %r unloaded", request.name)
+        return pb.UnloadLoraAdapterResponse()
 
     async def Health(
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[pb.HealthRequest, pb.HealthResponse]
@@ -357,6 +387,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
 
     # ---- helpers ------------------------------------------------------------
 
+    def _adapter(self, name: str, model: ServedModel, chat: bool, field: str = "") -> str:
+        """The LoRA adapter a request names ("" for none, or the model's own id); RequestFailed NOT_FOUND."""
+        try:
+            return self._serving_state.adapters.resolve(name, model.model_id)
+        except AdapterError as exc:
+            self._serving_state.rejected("not_found", chat)
+            prefix = f"{field}.adapter: " if field else "adapter: "
+            raise RequestFailed(exc.code, prefix + str(exc)) from None
+
     async def _serving(
         self, context: grpc.aio.ServicerContext[Any, Any], chat: bool = False
     ) -> tuple[Engine, ServedModel, Limits]:
@@ -385,6 +424,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 "send an item per sample, or call Generate",
             )
         choice = Choice(request.prompt, parameters(request.params), request.request_id)
+        lora = self._adapter(request.adapter, model, chat, field)
         (started,) = self._serving_state.start_choices(
             engine,
             model,
@@ -394,6 +434,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             time_remaining_s=time_remaining_s,
             field=field,
             chat=chat,
+            lora=lora,
         )
         return started
 
@@ -420,3 +461,7 @@ def _rss_bytes() -> int:
 
 def _item_error(exc: RequestFailed) -> pb.BatchItem:
     return pb.BatchItem(error=pb.ItemError(code=exc.code.value[0], message=str(exc)))
+
+
+def _adapter_proto(adapter: LoraAdapter) -> pb.LoraAdapter:
+    return pb.LoraAdapter(name=adapter.name, path=adapter.path, rank=adapter.rank, modules=adapter.modules)

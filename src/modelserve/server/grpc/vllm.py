@@ -540,6 +540,8 @@ def _kv_event(event_id: int, event: KvEvent) -> common_pb2.KvCacheEvent:
         stored = common_pb2.KvBlocksStored(blocks=[block])
         if event.parent != NO_KEY:
             stored.parent_block_hash = event.parent
+        if event.lora:
+            stored.lora_name = event.lora
         return common_pb2.KvCacheEvent(event_id=event_id, stored=stored)
     return common_pb2.KvCacheEvent(event_id=event_id, removed=common_pb2.KvBlocksRemoved(block_hashes=event.keys))
 

@@ -40,10 +40,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from modelserve.server.core.adapters import AdapterError
 from modelserve.server.core.params import StructuredOutput
 from modelserve.server.core.serving import RequestFailed, Serving, sample_choices
 from modelserve.server.core.tools import ToolCalling, constraint_for, parser_for
@@ -54,7 +55,6 @@ from modelserve.server.openai.request import (
     Body,
     chat_messages,
     chat_tools,
-    check_model,
     completion_prompts,
     failure,
     generation_parameters,
@@ -137,31 +137,70 @@ class _Api:
         return JSONResponse({"status": health.phase.name.lower()}, 200 if health.up else 503)
 
     async def models(self, request: HttpRequest) -> Response:
+        """The base model, then each LoRA adapter with the base model as its `parent`, as vLLM lists them."""
         self._authorize(request)
         _, model, limits = self._ready()
-        return JSONResponse({"object": "list", "data": [self._model_card(model.model_id, limits.max_sequence_length)]})
+        names = [model.model_id, *self._serving.adapters.loaded]
+        cards = [self._model_card(name, model, limits) for name in names]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def model(self, request: HttpRequest) -> Response:
         self._authorize(request)
         _, model, limits = self._ready()
-        check_model(request.path_params["model"], model.model_id)
-        return JSONResponse(self._model_card(model.model_id, limits.max_sequence_length))
+        name = request.path_params["model"]
+        self._adapter(name, model)
+        return JSONResponse(self._model_card(name, model, limits))
 
-    def _model_card(self, model_id: str, max_model_len: int) -> dict[str, Any]:
+    def _model_card(self, name: str, model: ServedModel, limits: Limits) -> dict[str, Any]:
+        adapter = self._serving.adapters.loaded.get(name)
         return {
-            "id": model_id,
+            "id": name,
             "object": "model",
             "created": self._created,
             "owned_by": "modelserve",
-            "max_model_len": max_model_len,
+            "root": adapter.path if adapter is not None else model.source,
+            "parent": model.model_id if adapter is not None else None,
+            "max_model_len": limits.max_sequence_length,
         }
+
+    def _adapter(self, name: str | None, model: ServedModel) -> str:
+        """The LoRA adapter a request's `model` names ("" for the base model); 404 for a model not served."""
+        try:
+            return self._serving.adapters.resolve(name, model.model_id)
+        except AdapterError as exc:
+            raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+
+    async def load_lora_adapter(self, request: HttpRequest) -> Response:
+        """vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"}: serve a PEFT LoRA directory by name."""
+        self._authorize(request)
+        body = await self._body(request)
+        name, path = body.string("lora_name") or "", body.string("lora_path") or ""
+        try:
+            await self._serving.adapters.load(name, path)
+        except AdapterError as exc:
+            raise failure(RequestFailed(exc.code, str(exc)), {}) from None
+        log.info("LoRA adapter %r loaded from %s", name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: HttpRequest) -> Response:
+        """vLLM's POST /v1/unload_lora_adapter {"lora_name"}: requests still waiting for it end; running ones
+        finish with it."""
+        self._authorize(request)
+        body = await self._body(request)
+        name = body.string("lora_name") or ""
+        try:
+            await self._serving.adapters.unload(name)
+        except AdapterError as exc:
+            raise failure(RequestFailed(exc.code, str(exc)), {}) from None
+        log.info("LoRA adapter %r unloaded", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def chat_completions(self, request: HttpRequest) -> Response:
         self._authorize(request)
         engine, model, limits = self._ready(chat=True)
         with self._counting_refusals(chat=True):
             body = await self._body(request)
-            check_model(body.string("model"), model.model_id)
+            lora = self._adapter(body.string("model"), model)
             body.refuse_unsupported()
             messages = chat_messages(body)
             tools, choice = chat_tools(body)
@@ -174,17 +213,17 @@ class _Api:
                 calling = ToolCalling(
                     tools, choice, parser_for(model.chat_template, self._serving.config.tool_call_parser)
                 )
-            return self._generation(request, body, True, [prompt], (engine, model, limits), calling)
+            return self._generation(request, body, True, [prompt], (engine, model, limits), calling, lora)
 
     async def completions(self, request: HttpRequest) -> Response:
         self._authorize(request)
         engine, model, limits = self._ready()
         with self._counting_refusals():
             body = await self._body(request)
-            check_model(body.string("model"), model.model_id)
+            lora = self._adapter(body.string("model"), model)
             body.refuse_unsupported()
             prompts = completion_prompts(body, self._serving.config.max_batch_requests)
-            return self._generation(request, body, False, prompts, (engine, model, limits))
+            return self._generation(request, body, False, prompts, (engine, model, limits), lora=lora)
 
     @contextlib.contextmanager
     def _counting_refusals(self, chat: bool = False) -> Iterator[None]:
@@ -206,6 +245,7 @@ class _Api:
         prompts: Sequence[str | list[int]],
         served: tuple[Engine, ServedModel, Limits],
         calling: ToolCalling | None = None,
+        lora: str = "",
     ) -> Response:
         """One engine request per prompt (a completion may send a list) and sample (`n`), each a choice of the
         answer, ordered as OpenAI orders them: prompt by prompt, a prompt's samples together."""
@@ -286,10 +326,11 @@ class _Api:
                 time_remaining_s=timeout_s,
                 chat=chat,
                 where=(lambda i: f"prompt[{i // samples}]") if len(prompts) > 1 else None,
+                lora=lora,
             )
 
         scored = body.integer("prompt_logprobs") is not None
-        layout = Layout(chat, model.model_id, params.logprobs, include_usage, echo, scored, calling)
+        layout = Layout(chat, lora or model.model_id, params.logprobs, include_usage, echo, scored, calling)
         answer_id = base_id if len(choices) > 1 else None  # one choice: its request's own id
         prompts_per_choice = [choice.prompt for choice in choices]
 
@@ -337,6 +378,8 @@ def build_app(serving: Serving, token: str | None, auth_health: bool, telemetry:
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+        Route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", api.unload_lora_adapter, methods=["POST"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),

@@ -38,6 +38,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),  # a model (or LoRA adapter) not served
+    grpc.StatusCode.ALREADY_EXISTS: (400, "invalid_request_error"),  # a LoRA adapter's name taken (as vLLM)
 }
 # A refusal that starts with one of these names the field it is about (its `param`).
 _LEADING_FIELD = re.compile(r"^(prompt|priority|messages(?:\[\d+\])?(?:\.[a-z]+)?)")
@@ -409,14 +411,3 @@ def request_timeout_s(request: HttpRequest) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise invalid(f"the X-Request-Timeout-S header must be a positive number of seconds, got {raw!r}", None)
     return value
-
-
-def check_model(name: str | None, served: str) -> None:
-    """Another model's name is a 404, as OpenAI answers it; no name means the one served."""
-    if name is not None and name != served:
-        raise ApiError(
-            404,
-            f"the model {name!r} does not exist: this server serves {served!r}",
-            param="model",
-            code="model_not_found",
-        )

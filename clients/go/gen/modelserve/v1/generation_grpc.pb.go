@@ -76,6 +76,18 @@ type GenerationServiceClient interface {
 	// The detailed health view for operators. Probes should use the standard
 	// grpc.health.v1.Health service instead.
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
+	// Serves a LoRA adapter (a PEFT adapter directory on the server's host) by
+	// a name requests then give as their adapter. Errors:
+	//   - FAILED_PRECONDITION: the server runs without --enable-lora, or its
+	//     model cannot take adapters (only the Llama family can).
+	//   - INVALID_ARGUMENT: the name or the path is wrong, or the adapter does
+	//     not fit the model (the message says what: a rank over
+	//     --max-lora-rank, a module or a shape the model does not have).
+	//   - ALREADY_EXISTS: an adapter is loaded under that name.
+	LoadLoraAdapter(ctx context.Context, in *LoadLoraAdapterRequest, opts ...grpc.CallOption) (*LoadLoraAdapterResponse, error)
+	// Stops serving an adapter. Requests still waiting for it end; running
+	// ones finish with it. NOT_FOUND when no adapter has that name.
+	UnloadLoraAdapter(ctx context.Context, in *UnloadLoraAdapterRequest, opts ...grpc.CallOption) (*UnloadLoraAdapterResponse, error)
 }
 
 type generationServiceClient struct {
@@ -186,6 +198,24 @@ func (c *generationServiceClient) Health(ctx context.Context, in *HealthRequest,
 	return out, nil
 }
 
+func (c *generationServiceClient) LoadLoraAdapter(ctx context.Context, in *LoadLoraAdapterRequest, opts ...grpc.CallOption) (*LoadLoraAdapterResponse, error) {
+	out := new(LoadLoraAdapterResponse)
+	err := c.cc.Invoke(ctx, "/modelserve.v1.GenerationService/LoadLoraAdapter", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *generationServiceClient) UnloadLoraAdapter(ctx context.Context, in *UnloadLoraAdapterRequest, opts ...grpc.CallOption) (*UnloadLoraAdapterResponse, error) {
+	out := new(UnloadLoraAdapterResponse)
+	err := c.cc.Invoke(ctx, "/modelserve.v1.GenerationService/UnloadLoraAdapter", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // GenerationServiceServer is the server API for GenerationService service.
 // All implementations must embed UnimplementedGenerationServiceServer
 // for forward compatibility
@@ -249,6 +279,18 @@ type GenerationServiceServer interface {
 	// The detailed health view for operators. Probes should use the standard
 	// grpc.health.v1.Health service instead.
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)
+	// Serves a LoRA adapter (a PEFT adapter directory on the server's host) by
+	// a name requests then give as their adapter. Errors:
+	//   - FAILED_PRECONDITION: the server runs without --enable-lora, or its
+	//     model cannot take adapters (only the Llama family can).
+	//   - INVALID_ARGUMENT: the name or the path is wrong, or the adapter does
+	//     not fit the model (the message says what: a rank over
+	//     --max-lora-rank, a module or a shape the model does not have).
+	//   - ALREADY_EXISTS: an adapter is loaded under that name.
+	LoadLoraAdapter(context.Context, *LoadLoraAdapterRequest) (*LoadLoraAdapterResponse, error)
+	// Stops serving an adapter. Requests still waiting for it end; running
+	// ones finish with it. NOT_FOUND when no adapter has that name.
+	UnloadLoraAdapter(context.Context, *UnloadLoraAdapterRequest) (*UnloadLoraAdapterResponse, error)
 	mustEmbedUnimplementedGenerationServiceServer()
 }
 
@@ -273,6 +315,12 @@ func (UnimplementedGenerationServiceServer) ModelInfo(context.Context, *ModelInf
 }
 func (UnimplementedGenerationServiceServer) Health(context.Context, *HealthRequest) (*HealthResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Health not implemented")
+}
+func (UnimplementedGenerationServiceServer) LoadLoraAdapter(context.Context, *LoadLoraAdapterRequest) (*LoadLoraAdapterResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method LoadLoraAdapter not implemented")
+}
+func (UnimplementedGenerationServiceServer) UnloadLoraAdapter(context.Context, *UnloadLoraAdapterRequest) (*UnloadLoraAdapterResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UnloadLoraAdapter not implemented")
 }
 func (UnimplementedGenerationServiceServer) mustEmbedUnimplementedGenerationServiceServer() {}
 
@@ -401,6 +449,42 @@ func _GenerationService_Health_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _GenerationService_LoadLoraAdapter_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LoadLoraAdapterRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(GenerationServiceServer).LoadLoraAdapter(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modelserve.v1.GenerationService/LoadLoraAdapter",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(GenerationServiceServer).LoadLoraAdapter(ctx, req.(*LoadLoraAdapterRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _GenerationService_UnloadLoraAdapter_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnloadLoraAdapterRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(GenerationServiceServer).UnloadLoraAdapter(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modelserve.v1.GenerationService/UnloadLoraAdapter",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(GenerationServiceServer).UnloadLoraAdapter(ctx, req.(*UnloadLoraAdapterRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _GenerationService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "modelserve.v1.GenerationService",
 	HandlerType: (*GenerationServiceServer)(nil),
@@ -420,6 +504,14 @@ var _GenerationService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Health",
 			Handler:    _GenerationService_Health_Handler,
+		},
+		{
+			MethodName: "LoadLoraAdapter",
+			Handler:    _GenerationService_LoadLoraAdapter_Handler,
+		},
+		{
+			MethodName: "UnloadLoraAdapter",
+			Handler:    _GenerationService_UnloadLoraAdapter_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -65,6 +65,16 @@ class GenerationServiceStub:
                 request_serializer=modelserve__client_dot_v1_dot_generation__pb2.HealthRequest.SerializeToString,
                 response_deserializer=modelserve__client_dot_v1_dot_generation__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/modelserve.v1.GenerationService/LoadLoraAdapter',
+                request_serializer=modelserve__client_dot_v1_dot_generation__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=modelserve__client_dot_v1_dot_generation__pb2.LoadLoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/modelserve.v1.GenerationService/UnloadLoraAdapter',
+                request_serializer=modelserve__client_dot_v1_dot_generation__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=modelserve__client_dot_v1_dot_generation__pb2.UnloadLoraAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -160,6 +170,28 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """Serves a LoRA adapter (a PEFT adapter directory on the server's host) by
+        a name requests then give as their adapter. Errors:
+        - FAILED_PRECONDITION: the server runs without --enable-lora, or its
+        model cannot take adapters (only the Llama family can).
+        - INVALID_ARGUMENT: the name or the path is wrong, or the adapter does
+        not fit the model (the message says what: a rank over
+        --max-lora-rank, a module or a shape the model does not have).
+        - ALREADY_EXISTS: an adapter is loaded under that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Stops serving an adapter. Requests still waiting for it end; running
+        ones finish with it. NOT_FOUND when no adapter has that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +224,16 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=modelserve__client_dot_v1_dot_generation__pb2.HealthRequest.FromString,
                     response_serializer=modelserve__client_dot_v1_dot_generation__pb2.HealthResponse.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=modelserve__client_dot_v1_dot_generation__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=modelserve__client_dot_v1_dot_generation__pb2.LoadLoraAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=modelserve__client_dot_v1_dot_generation__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=modelserve__client_dot_v1_dot_generation__pb2.UnloadLoraAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +399,60 @@ class GenerationService:
             '/modelserve.v1.GenerationService/Health',
             modelserve__client_dot_v1_dot_generation__pb2.HealthRequest.SerializeToString,
             modelserve__client_dot_v1_dot_generation__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.v1.GenerationService/LoadLoraAdapter',
+            modelserve__client_dot_v1_dot_generation__pb2.LoadLoraAdapterRequest.SerializeToString,
+            modelserve__client_dot_v1_dot_generation__pb2.LoadLoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelserve.v1.GenerationService/UnloadLoraAdapter',
+            modelserve__client_dot_v1_dot_generation__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            modelserve__client_dot_v1_dot_generation__pb2.UnloadLoraAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

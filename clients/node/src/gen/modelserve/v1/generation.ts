@@ -441,6 +441,12 @@ export interface GenerateRequest {
    * come, first served. Running requests are never preempted.
    */
   priority: number;
+  /**
+   * The LoRA adapter to generate with, by the name it was loaded under
+   * (ModelInfoResponse.adapters); empty: the base model. NOT_FOUND for a
+   * name no adapter has.
+   */
+  adapter: string;
 }
 
 /** One message of a conversation. */
@@ -518,7 +524,11 @@ export interface ChatRequest {
    */
   toolChoiceFunction: string;
   /** More than one call in a reply; unset means true. False: at most one. */
-  parallelToolCalls?: boolean | undefined;
+  parallelToolCalls?:
+    | boolean
+    | undefined;
+  /** The LoRA adapter to generate with, as for Generate. */
+  adapter: string;
 }
 
 /** A candidate token with its log-probability. */
@@ -770,7 +780,53 @@ export interface ModelInfoResponse {
    * buffer, after quantization (--quantization int8 stores the linear layers'
    * weights in a quarter of float32's bytes).
    */
-  weightBytes?: bigint | undefined;
+  weightBytes?:
+    | bigint
+    | undefined;
+  /** The LoRA adapters served beside the model, by name. */
+  adapters: LoraAdapter[];
+}
+
+/** A LoRA adapter the server serves. */
+export interface LoraAdapter {
+  /** The name requests give as their adapter. */
+  name: string;
+  /** The PEFT adapter directory it was loaded from, on the server's host. */
+  path: string;
+  /** Its rank (r). */
+  rank: number;
+  /** The modules it adapts, e.g. "q_proj", "v_proj". */
+  modules: string[];
+}
+
+/** Which adapter to load, and under which name. */
+export interface LoadLoraAdapterRequest {
+  /**
+   * The name requests will give: 1 to 128 letters, digits, '.', '_', ':',
+   * '/' or '-', starting with a letter or digit; not the model's own id.
+   */
+  name: string;
+  /**
+   * A PEFT LoRA directory on the server's host (adapter_config.json and
+   * adapter_model.safetensors).
+   */
+  path: string;
+}
+
+/** The adapter as loaded. */
+export interface LoadLoraAdapterResponse {
+  /** What the server read from it. */
+  adapter: LoraAdapter | undefined;
+}
+
+/** Which adapter to unload. */
+export interface UnloadLoraAdapterRequest {
+  /** The name it was loaded under. */
+  name: string;
+}
+
+/** Empty: the adapter is no longer served. */
+export interface UnloadLoraAdapterResponse {
 }
 
 /**
@@ -1696,7 +1752,7 @@ export const ChoiceList: MessageFns<ChoiceList> = {
 };
 
 function createBaseGenerateRequest(): GenerateRequest {
-  return { prompt: "", params: undefined, requestId: "", priority: 0 };
+  return { prompt: "", params: undefined, requestId: "", priority: 0, adapter: "" };
 }
 
 export const GenerateRequest: MessageFns<GenerateRequest> = {
@@ -1712,6 +1768,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     }
     if (message.priority !== 0) {
       writer.uint32(32).int32(message.priority);
+    }
+    if (message.adapter !== "") {
+      writer.uint32(42).string(message.adapter);
     }
     return writer;
   },
@@ -1761,6 +1820,14 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
             message.priority = reader.int32();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.adapter = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1783,6 +1850,7 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
         ? globalThis.String(object.request_id)
         : "",
       priority: isSet(object.priority) ? globalThis.Number(object.priority) : 0,
+      adapter: isSet(object.adapter) ? globalThis.String(object.adapter) : "",
     };
   },
 
@@ -1800,6 +1868,9 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
     if (message.priority !== 0) {
       obj.priority = Math.round(message.priority);
     }
+    if (message.adapter !== "") {
+      obj.adapter = message.adapter;
+    }
     return obj;
   },
 
@@ -1814,6 +1885,7 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
       : undefined;
     message.requestId = object.requestId ?? "";
     message.priority = object.priority ?? 0;
+    message.adapter = object.adapter ?? "";
     return message;
   },
 };
@@ -2155,6 +2227,7 @@ function createBaseChatRequest(): ChatRequest {
     toolChoice: 0,
     toolChoiceFunction: "",
     parallelToolCalls: undefined,
+    adapter: "",
   };
 }
 
@@ -2183,6 +2256,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     }
     if (message.parallelToolCalls !== undefined) {
       writer.uint32(64).bool(message.parallelToolCalls);
+    }
+    if (message.adapter !== "") {
+      writer.uint32(74).string(message.adapter);
     }
     return writer;
   },
@@ -2264,6 +2340,14 @@ export const ChatRequest: MessageFns<ChatRequest> = {
             message.parallelToolCalls = reader.bool();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.adapter = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2304,6 +2388,7 @@ export const ChatRequest: MessageFns<ChatRequest> = {
         : isSet(object.parallel_tool_calls)
         ? globalThis.Boolean(object.parallel_tool_calls)
         : undefined,
+      adapter: isSet(object.adapter) ? globalThis.String(object.adapter) : "",
     };
   },
 
@@ -2333,6 +2418,9 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     if (message.parallelToolCalls !== undefined) {
       obj.parallelToolCalls = message.parallelToolCalls;
     }
+    if (message.adapter !== "") {
+      obj.adapter = message.adapter;
+    }
     return obj;
   },
 
@@ -2351,6 +2439,7 @@ export const ChatRequest: MessageFns<ChatRequest> = {
     message.toolChoice = object.toolChoice ?? 0;
     message.toolChoiceFunction = object.toolChoiceFunction ?? "";
     message.parallelToolCalls = object.parallelToolCalls ?? undefined;
+    message.adapter = object.adapter ?? "";
     return message;
   },
 };
@@ -4034,6 +4123,7 @@ function createBaseModelInfoResponse(): ModelInfoResponse {
     isDemo: false,
     generationDefaults: undefined,
     weightBytes: undefined,
+    adapters: [],
   };
 }
 
@@ -4087,6 +4177,9 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
         throw new globalThis.Error("value provided for field message.weightBytes of type uint64 too large");
       }
       writer.uint32(112).uint64(message.weightBytes);
+    }
+    for (const v of message.adapters) {
+      LoraAdapter.encode(v!, writer.uint32(122).fork()).join();
     }
     return writer;
   },
@@ -4226,6 +4319,14 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
             message.weightBytes = reader.uint64() as bigint;
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.adapters.push(LoraAdapter.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4298,6 +4399,9 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
         : isSet(object.weight_bytes)
         ? BigInt(object.weight_bytes)
         : undefined,
+      adapters: globalThis.Array.isArray(object?.adapters)
+        ? object.adapters.map((e: any) => LoraAdapter.fromJSON(e))
+        : [],
     };
   },
 
@@ -4345,6 +4449,9 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     if (message.weightBytes !== undefined) {
       obj.weightBytes = message.weightBytes.toString();
     }
+    if (message.adapters?.length) {
+      obj.adapters = message.adapters.map((e) => LoraAdapter.toJSON(e));
+    }
     return obj;
   },
 
@@ -4371,6 +4478,397 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     message.weightBytes = (object.weightBytes !== undefined && object.weightBytes !== null)
       ? BigInt(object.weightBytes)
       : undefined;
+    message.adapters = object.adapters?.map((e) => LoraAdapter.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseLoraAdapter(): LoraAdapter {
+  return { name: "", path: "", rank: 0, modules: [] };
+}
+
+export const LoraAdapter: MessageFns<LoraAdapter> = {
+  encode(message: LoraAdapter, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.path !== "") {
+      writer.uint32(18).string(message.path);
+    }
+    if (message.rank !== 0) {
+      writer.uint32(24).int32(message.rank);
+    }
+    for (const v of message.modules) {
+      writer.uint32(34).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoraAdapter {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoraAdapter();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.rank = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.modules.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoraAdapter {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      rank: isSet(object.rank) ? globalThis.Number(object.rank) : 0,
+      modules: globalThis.Array.isArray(object?.modules) ? object.modules.map((e: any) => globalThis.String(e)) : [],
+    };
+  },
+
+  toJSON(message: LoraAdapter): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    if (message.rank !== 0) {
+      obj.rank = Math.round(message.rank);
+    }
+    if (message.modules?.length) {
+      obj.modules = message.modules;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LoraAdapter>, I>>(base?: I): LoraAdapter {
+    return LoraAdapter.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoraAdapter>, I>>(object: I): LoraAdapter {
+    const message = createBaseLoraAdapter();
+    message.name = object.name ?? "";
+    message.path = object.path ?? "";
+    message.rank = object.rank ?? 0;
+    message.modules = object.modules?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseLoadLoraAdapterRequest(): LoadLoraAdapterRequest {
+  return { name: "", path: "" };
+}
+
+export const LoadLoraAdapterRequest: MessageFns<LoadLoraAdapterRequest> = {
+  encode(message: LoadLoraAdapterRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.path !== "") {
+      writer.uint32(18).string(message.path);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadLoraAdapterRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadLoraAdapterRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadLoraAdapterRequest {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+    };
+  },
+
+  toJSON(message: LoadLoraAdapterRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LoadLoraAdapterRequest>, I>>(base?: I): LoadLoraAdapterRequest {
+    return LoadLoraAdapterRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoadLoraAdapterRequest>, I>>(object: I): LoadLoraAdapterRequest {
+    const message = createBaseLoadLoraAdapterRequest();
+    message.name = object.name ?? "";
+    message.path = object.path ?? "";
+    return message;
+  },
+};
+
+function createBaseLoadLoraAdapterResponse(): LoadLoraAdapterResponse {
+  return { adapter: undefined };
+}
+
+export const LoadLoraAdapterResponse: MessageFns<LoadLoraAdapterResponse> = {
+  encode(message: LoadLoraAdapterResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapter !== undefined) {
+      LoraAdapter.encode(message.adapter, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadLoraAdapterResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadLoraAdapterResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapter = LoraAdapter.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadLoraAdapterResponse {
+    return { adapter: isSet(object.adapter) ? LoraAdapter.fromJSON(object.adapter) : undefined };
+  },
+
+  toJSON(message: LoadLoraAdapterResponse): unknown {
+    const obj: any = {};
+    if (message.adapter !== undefined) {
+      obj.adapter = LoraAdapter.toJSON(message.adapter);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LoadLoraAdapterResponse>, I>>(base?: I): LoadLoraAdapterResponse {
+    return LoadLoraAdapterResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoadLoraAdapterResponse>, I>>(object: I): LoadLoraAdapterResponse {
+    const message = createBaseLoadLoraAdapterResponse();
+    message.adapter = (object.adapter !== undefined && object.adapter !== null)
+      ? LoraAdapter.fromPartial(object.adapter)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseUnloadLoraAdapterRequest(): UnloadLoraAdapterRequest {
+  return { name: "" };
+}
+
+export const UnloadLoraAdapterRequest: MessageFns<UnloadLoraAdapterRequest> = {
+  encode(message: UnloadLoraAdapterRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnloadLoraAdapterRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnloadLoraAdapterRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnloadLoraAdapterRequest {
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+  },
+
+  toJSON(message: UnloadLoraAdapterRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UnloadLoraAdapterRequest>, I>>(base?: I): UnloadLoraAdapterRequest {
+    return UnloadLoraAdapterRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnloadLoraAdapterRequest>, I>>(object: I): UnloadLoraAdapterRequest {
+    const message = createBaseUnloadLoraAdapterRequest();
+    message.name = object.name ?? "";
+    return message;
+  },
+};
+
+function createBaseUnloadLoraAdapterResponse(): UnloadLoraAdapterResponse {
+  return {};
+}
+
+export const UnloadLoraAdapterResponse: MessageFns<UnloadLoraAdapterResponse> = {
+  encode(_: UnloadLoraAdapterResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnloadLoraAdapterResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnloadLoraAdapterResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): UnloadLoraAdapterResponse {
+    return {};
+  },
+
+  toJSON(_: UnloadLoraAdapterResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UnloadLoraAdapterResponse>, I>>(base?: I): UnloadLoraAdapterResponse {
+    return UnloadLoraAdapterResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnloadLoraAdapterResponse>, I>>(_: I): UnloadLoraAdapterResponse {
+    const message = createBaseUnloadLoraAdapterResponse();
     return message;
   },
 };
@@ -5259,6 +5757,42 @@ export const GenerationServiceService = {
     responseSerialize: (value: HealthResponse): Buffer => Buffer.from(HealthResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): HealthResponse => HealthResponse.decode(value),
   },
+  /**
+   * Serves a LoRA adapter (a PEFT adapter directory on the server's host) by
+   * a name requests then give as their adapter. Errors:
+   * - FAILED_PRECONDITION: the server runs without --enable-lora, or its
+   *   model cannot take adapters (only the Llama family can).
+   * - INVALID_ARGUMENT: the name or the path is wrong, or the adapter does
+   *   not fit the model (the message says what: a rank over
+   *   --max-lora-rank, a module or a shape the model does not have).
+   * - ALREADY_EXISTS: an adapter is loaded under that name.
+   */
+  loadLoraAdapter: {
+    path: "/modelserve.v1.GenerationService/LoadLoraAdapter" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: LoadLoraAdapterRequest): Buffer =>
+      Buffer.from(LoadLoraAdapterRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): LoadLoraAdapterRequest => LoadLoraAdapterRequest.decode(value),
+    responseSerialize: (value: LoadLoraAdapterResponse): Buffer =>
+      Buffer.from(LoadLoraAdapterResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): LoadLoraAdapterResponse => LoadLoraAdapterResponse.decode(value),
+  },
+  /**
+   * Stops serving an adapter. Requests still waiting for it end; running
+   * ones finish with it. NOT_FOUND when no adapter has that name.
+   */
+  unloadLoraAdapter: {
+    path: "/modelserve.v1.GenerationService/UnloadLoraAdapter" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnloadLoraAdapterRequest): Buffer =>
+      Buffer.from(UnloadLoraAdapterRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnloadLoraAdapterRequest => UnloadLoraAdapterRequest.decode(value),
+    responseSerialize: (value: UnloadLoraAdapterResponse): Buffer =>
+      Buffer.from(UnloadLoraAdapterResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnloadLoraAdapterResponse => UnloadLoraAdapterResponse.decode(value),
+  },
 } as const;
 
 export interface GenerationServiceServer extends UntypedServiceImplementation {
@@ -5329,6 +5863,22 @@ export interface GenerationServiceServer extends UntypedServiceImplementation {
    * grpc.health.v1.Health service instead.
    */
   health: handleUnaryCall<HealthRequest, HealthResponse>;
+  /**
+   * Serves a LoRA adapter (a PEFT adapter directory on the server's host) by
+   * a name requests then give as their adapter. Errors:
+   * - FAILED_PRECONDITION: the server runs without --enable-lora, or its
+   *   model cannot take adapters (only the Llama family can).
+   * - INVALID_ARGUMENT: the name or the path is wrong, or the adapter does
+   *   not fit the model (the message says what: a rank over
+   *   --max-lora-rank, a module or a shape the model does not have).
+   * - ALREADY_EXISTS: an adapter is loaded under that name.
+   */
+  loadLoraAdapter: handleUnaryCall<LoadLoraAdapterRequest, LoadLoraAdapterResponse>;
+  /**
+   * Stops serving an adapter. Requests still waiting for it end; running
+   * ones finish with it. NOT_FOUND when no adapter has that name.
+   */
+  unloadLoraAdapter: handleUnaryCall<UnloadLoraAdapterRequest, UnloadLoraAdapterResponse>;
 }
 
 export interface GenerationServiceClient extends Client {
@@ -5464,6 +6014,50 @@ export interface GenerationServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: HealthResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Serves a LoRA adapter (a PEFT adapter directory on the server's host) by
+   * a name requests then give as their adapter. Errors:
+   * - FAILED_PRECONDITION: the server runs without --enable-lora, or its
+   *   model cannot take adapters (only the Llama family can).
+   * - INVALID_ARGUMENT: the name or the path is wrong, or the adapter does
+   *   not fit the model (the message says what: a rank over
+   *   --max-lora-rank, a module or a shape the model does not have).
+   * - ALREADY_EXISTS: an adapter is loaded under that name.
+   */
+  loadLoraAdapter(
+    request: LoadLoraAdapterRequest,
+    callback: (error: ServiceError | null, response: LoadLoraAdapterResponse) => void,
+  ): ClientUnaryCall;
+  loadLoraAdapter(
+    request: LoadLoraAdapterRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: LoadLoraAdapterResponse) => void,
+  ): ClientUnaryCall;
+  loadLoraAdapter(
+    request: LoadLoraAdapterRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: LoadLoraAdapterResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Stops serving an adapter. Requests still waiting for it end; running
+   * ones finish with it. NOT_FOUND when no adapter has that name.
+   */
+  unloadLoraAdapter(
+    request: UnloadLoraAdapterRequest,
+    callback: (error: ServiceError | null, response: UnloadLoraAdapterResponse) => void,
+  ): ClientUnaryCall;
+  unloadLoraAdapter(
+    request: UnloadLoraAdapterRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnloadLoraAdapterResponse) => void,
+  ): ClientUnaryCall;
+  unloadLoraAdapter(
+    request: UnloadLoraAdapterRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnloadLoraAdapterResponse) => void,
   ): ClientUnaryCall;
 }
 
