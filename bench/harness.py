@@ -121,13 +121,23 @@ class ServerProcess:
 
     def terminate(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, then its exit code; killed (exit code -9) if it has not exited within `timeout_s`."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        return terminate_all([self], timeout_s)[0]
+
+
+def terminate_all(servers: list[ServerProcess], timeout_s: float = 60.0) -> list[int]:
+    """SIGTERM to every server at once (their drains overlap), then their exit codes; one that has not exited
+    within `timeout_s` is killed (exit code -9)."""
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+    codes = []
+    for server in servers:
         try:
-            return self.proc.wait(timeout_s)
+            codes.append(server.proc.wait(timeout_s))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            server.proc.kill()
+            codes.append(server.proc.wait())
+    return codes
 
 
 def start_server(log_dir: Path, *args: str, env: dict[str, str] | None = None, name: str = "server") -> ServerProcess:

@@ -251,8 +251,7 @@ async def scenario(model: Path, log_dir: Path, concurrency: int = CONCURRENCY) -
             await _run(servers, smg, result)
             return result
     finally:
-        for server in servers:
-            await asyncio.to_thread(server.terminate)
+        await asyncio.to_thread(harness.terminate_all, servers)
 
 
 def _finished(servers: list[harness.ServerProcess]) -> list[float]:

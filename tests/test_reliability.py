@@ -499,7 +499,9 @@ def test_calls_that_reach_a_stopping_server_are_answered_by_it(model_dirs: dict[
     from concurrent.futures import ThreadPoolExecutor
 
     def rep(i: int) -> tuple[list[Stream], list[Stream], int | None]:
-        server = start_server(tmp_path / str(i), "--model", str(model_dirs["llama"]), "--grace-s", "5")
+        # Only gRPC: no HTTP port, telemetry, reflection or warm-up to start (the drain is the same without them).
+        light = ("--http-port", "0", "--no-telemetry", "--no-reflection", "--no-warmup")
+        server = start_server(tmp_path / str(i), "--model", str(model_dirs["llama"]), "--grace-s", "5", *light)
         try:
             server.wait_serving()
             last, late = _drain_with_late_calls(server)

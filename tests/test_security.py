@@ -43,6 +43,7 @@ from tests.conftest import START_TIMEOUT_S, ServerProcess, start_server
 
 TOKEN = "s3cret-Token_0123456789"
 CALL_TIMEOUT_S = 30.0
+STREAM_WAIT_S = 3.0  # how long a method that streams is given to show it was let in
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -269,9 +270,12 @@ def test_every_vllm_engine_method_needs_the_token(tls_channel: grpc.Channel) -> 
     assert {m.name for m in methods} >= {"Generate", "Abort", "HealthCheck", "GetModelInfo", "GetLoads"}
     for method in methods:
         request = message_factory.GetMessageClass(method.input_type)()  # vLLM's or smg's common messages
+        # A stream may never end by itself (SubscribeKvEvents waits for events): its deadline ends it, which is
+        # an answer too; a refusal for want of the token comes at once.
+        timeout_s = STREAM_WAIT_S if method.server_streaming else CALL_TIMEOUT_S
         for metadata, refused in (((), True), (_bearer(), False)):
             try:
-                answer = getattr(stub, method.name)(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+                answer = getattr(stub, method.name)(request, metadata=metadata, timeout=timeout_s)
                 if method.server_streaming:
                     list(answer)  # a stream's status comes at its end
                 code = grpc.StatusCode.OK

@@ -23,7 +23,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from bench import smg_replicas
-from bench.harness import ServerProcess, start_server, wait_until
+from bench.harness import ServerProcess, start_server, terminate_all, wait_until
 
 pytestmark = pytest.mark.skipif(
     smg_replicas.smg_binary() is None, reason="smg (PyPI `smg`) is not installed: `pip install smg==1.13.0`"
@@ -47,8 +47,7 @@ def replicas(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
         model.rename(root / "moved")  # the router cannot read it: it must ask the replicas for the tokenizer
         yield servers
     finally:
-        for server in servers:
-            server.terminate()
+        terminate_all(servers)
     for server in servers:  # smg's KV event subscriptions, cut by the shutdown, are no server error
         assert server.log_errors() == [], server.log()[-3000:]
 

@@ -19,11 +19,13 @@ from grpc_health.v1 import health_pb2
 from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
-from bench.harness import wait_until
-from modelserve.engine.tensor_parallel import check_shardable
+from bench.harness import terminate_all, wait_until
+from modelserve.engine.runner import ModelRunner
+from modelserve.engine.tensor_parallel import TensorParallel, check_shardable
 from modelserve.models.loader import load_model
 from tests.conftest import ServerProcess, start_server
 
+ARCHS = ("llama", "qwen2")
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Hello"]
 NEW_TOKENS = 16
 TIMEOUT_S = 60.0
@@ -50,51 +52,57 @@ def _rank_processes(server: ServerProcess) -> list[psutil.Process]:
     return [p for p in children if "modelserve.engine.tensor_parallel" in " ".join(p.cmdline())]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def tp_server(
-    request: pytest.FixtureRequest, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[ServerProcess, Path]]:
-    path = model_dirs[request.param]
-    server = start_server(
-        tmp_path_factory.mktemp(f"tp-{request.param}"), "--model", str(path), "--tensor-parallel-size", "2"
-    )
+def _ids(stub: pb_grpc.GenerationServiceStub, prompt: str) -> list[int]:
+    return [t for m in stub.Generate(_request(prompt, NEW_TOKENS), timeout=TIMEOUT_S) for t in m.token_ids]
+
+
+@pytest.fixture(scope="module")
+def tp_servers(
+    model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServerProcess]]:
+    """A two-rank server for each tested Llama-family model, started side by side."""
+    logs = tmp_path_factory.mktemp("tp")
+    servers = {
+        arch: start_server(logs, "--model", str(model_dirs[arch]), "--tensor-parallel-size", "2", name=arch)
+        for arch in ARCHS
+    }
     try:
-        server.wait_serving()
-        yield server, path
+        for server in servers.values():
+            server.wait_serving()
+        yield servers
     finally:
-        assert server.terminate() == 0
-    assert server.log_errors() == []
+        terminate_all(list(servers.values()))
+    for server in servers.values():
+        assert server.log_errors() == [] or server.proc.returncode != 0  # the killed one logs its rank's death
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 def test_two_ranks_give_generates_tokens_alone_and_joining_a_running_batch(
-    tp_server: tuple[ServerProcess, Path],
+    tp_servers: dict[str, ServerProcess], model_dirs: dict[str, Path], arch: str
 ) -> None:
-    server, path = tp_server
+    server = tp_servers[arch]
     assert len(_rank_processes(server)) == 1, "rank 1 runs in a process of its own"
-    expected = {prompt: _reference(path, prompt, NEW_TOKENS) for prompt in PROMPTS}
+    expected = {prompt: _reference(model_dirs[arch], prompt, NEW_TOKENS) for prompt in PROMPTS}
     with server.channel() as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         for prompt in PROMPTS:  # alone
-            assert [
-                t for m in stub.Generate(_request(prompt, NEW_TOKENS), timeout=TIMEOUT_S) for t in m.token_ids
-            ] == expected[prompt]
+            assert _ids(stub, prompt) == expected[prompt]
         # joining: a long stream runs, then each prompt joins its batch
         running = stub.Generate(_request(PROMPTS[1], 1500), timeout=TIMEOUT_S)
         first = next(running)
         while not first.token_ids:
             first = next(running)
         for prompt in PROMPTS:
-            assert [
-                t for m in stub.Generate(_request(prompt, NEW_TOKENS), timeout=TIMEOUT_S) for t in m.token_ids
-            ] == expected[prompt]
+            assert _ids(stub, prompt) == expected[prompt]
+        assert server.metric("modelserve_requests_running") >= 1, "they joined the long stream's batch"
         running.cancel()
 
 
 def test_killing_rank_1_mid_stream_ends_the_streams_and_the_health_at_once(
-    model_dirs: dict[str, Path], tmp_path: Path
+    tp_servers: dict[str, ServerProcess],
 ) -> None:
-    server = start_server(tmp_path, "--model", str(model_dirs["llama"]), "--tensor-parallel-size", "2")
-    server.wait_serving()
+    """Last in this module: it ends the Llama server."""
+    server = tp_servers["llama"]
     errors: list[grpc.RpcError] = []
     with server.watch_health() as statuses, server.channel() as channel:
         assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
@@ -125,11 +133,12 @@ def test_killing_rank_1_mid_stream_ends_the_streams_and_the_health_at_once(
     assert "tensor-parallel rank 1" in server.log()
 
 
-def test_what_cannot_be_split_is_refused(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    config = load_model(str(model_dirs["llama"]), torch.device("cpu"), torch.float32).model.config
-    check_shardable(config, 2)
+def test_what_cannot_be_split_is_refused(model_dirs: dict[str, Path]) -> None:
+    """Checked as each rank builds its runner, before any collective: the server's start-up fails with it."""
+    llama = load_model(str(model_dirs["llama"]), torch.device("cpu"), torch.float32)
+    check_shardable(llama.model.config, 2)
     with pytest.raises(ValueError, match="--tensor-parallel-size 3 must divide the model's num_attention_heads = 4"):
-        check_shardable(config, 3)
-    server = start_server(tmp_path, "--model", str(model_dirs["gpt2"]), "--tensor-parallel-size", "2")
-    assert server.proc.wait(TIMEOUT_S) == 1
-    assert "--tensor-parallel-size needs modelserve's own Llama-family forward; GPT2LMHeadModel" in server.log()
+        check_shardable(llama.model.config, 3)
+    gpt2 = load_model(str(model_dirs["gpt2"]), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="--tensor-parallel-size needs modelserve's own Llama-family forward; GPT2LMH"):
+        ModelRunner(gpt2.model, frozenset(gpt2.eos_token_ids), gpt2.max_sequence_length, tp=TensorParallel(0, 2))

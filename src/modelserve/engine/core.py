@@ -265,10 +265,13 @@ class EngineCore:
     ) -> tuple[StepPlan, StepResult]:
         """Run the plan; return what ran and its samples. A failed step fails the requests it touched, not the
         engine: its prompt chunks end, and its decoding rows are tried once more on their own (so a prompt
-        whose prefill fails does not take the running streams with it), ending only if that fails too."""
+        whose prefill fails does not take the running streams with it), ending only if that fails too. With
+        tensor parallelism a failed step ends the engine core (and so the server, to be restarted)."""
         try:
             return plan, self.runner.execute(plan, chosen_logprobs=self._observed)
         except Exception as exc:
+            if self.runner.tp is not None:  # the other ranks may be inside this step's collectives: none can go on
+                raise
             reason, error = self._step_failed(exc, decoded, prefilled)
         decoding = [row for row in plan.rows if len(row.token_ids) == 1 and row.sample] if prefilled else []
         retry = StepPlan(rows=decoding)
