@@ -23,6 +23,7 @@ from bench.harness import terminate_all, wait_until
 from modelserve.engine.runner import ModelRunner
 from modelserve.engine.tensor_parallel import TensorParallel, check_shardable
 from modelserve.models.loader import load_model
+from modelserve.models.quantize import weight_bytes
 from tests.conftest import ServerProcess, start_server
 
 ARCHS = ("llama", "qwen2")
@@ -82,9 +83,12 @@ def test_two_ranks_give_generates_tokens_alone_and_joining_a_running_batch(
 ) -> None:
     server = tp_servers[arch]
     assert len(_rank_processes(server)) == 1, "rank 1 runs in a process of its own"
+    whole = weight_bytes(load_model(str(model_dirs[arch]), torch.device("cpu"), torch.float32).model)
     expected = {prompt: _reference(model_dirs[arch], prompt, NEW_TOKENS) for prompt in PROMPTS}
     with server.channel() as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
+        # Every rank's weights: the shards, and the embeddings and LM head each rank holds whole.
+        assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=TIMEOUT_S).weight_bytes > whole
         for prompt in PROMPTS:  # alone
             assert _ids(stub, prompt) == expected[prompt]
         # joining: a long stream runs, then each prompt joins its batch

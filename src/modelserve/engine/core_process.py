@@ -65,7 +65,6 @@ def main(specs: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from modelserve.engine.core_loop import run_core_loop  # torch and the engine: the slow imports
     from modelserve.models import loader  # noqa: F401  (transformers, which _build_core uses)
-    from modelserve.models.quantize import weight_bytes
 
     try:
         spec: CoreSpec = specs.recv()
@@ -99,7 +98,7 @@ def main(specs: Connection) -> None:
                 kv_budget_tokens=core.kv_budget_tokens,
                 device=str(core.runner.device),
                 dtype=str(core.runner.kv_shape.dtype).removeprefix("torch."),
-                weight_bytes=weight_bytes(core.runner.model),  # after the runner packed its linears
+                weight_bytes=_weight_bytes(core),
             )
         )
     )
@@ -157,6 +156,15 @@ def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore, Ranks | None]:
             seconds,
         )
     return loaded, core, ranks
+
+
+def _weight_bytes(core: EngineCore) -> int:
+    """The model's weights on its devices, after the runner packed its linears: every rank's, summed."""
+    from modelserve.models.quantize import weight_bytes
+
+    own = weight_bytes(core.runner.model)
+    tp = core.runner.tp
+    return tp.sum_int(own, core.runner.device) if tp is not None else own
 
 
 def load_rank(spec: CoreSpec, rank: int, world: int, address: str) -> tuple[ModelRunner, TensorParallel]:

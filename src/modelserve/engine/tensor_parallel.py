@@ -64,6 +64,12 @@ class TensorParallel:
         plan: StepPlan | None = box[0]
         return plan
 
+    def sum_int(self, value: int, device: torch.device) -> int:
+        """The sum of every rank's `value` (their weights' bytes), on every rank."""
+        total = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(total)
+        return int(total.item())
+
     def broadcast_int(self, value: int) -> int:
         """Rank 0's `value` on every rank (the KV memory's block count)."""
         box = [value]
@@ -188,10 +194,12 @@ def main() -> None:
 
     logging.basicConfig(level=spec.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     from modelserve.engine.core_process import load_rank
+    from modelserve.models.quantize import weight_bytes
 
     runner, tp = load_rank(spec, rank, world, address)
     try:
         runner.allocate_kv(tp.broadcast_int(0), KV_BLOCK_TOKENS)
+        tp.sum_int(weight_bytes(runner.model), runner.device)  # rank 0 reports the whole model's
         while (plan := tp.receive_plan()) is not STOP:
             assert plan is not None
             runner.forward_only(plan)
