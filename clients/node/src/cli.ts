@@ -104,7 +104,7 @@ async function main(argv: string[]): Promise<number> {
   });
   const abort = new AbortController(); // Ctrl-C cancels the call, so the server stops generating
   process.once("SIGINT", () => abort.abort());
-  const messages: ChatMessage[] = [
+  const messages: Partial<ChatMessage>[] = [
     ...(values.system === undefined ? [] : [{ role: "system", content: values.system }]),
     { role: "user", content: text },
   ];

@@ -32,6 +32,8 @@ export interface ClientOptions {
 export interface CallOptions {
   requestId?: string;
   priority?: number;
+  /** The LoRA adapter to generate with, by the name the server loaded it under; unset: the base model. */
+  adapter?: string;
   /** Cancels the call (the server stops generating at its next step). */
   signal?: AbortSignal;
 }
@@ -52,17 +54,29 @@ export class ModelServeClient {
     params: Partial<GenerationParameters> = {},
     call: CallOptions = {},
   ): AsyncGenerator<GenerateResponse> {
-    const request = GenerateRequest.fromPartial({ prompt, params, requestId: call.requestId, priority: call.priority });
+    const request = GenerateRequest.fromPartial({
+      prompt,
+      params,
+      requestId: call.requestId,
+      priority: call.priority,
+      adapter: call.adapter,
+    });
     return this.stream((metadata, deadline) => this.stub.generate(request, metadata, { deadline }), call.signal);
   }
 
   /** Streams the assistant's next reply to a conversation, laid out by the model's chat template. */
   chat(
-    messages: ChatMessage[],
+    messages: Partial<ChatMessage>[],
     params: Partial<GenerationParameters> = {},
     call: CallOptions = {},
   ): AsyncGenerator<GenerateResponse> {
-    const request = ChatRequest.fromPartial({ messages, params, requestId: call.requestId, priority: call.priority });
+    const request = ChatRequest.fromPartial({
+      messages,
+      params,
+      requestId: call.requestId,
+      priority: call.priority,
+      adapter: call.adapter,
+    });
     return this.stream((metadata, deadline) => this.stub.chat(request, metadata, { deadline }), call.signal);
   }
 
