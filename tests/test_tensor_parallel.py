@@ -1,10 +1,11 @@
 """Tensor parallelism on two CPU ranks (gloo): the real server with --tensor-parallel-size 2, its greedy output
 equal token for token to transformers' generate() in fp32 for the tiny Llama and Qwen2, alone and joining a
 running batch; rank 1 killed mid-stream ends the streams UNAVAILABLE and the health NOT_SERVING at once;
-what cannot be split is refused at start-up, saying why."""
+what cannot be split is refused at start-up, saying why; a rank places only its shard on its device."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -21,8 +22,8 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from bench.harness import terminate_all, wait_until
 from modelserve.engine.runner import ModelRunner
-from modelserve.engine.tensor_parallel import TensorParallel, check_shardable
-from modelserve.models.loader import load_model
+from modelserve.engine.tensor_parallel import TensorParallel, check_shardable, shard
+from modelserve.models.loader import load_model, load_model_info, load_weights
 from modelserve.models.quantize import weight_bytes
 from tests.conftest import ServerProcess, start_server
 
@@ -144,5 +145,23 @@ def test_what_cannot_be_split_is_refused(model_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="--tensor-parallel-size 3 must divide the model's num_attention_heads = 4"):
         check_shardable(llama.model.config, 3)
     gpt2 = load_model(str(model_dirs["gpt2"]), torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match="--tensor-parallel-size needs modelserve's own Llama-family forward; GPT2LMH"):
+    refusal = "--tensor-parallel-size needs modelserve's own Llama-family forward; GPT2LMH"
+    with pytest.raises(ValueError, match=refusal):
+        shard(gpt2.model, 0, 2)
+    with pytest.raises(ValueError, match=refusal):
         ModelRunner(gpt2.model, frozenset(gpt2.eos_token_ids), gpt2.max_sequence_length, tp=TensorParallel(0, 2))
+
+
+def test_a_rank_places_only_its_shard_on_its_device(model_dirs: dict[str, Path]) -> None:
+    """The shard is cut from the checkpoint as loaded on the CPU, before the weights go to the rank's device,
+    so a model larger than one device loads: rank 1 of 2 holds the second half of each column-parallel
+    layer's rows and of each row-parallel layer's columns, and its placed weights are less than the whole."""
+    whole = load_model(str(model_dirs["llama"]), torch.device("cpu"), torch.float32)
+    info = load_model_info(str(model_dirs["llama"]), torch.device("cpu"), torch.float32)
+    rank1 = load_weights(info, before_placing=functools.partial(shard, rank=1, world=2))
+    for full, part in zip(whole.model.model.layers, rank1.model.model.layers, strict=True):
+        rows = full.self_attn.q_proj.weight.shape[0] // 2
+        assert torch.equal(part.self_attn.q_proj.weight, full.self_attn.q_proj.weight[rows:])
+        columns = full.mlp.down_proj.weight.shape[1] // 2
+        assert torch.equal(part.mlp.down_proj.weight, full.mlp.down_proj.weight[:, columns:])
+    assert rank1.weight_bytes == weight_bytes(rank1.model) < weight_bytes(whole.model)

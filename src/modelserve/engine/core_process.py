@@ -14,6 +14,7 @@ exits when its parent is gone, so it is never left holding a GPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -186,9 +187,11 @@ def _rank_device(spec: CoreSpec, rank: int) -> torch.device:
 
 
 def _load(spec: CoreSpec, rank: int, world: int) -> LoadedModel:
-    """The weights on this rank's device, with torch's threads set for it (the CPU's share of each rank)."""
+    """The weights on this rank's device (its shard of them when tensor-parallel, cut before they go there),
+    with torch's threads set for it (the CPU's share of each rank)."""
     import torch
 
+    from modelserve.engine.tensor_parallel import shard
     from modelserve.models.loader import load_weights_on
 
     loaded = load_weights_on(
@@ -197,6 +200,7 @@ def _load(spec: CoreSpec, rank: int, world: int) -> LoadedModel:
         spec.dtype,
         trust_remote_code=spec.trust_remote_code,
         quantization=spec.quantization,
+        before_placing=functools.partial(shard, rank=rank, world=world) if world > 1 else None,
     )
     threads = core_threads(
         on_cpu=loaded.device.type == "cpu",

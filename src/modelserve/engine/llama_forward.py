@@ -17,14 +17,16 @@ not plain linear layers (INT8) keeps them unfused.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
 
 from modelserve.engine.attention import StepContext, attend
 from modelserve.engine.cpu_linears import Linears, Projection
-from modelserve.engine.tensor_parallel import TensorParallel
+
+if TYPE_CHECKING:
+    from modelserve.engine.tensor_parallel import TensorParallel
 
 OWN_FORWARD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 

@@ -43,7 +43,7 @@ from modelserve.engine.prompt_logprobs import score
 from modelserve.engine.sampler import SampleResult, sample
 from modelserve.engine.sampling_state import SamplingStates
 from modelserve.engine.step_plan import PromptScores, StepPlan
-from modelserve.engine.tensor_parallel import TensorParallel, shard
+from modelserve.engine.tensor_parallel import TensorParallel, require_own_forward
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,8 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.tp = tp
-        if tp is not None:
-            if not (own_forward and supports(model)):
-                raise ValueError(
-                    f"--tensor-parallel-size needs modelserve's own Llama-family forward; {type(model).__name__} "
-                    "does not run on it (a Llama, Mistral, Qwen2 or Qwen3 model, without --no-own-forward)"
-                )
-            shard(model, tp)  # before the KV geometry is read: each rank holds its share of the KV heads
+        if tp is not None:  # the loader kept this rank's shard (tensor_parallel.shard)
+            require_own_forward(model, own_forward)
         self.kv_shape = self._probe_kv_shape()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         linears = Linears(model)

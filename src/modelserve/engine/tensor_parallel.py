@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from modelserve.engine.llama_forward import supports
+
 if TYPE_CHECKING:
     from modelserve.engine.core_process import CoreSpec
     from modelserve.engine.step_plan import StepPlan
@@ -92,38 +94,52 @@ def check_shardable(config: Any, world: int) -> None:
         )
 
 
+def require_own_forward(model: Any, own_forward: bool = True) -> None:
+    """ValueError unless `model` runs on our own Llama-family forward, the only one that is sharded."""
+    if not (own_forward and supports(model)):
+        raise ValueError(
+            f"--tensor-parallel-size needs modelserve's own Llama-family forward; {type(model).__name__} "
+            "does not run on it (a Llama, Mistral, Qwen2 or Qwen3 model, without --no-own-forward)"
+        )
+
+
 @torch.no_grad()
-def shard(model: Any, tp: TensorParallel) -> None:
-    """Keep this rank's share of every decoder layer's linear layers, in place (the model's own modules, so
-    the engine's fused and packed forward is built from the shards)."""
+def shard(model: Any, rank: int, world: int) -> None:
+    """Keep rank `rank`'s share of every decoder layer's linear layers, in place (the model's own modules, so
+    the engine's fused and packed forward is built from the shards).
+
+    The loader calls it on the model as from_pretrained leaves it on the CPU, its weights still views into the
+    mapped checkpoint, before anything goes to the rank's device: only the shard is copied out, so a device
+    holds its shard and never the whole model (the reason to shard at all)."""
+    require_own_forward(model)
     config = model.config
-    check_shardable(config, tp.world)
+    check_shardable(config, world)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj"):
-            _keep_rows(getattr(attn, name), tp)
-        _keep_columns(attn.o_proj, tp)
+            _keep_rows(getattr(attn, name), rank, world)
+        _keep_columns(attn.o_proj, rank, world)
         for name in ("gate_proj", "up_proj"):
-            _keep_rows(getattr(mlp, name), tp)
-        _keep_columns(mlp.down_proj, tp)
+            _keep_rows(getattr(mlp, name), rank, world)
+        _keep_columns(mlp.down_proj, rank, world)
 
 
-def _keep_rows(linear: nn.Linear, tp: TensorParallel) -> None:
+def _keep_rows(linear: nn.Linear, rank: int, world: int) -> None:
     """Column-parallel: this rank's block of output features (and of the bias)."""
-    size = linear.out_features // tp.world
-    rows = slice(tp.rank * size, (tp.rank + 1) * size)
+    size = linear.out_features // world
+    rows = slice(rank * size, (rank + 1) * size)
     linear.weight = nn.Parameter(linear.weight[rows].clone(), requires_grad=False)
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias[rows].clone(), requires_grad=False)
     linear.out_features = size
 
 
-def _keep_columns(linear: nn.Linear, tp: TensorParallel) -> None:
+def _keep_columns(linear: nn.Linear, rank: int, world: int) -> None:
     """Row-parallel: this rank's block of input features; the bias is added once, by rank 0."""
-    size = linear.in_features // tp.world
-    columns = slice(tp.rank * size, (tp.rank + 1) * size)
+    size = linear.in_features // world
+    columns = slice(rank * size, (rank + 1) * size)
     linear.weight = nn.Parameter(linear.weight[:, columns].clone(), requires_grad=False)
-    if linear.bias is not None and tp.rank:
+    if linear.bias is not None and rank:
         linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=False)
     linear.in_features = size
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from modelserve.models.capability import unsupported_reason
@@ -300,11 +302,18 @@ def _context_length(config: Any, hf_tokenizer: Any, max_model_len: int) -> int:
     return max_model_len
 
 
-def load_weights(info: ModelInfo, *, trust_remote_code: bool = False, quantization: str = "none") -> LoadedModel:
+def load_weights(
+    info: ModelInfo,
+    *,
+    trust_remote_code: bool = False,
+    quantization: str = "none",
+    before_placing: Callable[[nn.Module], None] | None = None,
+) -> LoadedModel:
     """Load `info`'s weights onto its device, in its dtype, quantised as `quantization` says (on the device).
 
-    They are loaded on the CPU (views into the mapped safetensors file) and quantize_model places them: with
-    int8 the float linear weights never reach the device and none stays alive (see quantize.py)."""
+    They are loaded on the CPU (views into the mapped safetensors file), `before_placing` changes them there
+    (a tensor-parallel rank keeps its shard), and quantize_model places them: with int8 the float linear
+    weights never reach the device and none stays alive (see quantize.py)."""
     kwargs = dict(local_files_only=Path(info.source).expanduser().is_dir(), trust_remote_code=trust_remote_code)
     try:
         try:  # at the revision the config and tokenizer came from
@@ -321,6 +330,8 @@ def load_weights(info: ModelInfo, *, trust_remote_code: bool = False, quantizati
             )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the weights of {info.source}: {one_line(exc)}") from exc
+    if before_placing is not None:
+        before_placing(model)
     quantize_model(model, quantization, info.device)
     model.eval()
     fields = {f: getattr(info, f) for f in info.__dataclass_fields__}
@@ -339,12 +350,20 @@ def load_weights(info: ModelInfo, *, trust_remote_code: bool = False, quantizati
 
 
 def load_weights_on(
-    info: ModelInfo, device: str, dtype: str, *, trust_remote_code: bool = False, quantization: str = "none"
+    info: ModelInfo,
+    device: str,
+    dtype: str,
+    *,
+    trust_remote_code: bool = False,
+    quantization: str = "none",
+    before_placing: Callable[[nn.Module], None] | None = None,
 ) -> LoadedModel:
     """Load `info`'s weights onto the device and in the dtype these flag values (auto included) choose."""
     resolved = resolve_device(device)
     info = dataclasses.replace(info, device=resolved, dtype=resolve_dtype(dtype, resolved))
-    return load_weights(info, trust_remote_code=trust_remote_code, quantization=quantization)
+    return load_weights(
+        info, trust_remote_code=trust_remote_code, quantization=quantization, before_placing=before_placing
+    )
 
 
 def load_model(
