@@ -13,6 +13,8 @@ including the ones inside functions.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,11 @@ def test_the_step_plan_and_its_makers_hold_no_tensors() -> None:
     }
     reached = [*PLAN_MODULES, *(SRC / "engine" / f"{m.rsplit('.', 1)[1]}.py" for m in engine_imports)]
     assert violations(reached, ("torch", "transformers", "numpy")) == []
+
+
+def test_the_engine_core_is_spawned_before_torch_is_imported() -> None:
+    """The CLI spawns the engine core first, so that the core's imports run beside the frontend's: the module
+    that spawns it must not import torch or transformers itself (the frontend would wait for them first)."""
+    code = "import sys, modelserve.engine.core_spawn; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

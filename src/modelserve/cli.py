@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from modelserve.config import (
     DEFAULT_MAX_NEW_TOKENS,
     LOG_FORMAT,
     QUANTIZATIONS,
+    STOP_SIGNALS,
     TOOL_CALL_PARSERS,
     Config,
 )
@@ -230,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
     config = config_from_args(ns)
     logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    from modelserve.engine.core_spawn import CoreProcess
+
+    core = CoreProcess()  # first: its imports (torch, transformers) run beside this process's own
+    # A SIGTERM or Ctrl-C during those imports is held, not fatal: serve() handles it once it can drain.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    from modelserve.process_exit import exit_now
     from modelserve.server.app import serve
 
-    sys.exit(asyncio.run(serve(config)))
+    exit_now(asyncio.run(serve(config, core)))

@@ -6,6 +6,7 @@ reads flags or the environment.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def default_cache_dir() -> Path:
 
 # Every process of a server logs in this format (the tests' harness parses it).
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The signals that begin a server's drain (Kubernetes sends SIGTERM; Ctrl-C is SIGINT).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 # The "0 = auto" values, written once; the engine resolves them and the CLI's help quotes them.
 DEFAULT_CPU_KV_BYTES = 4 << 30  # KV budget on CPU when kv_cache_bytes is 0

@@ -5,8 +5,8 @@ it for a small model) and the gRPC event loop would otherwise take turns on one
 GIL. The core is started with multiprocessing's spawn (a clean interpreter: no
 copied CUDA state, no inherited threads) and talks over two ZeroMQ sockets on
 ipc:// paths in a private temporary directory; see core_process.py for why
-ZeroMQ and msgpack. It is spawned (CoreProcess) before the model is read, so its
-imports and the frontend's run side by side, and handed its spec after.
+ZeroMQ and msgpack. It is spawned (core_spawn.py) before the frontend imports
+the server, so their imports run side by side, and handed its spec after.
 
 The core can die (an exception in its loop, kill -9, the kernel's OOM killer):
 its process sentinel is watched on the event loop, so within milliseconds every
@@ -20,22 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import shutil
-import tempfile
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
-import msgspec
 import zmq
-import zmq.asyncio
 from tokenizers import Tokenizer
 
 from modelserve.engine.admission import QueueLimits
-from modelserve.engine.core_process import CoreSpec, main
-from modelserve.engine.cpu_threads import passive_omp_waits
+from modelserve.engine.core_process import CoreSpec
+from modelserve.engine.core_spawn import CoreProcess, CoreSockets
 from modelserve.engine.frontend import EngineFrontend
-from modelserve.engine.protocol import Command, CoreFailed, CoreMessage, CoreReady, Shutdown, StepOutput
+from modelserve.engine.protocol import Command, CoreFailed, CoreReady, Shutdown, StepOutput
 from modelserve.engine.request import StepRecord
 
 log = logging.getLogger(__name__)
@@ -45,43 +40,6 @@ class CoreStartError(RuntimeError):
     """The engine core process could not load its model or died while starting."""
 
 
-class CoreProcess:
-    """The engine core's process, spawned early: it imports while the frontend reads the model, then
-    waits for its spec (ProcessEngine.start hands it over). `abandon()` ends one that never got it."""
-
-    def __init__(self) -> None:
-        self.sockets = _Sockets()
-        context = multiprocessing.get_context("spawn")
-        specs, self._specs = context.Pipe(duplex=False)
-        self.process = context.Process(target=main, args=(specs,), name="modelserve-engine-core", daemon=True)
-        with passive_omp_waits():
-            self.process.start()
-        specs.close()  # the child's end: ours closing is what tells it to give up
-        self._handed = self._abandoned = False
-
-    def hand(self, spec: CoreSpec) -> None:
-        self._specs.send(spec)
-        self._specs.close()
-        self._handed = True
-
-    def abandon(self) -> None:
-        """Stop the process and close the sockets; idempotent. One that has no spec yet holds nothing and is
-        killed at once (it may still be importing, which would only delay the exit); one that has its spec
-        gets a moment to end (it ends on its own after it reported a failure)."""
-        if self._abandoned:
-            return
-        self._abandoned = True
-        self._specs.close()
-        if not self._handed:
-            self.process.kill()
-        if self.process.is_alive():
-            self.process.join(5)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5)
-        self.sockets.close()
-
-
 class ProcessEngine(EngineFrontend):
     """An EngineFrontend whose core runs in a child process."""
 
@@ -89,7 +47,7 @@ class ProcessEngine(EngineFrontend):
         self,
         process: BaseProcess,
         ready: CoreReady,
-        sockets: _Sockets,
+        sockets: CoreSockets,
         tokenizer: Tokenizer,
         limits: QueueLimits,
         on_step: Callable[[StepRecord], None] | None,
@@ -199,38 +157,3 @@ class ProcessEngine(EngineFrontend):
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-
-
-class _Sockets:
-    """The frontend's two ZeroMQ sockets, bound on ipc:// paths in a private temporary directory."""
-
-    def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="modelserve-")
-        self.commands_address = f"ipc://{self._dir}/commands"
-        self.outputs_address = f"ipc://{self._dir}/outputs"
-        self._sync = zmq.Context()
-        self._async = zmq.asyncio.Context()
-        self._commands = self._sync.socket(zmq.PUSH)
-        self._commands.setsockopt(zmq.SNDHWM, 0)  # commands are bounded by admission, never dropped
-        self._commands.setsockopt(zmq.LINGER, 0)
-        self._commands.bind(self.commands_address)
-        self._outputs = self._async.socket(zmq.PULL)
-        self._outputs.setsockopt(zmq.LINGER, 0)
-        self._outputs.bind(self.outputs_address)
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(CoreMessage)
-
-    def send(self, command: Command) -> None:
-        self._commands.send(self._encoder.encode(command), zmq.NOBLOCK)
-
-    async def receive(self) -> CoreMessage:
-        frame = await self._outputs.recv()
-        message: CoreMessage = self._decoder.decode(frame)
-        return message
-
-    def close(self) -> None:
-        self._commands.close()
-        self._outputs.close()
-        self._sync.term()
-        self._async.term()
-        shutil.rmtree(self._dir, ignore_errors=True)

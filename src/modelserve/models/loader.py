@@ -35,6 +35,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from modelserve.models.capability import unsupported_reason
 from modelserve.models.lora import LoraTarget, lora_target
@@ -148,8 +149,6 @@ def load_model_info(
 ) -> ModelInfo:
     """Read `source`'s config, tokenizer and generation config (a local model directory, or a hub id at
     `revision` when online), not its weights; `max_model_len` (0 = the model's) caps the context."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one log line per load, not a progress bar per shard
     requested = source
     source, local = check_source(source)
@@ -314,6 +313,9 @@ def load_weights(
     They are loaded on the CPU (views into the mapped safetensors file), `before_placing` changes them there
     (a tensor-parallel rank keeps its shard), and quantize_model places them: with int8 the float linear
     weights never reach the device and none stays alive (see quantize.py)."""
+    # In the engine core's process too: one log line per load, not a bar per tensor (the bar's lock is also a
+    # multiprocessing semaphore, which the process's quick exit would leave to the resource tracker).
+    hf_logging.disable_progress_bar()
     kwargs = dict(local_files_only=Path(info.source).expanduser().is_dir(), trust_remote_code=trust_remote_code)
     try:
         try:  # at the revision the config and tokenizer came from

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
-from modelserve.config import Config
+from modelserve.config import STOP_SIGNALS, Config
 from modelserve.server.core.serving import Phase, Serving
 from modelserve.server.grpc.parsing import RequestParsingInterceptor
 from modelserve.server.grpc.servicer import SERVICE_NAME, GenerationServicer
@@ -50,7 +50,8 @@ from modelserve.telemetry.setup import Telemetry, start_telemetry
 from modelserve.telemetry.tracing import server_interceptor
 
 if TYPE_CHECKING:
-    from modelserve.engine.client import CoreProcess, ProcessEngine
+    from modelserve.engine.client import ProcessEngine
+    from modelserve.engine.core_spawn import CoreProcess
     from modelserve.models.loader import ModelInfo
 
 log = logging.getLogger("modelserve")
@@ -196,9 +197,17 @@ class ClientGoneFilter(logging.Filter):
         return True
 
 
-async def serve(config: Config) -> int:
-    """Run the server until SIGTERM/SIGINT; return the process exit code."""
-    from modelserve.engine.client import CoreProcess
+async def serve(config: Config, core: CoreProcess) -> int:
+    """Run the server until SIGTERM/SIGINT; return the process exit code. `core` is the engine core's process,
+    spawned before this process imported the server (core_spawn.py): the engine takes it over, and wherever
+    the server ends before or without that, it is ended here."""
+    try:
+        return await _serve(config, core)
+    finally:
+        core.abandon()
+
+
+async def _serve(config: Config, core: CoreProcess) -> int:
     from modelserve.models.lora import LoraError
     from modelserve.models.source import ModelLoadError, check_source
     from modelserve.server.lifecycle import FINAL_MESSAGE_S, drain, in_daemon_thread, load_info
@@ -260,8 +269,9 @@ async def serve(config: Config) -> int:
         stop.set()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, begin_shutdown)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since start-up (cli.py): one may come now
     stopping = asyncio.ensure_future(stop.wait())
 
     engine: ProcessEngine | None = None
@@ -275,7 +285,6 @@ async def serve(config: Config) -> int:
                 log.error("could not load the model: %s", exc)
                 serving.phase = Phase.FAILED
                 return 1
-        core = CoreProcess()  # imports while the model is read
         loading = asyncio.ensure_future(in_daemon_thread(lambda: load_info(config)))
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():

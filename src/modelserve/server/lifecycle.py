@@ -30,7 +30,8 @@ from modelserve.config import Config
 if TYPE_CHECKING:
     import grpc
 
-    from modelserve.engine.client import CoreProcess, ProcessEngine
+    from modelserve.engine.client import ProcessEngine
+    from modelserve.engine.core_spawn import CoreProcess
     from modelserve.engine.engine import Engine
     from modelserve.engine.frontend import EngineFrontend
     from modelserve.engine.request import StepRecord
