@@ -241,6 +241,7 @@ class EngineCore:
             gpu_allocated = torch.cuda.memory_allocated(self.runner.device)
             gpu_reserved = torch.cuda.memory_reserved(self.runner.device)
         prefilling = len(scheduler.prefilling)
+        lora = scheduler.lora_slots is not None  # the adapters are named only where any can run
         return EngineStats(
             running=len(scheduler.running) - prefilling,
             waiting=len(scheduler.waiting) + prefilling,
@@ -254,8 +255,8 @@ class EngineCore:
             max_batch_size=scheduler.max_batch_size,
             gpu_allocated_bytes=gpu_allocated,
             gpu_reserved_bytes=gpu_reserved,
-            lora_running=_adapters(scheduler.running),
-            lora_waiting=_adapters(scheduler.waiting),
+            lora_running=_adapters(scheduler.running) if lora else (),
+            lora_waiting=_adapters(scheduler.waiting) if lora else (),
         )
 
     # ---- pieces -----------------------------------------------------------------------------------------

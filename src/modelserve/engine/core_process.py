@@ -29,6 +29,7 @@ import zmq
 from modelserve.config import LOG_FORMAT
 from modelserve.engine.cpu_threads import WAIT_POLICY, core_threads
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
+from modelserve.process_exit import exit_now
 
 if TYPE_CHECKING:
     import torch
@@ -118,18 +119,19 @@ def main(specs: Connection) -> None:
         outputs.send(encoder.encode(out), copy=False)
 
     run_core_loop(core, take, emit)  # an exception here ends the process non-zero: the frontend sees it die
-    if ranks is not None and core.runner.tp is not None:
-        ranks.stop(core.runner.tp)
+    if ranks is not None:
+        ranks.stop()
     outputs.close()
     commands.close()
     context.term()
+    exit_now(0)
 
 
 def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore, Ranks | None]:
     """The model, loaded (rank 0's shard of it when tensor-parallel, the other ranks started first), and the
     engine core over it."""
     from modelserve.engine.self_check import check_greedy_matches_generate
-    from modelserve.engine.tensor_parallel import Ranks, connect
+    from modelserve.engine.tensor_parallel import Ranks
     from modelserve.models.capability import FAMILIES
 
     world = spec.engine.tensor_parallel_size
@@ -138,8 +140,8 @@ def _build_core(spec: CoreSpec) -> tuple[LoadedModel, EngineCore, Ranks | None]:
         if spec.quantization != "none":
             raise ValueError(f"--quantization {spec.quantization} does not combine with --tensor-parallel-size")
         address = f"127.0.0.1:{_free_port()}"
-        ranks = Ranks(spec, world, address)
-        tp = connect(0, world, address, _rank_device(spec, 0))
+        ranks = Ranks(spec, world, address, _rank_device(spec, 0))
+        tp = ranks.tp
     loaded = _load(spec, 0, world)
     core = spec.engine.build_core(
         loaded.model, loaded.eos_token_ids, loaded.max_sequence_length, spec.observed, loaded.tokenizer, tp

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from modelserve.engine.llama_forward import supports
+from modelserve.process_exit import exit_now
 
 if TYPE_CHECKING:
     from modelserve.engine.core_process import CoreSpec
@@ -165,9 +166,10 @@ def connect(rank: int, world: int, address: str, device: torch.device) -> Tensor
 
 
 class Ranks:
-    """Rank 0's handle on the other ranks' processes: started with the core's spec, watched until stopped."""
+    """Rank 0's handle on the other ranks' processes (started with the core's spec, watched until stopped) and
+    on their process group (`tp`, joined as rank 0)."""
 
-    def __init__(self, spec: CoreSpec, world: int, address: str) -> None:
+    def __init__(self, spec: CoreSpec, world: int, address: str, device: torch.device) -> None:
         self.stopping = False
         self.processes: list[subprocess.Popen[bytes]] = []
         for rank in range(1, world):
@@ -182,6 +184,7 @@ class Ranks:
             threading.Thread(
                 target=self._watch, args=(rank, process), name=f"modelserve-tp-{rank}", daemon=True
             ).start()
+        self.tp = connect(0, world, address, device)
 
     def _watch(self, rank: int, process: subprocess.Popen[bytes]) -> None:
         """A rank that dies ends rank 0 at once: the model is incomplete without it."""
@@ -190,10 +193,10 @@ class Ranks:
             log.error("tensor-parallel rank %d (process %d) ended (%s): the engine core stops", rank, process.pid, code)
             os._exit(1)
 
-    def stop(self, tp: TensorParallel) -> None:
+    def stop(self) -> None:
         """Tell the other ranks to exit, and wait for them."""
         self.stopping = True
-        tp.broadcast_plan(STOP)
+        self.tp.broadcast_plan(STOP)
         for process in self.processes:
             try:
                 process.wait(30)
@@ -222,6 +225,7 @@ def main() -> None:
     except RuntimeError as exc:  # rank 0 is gone: its sockets closed under the collective
         log.warning("tensor-parallel rank %d stops: %s", rank, " ".join(str(exc).split())[:200])
         sys.exit(1)
+    exit_now(0)
 
 
 if __name__ == "__main__":
