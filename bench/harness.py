@@ -1,5 +1,6 @@
 """What the benchmarks and the tests share, one of each: a real `modelserve serve` process, the wait until
-it is idle, the random-weight models they serve, their prompts and Generate requests, a percentile, and the
+it is idle, the random-weight models they serve, their prompts and Generate requests, a percentile, arms
+measured side by side (a closed loop on an in-process engine, alternating repeats, medians, goals), and the
 reports' header, result files and docs sections.
 
 tests/ imports it as `bench.harness` (pytest runs from the repository root, which is then on sys.path).
@@ -7,6 +8,7 @@ tests/ imports it as `bench.harness` (pytest runs from the repository root, whic
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -16,11 +18,12 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -291,6 +294,50 @@ def pct(values: list[float], q: float) -> float:
     """The q-quantile of `values` (nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ---- arms measured side by side -------------------------------------------------------------------------------
+
+
+async def engine_closed_loop(engine: Any, requests: list[Any], concurrency: int) -> tuple[int, float]:
+    """`requests` (the engine's Requests) through an in-process engine from `concurrency` clients, each sending
+    the next as its last one ends: the output tokens and the wall seconds."""
+    todo = list(requests)
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while todo:
+            async for event in engine.submit(todo.pop(0)):
+                tokens += len(event.token_ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return tokens, time.perf_counter() - start
+
+
+async def alternate(
+    arms: tuple[str, ...], repeats: int, measure: Callable[[str], Awaitable[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Each arm measured once per repeat, in reversed order every other repeat, so a noisy machine's drift
+    falls on every arm alike: the results, each with its arm's name and its repeat."""
+    runs = []
+    for repeat in range(1, repeats + 1):
+        for name in arms if repeat % 2 else tuple(reversed(arms)):
+            result = await measure(name)
+            print(f"  repeat {repeat} {name}: {result['tok_per_s']:.1f} tok/s", flush=True)
+            runs.append({**result, "arm": name, "repeat": repeat})
+    return runs
+
+
+def medians(runs: list[dict[str, Any]], arms: tuple[str, ...], key: str = "tok_per_s") -> dict[str, float]:
+    """Each arm's median `key` over its runs."""
+    return {name: statistics.median(r[key] for r in runs if r["arm"] == name) for name in arms}
+
+
+def goal_cell(ratio: float, goal: float | None) -> str:
+    """A table's goal column: met or MISSED against a minimum ratio, or "-" where the arm has none."""
+    return "-" if goal is None else ("met" if ratio >= goal else "MISSED") + f" (>= {goal}x)"
 
 
 # ---- reports ----------------------------------------------------------------------------------------------------

@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +70,21 @@ def write_adapter(out: Path, config: Any, seed: int) -> Path:
 
 
 async def arm(engine: Any, name: str, prompts: list[list[int]], concurrency: int, new_tokens: int) -> dict[str, Any]:
-    """One arm's closed loop over `prompts`: output tokens per second."""
+    """One arm's closed loop over `prompts` (the lora arm's stream i on adapter i mod ADAPTERS): output tokens
+    per second."""
     from modelserve.engine.request import Request, SamplingParams
 
-    todo = list(enumerate(prompts))
-    tokens = 0
-
-    async def client() -> None:
-        nonlocal tokens
-        while todo:
-            i, prompt = todo.pop(0)
-            params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, ignore_eos=True)
-            lora = f"adapter-{i % ADAPTERS}" if name == "lora" else ""
-            async for event in engine.submit(Request(f"{name}-{i}", tuple(prompt), params, lora=lora)):
-                tokens += len(event.token_ids)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    return {"arm": name, "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall}
+    requests = [
+        Request(
+            f"{name}-{i}",
+            tuple(prompt),
+            SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, ignore_eos=True),
+            lora=f"adapter-{i % ADAPTERS}" if name == "lora" else "",
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+    tokens, wall = await harness.engine_closed_loop(engine, requests, concurrency)
+    return {"tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall}
 
 
 async def run(ns: argparse.Namespace, path: Path) -> list[dict[str, Any]]:
@@ -114,21 +108,19 @@ async def run(ns: argparse.Namespace, path: Path) -> list[dict[str, Any]]:
         engine.start(loop)
     for adapter in adapters:
         engines["lora"].add_lora(adapter)
-    runs = []
     try:
         for name, engine in (("base", engines["base"]), ("lora", engines["lora"])):  # warm-up: kernels, slots
             await arm(engine, name, prompts[: 2 * ADAPTERS], 2 * ADAPTERS, 8)
-        for repeat in range(ns.repeats):
-            order = ARMS if repeat % 2 == 0 else tuple(reversed(ARMS))
-            for name in order:
-                engine = engines["base" if name == "base" else "lora"]
-                result = await arm(engine, name, prompts, ns.concurrency, ns.new_tokens)
-                print(f"  repeat {repeat + 1} {name}: {result['tok_per_s']:.1f} tok/s", flush=True)
-                runs.append({**result, "repeat": repeat + 1})
+        return await harness.alternate(
+            ARMS,
+            ns.repeats,
+            lambda name: arm(
+                engines["base" if name == "base" else "lora"], name, prompts, ns.concurrency, ns.new_tokens
+            ),
+        )
     finally:
         for engine in engines.values():
             engine.shutdown()
-    return runs
 
 
 def main() -> None:
@@ -142,7 +134,7 @@ def main() -> None:
     ns = parser.parse_args()
 
     runs = asyncio.run(run(ns, harness.model_dir(PRESET, ns.cache_dir)))
-    medians = {name: statistics.median(r["tok_per_s"] for r in runs if r["arm"] == name) for name in ARMS}
+    medians = harness.medians(runs, ARMS)
     report: dict[str, Any] = {
         "title": f"LoRA adapters at {ns.concurrency} streams: {PRESET}, {ns.dtype}, engine in-process",
         **harness.run_info("cpu", "bench.lora_bench"),
@@ -164,8 +156,7 @@ def main() -> None:
     goals = {"lora": 0.7}
     for name in ARMS:
         ratio = medians[name] / medians["base"]
-        goal = "-" if name not in goals else ("met" if ratio >= goals[name] else "MISSED") + f" (>= {goals[name]}x)"
-        lines.append(f"| {name} | {medians[name]:.1f} | {ratio:.2f}x | {goal} |")
+        lines.append(f"| {name} | {medians[name]:.1f} | {ratio:.2f}x | {harness.goal_cell(ratio, goals.get(name))} |")
     table = "\n".join(lines) + "\n"
     harness.save("lora-cost", report, table)
     if ns.write_docs:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -57,35 +55,22 @@ async def arm(engine: Any, name: str, prompts: list[list[int]], concurrency: int
     from modelserve.engine.request import Request, SamplingParams
 
     grammar = grammar_for("json_schema", json.dumps(SCHEMA)) if name == "json_schema" else ""
-    todo = list(enumerate(prompts))
-    tokens = 0
-
-    async def client() -> None:
-        nonlocal tokens
-        while todo:
-            i, prompt = todo.pop(0)
-            params = SamplingParams(
-                max_new_tokens=new_tokens,
-                temperature=1.0,
-                seed=i,
-                ignore_eos=not grammar,  # the schema's arm may end only where its JSON could
-                presence_penalty=0.5 if name == "penalties" else 0.0,
-                frequency_penalty=0.5 if name == "penalties" else 0.0,
-                grammar=grammar,
-            )
-            async for event in engine.submit(Request(f"{name}-{i}", tuple(prompt), params)):
-                tokens += len(event.token_ids)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    return {
-        "arm": name,
-        "tokens": tokens,
-        "tokens_per_request": tokens / len(prompts),
-        "wall_s": wall,
-        "tok_per_s": tokens / wall,
-    }
+    penalty = 0.5 if name == "penalties" else 0.0
+    params = [
+        SamplingParams(
+            max_new_tokens=new_tokens,
+            temperature=1.0,
+            seed=i,
+            ignore_eos=not grammar,  # the schema's arm may end only where its JSON could
+            presence_penalty=penalty,
+            frequency_penalty=penalty,
+            grammar=grammar,
+        )
+        for i in range(len(prompts))
+    ]
+    requests = [Request(f"{name}-{i}", tuple(prompt), params[i]) for i, prompt in enumerate(prompts)]
+    tokens, wall = await harness.engine_closed_loop(engine, requests, concurrency)
+    return {"tokens": tokens, "tokens_per_request": tokens / len(prompts), "wall_s": wall, "tok_per_s": tokens / wall}
 
 
 async def run(ns: argparse.Namespace, path: Path) -> list[dict[str, Any]]:
@@ -97,18 +82,13 @@ async def run(ns: argparse.Namespace, path: Path) -> list[dict[str, Any]]:
     engine = build_engine(config, loaded)
     engine.start(asyncio.get_running_loop())
     prompts = [loaded.encode(f"Record {i}: a pet and its owner, as JSON.") for i in range(2 * ns.concurrency)]
-    runs = []
     try:
         await arm(engine, "json_schema", prompts[:4], 4, 8)  # warm-up: the grammar's matcher, the kernels
-        for repeat in range(ns.repeats):
-            order = ARMS if repeat % 2 == 0 else tuple(reversed(ARMS))
-            for name in order:
-                result = await arm(engine, name, prompts, ns.concurrency, ns.new_tokens)
-                print(f"  repeat {repeat + 1} {name}: {result['tok_per_s']:.1f} tok/s", flush=True)
-                runs.append({**result, "repeat": repeat + 1})
+        return await harness.alternate(
+            ARMS, ns.repeats, lambda name: arm(engine, name, prompts, ns.concurrency, ns.new_tokens)
+        )
     finally:
         engine.shutdown()
-    return runs
 
 
 def bpe_model_dir(preset: str, cache_dir: Path) -> Path:
@@ -152,7 +132,7 @@ def main() -> None:
     ns = parser.parse_args()
 
     runs = asyncio.run(run(ns, bpe_model_dir(ns.preset, ns.cache_dir)))
-    medians = {name: statistics.median(r["tok_per_s"] for r in runs if r["arm"] == name) for name in ARMS}
+    medians = harness.medians(runs, ARMS)
     report: dict[str, Any] = {
         "title": f"Sampling work at {ns.concurrency} streams: {ns.preset}, {ns.dtype}, engine in-process",
         **harness.run_info("cpu", "bench.sampling_cost_bench"),
@@ -172,8 +152,8 @@ def main() -> None:
     ]
     for name in ARMS:
         ratio = medians[name] / medians["plain"]
-        per_request = statistics.median(r["tokens_per_request"] for r in runs if r["arm"] == name)
-        goal = "-" if name == "plain" else ("met" if ratio >= 0.8 else "MISSED") + " (>= 0.8x)"
+        per_request = harness.medians(runs, (name,), "tokens_per_request")[name]
+        goal = harness.goal_cell(ratio, None if name == "plain" else 0.8)
         lines.append(f"| {name} | {medians[name]:.1f} | {per_request:.1f} | {ratio:.2f}x | {goal} |")
     table = "\n".join(lines) + "\n"
     harness.save(f"sampling-cost-{ns.preset}", report, table)

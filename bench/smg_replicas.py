@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -91,13 +93,17 @@ def router(servers: list[harness.ServerProcess], log_dir: Path, *extra: str) -> 
         status = harness.wait_until(lambda: _completion_status(running.base), lambda s: s == 200, START_TIMEOUT_S)
         assert status == 200, f"smg did not serve a completion in {START_TIMEOUT_S:g} s:\n{running.log()[-3000:]}"
         yield running
-    finally:
-        proc.terminate()
-        try:
+    finally:  # the launcher's whole session: `smg launch` starts the router as a process of its own
+        _signal_group(proc, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _signal_group(proc, signal.SIGKILL)  # whatever of it outlived the launcher, or would not stop
+        proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group has ended
+        os.killpg(proc.pid, signum)
 
 
 def served_model(base: str) -> str:
