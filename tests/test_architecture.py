@@ -119,9 +119,14 @@ def test_the_step_plan_and_its_makers_hold_no_tensors() -> None:
     assert violations(reached, ("torch", "transformers", "numpy")) == []
 
 
-def test_the_engine_core_is_spawned_before_torch_is_imported() -> None:
-    """The CLI spawns the engine core first, so that the core's imports run beside the frontend's: the module
-    that spawns it must not import torch or transformers itself (the frontend would wait for them first)."""
-    code = "import sys, modelserve.engine.core_spawn; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+@pytest.mark.parametrize(
+    ("module", "why"),
+    [
+        ("modelserve.engine.core_spawn", "the CLI spawns the engine core first, so its imports run beside ours"),
+        ("modelserve.server.app", "the server opens its ports, and refuses a bad --model, before torch loads"),
+    ],
+)
+def test_what_runs_before_the_model_is_read_imports_no_torch(module: str, why: str) -> None:
+    code = f"import sys, {module}; print([m for m in ('torch', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[]", why

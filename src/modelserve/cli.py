@@ -232,6 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
     config = config_from_args(ns)
     logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    if config.model is not None:  # refused before anything heavy starts: one plain line, exit 1
+        from modelserve.models.source import ModelLoadError, check_source
+
+        try:
+            check_source(config.model)
+        except ModelLoadError as exc:
+            logging.getLogger("modelserve").error("could not load the model: %s", exc)
+            sys.exit(1)
     from modelserve.engine.core_spawn import CoreProcess
 
     core = CoreProcess()  # first: its imports (torch, transformers) run beside this process's own

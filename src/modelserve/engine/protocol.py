@@ -37,6 +37,11 @@ class FlushCache(msgspec.Struct, tag=True, array_like=True):
     """Drop the prefix cache's blocks that no running request holds (at the next step)."""
 
 
+# StartProfile's activities: what the profiler records (GPU and CUDA name the same), and MEM, its memory.
+PROFILE_ACTIVITIES = ("CPU", "GPU", "CUDA")
+PROFILE_MEMORY = "MEM"
+
+
 class StartProfile(msgspec.Struct, tag=True, array_like=True):
     """Profile the steps (step_profiler.py) into the Chrome trace at `path`."""
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from modelserve.engine.protocol import StartProfile
+from modelserve.engine.protocol import PROFILE_MEMORY, StartProfile
 
 log = logging.getLogger("modelserve.engine")
 
 ACTIVITIES = {"CPU": ProfilerActivity.CPU, "GPU": ProfilerActivity.CUDA, "CUDA": ProfilerActivity.CUDA}
-MEMORY = "MEM"
 
 
 class StepProfiler:
@@ -48,7 +47,7 @@ class StepProfiler:
             activities=activities,
             record_shapes=asked.record_shapes,
             with_stack=asked.with_stack,
-            profile_memory=MEMORY in asked.activities,
+            profile_memory=PROFILE_MEMORY in asked.activities,
         )
         running.start()
         self._running, self._path, self._steps_left, self._asked = running, asked.path, asked.num_steps, None

@@ -209,7 +209,6 @@ async def serve(config: Config, core: CoreProcess) -> int:
 
 async def _serve(config: Config, core: CoreProcess) -> int:
     from modelserve.models.lora import LoraError
-    from modelserve.models.source import ModelLoadError, check_source
     from modelserve.server.lifecycle import FINAL_MESSAGE_S, drain, in_daemon_thread, load_info
 
     logging.getLogger("grpc._cython.cygrpc").addFilter(ClientGoneFilter())
@@ -278,13 +277,6 @@ async def _serve(config: Config, core: CoreProcess) -> int:
     exit_code = 0
     try:
         started = time.monotonic()
-        if config.model is not None:
-            try:
-                check_source(config.model)
-            except ModelLoadError as exc:
-                log.error("could not load the model: %s", exc)
-                serving.phase = Phase.FAILED
-                return 1
         loading = asyncio.ensure_future(in_daemon_thread(lambda: load_info(config)))
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():

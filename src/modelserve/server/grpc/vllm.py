@@ -56,9 +56,8 @@ from modelserve.config import KV_BLOCK_TOKENS
 from modelserve.engine import protocol
 from modelserve.engine.block_manager import NO_KEY
 from modelserve.engine.frontend import KvSubscriberLagged
-from modelserve.engine.protocol import KvEvent, KvStored
+from modelserve.engine.protocol import PROFILE_ACTIVITIES, PROFILE_MEMORY, KvEvent, KvStored
 from modelserve.engine.request import EngineStats, FinishReason, Request, StreamEvent, TokenLogprobs
-from modelserve.engine.step_profiler import ACTIVITIES, MEMORY
 from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
     Phase,
@@ -372,7 +371,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
                 "without '..' (or empty for --profile-dir itself)",
             )
         activities = [name.upper() for name in request.activities]
-        allowed = [*ACTIVITIES, MEMORY] if model.device.type == "cuda" else ["CPU", MEMORY]
+        allowed = [*PROFILE_ACTIVITIES, PROFILE_MEMORY] if model.device.type == "cuda" else ["CPU", PROFILE_MEMORY]
         if unknown := [name for name in activities if name not in allowed]:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
