@@ -1,5 +1,6 @@
-"""Server start-up: seconds from `modelserve serve` to SERVING, the engine core's memory once it serves, and
-the seconds a bad --model takes to be refused; this tree against another checkout's, interleaved.
+"""Server start-up and stop: seconds from `modelserve serve` to SERVING, the engine core's memory once it
+serves, seconds from SIGTERM to the exit of an idle server, and the seconds a bad --model takes to be
+refused; this tree against another checkout's, interleaved.
 
 Each round starts this tree's server and the baseline's, one after the other, on the same model with the
 default KV budget (4 GiB on a CPU), waits until grpc.health.v1 says SERVING, reads the resident memory of
@@ -30,7 +31,8 @@ def _env(src: str | None) -> dict[str, str] | None:
 
 
 def serve_once(src: str | None, model: Path, name: str) -> dict[str, float]:
-    """Seconds to SERVING, and the children's resident MiB once it serves."""
+    """Seconds to SERVING, the children's resident MiB once it serves, and seconds from SIGTERM to its exit
+    (an idle server: its drain's quiet wait, then its processes' ends)."""
     started = time.monotonic()
     server = harness.start_server(harness.RESULTS, "--model", str(model), env=_env(src), name=name)
     try:
@@ -39,8 +41,10 @@ def serve_once(src: str | None, model: Path, name: str) -> dict[str, float]:
         children = psutil.Process(server.proc.pid).children(recursive=True)
         rss = sum(child.memory_info().rss for child in children if child.is_running())
     finally:
+        stopping = time.monotonic()
         server.terminate()
-    return {"to_serving_s": to_serving, "children_rss_mib": rss / 2**20}
+        stop = time.monotonic() - stopping
+    return {"to_serving_s": to_serving, "children_rss_mib": rss / 2**20, "stop_s": stop}
 
 
 def refuse_once(src: str | None) -> float:
@@ -82,15 +86,18 @@ def main() -> None:
     lines = harness.header(
         f"Start-up: {ns.preset}, float32, the default KV budget",
         info,
-        f"workload: `modelserve serve --model` to SERVING, then SIGTERM; and a --model that does not exist; "
-        f"{ns.rounds} interleaved rounds, medians",
+        f"workload: `modelserve serve --model` to SERVING, then SIGTERM until it exits; and a --model that does "
+        f"not exist; {ns.rounds} interleaved rounds, medians",
     )
     lines += [
-        "| code | to SERVING s | child processes' RSS once serving, MiB | bad --model refused in s |",
-        "|---|---:|---:|---:|",
+        "| code | to SERVING s | children's RSS once serving, MiB | SIGTERM to exit s | bad --model refused in s |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, m in medians.items():
-        lines.append(f"| {name} | {m['to_serving_s']:.1f} | {m['children_rss_mib']:,.0f} | {m['refused_s']:.1f} |")
+        lines.append(
+            f"| {name} | {m['to_serving_s']:.1f} | {m['children_rss_mib']:,.0f} | {m['stop_s']:.1f} "
+            f"| {m['refused_s']:.1f} |"
+        )
     table = "\n".join(lines) + "\n"
     report: dict[str, Any] = {**info, "samples": samples, "medians": medians}
     harness.save(f"startup-{ns.preset}", report, table)
