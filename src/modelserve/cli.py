@@ -228,7 +228,27 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     return Config(**values)
 
 
+class _EarlyStop:
+    """A SIGTERM or Ctrl-C that comes before serve() handles them (while the server and the engine core import):
+    recorded, not fatal, so that serve() begins its drain with it and the server still exits 0.
+
+    A handler, not a blocked signal mask: spawning the core starts multiprocessing's resource tracker, which
+    unblocks SIGINT and SIGTERM after it."""
+
+    def __init__(self) -> None:
+        self._received = False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self._received = True
+
+    def received(self) -> bool:
+        return self._received
+
+
 def main(argv: list[str] | None = None) -> None:
+    early_stop = _EarlyStop()
     ns = parse_args(argv)
     config = config_from_args(ns)
     logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
@@ -243,9 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     from modelserve.engine.core_spawn import CoreProcess
 
     core = CoreProcess()  # first: its imports (torch, transformers) run beside this process's own
-    # A SIGTERM or Ctrl-C during those imports is held, not fatal: serve() handles it once it can drain.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     from modelserve.process_exit import exit_now
     from modelserve.server.app import serve
 
-    exit_now(asyncio.run(serve(config, core)))
+    exit_now(asyncio.run(serve(config, core, early_stop.received)))

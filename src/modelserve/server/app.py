@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -197,17 +197,18 @@ class ClientGoneFilter(logging.Filter):
         return True
 
 
-async def serve(config: Config, core: CoreProcess) -> int:
+async def serve(config: Config, core: CoreProcess, stopped_early: Callable[[], bool]) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code. `core` is the engine core's process,
     spawned before this process imported the server (core_spawn.py): the engine takes it over, and wherever
-    the server ends before or without that, it is ended here."""
+    the server ends before or without that, it is ended here. `stopped_early` says whether a stop came before
+    this could handle one (cli.py): it begins the drain at once."""
     try:
-        return await _serve(config, core)
+        return await _serve(config, core, stopped_early)
     finally:
         core.abandon()
 
 
-async def _serve(config: Config, core: CoreProcess) -> int:
+async def _serve(config: Config, core: CoreProcess, stopped_early: Callable[[], bool]) -> int:
     from modelserve.models.lora import LoraError
     from modelserve.server.lifecycle import FINAL_MESSAGE_S, drain, in_daemon_thread, load_info
 
@@ -270,7 +271,8 @@ async def _serve(config: Config, core: CoreProcess) -> int:
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, begin_shutdown)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since start-up (cli.py): one may come now
+    if stopped_early():  # read after the handlers above took over: no stop falls between the two
+        begin_shutdown()
     stopping = asyncio.ensure_future(stop.wait())
 
     engine: ProcessEngine | None = None
