@@ -21,8 +21,7 @@ from modelserve_client.v1 import generation_pb2 as pb
 from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 
 from bench.harness import terminate_all, wait_until
-from modelserve.engine.runner import ModelRunner
-from modelserve.engine.tensor_parallel import TensorParallel, check_shardable, shard
+from modelserve.engine.tensor_parallel import check_shardable, shard
 from modelserve.models.loader import load_model, load_model_info, load_weights
 from modelserve.models.quantize import weight_bytes
 from tests.conftest import ServerProcess, start_server
@@ -139,7 +138,7 @@ def test_killing_rank_1_mid_stream_ends_the_streams_and_the_health_at_once(
 
 
 def test_what_cannot_be_split_is_refused(model_dirs: dict[str, Path]) -> None:
-    """Checked as each rank builds its runner, before any collective: the server's start-up fails with it."""
+    """Checked as each rank loads its shard, before any collective: the server's start-up fails with it."""
     llama = load_model(str(model_dirs["llama"]), torch.device("cpu"), torch.float32)
     check_shardable(llama.model.config, 2)
     with pytest.raises(ValueError, match="--tensor-parallel-size 3 must divide the model's num_attention_heads = 4"):
@@ -148,8 +147,8 @@ def test_what_cannot_be_split_is_refused(model_dirs: dict[str, Path]) -> None:
     refusal = "--tensor-parallel-size needs modelserve's own Llama-family forward; GPT2LMH"
     with pytest.raises(ValueError, match=refusal):
         shard(gpt2.model, 0, 2)
-    with pytest.raises(ValueError, match=refusal):
-        ModelRunner(gpt2.model, frozenset(gpt2.eos_token_ids), gpt2.max_sequence_length, tp=TensorParallel(0, 2))
+    with pytest.raises(ValueError, match=r"own Llama-family forward; LlamaForCausalLM .* without --no-own-forward"):
+        shard(llama.model, 0, 2, own_forward=False)  # refused before the rank places anything
 
 
 def test_a_rank_places_only_its_shard_on_its_device(model_dirs: dict[str, Path]) -> None:

@@ -202,7 +202,9 @@ def _load(spec: CoreSpec, rank: int, world: int) -> LoadedModel:
         spec.dtype,
         trust_remote_code=spec.trust_remote_code,
         quantization=spec.quantization,
-        before_placing=functools.partial(shard, rank=rank, world=world) if world > 1 else None,
+        before_placing=(
+            functools.partial(shard, rank=rank, world=world, own_forward=spec.engine.own_forward) if world > 1 else None
+        ),
     )
     threads = core_threads(
         on_cpu=loaded.device.type == "cpu",

@@ -43,7 +43,7 @@ from modelserve.engine.prompt_logprobs import score
 from modelserve.engine.sampler import SampleResult, sample
 from modelserve.engine.sampling_state import SamplingStates
 from modelserve.engine.step_plan import PromptScores, StepPlan
-from modelserve.engine.tensor_parallel import TensorParallel, require_own_forward
+from modelserve.engine.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.tp = tp
-        if tp is not None:  # the loader kept this rank's shard (tensor_parallel.shard)
-            require_own_forward(model, own_forward)
         self.kv_shape = self._probe_kv_shape()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         linears = Linears(model)

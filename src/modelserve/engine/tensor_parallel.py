@@ -105,14 +105,15 @@ def require_own_forward(model: Any, own_forward: bool = True) -> None:
 
 
 @torch.no_grad()
-def shard(model: Any, rank: int, world: int) -> None:
+def shard(model: Any, rank: int, world: int, own_forward: bool = True) -> None:
     """Keep rank `rank`'s share of every decoder layer's linear layers, in place (the model's own modules, so
     the engine's fused and packed forward is built from the shards).
 
     The loader calls it on the model as from_pretrained leaves it on the CPU, its weights still views into the
     mapped checkpoint, before anything goes to the rank's device: only the shard is copied out, so a device
-    holds its shard and never the whole model (the reason to shard at all)."""
-    require_own_forward(model)
+    holds its shard and never the whole model (the reason to shard at all). A model that would not run on our
+    own forward (`own_forward` off: --no-own-forward) is refused here, before the rank loads anything more."""
+    require_own_forward(model, own_forward)
     config = model.config
     check_shardable(config, world)
     for layer in model.model.layers:
