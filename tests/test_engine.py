@@ -97,8 +97,8 @@ def _bucketed(core: EngineCore, graphs: type[DecodeGraphs] = _EagerGraphs) -> De
     return runner.graphs
 
 
-# (arch, own_forward): the Llama family runs on our own forward by default, and on transformers' when off.
-FORWARDS = [("gpt2", True), ("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
+# (arch, own_forward): GPT-2 and the Llama family run on our own forwards by default, on transformers' when off.
+FORWARDS = [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
 
 
 @pytest.mark.parametrize("decode", ["eager", "bucketed"])
@@ -109,7 +109,7 @@ async def test_greedy_matches_generate_alone_and_joining_mid_flight(
     """Also through decode's CUDA-graph path (padded rows and width): greedy output must not change."""
     model = _load(model_dirs[arch])
     async with _running(model, 8, enforce_eager=decode == "eager", own_forward=own_forward) as engine:
-        assert (engine.core.runner.own is not None) == (own_forward and arch != "gpt2")
+        assert (engine.core.runner.own is not None) == own_forward
         graphs = _bucketed(engine.core) if decode == "bucketed" else None
         lengths = [24, 9, 17, 30]
         prompts = [model.encode(p) for p in PROMPTS]

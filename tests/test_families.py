@@ -64,8 +64,9 @@ def test_every_family_named_as_tested_is_tested() -> None:
     assert {model_type for model_type, _ in CONFIGS.values()} == set(FAMILIES)
 
 
-# The families our own forward runs (engine/llama_forward.py): checked on transformers' forward too.
-OWN_FORWARD = sorted(name for name, (model_type, _) in CONFIGS.items() if model_type in OWN_FORWARD_TYPES)
+# The families our own forwards run (engine/llama_forward.py, engine/gpt2_forward.py): checked on transformers'
+# forward too.
+OWN_FORWARD = sorted(name for name, (model_type, _) in CONFIGS.items() if model_type in OWN_FORWARD_TYPES | {"gpt2"})
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

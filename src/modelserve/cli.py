@@ -81,8 +81,8 @@ _HELP = {
     "prefix_caching": "reuse the keys and values an earlier prompt computed for the same start (a shared system "
     "prompt, a chat's history) instead of prefilling it again; the cache is the KV memory's own blocks: "
     "a finished request's blocks stay cached until new tokens need them",
-    "own_forward": "run the Llama family (llama, mistral, qwen2, qwen3) on modelserve's own forward: fused "
-    "projections, a precomputed rotary table, paged attention (off: transformers' forward for every model)",
+    "own_forward": "run the Llama family (llama, mistral, qwen2, qwen3) and GPT-2 on modelserve's own forwards: "
+    "fused projections, a precomputed rotary table, paged attention (off: transformers' forward for every model)",
     "default_max_new_tokens": "max_new_tokens when a request leaves it unset "
     f"(0 = the model's generation_config.json max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS})",
     "max_max_new_tokens": "the largest max_new_tokens a request may ask for",

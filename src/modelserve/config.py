@@ -73,7 +73,7 @@ class Config:
     max_lora_rank: int = 16  # the largest adapter rank accepted
     profile_dir: str = ""  # where StartProfile writes the engine's step traces; "" = profiling refused
     prefix_caching: bool = True  # reuse the keys and values of prompt prefixes seen before
-    own_forward: bool = True  # the Llama family (llama, mistral, qwen2, qwen3) on modelserve's own forward
+    own_forward: bool = True  # the Llama family (llama, mistral, qwen2, qwen3) and GPT-2 on modelserve's own forwards
     default_max_new_tokens: int = 0  # 0 = the model's generation_config.json's, else DEFAULT_MAX_NEW_TOKENS
     max_max_new_tokens: int = 4096
     max_prompt_bytes: int = 1 << 20

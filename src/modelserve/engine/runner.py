@@ -6,12 +6,13 @@ tokens form one flat sequence: decoding rows' single tokens first, then prompt c
 KV slots come from each row's own start and block table, and attention (attention.py) keeps each row
 to its own context.
 
-The forward is our own for the Llama family (llama_forward.py) unless `own_forward` is off. On a CPU the
-linear layers are first packed for oneDNN (cpu_linears.py), in the model itself. Any other
-model runs its transformers forward with the paged attention (transformers' AttentionInterface), set
-in a copy of the model's modules that shares every parameter and buffer: the model object the caller
-holds still runs generate() as loaded, from any thread, while the engine's copy runs steps. A model
-whose attention bypasses that interface gets its context gathered for it (gathered_attention.py).
+The forward is our own for the Llama family (llama_forward.py) and GPT-2 (gpt2_forward.py) unless
+`own_forward` is off. On a CPU the linear layers are first packed for oneDNN (cpu_linears.py), in the
+model itself. Any other model runs its transformers forward with the paged attention (transformers'
+AttentionInterface), set in a copy of the model's modules that shares every parameter and buffer: the
+model object the caller holds still runs generate() as loaded, from any thread, while the engine's copy
+runs steps. A model whose attention bypasses that interface gets its context gathered for it
+(gathered_attention.py).
 
 On CUDA, attention avoids cuDNN's SDPA backend: it builds an execution plan for every new sequence
 shape, and a continuous-batching engine makes a new shape almost every step. Measured on an H100 with
@@ -34,6 +35,7 @@ from modelserve.engine.attention import PAGED_ATTENTION, PrefillRow, StepContext
 from modelserve.engine.cpu_linears import Linears
 from modelserve.engine.cuda_graphs import DecodeGraphs
 from modelserve.engine.gathered_attention import GatheringCache, union_mask
+from modelserve.engine.gpt2_forward import GPT2Forward, supports_gpt2
 from modelserve.engine.grammar import Grammars
 from modelserve.engine.kv_memory import KVMemory, KVShape
 from modelserve.engine.llama_forward import LlamaForward, supports
@@ -76,7 +78,11 @@ class ModelRunner:
         self.kv_shape = self._probe_kv_shape()
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         linears = Linears(model)
-        self.own = LlamaForward(model, max_positions, linears, tp) if own_forward and supports(model) else None
+        self.own: LlamaForward | GPT2Forward | None = None
+        if own_forward and supports(model):
+            self.own = LlamaForward(model, max_positions, linears, tp)
+        elif own_forward and supports_gpt2(model):
+            self.own = GPT2Forward(model, linears)
         if self.own is None:
             linears.pack_model(model)
         linears.release_originals(model)
@@ -94,7 +100,7 @@ class ModelRunner:
         """Room for `max_loras` resident adapters of rank up to `max_rank` (engine/lora.py)."""
         if self.tp is not None:
             raise ValueError("LoRA adapters do not combine with --tensor-parallel-size (yet): serve them on one rank")
-        if self.own is None:
+        if not isinstance(self.own, LlamaForward):
             raise ValueError(
                 f"LoRA adapters need modelserve's own Llama-family forward; {type(self.model).__name__} "
                 "does not run on it (a Llama, Mistral, Qwen2 or Qwen3 model, without --no-own-forward)"
@@ -120,7 +126,8 @@ class ModelRunner:
             self.tp.broadcast_int(num_blocks)
         self.kv = KVMemory(self.kv_shape, num_blocks, block_size)
         if self.own is not None:
-            log.info("%s runs on modelserve's own Llama-family forward (llama_forward.py)", type(self.model).__name__)
+            module = "llama_forward.py" if isinstance(self.own, LlamaForward) else "gpt2_forward.py"
+            log.info("%s runs on modelserve's own forward (%s)", type(self.model).__name__, module)
             return
         self.gathered = not self._attention_is_paged()
         if self.gathered:
