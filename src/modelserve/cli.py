@@ -24,6 +24,8 @@ from typing import Any
 
 from modelserve import __version__
 from modelserve.config import (
+    AUTO_MAX_NUM_BATCHED_TOKENS_CPU,
+    AUTO_MAX_NUM_BATCHED_TOKENS_CUDA,
     AUTO_PREFILL_CHUNK_CPU,
     AUTO_PREFILL_CHUNK_CUDA,
     AUTO_WAITING_KV_BUDGETS,
@@ -58,10 +60,11 @@ _HELP = {
     "quantization": "none | int8: int8 keeps the linear layers' weights as int8 with one scale per output "
     "channel (a quarter of their float32 bytes); the LM head and embeddings stay in --dtype",
     "max_batch_size": "most sequences decoded together in one step",
-    "prefill_chunk_tokens": "prompt tokens prefilled per step while streams run "
+    "prefill_chunk_tokens": "tokens of each prompt prefilled per step while streams run "
     f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",
     "max_num_batched_tokens": "most tokens one step's single forward takes: every decoding row's next token "
-    "plus prompt chunks (0 = no cap beyond the rows and --prefill-chunk-tokens)",
+    f"plus the chunks of the prompts being prefilled (0 = auto: {AUTO_MAX_NUM_BATCHED_TOKENS_CPU} on CPU, "
+    f"{AUTO_MAX_NUM_BATCHED_TOKENS_CUDA} on CUDA)",
     "kv_cache_bytes": "KV cache budget in bytes, of each rank with --tensor-parallel-size "
     f"(0 = auto: gpu_memory_fraction of free GPU memory, {DEFAULT_CPU_KV_BYTES >> 30} GiB on CPU)",
     "gpu_memory_fraction": "share of the GPU memory free after loading that the KV cache may use",

@@ -31,6 +31,11 @@ DEFAULT_CPU_KV_BYTES = 4 << 30  # KV budget on CPU when kv_cache_bytes is 0
 # admitted. On a GPU a chunk of a few hundred tokens costs little more than a decode step.
 AUTO_PREFILL_CHUNK_CPU = 128
 AUTO_PREFILL_CHUNK_CUDA = 512
+# All of a step's tokens: its decoding rows and the chunks of the prompts it prefills (vLLM's defaults for
+# its OpenAI server on a CPU and on a GPU). Prompts that arrive together start together within it: 32
+# prompts of 16-256 tokens sent at once are all prefilled in 3 steps, where a chunk for the whole step took 29.
+AUTO_MAX_NUM_BATCHED_TOKENS_CPU = 2048
+AUTO_MAX_NUM_BATCHED_TOKENS_CUDA = 8192
 # The default queue holds this many full KV caches' worth of work: enough to keep the batch full
 # through a burst, little enough that a queued request still starts within a few batch lifetimes.
 AUTO_WAITING_KV_BUDGETS = 4
@@ -61,8 +66,8 @@ class Config:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantization: str = "none"  # one of QUANTIZATIONS: none | int8 (weight-only, per output channel)
     max_batch_size: int = 32  # sequences decoded together in one step
-    prefill_chunk_tokens: int = 0  # prompt tokens prefilled per step while streams run; 0 = AUTO_PREFILL_CHUNK_*
-    max_num_batched_tokens: int = 0  # most tokens one step's forward takes, all rows together; 0 = no cap of its own
+    prefill_chunk_tokens: int = 0  # of each prompt per step while streams run; 0 = AUTO_PREFILL_CHUNK_*
+    max_num_batched_tokens: int = 0  # most tokens one step's forward takes, all rows together; 0 = AUTO_MAX_NUM_*
     kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False  # on CUDA, decode without CUDA graphs

@@ -22,7 +22,14 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
-from modelserve.config import AUTO_PREFILL_CHUNK_CPU, AUTO_PREFILL_CHUNK_CUDA, DEFAULT_CPU_KV_BYTES, KV_BLOCK_TOKENS
+from modelserve.config import (
+    AUTO_MAX_NUM_BATCHED_TOKENS_CPU,
+    AUTO_MAX_NUM_BATCHED_TOKENS_CUDA,
+    AUTO_PREFILL_CHUNK_CPU,
+    AUTO_PREFILL_CHUNK_CUDA,
+    DEFAULT_CPU_KV_BYTES,
+    KV_BLOCK_TOKENS,
+)
 from modelserve.engine.block_manager import BlockManager
 from modelserve.engine.grammar import GrammarError, Grammars
 from modelserve.engine.kv_memory import memory_warning
@@ -43,7 +50,7 @@ from modelserve.engine.protocol import (
 from modelserve.engine.request import EngineStats, FinishReason, StepRecord
 from modelserve.engine.runner import ModelRunner, StepResult
 from modelserve.engine.sampler import SampleResult
-from modelserve.engine.scheduler import Scheduler
+from modelserve.engine.scheduler import IDLE_PREFILL_FACTOR, Scheduler
 from modelserve.engine.sequence import Sequence
 from modelserve.engine.step_plan import PromptScores, StepPlan
 from modelserve.engine.step_profiler import StepProfiler
@@ -95,17 +102,18 @@ class EngineCore:
         self.kv_budget_tokens = num_blocks * block_size
         self.max_sequence_tokens = min(max_sequence_length, self.kv_budget_tokens)
         """The longest sequence (prompt + max_new_tokens) that can ever run: context and KV budget."""
-        chunk = prefill_chunk_tokens or (
-            AUTO_PREFILL_CHUNK_CUDA if self.runner.device.type == "cuda" else AUTO_PREFILL_CHUNK_CPU
+        cuda = self.runner.device.type == "cuda"
+        chunk = prefill_chunk_tokens or (AUTO_PREFILL_CHUNK_CUDA if cuda else AUTO_PREFILL_CHUNK_CPU)
+        # The automatic step budget always holds one prompt's chunk when no stream runs.
+        step_tokens = max_num_batched_tokens or max(
+            AUTO_MAX_NUM_BATCHED_TOKENS_CUDA if cuda else AUTO_MAX_NUM_BATCHED_TOKENS_CPU, chunk * IDLE_PREFILL_FACTOR
         )
         lora_slots = None
         if max_loras:
             self.runner.enable_lora(max_loras, max_lora_rank)
             lora_slots = LoraSlots(max_loras)
         self.adapters = self.runner.adapters  # LoRA adapters by name, their weights on the CPU
-        self.scheduler = Scheduler(
-            self.blocks, max_batch_size, chunk, max_num_batched_tokens, prefix_caching, lora_slots
-        )
+        self.scheduler = Scheduler(self.blocks, max_batch_size, chunk, step_tokens, prefix_caching, lora_slots)
         if cuda_graphs and max_loras:
             log.info("decode runs eagerly: CUDA graphs do not capture the LoRA adapters' products (--enable-lora)")
         elif cuda_graphs and tp is not None:
@@ -341,9 +349,10 @@ class EngineCore:
             return FinishReason.ERROR, what
         scheduler = self.scheduler
         if prefilled:
-            chunk = max(MIN_PREFILL_CHUNK_AFTER_OOM, min(scheduler.prefill_chunk_tokens, prefilled) // 2)
-            scheduler.prefill_chunk_tokens = chunk
-            lowered = f"the prefill chunk is now {chunk} tokens"
+            half = max(MIN_PREFILL_CHUNK_AFTER_OOM, prefilled // 2)
+            scheduler.prefill_chunk_tokens = min(scheduler.prefill_chunk_tokens, half)
+            scheduler.max_num_batched_tokens = min(scheduler.max_num_batched_tokens, decoded + half)
+            lowered = f"prompt tokens per step are now at most {half}"
         else:
             scheduler.max_batch_size = max(1, min(scheduler.max_batch_size, decoded) // 2)
             lowered = f"the batch size is now at most {scheduler.max_batch_size}"

@@ -40,7 +40,7 @@ class EngineConfig:
 
     max_batch_size: int = Config.max_batch_size
     prefill_chunk_tokens: int = Config.prefill_chunk_tokens  # 0 = AUTO_PREFILL_CHUNK_CPU / _CUDA
-    max_num_batched_tokens: int = Config.max_num_batched_tokens  # 0 = no cap beyond the rows and the chunk
+    max_num_batched_tokens: int = Config.max_num_batched_tokens  # 0 = AUTO_MAX_NUM_BATCHED_TOKENS_*
     kv_cache_bytes: int = Config.kv_cache_bytes  # 0 = a share of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = Config.gpu_memory_fraction
     enforce_eager: bool = Config.enforce_eager  # on CUDA: no CUDA graphs for decode

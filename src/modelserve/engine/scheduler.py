@@ -9,9 +9,12 @@ the front of its priority, to be recomputed (prompt and output so far, mostly fr
 and continue where it stopped. A prompt whose start another running prompt is still computing waits until
 those blocks are cached, then shares them: a common prefix sent several times at once is computed once.
 
-Every step feeds one forward: each decoding row's next token, then prompt chunks within the step's
-token budget, so a long prompt is split over several steps and running streams get a token every
-step. `schedule()` returns that as a StepPlan (plain data); `advance()` records what the runner did.
+Every step feeds one forward: each decoding row's next token, then a chunk of each prompt being
+prefilled, oldest first, within the step's token budget. The chunk is per prompt: one long prompt is split
+over several steps so that running streams get a token every step, while prompts that arrive together are
+prefilled together, within the budget, rather than one a step (32 prompts of 16-256 tokens sent at
+once: 3 steps to prefill them all, 29 when the chunk was the step's). `schedule()` returns that as a
+StepPlan (plain data); `advance()` records what the runner did.
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ class Scheduler:
         blocks: BlockManager,
         max_batch_size: int,
         prefill_chunk_tokens: int,
-        max_num_batched_tokens: int = 0,
+        max_num_batched_tokens: int,
         prefix_caching: bool = True,
         lora_slots: LoraSlots | None = None,
     ) -> None:
         self.blocks = blocks
         self.lora_slots = lora_slots  # resident LoRA adapters (engine/lora.py); None: LoRA is off
         self.max_batch_size = max_batch_size
-        self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.max_num_batched_tokens = max_num_batched_tokens  # 0: decoding rows + the prefill chunk
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # of each prompt, each step, while rows decode
+        self.max_num_batched_tokens = max_num_batched_tokens  # of the whole step (every decoding row still runs)
         self.prefix_caching = prefix_caching  # share and cache full blocks
         self.waiting: list[Sequence] = []  # in admission order: highest priority, then oldest
         self.running: list[Sequence] = []  # hold blocks, in admission order
@@ -109,9 +112,7 @@ class Scheduler:
         self._ended = []
         decoding = [s for s in self.running if not s.prefilling]
         chunk = self.prefill_chunk_tokens * (1 if decoding else IDLE_PREFILL_FACTOR)
-        budget = len(decoding) + chunk
-        if self.max_num_batched_tokens:
-            budget = min(budget, max(self.max_num_batched_tokens, len(decoding)))
+        budget = max(self.max_num_batched_tokens, len(decoding))
         for seq in decoding:
             if seq in self.running and self._make_room(seq, 1):
                 self._plan_row(plan, seq, 1)
@@ -119,7 +120,7 @@ class Scheduler:
         for seq in [s for s in self.running if s.prefilling]:  # after the decoding rows: none is preempted now
             if budget <= 0:
                 break
-            n = min(len(seq.tokens) - seq.computed, budget)  # its blocks were all taken at admission
+            n = min(len(seq.tokens) - seq.computed, chunk, budget)  # its blocks were all taken at admission
             self._plan_row(plan, seq, n)
             budget -= n
         admitted: list[Sequence] = []
@@ -128,7 +129,7 @@ class Scheduler:
             head = next((s for s in self.waiting if s.grammar_ready), None)
             if head is None or self._prefix_pending(head) or not self._admit(head):
                 break
-            n = min(len(head.tokens) - head.computed, budget)
+            n = min(len(head.tokens) - head.computed, chunk, budget)
             self._plan_row(plan, head, n)
             budget -= n
             if not head.admitted:

@@ -1,0 +1,54 @@
+"""What a step feeds (engine/scheduler.py), read from its plan: each prompt's chunk, within the step's budget."""
+
+from __future__ import annotations
+
+from modelserve.engine.block_manager import BlockManager
+from modelserve.engine.request import Request, SamplingParams
+from modelserve.engine.scheduler import IDLE_PREFILL_FACTOR, Scheduler
+from modelserve.engine.sequence import Sequence
+
+BLOCK = 16
+
+
+def _sequence(key: int, prompt: int) -> Sequence:
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    return Sequence(key, Request(str(key), tuple(range(1000 * key, 1000 * key + prompt)), params))  # no shared prefix
+
+
+def _decoding(scheduler: Scheduler) -> Sequence:
+    """One running row that decodes from the next step on."""
+    seq = _sequence(1, 4)
+    scheduler.add(seq)
+    plan, _ = scheduler.schedule()
+    scheduler.advance(plan)
+    seq.tokens.append(7)  # its first token
+    return seq
+
+
+def test_prompts_that_arrive_together_are_prefilled_together_a_chunk_each_within_the_step_budget() -> None:
+    scheduler = Scheduler(BlockManager(64, BLOCK), 8, prefill_chunk_tokens=16, max_num_batched_tokens=40)
+    decoding = _decoding(scheduler)
+    for key in (2, 3, 4):
+        scheduler.add(_sequence(key, 30))
+    plan, admitted = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16), (3, 16), (4, 7)]
+    assert [seq.key for seq in admitted] == [2, 3, 4]
+    scheduler.advance(plan)
+    decoding.tokens.append(7)
+    plan, _ = scheduler.schedule()  # the rest of each prompt, oldest first
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 14), (3, 14), (4, 11)]
+
+
+def test_one_long_prompt_gets_its_chunk_a_step_beside_decoding_rows_and_more_when_none_decode() -> None:
+    scheduler = Scheduler(BlockManager(64, BLOCK), 8, prefill_chunk_tokens=16, max_num_batched_tokens=2048)
+    scheduler.add(_sequence(2, 500))
+    plan, _ = scheduler.schedule()
+    assert [len(row.token_ids) for row in plan.rows] == [16 * IDLE_PREFILL_FACTOR]  # nobody waits on this step
+    scheduler = Scheduler(BlockManager(64, BLOCK), 8, prefill_chunk_tokens=16, max_num_batched_tokens=2048)
+    decoding = _decoding(scheduler)
+    scheduler.add(_sequence(2, 500))
+    for _ in range(3):
+        plan, _ = scheduler.schedule()
+        assert [len(row.token_ids) for row in plan.rows] == [1, 16]
+        scheduler.advance(plan)
+        decoding.tokens.append(7)
