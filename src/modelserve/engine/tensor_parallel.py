@@ -95,7 +95,7 @@ def check_shardable(config: Any, world: int) -> None:
         )
 
 
-def require_own_forward(model: Any, own_forward: bool = True) -> None:
+def _require_own_forward(model: Any, own_forward: bool) -> None:
     """ValueError unless `model` runs on our own Llama-family forward, the only one that is sharded."""
     if not (own_forward and supports(model)):
         raise ValueError(
@@ -113,7 +113,7 @@ def shard(model: Any, rank: int, world: int, own_forward: bool = True) -> None:
     mapped checkpoint, before anything goes to the rank's device: only the shard is copied out, so a device
     holds its shard and never the whole model (the reason to shard at all). A model that would not run on our
     own forward (`own_forward` off: --no-own-forward) is refused here, before the rank loads anything more."""
-    require_own_forward(model, own_forward)
+    _require_own_forward(model, own_forward)
     config = model.config
     check_shardable(config, world)
     for layer in model.model.layers:
