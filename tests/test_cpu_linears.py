@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 
 from modelserve.engine import cpu_linears
 from modelserve.engine.cpu_linears import Columns, Linears, PackedLinear
@@ -41,6 +42,35 @@ def test_a_packed_linear_computes_what_f_linear_does_for_any_leading_shape() -> 
     assert tuple(layer.weight.shape) == (40, 24)  # what the engine reads the LM head's vocabulary from
 
 
+@pytest.mark.parametrize("name", ["gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu"])
+def test_a_gelu_runs_inside_the_packed_product(model_dirs: dict[str, Path], name: str) -> None:
+    generator = torch.Generator().manual_seed(2)
+    parent = nn.Module()
+    parent.up = nn.Linear(24, 40)
+    parent.act = ACT2FN[name]
+    x = torch.randn(6, 24, generator=generator)
+    with torch.inference_mode():
+        expected = parent.act(parent.up(x))
+        linears = Linears(_model(model_dirs, "gpt2"))  # packing is on for a transformers model
+        projection = linears.activated(parent, "up", parent, "act")
+        assert type(parent.up) is PackedLinear and type(parent.act) is nn.Identity  # what generate() runs too
+        assert projection is parent.up and linears.activations == 1
+        torch.testing.assert_close(projection(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_an_activation_onednn_does_not_have_stays_a_call_of_its_own(model_dirs: dict[str, Path]) -> None:
+    parent = nn.Module()
+    parent.up = nn.Linear(24, 40)
+    parent.act = nn.SiLU()
+    x = torch.randn(6, 24)
+    with torch.inference_mode():
+        expected = parent.act(parent.up(x))
+        linears = Linears(_model(model_dirs, "gpt2"))  # packing is on for a transformers model
+        projection = linears.activated(parent, "up", parent, "act")
+        assert type(parent.up) is PackedLinear and type(parent.act) is nn.SiLU and linears.activations == 0
+        torch.testing.assert_close(projection(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_gpt2_packs_every_linear_and_counts_its_tied_lm_head_as_a_copy(model_dirs: dict[str, Path]) -> None:
     model = _model(model_dirs, "gpt2")
     loaded_bytes = weight_bytes(model)
@@ -49,6 +79,8 @@ def test_gpt2_packs_every_linear_and_counts_its_tied_lm_head_as_a_copy(model_dir
     assert isinstance(runner.own, GPT2Forward)  # its products packed one by one, as its forward calls them
     kinds = {type(m).__name__ for m in model.modules()}
     assert "PackedLinear" in kinds and "Conv1D" not in kinds and "Linear" not in kinds
+    mlp = model.transformer.h[0].mlp
+    assert type(mlp.act) is nn.Identity and mlp.c_fc._post_op == "gelu"  # its GELU inside the first product
     assert runner.vocab_size == model.config.vocab_size
     # every other weight is freed once packed; the embeddings keep the tied head's original
     assert weight_bytes(model) == pytest.approx(loaded_bytes + head_bytes, rel=0.02)

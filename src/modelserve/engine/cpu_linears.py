@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import activations
 from transformers.pytorch_utils import Conv1D
 
 from modelserve.models.quantize import Int8WeightOnlyLinear
@@ -45,13 +47,15 @@ _TRIAL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 class PackedLinear(nn.Module):
-    """y = x Wᵀ + b with W in oneDNN's blocked layout. `weight` reports W's shape and dtype (the engine reads
-    the LM head's rows as the vocabulary size) but is opaque to any other tensor op."""
+    """y = x Wᵀ + b with W in oneDNN's blocked layout, or GELU(x Wᵀ + b) when `gelu` names oneDNN's GELU
+    ("tanh" or "none", the exact erf one). `weight` reports W's shape and dtype (the engine reads the LM
+    head's rows as the vocabulary size) but is opaque to any other tensor op."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> None:
         """`weight` is [out_features, in_features], nn.Linear's layout."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self._post_op, self._algorithm = ("none", "") if gelu is None else ("gelu", gelu)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
         # buffers, not parameters: shared (not copied) by the runner's copy of the model's modules
         self.register_buffer("weight", packed, persistent=False)
@@ -61,7 +65,9 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
-        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.weight, self.bias, "none", [], "")
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            rows.contiguous(), self.weight, self.bias, self._post_op, [], self._algorithm
+        )
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -89,6 +95,7 @@ class Linears:
         self.count = 0
         self.bytes = 0
         self.copied_bytes = 0  # weights packed while something else keeps the original (a tied LM head)
+        self.activations = 0  # GELUs computed inside a packed product
         self._embedding_storages = {
             m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)
         }
@@ -105,6 +112,24 @@ class Linears:
         packed = PackedLinear(weight, child.bias)
         self._count(weight)
         setattr(parent, name, packed)
+        return packed
+
+    def activated(self, parent: nn.Module, name: str, owner: nn.Module, act: str) -> Projection:
+        """`owner.act(parent.name(x))` as one product: where the activation is a GELU oneDNN computes the
+        same, it runs in the packed product's output pass, and `owner.act` becomes the identity so
+        `generate()` computes the same. Otherwise the two calls as they are."""
+        child: Any = getattr(parent, name)
+        activation: Projection = getattr(owner, act)
+        gelu = _gelu_algorithm(activation)
+        if not self.packed or type(child) not in (nn.Linear, Conv1D) or gelu is None or _fused_gelu_differs(gelu):
+            linear = self.module(parent, name)
+            return lambda x: activation(linear(x))
+        weight = child.weight.t() if type(child) is Conv1D else child.weight
+        packed = PackedLinear(weight, child.bias, gelu)
+        self._count(weight)
+        self.activations += 1
+        setattr(parent, name, packed)
+        setattr(owner, act, nn.Identity())
         return packed
 
     def fused(self, parent: nn.Module, names: list[str]) -> Projection:
@@ -166,10 +191,12 @@ class Linears:
             log.info("linear layers run as loaded: %s", self.reason)
             return
         tied = f"; the LM head, tied to the embeddings, is a second copy ({self.copied_bytes / 2**20:.0f} MiB)"
+        gelus = f", {self.activations} with their GELU in the product" if self.activations else ""
         log.info(
-            "linear layers: %d prepacked for oneDNN (%.0f MiB)%s (cpu_linears.py)",
+            "linear layers: %d prepacked for oneDNN (%.0f MiB)%s%s (cpu_linears.py)",
             self.count,
             self.bytes / 2**20,
+            gelus,
             tied if self.copied_bytes else "",
         )
 
@@ -207,3 +234,31 @@ def _trial(dtype: torch.dtype) -> str | None:
     if not torch.allclose(got.float(), expected.float(), rtol=_TRIAL_RTOL.get(dtype, 2e-2), atol=1e-3):
         return "oneDNN's product differed from F.linear's in a trial"
     return None
+
+
+def _gelu_algorithm(activation: Projection) -> str | None:
+    """oneDNN's name for this activation module's GELU ("tanh" or "none", the erf one), or None when it is
+    not a GELU. Python-written variants are the same function, to rounding."""
+    tanh = (activations.NewGELUActivation, activations.FastGELUActivation, activations.GELUTanh)
+    if isinstance(activation, tanh):
+        return "tanh"
+    if isinstance(activation, activations.GELUActivation):
+        return "none"
+    if isinstance(activation, nn.GELU):
+        return "tanh" if activation.approximate == "tanh" else "none"
+    return None
+
+
+@cache
+def _fused_gelu_differs(algorithm: str) -> bool:
+    """Does oneDNN's GELU post-op (fp32, a small trial) differ from torch's?"""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator)
+    x = torch.randn(_TRIAL_ROWS, 64, generator=generator)
+    approximate = "tanh" if algorithm == "tanh" else "none"
+    expected = nn.functional.gelu(nn.functional.linear(x, weight, bias), approximate=approximate)
+    try:
+        got = PackedLinear(weight, bias, algorithm)(x)
+    except (RuntimeError, NotImplementedError):
+        return True
+    return not torch.allclose(got, expected, rtol=1e-4, atol=1e-5)

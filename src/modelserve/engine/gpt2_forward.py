@@ -9,8 +9,10 @@ the paged attention (attention.py) on flat [tokens, heads, dim] tensors and the 
 tokens only, as llama_forward.py does for the Llama family.
 
 The linear layers come through cpu_linears.py (packed for oneDNN on a CPU, in the model itself, so
-generate() on the model computes the same products); the norms and the activation are the model's own
-modules, so fp32 outputs equal transformers' token for token (tests/test_families.py checks it).
+generate() on the model computes the same products), and there the MLP's GELU runs inside its first
+product: on a 2,048-token prefill step of gpt2-small in fp32, GELU written out as five tensor operations
+took 27% of the step. The norms are the model's own modules, so fp32 outputs equal transformers' token for
+token (tests/test_families.py checks it).
 """
 
 from __future__ import annotations
@@ -43,8 +45,7 @@ class _Block:
         self.scaling = float(attn.scaling)
         self.qkv = linears.module(attn, "c_attn")
         self.attn_out = linears.module(attn, "c_proj")
-        self.up = linears.module(mlp, "c_fc")
-        self.act: Projection = mlp.act
+        self.up_act = linears.activated(mlp, "c_fc", mlp, "act")
         self.down = linears.module(mlp, "c_proj")
 
 
@@ -80,7 +81,7 @@ class GPT2Forward:
                 None,
             )
             h = layer.attn_out(o.reshape(tokens, -1)) + h
-            h = h + layer.down(layer.act(layer.up(layer.ln_2(h))))
+            h = h + layer.down(layer.up_act(layer.ln_2(h)))
         return self.ln_f(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
