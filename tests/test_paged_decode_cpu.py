@@ -93,6 +93,16 @@ def test_the_default_scale_is_one_over_the_root_of_the_head_dim() -> None:
     torch.testing.assert_close(attend(context, 0, query, key, value, None, None), gathered, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [64, 128, 80])
+def test_every_head_dim_and_scores_far_apart(dim: int) -> None:
+    """64 and 128 are compiled in, others run the general loop; a scale of 4 spreads the scores over
+    hundreds, so most of the kernel's exponentials underflow (its own polynomial, not std::exp)."""
+    context, query, key, value = _decode_step(4, 2, dim, [1, 50, 130], torch.float32, seed=dim)
+    gathered = attend(context, 0, query, key, value, 4.0, None)
+    context.decode_kernel = True
+    torch.testing.assert_close(attend(context, 0, query, key, value, 4.0, None), gathered, atol=1e-5, rtol=1e-5)
+
+
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELSERVE_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails at once
