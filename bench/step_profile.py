@@ -4,9 +4,10 @@ Loads a bench preset's random-weight model (bench.harness.model_dir) as the serv
 times, at each batch size: a transformers DynamicCache decode step, our runner's forward of a
 decode-only step plan (paged attention over the block tables), and one whole engine-core step in
 steady decode (scheduling, the plan, the forward, sampling, the step's output message: everything
-the core does per token), on CUDA also both with the decode replayed from CUDA graphs; then
-prints the torch profiler's top ops for a few whole steps. For finding regressions and
-device-specific costs.
+the core does per token), on CUDA also both with the decode replayed from CUDA graphs; then one
+whole step that prefills a burst of prompts together (--prefill-prompts of --prefill-len tokens,
+what a burst of requests costs before its first tokens); then prints the torch profiler's top ops
+for a few whole decode steps. For finding regressions and device-specific costs.
 
     python -m bench.step_profile --preset gpt2-small --device cpu
     python -m bench.step_profile --preset llama-1b --device cuda --dtype bfloat16
@@ -76,6 +77,53 @@ def engine_step_ms(
     return timed(core.step, device, repeat)
 
 
+def prefill_step_ms(model: torch.nn.Module, prompts: int, length: int, repeat: int, device: torch.device) -> float:
+    """Median milliseconds of the one EngineCore.step() that prefills `prompts` new prompts of `length`
+    tokens (random ids, so no prefix is cached), with nothing else running."""
+    from modelserve.engine.engine import EngineConfig
+    from modelserve.engine.protocol import AddRequest
+    from modelserve.engine.request import Request, SamplingParams
+
+    kv_bytes = 2 << 30 if device.type == "cuda" else 0
+    config = EngineConfig(
+        max_batch_size=prompts,
+        kv_cache_bytes=kv_bytes,
+        prefill_chunk_tokens=length,
+        max_num_batched_tokens=prompts * length,
+        enforce_eager=True,
+    )
+    core = config.build_core(model, (), length + 8, observed=False)
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    generator = torch.Generator().manual_seed(0)
+    keys = iter(range(1 << 30))
+
+    def add_burst() -> None:
+        for _ in range(prompts):
+            ids = tuple(torch.randint(vocab, (length,), generator=generator).tolist())
+            key = next(keys)
+            core.apply(AddRequest(key, Request(str(key), ids, params)))
+
+    def finish() -> None:
+        while core.scheduler.running or core.scheduler.prefilling or core.scheduler.waiting:
+            core.step()
+
+    add_burst()  # warm-up
+    finish()
+    samples = []
+    for _ in range(repeat):
+        add_burst()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        core.step()  # every prompt fits the step's budget: this step is the whole prefill
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append(1e3 * (time.perf_counter() - start))
+        finish()
+    return pct(samples, 0.5)
+
+
 def forward_ms(core: EngineCore, device: torch.device, repeat: int) -> float:
     """Median milliseconds of the runner's forward alone, within steady decode steps."""
     forward = core.runner.forward
@@ -110,6 +158,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256, help="tokens already in each row's cache")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--prefill-prompts", type=int, default=16, help="prompts prefilled in one step (0: skip)")
+    parser.add_argument("--prefill-len", type=int, default=128, help="tokens of each of those prompts")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ns = parser.parse_args()
 
@@ -141,6 +191,11 @@ def main() -> None:
             gc.collect()  # each core's KV memory goes before the next is made
             row = f"| {batch} | {hf_ms:.1f} | {our_ms:.1f} | {graph_ms} | {step_ms:.2f} | {graph_step_ms} |"
             print(row, flush=True)
+        if ns.prefill_prompts:
+            burst = prefill_step_ms(model, ns.prefill_prompts, ns.prefill_len, ns.repeat, device)
+            gc.collect()
+            burst_label = f"{ns.prefill_prompts} prompts of {ns.prefill_len} tokens"
+            print(f"one step prefilling {burst_label}: {burst:.1f} ms", flush=True)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
