@@ -7,7 +7,7 @@ import math
 import torch
 
 from modelserve.engine.request import SamplingParams
-from modelserve.engine.sampler import SamplingRow, sample
+from modelserve.engine.sampler import SamplingRow, argmax, sample
 from modelserve.engine.sampling_state import SamplingStates
 from modelserve.engine.step_plan import NewRow
 
@@ -182,3 +182,18 @@ def test_penalty_state_survives_as_the_row_goes_on_and_costs_no_context_rebuild(
         states.record(keys, [token])
     (row,) = states.rows(keys)
     assert row.counts is not None and row.counts[3] == 2 and row.counts[4] == 1 and float(row.counts.sum()) == 3
+
+
+def test_the_chunked_argmax_is_torchs_argmax_ties_nan_and_inf_included() -> None:
+    generator = torch.Generator().manual_seed(3)
+    for vocab in (5, 64, 100, 128, 1000, 50257):
+        logits = torch.randn(9, vocab, generator=generator)
+        logits[1] = float("-inf")  # every token suppressed
+        logits[2, :] = 1.0  # all tied: the first wins
+        logits[3, vocab // 2] = logits[3, vocab - 1] = 50.0  # a tie across chunks, the tail's last
+        logits[4, vocab - 1] = 50.0  # the maximum in the columns past the last whole chunk
+        logits[5, vocab - 1] = float("nan")  # NaN counts as the largest, in the tail
+        logits[6, vocab // 3] = float("nan")  # and before it
+        logits[7, 0] = float("inf")
+        assert torch.equal(argmax(logits), logits.argmax(dim=-1)), vocab
+        assert torch.equal(argmax(logits[::2]), logits[::2].argmax(dim=-1)), vocab  # rows not contiguous

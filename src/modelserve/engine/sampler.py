@@ -72,12 +72,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], chosen_logprobs: b
 
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not sampled:
-        chosen = logits.argmax(dim=-1)
+        chosen = argmax(logits)
     else:
         chosen = torch.empty(n_rows, dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy:
-            chosen[greedy] = logits[greedy].argmax(dim=-1)
+            chosen[greedy] = argmax(logits[greedy])
         chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled], vocab)
 
     columns = [chosen[:, None].double()]
@@ -101,6 +101,32 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], chosen_logprobs: b
                 top_values = host[i][2 + top_n : 2 + top_n + n]
                 out_logprobs[i] = RowLogprobs(lps[i], top_ids, top_values)
     return SampleResult(chosen, token_ids, lps, out_logprobs)
+
+
+_ARGMAX_CHUNK = 64
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest column, exactly as `logits.argmax(dim=-1)` ([rows, vocab] -> [rows]).
+
+    On a CPU torch's argmax walks a row one element at a time: 32 rows of GPT-2's 50,257 columns took 1.25 ms
+    here, while `amax` took 0.11 ms. So the row is cut into chunks of 64: the first chunk that holds the
+    row's maximum, then the first maximum within it (0.2 ms; NaN counts as the largest, as in argmax)."""
+    rows, vocab = logits.shape
+    whole = vocab - vocab % _ARGMAX_CHUNK
+    if logits.device.type != "cpu" or whole == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.contiguous()
+    chunks = logits[:, :whole].view(rows, whole // _ARGMAX_CHUNK, _ARGMAX_CHUNK)
+    chunk_max = chunks.amax(dim=-1)  # NaN where a chunk holds one
+    chunk = chunk_max.argmax(dim=-1)
+    chosen = chunk * _ARGMAX_CHUNK + chunks[torch.arange(rows), chunk].argmax(dim=-1)
+    if whole < vocab:  # the last columns, short of a chunk
+        row_max = chunk_max.gather(1, chunk[:, None])[:, 0]
+        tail_max, tail_at = logits[:, whole:].max(dim=-1)
+        later = (tail_max > row_max) | (tail_max.isnan() & ~row_max.isnan())
+        chosen = torch.where(later, tail_at + whole, chosen)
+    return chosen
 
 
 def _padded_ids(device: torch.device, id_lists: list[list[int]]) -> torch.Tensor:
