@@ -104,6 +104,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], chosen_logprobs: b
 
 
 _ARGMAX_CHUNK = 64
+_ARGMAX_CHUNKED_FROM = 1 << 14  # elements: below, torch's own argmax is quicker than the chunks' few calls
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -111,10 +112,11 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
     On a CPU torch's argmax walks a row one element at a time: 32 rows of GPT-2's 50,257 columns took 1.25 ms
     here, while `amax` took 0.11 ms. So the row is cut into chunks of 64: the first chunk that holds the
-    row's maximum, then the first maximum within it (0.2 ms; NaN counts as the largest, as in argmax)."""
+    row's maximum, then the first maximum within it (0.27 ms; NaN counts as the largest, as in argmax).
+    Below 16K elements (one row of 8,192: 15 against 19 us) torch's own is the quicker."""
     rows, vocab = logits.shape
     whole = vocab - vocab % _ARGMAX_CHUNK
-    if logits.device.type != "cpu" or whole == 0:
+    if logits.device.type != "cpu" or rows * vocab < _ARGMAX_CHUNKED_FROM or whole == 0:
         return logits.argmax(dim=-1)
     logits = logits.contiguous()
     chunks = logits[:, :whole].view(rows, whole // _ARGMAX_CHUNK, _ARGMAX_CHUNK)
