@@ -52,7 +52,7 @@ def test_a_gelu_runs_inside_the_packed_product(model_dirs: dict[str, Path], name
     with torch.inference_mode():
         expected = parent.act(parent.up(x))
         linears = Linears(_model(model_dirs, "gpt2"))  # packing is on for a transformers model
-        projection = linears.activated(parent, "up", parent, "act")
+        projection = linears.activated(parent, "up", "act")
         assert type(parent.up) is PackedLinear and type(parent.act) is nn.Identity  # what generate() runs too
         assert projection is parent.up and linears.activations == 1
         torch.testing.assert_close(projection(x), expected, rtol=1e-4, atol=1e-5)
@@ -66,7 +66,7 @@ def test_an_activation_onednn_does_not_have_stays_a_call_of_its_own(model_dirs: 
     with torch.inference_mode():
         expected = parent.act(parent.up(x))
         linears = Linears(_model(model_dirs, "gpt2"))  # packing is on for a transformers model
-        projection = linears.activated(parent, "up", parent, "act")
+        projection = linears.activated(parent, "up", "act")
         assert type(parent.up) is PackedLinear and type(parent.act) is nn.SiLU and linears.activations == 0
         torch.testing.assert_close(projection(x), expected, rtol=1e-4, atol=1e-5)
 

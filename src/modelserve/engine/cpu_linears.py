@@ -14,7 +14,8 @@ eager model: inductor does it only inside a compiled graph, and ipex (which did)
 What is packed: every `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
 and the model's own `generate()` compute the same products. Our Llama-family forward fuses projections
 first (llama_forward.py) and packs the fused weight; the fused-away modules become column slices of it
-(`Columns`), so `generate()` on the model still works. A weight is freed once packed, and the rest of the
+(`Columns`), so `generate()` on the model still works. A GELU that follows a product (GPT-2's MLP) runs in
+that product's output pass, a oneDNN post-op (`activated`). A weight is freed once packed, and the rest of the
 model is then copied out of the safetensors file's mapping, so the file pages the packing read are
 unmapped (without that the fp32 gpt2-small core held 1,513 MiB, not 1,001), except an LM head tied to the
 embeddings: the embeddings keep the weight and the packed head is a second copy (147 MiB for
@@ -114,12 +115,12 @@ class Linears:
         setattr(parent, name, packed)
         return packed
 
-    def activated(self, parent: nn.Module, name: str, owner: nn.Module, act: str) -> Projection:
-        """`owner.act(parent.name(x))` as one product: where the activation is a GELU oneDNN computes the
-        same, it runs in the packed product's output pass, and `owner.act` becomes the identity so
+    def activated(self, parent: nn.Module, name: str, act: str) -> Projection:
+        """`parent.act(parent.name(x))` as one product: where the activation is a GELU oneDNN computes the
+        same, it runs in the packed product's output pass, and `parent.act` becomes the identity so
         `generate()` computes the same. Otherwise the two calls as they are."""
         child: Any = getattr(parent, name)
-        activation: Projection = getattr(owner, act)
+        activation: Projection = getattr(parent, act)
         gelu = _gelu_algorithm(activation)
         if not self.packed or type(child) not in (nn.Linear, Conv1D) or gelu is None or _fused_gelu_differs(gelu):
             linear = self.module(parent, name)
@@ -129,7 +130,7 @@ class Linears:
         self._count(weight)
         self.activations += 1
         setattr(parent, name, packed)
-        setattr(owner, act, nn.Identity())
+        setattr(parent, act, nn.Identity())
         return packed
 
     def fused(self, parent: nn.Module, names: list[str]) -> Projection:

@@ -45,7 +45,7 @@ class _Block:
         self.scaling = float(attn.scaling)
         self.qkv = linears.module(attn, "c_attn")
         self.attn_out = linears.module(attn, "c_proj")
-        self.up_act = linears.activated(mlp, "c_fc", mlp, "act")
+        self.up_act = linears.activated(mlp, "c_fc", "act")
         self.down = linears.module(mlp, "c_proj")
 
 
