@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,7 +97,7 @@ def prefill_step_ms(model: torch.nn.Module, prompts: int, length: int, repeat: i
     params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
     vocab = int(getattr(model.config, "vocab_size", 1000))
     generator = torch.Generator().manual_seed(0)
-    keys = iter(range(1 << 30))
+    keys = itertools.count()
 
     def add_burst() -> None:
         for _ in range(prompts):
@@ -105,7 +106,7 @@ def prefill_step_ms(model: torch.nn.Module, prompts: int, length: int, repeat: i
             core.apply(AddRequest(key, Request(str(key), ids, params)))
 
     def finish() -> None:
-        while core.scheduler.running or core.scheduler.prefilling or core.scheduler.waiting:
+        while core.has_work():
             core.step()
 
     add_burst()  # warm-up
