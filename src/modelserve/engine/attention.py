@@ -9,7 +9,9 @@ their slots (a block's `block_size` slots per block, so token p of a row is in s
   context's slots are gathered into one padded batch and one SDPA call covers them all, with a
   padding mask (and the sliding window, if any);
 - each prompt chunk on its own: SDPA, causal from its start, over its gathered context; a chunk that
-  starts its row reads the step's own keys and values, nothing gathered.
+  starts its row reads the step's own keys and values, nothing gathered. On a CPU a chunk after earlier
+  context runs as two flash calls with no mask, one over the gathered earlier context and one causal over
+  its own keys, merged by their log-sum-exps (`_continued_chunk`).
 
 What a step shares across layers (slots, gather indices, masks) is built once per step, in
 `StepContext`, from the runner's input tensors. Soft-capped attention (Gemma 2) runs the same gathers
@@ -176,6 +178,10 @@ def attend(
     for row in context.prefills:
         chunk = slice(row.first, row.first + row.length)
         q = query[None, :, chunk]  # [1, heads, n, dim]
+        if row.start and window is None and softcap is None and query.device.type == "cpu":
+            o = _continued_chunk(context, k_cache, v_cache, row, q, key[None, :, chunk], value[None, :, chunk], scaling)
+            out[chunk] = o[0].transpose(0, 1)
+            continue
         if row.start == 0:  # its whole context is this step's: nothing to gather
             k, v = key[None, :, chunk], value[None, :, chunk]
         else:
@@ -191,6 +197,30 @@ def attend(
         o = _sdpa(q, k, v, mask, scaling, softcap, causal=mask is None)
         out[row.first : row.first + row.length] = o[0].transpose(0, 1)
     return out
+
+
+def _continued_chunk(
+    context: StepContext,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row: PrefillRow,
+    q: torch.Tensor,
+    own_k: torch.Tensor,
+    own_v: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """A prompt chunk after earlier context, on a CPU, with no mask: flash attention over the earlier
+    context (every query sees all of it) and, causally, over the chunk's own keys, merged by the two
+    log-sum-exps. One SDPA call with the chunk's [chunk, context] mask builds and converts that mask in
+    every layer, and scores the masked upper triangle too (128 queries after 1,920 tokens, 4 heads of
+    16, one thread: 1.72 ms a layer against 0.95). Returns [1, heads, n, dim]."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    earlier_k, earlier_v = _gather(context, k_cache, v_cache, row.slots[None, : row.start])
+    earlier, earlier_lse = flash(q, earlier_k, earlier_v, scale=scaling)
+    own, own_lse = flash(q, own_k, own_v, is_causal=True, scale=scaling)
+    earlier_share = torch.sigmoid(earlier_lse - own_lse)[..., None]  # of each query's softmax mass
+    merged: torch.Tensor = torch.lerp(own.float(), earlier.float(), earlier_share)
+    return merged.to(q.dtype)
 
 
 def _gather(
