@@ -6,8 +6,10 @@ decode-only step plan (paged attention over the block tables), and one whole eng
 steady decode (scheduling, the plan, the forward, sampling, the step's output message: everything
 the core does per token), on CUDA also both with the decode replayed from CUDA graphs; then one
 whole step that prefills a burst of prompts together (--prefill-prompts of --prefill-len tokens,
-what a burst of requests costs before its first tokens); then prints the torch profiler's top ops
-for a few whole decode steps. For finding regressions and device-specific costs.
+what a burst of requests costs before its first tokens); then a step of --chunk-rows decoding rows
+with and without a 128-token prompt chunk after --chunk-after tokens (what a long prompt arriving costs
+the running streams); then prints the torch profiler's top ops for a few whole decode steps. For
+finding regressions and device-specific costs.
 
     python -m bench.step_profile --preset gpt2-small --device cpu
     python -m bench.step_profile --preset llama-1b --device cuda --dtype bfloat16
@@ -125,6 +127,51 @@ def prefill_step_ms(model: torch.nn.Module, prompts: int, length: int, repeat: i
     return pct(samples, 0.5)
 
 
+def chunk_step_ms(
+    model: torch.nn.Module, rows: int, start: int, chunk: int, repeat: int, device: torch.device
+) -> tuple[float, float]:
+    """Median milliseconds of a decode-only step of `rows` greedy rows, and of the same rows' step that also
+    carries a `chunk`-token prompt chunk after `start` tokens of its prompt (a long prompt arriving among
+    running streams). The earlier tokens come from the prefix cache, so each timed step is exactly one chunk
+    at that depth; the two kinds alternate."""
+    from modelserve.engine.engine import EngineConfig
+    from modelserve.engine.protocol import AddRequest
+    from modelserve.engine.request import Request, SamplingParams
+
+    kv_bytes = 2 << 30 if device.type == "cuda" else 0
+    config = EngineConfig(max_batch_size=rows + 1, kv_cache_bytes=kv_bytes, prefill_chunk_tokens=chunk)
+    steps = start // chunk + 2 * repeat + 8
+    core = config.build_core(model, (), start + chunk + steps + 40, observed=False)
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    generator = torch.Generator().manual_seed(0)
+    keys = itertools.count()
+
+    def add(n: int, new_tokens: int, prefix: tuple[int, ...] = ()) -> tuple[int, ...]:
+        ids = prefix + tuple(torch.randint(vocab, (n,), generator=generator).tolist())
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        key = next(keys)
+        core.apply(AddRequest(key, Request(str(key), ids, params)))
+        return ids
+
+    for _ in range(rows):
+        add(32, steps)
+    long_prefix = add(start, 1)  # prefilled (and cached) while the rows decode
+    while core.scheduler.prefilling or core.scheduler.waiting:
+        core.step()
+    decode, carrying = [], []
+    for i in range(repeat + 1):
+        for samples, prompt in ((decode, False), (carrying, True)):
+            if prompt:
+                add(chunk, 1, long_prefix)
+            began = time.perf_counter()
+            core.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first of each is a warm-up
+                samples.append(1e3 * (time.perf_counter() - began))
+    return pct(decode, 0.5), pct(carrying, 0.5)
+
+
 def forward_ms(core: EngineCore, device: torch.device, repeat: int) -> float:
     """Median milliseconds of the runner's forward alone, within steady decode steps."""
     forward = core.runner.forward
@@ -161,6 +208,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--prefill-prompts", type=int, default=16, help="prompts prefilled in one step (0: skip)")
     parser.add_argument("--prefill-len", type=int, default=128, help="tokens of each of those prompts")
+    parser.add_argument("--chunk-after", type=int, default=1920, help="tokens before the timed prompt chunk (0: skip)")
+    parser.add_argument("--chunk-rows", type=int, default=16, help="rows decoding beside that chunk")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ns = parser.parse_args()
 
@@ -197,6 +246,14 @@ def main() -> None:
             gc.collect()
             burst_label = f"{ns.prefill_prompts} prompts of {ns.prefill_len} tokens"
             print(f"one step prefilling {burst_label}: {burst:.1f} ms", flush=True)
+        if ns.chunk_after:
+            decode_ms, carrying_ms = chunk_step_ms(model, ns.chunk_rows, ns.chunk_after, 128, ns.repeat, device)
+            gc.collect()
+            print(
+                f"{ns.chunk_rows} rows decoding: a step {decode_ms:.2f} ms; with a 128-token prompt chunk after "
+                f"{ns.chunk_after} tokens {carrying_ms:.2f} ms ({carrying_ms / decode_ms:.2f}x)",
+                flush=True,
+            )
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
