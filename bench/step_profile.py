@@ -158,7 +158,8 @@ def chunk_step_ms(
     long_prefix = add(start, 1)  # prefilled (and cached) while the rows decode
     while core.scheduler.prefilling or core.scheduler.waiting:
         core.step()
-    decode, carrying = [], []
+    decode: list[float] = []
+    carrying: list[float] = []
     for i in range(repeat + 1):
         for samples, prompt in ((decode, False), (carrying, True)):
             if prompt:
@@ -169,6 +170,8 @@ def chunk_step_ms(
                 torch.cuda.synchronize()
             if i:  # the first of each is a warm-up
                 samples.append(1e3 * (time.perf_counter() - began))
+            if core.scheduler.prefilling or core.scheduler.waiting:
+                raise RuntimeError("the prompt was not served from the prefix cache: more than one chunk was left")
     return pct(decode, 0.5), pct(carrying, 0.5)
 
 
