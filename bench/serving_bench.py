@@ -8,6 +8,9 @@ afterwards, on the same requests and machine, so every ratio compares figures ta
   (c) transformers' continuous batching (`init_continuous_batching`), offline
   (d) modelserve's engine in-process, no gRPC (its own ceiling), built as the server builds it
 
+(a) to (c) run on the model as loaded, before (d)'s engine packs and fuses its layers in place. Then a long
+prompt arrives among 16 running streams, after a control run of the same streams without it.
+
 Writes JSON and a markdown table to bench/results/, with --write-docs the table into docs/benchmarks.md.
 
     python -m bench.serving_bench --quick          # make bench-quick
@@ -21,6 +24,7 @@ import asyncio
 import itertools
 import os
 import random
+import shlex
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -145,7 +149,11 @@ async def grpc_runs(
             results = list(await asyncio.gather(*tasks))
             runs.append(summarise(f"modelserve gRPC, Poisson {rate:.2f} req/s", results, time.perf_counter() - start))
         long_len = min(ns.long_prompt, harness.PRESETS[ns.preset].get("max_len", 2048) - 200)
+        control = await long_prompt_run(stream, tokenizer, pool, 0, 16)
         long_prompt = await long_prompt_run(stream, tokenizer, pool, long_len, 16)
+        long_prompt["control_itl_p50_ms"] = control["itl_p50_ms"]
+        long_prompt["control_itl_p99_ms"] = control["itl_p99_ms"]
+        long_prompt["control_itl_p99_over_p50"] = control["itl_p99_over_p50"]
     print(f"  long prompt: {long_prompt}", flush=True)
     return runs, top, long_prompt
 
@@ -153,7 +161,8 @@ async def grpc_runs(
 async def long_prompt_run(
     stream: Callable[[Req], Any], tokenizer: Any, pool: list[int], long_len: int, streams: int
 ) -> dict[str, Any]:
-    """`streams` running streams; one long prompt arrives among them: their inter-token latency before/while."""
+    """`streams` running streams; one long prompt arrives among them: their inter-token latency. With
+    `long_len` 0 no prompt arrives: the control, what the same streams' gaps are on this machine anyway."""
     rng = random.Random(5)
     stamps: list[list[float]] = [[] for _ in range(streams)]
 
@@ -165,19 +174,21 @@ async def long_prompt_run(
     tasks = [asyncio.ensure_future(running(i)) for i in range(streams)]
     while min(len(s) for s in stamps) < 20:  # noqa: ASYNC110 (a benchmark's warm-up, not a test's wait)
         await asyncio.sleep(0.01)
-    steady = time.perf_counter()  # gaps are counted from here: the streams' own start-up is not the question
-    long_req = Req(harness.make_prompt(tokenizer, pool, long_len, rng), 4)
-    t0 = time.perf_counter()
-    long_ttft = None
-    async for message in stream(long_req):
-        if message.token_ids and long_ttft is None:
-            long_ttft = time.perf_counter() - t0
+    steady = t0 = time.perf_counter()  # gaps are counted from here: the streams' start-up is not the question
+    long_tokens, long_ttft = 0, None
+    if long_len:
+        long_req = Req(harness.make_prompt(tokenizer, pool, long_len, rng), 4)
+        long_tokens = len(long_req.prompt_ids)
+        t0 = time.perf_counter()
+        async for message in stream(long_req):
+            if message.token_ids and long_ttft is None:
+                long_ttft = time.perf_counter() - t0
     await asyncio.gather(*tasks)
     gaps = [b - a for s in stamps for a, b in itertools.pairwise(s) if a >= steady]
     during = [b - a for s in stamps for a, b in itertools.pairwise(s) if t0 <= b <= t0 + (long_ttft or 0)]
     p50, p99 = statistics.median(gaps), harness.pct(gaps, 0.99)
     return {
-        "long_prompt_tokens": len(long_req.prompt_ids),
+        "long_prompt_tokens": long_tokens,
         "running_streams": streams,
         "itl_p50_ms": 1e3 * p50,
         "itl_p99_ms": 1e3 * p99,
@@ -308,7 +319,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{label}: one {lp['long_prompt_tokens']}-token prompt arrives among {lp['running_streams']} running "
             f"streams: their ITL p50 {lp['itl_p50_ms']:.1f} ms, p99 {lp['itl_p99_ms']:.1f} ms "
             f"(p99/p50 = **{lp['itl_p99_over_p50']:.2f}**, target <= 2); worst gap while it was prefilled "
-            f"{fmt(lp['itl_max_during_prefill_ms'])} ms; its TTFT {fmt(lp['long_prompt_ttft_s'], 2)} s.",
+            f"{fmt(lp['itl_max_during_prefill_ms'])} ms; its TTFT {fmt(lp['long_prompt_ttft_s'], 2)} s. "
+            f"The same streams with no long prompt (the control): ITL p50 {fmt(lp.get('control_itl_p50_ms'))} ms, "
+            f"p99 {fmt(lp.get('control_itl_p99_ms'))} ms (p99/p50 {fmt(lp.get('control_itl_p99_over_p50'), 2)}).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -322,6 +335,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=None, help="requests at the largest concurrency")
     parser.add_argument("--long-prompt", type=int, default=2048)
+    parser.add_argument(
+        "--server-args", default="", help="extra `modelserve serve` flags, one string (not for baseline d)"
+    )
     parser.add_argument("--write-docs", action="store_true", help="put the table into docs/benchmarks.md")
     parser.add_argument("--cache-dir", type=Path, default=harness.CACHE_DIR)
     parser.add_argument(
@@ -352,6 +368,7 @@ def main() -> None:
     # modelserve over gRPC, the server its own process; then the baselines here, after it has gone.
     config = Config(model=str(path), device=ns.device, dtype=ns.dtype, max_batch_size=32)
     flags = ("--device", ns.device, "--dtype", ns.dtype, "--max-batch-size", str(config.max_batch_size))
+    flags = (*flags, *shlex.split(ns.server_args))
     server = harness.start_server(harness.RESULTS, "--model", str(path), *flags, name="serving-server")
     try:
         server.wait_serving(timeout_s=600)
