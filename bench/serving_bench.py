@@ -162,8 +162,9 @@ async def long_prompt_run(
     stream: Callable[[Req], Any], tokenizer: Any, pool: list[int], long_len: int, streams: int
 ) -> dict[str, Any]:
     """`streams` running streams; one long prompt arrives among them: their inter-token latency. With
-    `long_len` 0 no prompt arrives: the control, what the same streams' gaps are on this machine anyway."""
-    rng = random.Random(5)
+    `long_len` 0 no prompt arrives: the control, what such streams' gaps are on this machine anyway (its
+    prompts are drawn from another seed, so the run after it finds none of them cached)."""
+    rng = random.Random(5 if long_len else 6)
     stamps: list[list[float]] = [[] for _ in range(streams)]
 
     async def running(i: int) -> None:
@@ -225,7 +226,14 @@ def run_batches(name: str, model: Any, reqs: list[Req], batch: int, device: Any)
     import torch
 
     warm_up = torch.tensor([reqs[0].prompt_ids[:8]], device=device)
-    model.generate(warm_up, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate(
+        warm_up,
+        attention_mask=torch.ones_like(warm_up),
+        max_new_tokens=4,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     start = time.perf_counter()
     for i in range(0, len(reqs), batch):
         group = reqs[i : i + batch]
@@ -407,7 +415,10 @@ def main() -> None:
     # modelserve over gRPC at the largest C against each baseline, and the target of that ratio.
     targets = {BASELINES[key][0]: (run, BASELINES[key][1]) for key, run in sorted(baselines.items())}
     report = {
-        "title": f"Serving benchmark: {ns.preset}, {ns.dtype} on {ns.device}{' (quick)' if ns.quick else ''}",
+        "title": (
+            f"Serving benchmark: {ns.preset}, {ns.dtype} on {ns.device}{' (quick)' if ns.quick else ''}"
+            + (f", server flags `{ns.server_args}` (not for baseline d)" if ns.server_args else "")
+        ),
         **harness.run_info(ns.device, "bench.serving_bench"),
         "workload": (
             f"{n_top} requests, prompts {prompt_range[0]}-{prompt_range[1]} tokens, max_new_tokens "

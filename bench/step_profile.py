@@ -139,7 +139,9 @@ def chunk_step_ms(
     from modelserve.engine.request import Request, SamplingParams
 
     kv_bytes = 2 << 30 if device.type == "cuda" else 0
-    config = EngineConfig(max_batch_size=rows + 1, kv_cache_bytes=kv_bytes, prefill_chunk_tokens=chunk)
+    config = EngineConfig(
+        max_batch_size=rows + 1, kv_cache_bytes=kv_bytes, prefill_chunk_tokens=chunk, enforce_eager=True
+    )
     steps = start // chunk + 2 * repeat + 8
     core = config.build_core(model, (), start + chunk + steps + 40, observed=False)
     vocab = int(getattr(model.config, "vocab_size", 1000))
@@ -171,7 +173,10 @@ def chunk_step_ms(
             if i:  # the first of each is a warm-up
                 samples.append(1e3 * (time.perf_counter() - began))
             if core.scheduler.prefilling or core.scheduler.waiting:
-                raise RuntimeError("the prompt was not served from the prefix cache: more than one chunk was left")
+                raise RuntimeError(
+                    "the prompt was not served from the prefix cache: more than one chunk was left "
+                    "(is --chunk-after a multiple of the KV block size?)"
+                )
     return pct(decode, 0.5), pct(carrying, 0.5)
 
 
@@ -211,7 +216,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--prefill-prompts", type=int, default=16, help="prompts prefilled in one step (0: skip)")
     parser.add_argument("--prefill-len", type=int, default=128, help="tokens of each of those prompts")
-    parser.add_argument("--chunk-after", type=int, default=1920, help="tokens before the timed prompt chunk (0: skip)")
+    parser.add_argument(
+        "--chunk-after", type=int, default=1920, help="tokens before the timed chunk: a KV block multiple, 0 skips"
+    )
     parser.add_argument("--chunk-rows", type=int, default=16, help="rows decoding beside that chunk")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ns = parser.parse_args()

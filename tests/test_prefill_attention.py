@@ -5,17 +5,21 @@ over the row's whole context with an explicit mask, beside decoding rows and oth
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
+from pytest import MonkeyPatch
 
+from modelserve.engine import attention
 from modelserve.engine.attention import PrefillRow, StepContext, Workspace, attend
 
 BLOCK = 16
 
 
 def _reference(
-    query: torch.Tensor, context: StepContext, slots: torch.Tensor, start: int, scale: float, window: int | None
+    query: torch.Tensor, context: StepContext, slots: torch.Tensor, start: int, scale: float | None, window: int | None
 ) -> torch.Tensor:
     """query [heads, n, dim] at positions start.. over the row's context in `slots` (layer 0's memory, after
     the step wrote it): [n, heads, dim] in fp32."""
@@ -32,15 +36,20 @@ def _reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "window"), [(4, 4, None), (8, 2, None), (4, 2, 24)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window", "scale"), [(4, 4, None, 0.3), (8, 2, None, None), (4, 2, 24, 0.3)]
+)
 def test_chunks_attend_to_their_own_rows_context(
-    heads: int, kv_heads: int, window: int | None, dtype: torch.dtype
+    heads: int, kv_heads: int, window: int | None, scale: float | None, dtype: torch.dtype, monkeypatch: MonkeyPatch
 ) -> None:
     """A step of two decoding rows and four chunks: one starting its row, one of a single token, and two after
-    earlier context (one not block-aligned, one long), the rows' blocks scattered over the memory."""
+    earlier context (one not block-aligned, one longer than a flash kernel's block of keys), the rows' blocks
+    scattered over the memory, and the step's queries, keys and values token-major views of one projection's
+    output, as the forwards hand them over. Without a window, the chunks after earlier context take the
+    unmasked path."""
     generator = torch.Generator().manual_seed(heads + kv_heads)
-    dim, scale = 16, 0.3
-    chunks = [(0, 20), (37, 1), (21, 9), (300, 64)]  # (start, length) of each prompt chunk
+    dim = 16
+    chunks = [(0, 20), (37, 1), (21, 9), (1100, 64)]  # (start, length) of each prompt chunk
     decoding = [12, 45]  # context lengths of the decoding rows, their new token included
     lengths = decoding + [start + n for start, n in chunks]
     need = [-(-n // BLOCK) for n in lengths]
@@ -63,7 +72,7 @@ def test_chunks_attend_to_their_own_rows_context(
     ]
     slot_mapping = torch.cat(fed)
     width = max(decoding)
-    gather = torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[0])) for s in slots_of[: len(decoding)]])
+    gather = torch.stack([F.pad(s, (0, width - s.shape[0])) for s in slots_of[: len(decoding)]])
     prefills, first = [], len(decoding)
     for s, (start, n) in zip(slots_of[len(decoding) :], chunks, strict=True):
         prefills.append(PrefillRow(first, n, start, s))
@@ -79,11 +88,23 @@ def test_chunks_attend_to_their_own_rows_context(
         Workspace(kv_heads, dim, dtype, torch.device("cpu")),
     )
     tokens = slot_mapping.shape[0]
-    query = torch.randn(heads, tokens, dim, generator=generator).to(dtype)
-    key = torch.randn(kv_heads, tokens, dim, generator=generator).to(dtype)
-    value = torch.randn(kv_heads, tokens, dim, generator=generator).to(dtype)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=generator).to(dtype)
+    q_size, kv_size = heads * dim, kv_heads * dim
+    query = qkv[:, :q_size].view(tokens, heads, dim).transpose(0, 1)  # [heads, tokens, dim], strided
+    key = qkv[:, q_size : q_size + kv_size].view(tokens, kv_heads, dim).transpose(0, 1)
+    value = qkv[:, q_size + kv_size :].view(tokens, kv_heads, dim).transpose(0, 1)
+    unmasked = []
+    continued_chunk = attention._continued_chunk
+
+    def spy(*args: Any) -> torch.Tensor:
+        unmasked.append(args[3].start)
+        return continued_chunk(*args)
+
+    monkeypatch.setattr(attention, "_continued_chunk", spy)
 
     out = attend(context, 0, query, key, value, scale, window)
+
+    assert unmasked == ([37, 21, 1100] if window is None else [])
 
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     for i, n in enumerate(decoding):
