@@ -33,19 +33,51 @@ if TYPE_CHECKING:
     from modelserve.engine.core import EngineCore
 
 
+def once_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of `fn`, the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start)
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
     """Median milliseconds of `fn` over `repeat` runs, after one warm-up."""
     fn()
-    samples = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(1e3 * (time.perf_counter() - start))
-    return pct(samples, 0.5)
+    return pct([once_ms(fn, device) for _ in range(repeat)], 0.5)
+
+
+def kv_cache_bytes(model: torch.nn.Module) -> int:
+    """The KV budget of each core made here: on a GPU, 0 would take most of its free memory for each of them."""
+    return 2 << 30 if next(model.parameters()).device.type == "cuda" else 0
+
+
+def prefilling(core: EngineCore) -> bool:
+    """Are prompts still waiting or being prefilled?"""
+    return bool(core.scheduler.prefilling or core.scheduler.waiting)
+
+
+def request_adder(core: EngineCore, model: torch.nn.Module) -> Callable[..., tuple[int, ...]]:
+    """`add(n, new_tokens, prefix=())`: a greedy request of `prefix` then `n` random ids (so nothing but the
+    prefix can be cached) to `core`; returns its prompt."""
+    from modelserve.engine.protocol import AddRequest
+    from modelserve.engine.request import Request, SamplingParams
+
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    generator = torch.Generator().manual_seed(0)
+    keys = itertools.count()
+
+    def add(n: int, new_tokens: int, prefix: tuple[int, ...] = ()) -> tuple[int, ...]:
+        ids = prefix + tuple(torch.randint(vocab, (n,), generator=generator).tolist())
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        key = next(keys)
+        core.apply(AddRequest(key, Request(str(key), ids, params)))
+        return ids
+
+    return add
 
 
 def decoding_core(model: torch.nn.Module, batch: int, context: int, steps: int, cuda_graphs: bool) -> EngineCore:
@@ -54,11 +86,9 @@ def decoding_core(model: torch.nn.Module, batch: int, context: int, steps: int, 
     from modelserve.engine.protocol import AddRequest
     from modelserve.engine.request import Request, SamplingParams
 
-    # On a GPU, 0 would take most of its free memory for each of the several cores made here.
-    kv_bytes = 2 << 30 if next(model.parameters()).device.type == "cuda" else 0
     config = EngineConfig(
         max_batch_size=batch,
-        kv_cache_bytes=kv_bytes,
+        kv_cache_bytes=kv_cache_bytes(model),
         prefill_chunk_tokens=batch * context,
         enforce_eager=not cuda_graphs,
     )
@@ -66,7 +96,7 @@ def decoding_core(model: torch.nn.Module, batch: int, context: int, steps: int, 
     params = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
     for key in range(batch):
         core.apply(AddRequest(key, Request(str(key), (1,) * context, params)))
-    while core.scheduler.prefilling or core.scheduler.waiting:  # prefill every prompt first
+    while prefilling(core):  # prefill every prompt first
         core.step()
     return core
 
@@ -84,46 +114,25 @@ def prefill_step_ms(model: torch.nn.Module, prompts: int, length: int, repeat: i
     """Median milliseconds of the one EngineCore.step() that prefills `prompts` new prompts of `length`
     tokens (random ids, so no prefix is cached), with nothing else running."""
     from modelserve.engine.engine import EngineConfig
-    from modelserve.engine.protocol import AddRequest
-    from modelserve.engine.request import Request, SamplingParams
 
-    kv_bytes = 2 << 30 if device.type == "cuda" else 0
     config = EngineConfig(
         max_batch_size=prompts,
-        kv_cache_bytes=kv_bytes,
+        kv_cache_bytes=kv_cache_bytes(model),
         prefill_chunk_tokens=length,
         max_num_batched_tokens=prompts * length,
         enforce_eager=True,
     )
     core = config.build_core(model, (), length + 8, observed=False)
-    params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-    vocab = int(getattr(model.config, "vocab_size", 1000))
-    generator = torch.Generator().manual_seed(0)
-    keys = itertools.count()
-
-    def add_burst() -> None:
+    add = request_adder(core, model)
+    samples = []
+    for i in range(repeat + 1):  # the first is a warm-up
         for _ in range(prompts):
-            ids = tuple(torch.randint(vocab, (length,), generator=generator).tolist())
-            key = next(keys)
-            core.apply(AddRequest(key, Request(str(key), ids, params)))
-
-    def finish() -> None:
+            add(length, 1)
+        ms = once_ms(core.step, device)  # every prompt fits the step's budget: this step is the whole prefill
+        if i:
+            samples.append(ms)
         while core.has_work():
             core.step()
-
-    add_burst()  # warm-up
-    finish()
-    samples = []
-    for _ in range(repeat):
-        add_burst()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        core.step()  # every prompt fits the step's budget: this step is the whole prefill
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(1e3 * (time.perf_counter() - start))
-        finish()
     return pct(samples, 0.5)
 
 
@@ -135,30 +144,17 @@ def chunk_step_ms(
     running streams). The earlier tokens come from the prefix cache, so each timed step is exactly one chunk
     at that depth; the two kinds alternate."""
     from modelserve.engine.engine import EngineConfig
-    from modelserve.engine.protocol import AddRequest
-    from modelserve.engine.request import Request, SamplingParams
 
-    kv_bytes = 2 << 30 if device.type == "cuda" else 0
     config = EngineConfig(
-        max_batch_size=rows + 1, kv_cache_bytes=kv_bytes, prefill_chunk_tokens=chunk, enforce_eager=True
+        max_batch_size=rows + 1, kv_cache_bytes=kv_cache_bytes(model), prefill_chunk_tokens=chunk, enforce_eager=True
     )
     steps = start // chunk + 2 * repeat + 8
     core = config.build_core(model, (), start + chunk + steps + 40, observed=False)
-    vocab = int(getattr(model.config, "vocab_size", 1000))
-    generator = torch.Generator().manual_seed(0)
-    keys = itertools.count()
-
-    def add(n: int, new_tokens: int, prefix: tuple[int, ...] = ()) -> tuple[int, ...]:
-        ids = prefix + tuple(torch.randint(vocab, (n,), generator=generator).tolist())
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        key = next(keys)
-        core.apply(AddRequest(key, Request(str(key), ids, params)))
-        return ids
-
+    add = request_adder(core, model)
     for _ in range(rows):
         add(32, steps)
     long_prefix = add(start, 1)  # prefilled (and cached) while the rows decode
-    while core.scheduler.prefilling or core.scheduler.waiting:
+    while prefilling(core):
         core.step()
     decode: list[float] = []
     carrying: list[float] = []
@@ -166,13 +162,10 @@ def chunk_step_ms(
         for samples, prompt in ((decode, False), (carrying, True)):
             if prompt:
                 add(chunk, 1, long_prefix)
-            began = time.perf_counter()
-            core.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            ms = once_ms(core.step, device)
             if i:  # the first of each is a warm-up
-                samples.append(1e3 * (time.perf_counter() - began))
-            if core.scheduler.prefilling or core.scheduler.waiting:
+                samples.append(ms)
+            if prefilling(core):
                 raise RuntimeError(
                     "the prompt was not served from the prefix cache: more than one chunk was left "
                     "(is --chunk-after a multiple of the KV block size?)"
