@@ -78,7 +78,8 @@ def test_spans_and_metrics_arrive_and_the_client_trace_continues(otlp: tuple[Rec
     trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
     with server.channel() as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        request = pb.GenerateRequest(prompt="Hello", params=pb.GenerationParameters(max_new_tokens=4))
+        params = pb.GenerationParameters(max_new_tokens=4, ignore_eos=True)  # sampled: EOS could end it sooner
+        request = pb.GenerateRequest(prompt="Hello", params=params)
         messages = list(stub.Generate(request, metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")]))
     assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
