@@ -239,9 +239,11 @@ async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-async def test_chunked_prefill_matches_generate(arch: str, model_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("long_chunk", [0, 3], ids=["a-chunk-a-step", "paced-3-a-step"])
+async def test_chunked_prefill_matches_generate(arch: str, long_chunk: int, model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs[arch])
-    async with _running(model, 4, prefill_chunk_tokens=7) as engine:  # prompts span several steps
+    # Prompts span several steps; with long_chunk 3, one over two chunks is fed 3 tokens a step beside the stream.
+    async with _running(model, 4, prefill_chunk_tokens=7, long_prefill_chunk_tokens=long_chunk) as engine:
         running = engine.submit(_greedy(0, model.encode(PROMPTS[0]), 30))
         await running.__anext__()
         prompt = model.encode(PROMPTS[1] * 3)

@@ -122,6 +122,11 @@ def test_loader_checks_a_local_directory_before_transformers(tmp_path: Path) -> 
             "loud",
             "--log-level / MODELSERVE_LOG_LEVEL 'loud': use one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
         ),
+        (
+            "MODELSERVE_LONG_PREFILL_CHUNK_TOKENS",
+            "-1",
+            "--long-prefill-chunk-tokens / MODELSERVE_LONG_PREFILL_CHUNK_TOKENS -1: use 0 (auto) or more",
+        ),
     ],
 )
 def test_bad_environment_value_exits_2_naming_it(name: str, value: str, message: str) -> None:

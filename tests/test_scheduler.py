@@ -52,3 +52,39 @@ def test_one_long_prompt_gets_its_chunk_a_step_beside_decoding_rows_and_more_whe
         assert [len(row.token_ids) for row in plan.rows] == [1, 16]
         scheduler.advance(plan)
         decoding.tokens.append(7)
+
+
+def test_prompts_over_two_chunks_share_the_long_allowance_oldest_first_while_rows_decode() -> None:
+    scheduler = Scheduler(
+        BlockManager(128, BLOCK), 8, prefill_chunk_tokens=16, max_num_batched_tokens=2048, long_prefill_chunk_tokens=4
+    )
+    decoding = _decoding(scheduler)
+    scheduler.add(_sequence(2, 33))  # over two chunks: long
+    scheduler.add(_sequence(3, 33))
+    plan, admitted = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4)]
+    assert [seq.key for seq in admitted] == [2]  # the next long prompt waits for the allowance: nothing overtakes it
+    scheduler.advance(plan)
+    decoding.tokens.append(7)
+    scheduler.add(_sequence(4, 32))  # two chunks: fed a chunk a step like any prompt, once the long one is admitted
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4)]
+    scheduler.remove(decoding)  # no row decodes: every prompt gets the idle chunk
+    plan, admitted = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(2, 29), (3, 33), (4, 32)]
+    assert [seq.key for seq in admitted] == [3, 4]
+
+
+def test_a_long_allowance_of_several_chunks_feeds_several_long_prompts_a_chunk_each() -> None:
+    scheduler = Scheduler(
+        BlockManager(128, BLOCK), 8, prefill_chunk_tokens=16, max_num_batched_tokens=2048, long_prefill_chunk_tokens=64
+    )
+    decoding = _decoding(scheduler)
+    for key in (2, 3, 4):
+        scheduler.add(_sequence(key, 100))
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16), (3, 16), (4, 16)]
+    scheduler.advance(plan)
+    decoding.tokens.append(7)
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16), (3, 16), (4, 16)]

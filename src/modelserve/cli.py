@@ -24,6 +24,7 @@ from typing import Any
 
 from modelserve import __version__
 from modelserve.config import (
+    AUTO_LONG_PREFILL_CHUNK_CPU,
     AUTO_MAX_NUM_BATCHED_TOKENS_CPU,
     AUTO_MAX_NUM_BATCHED_TOKENS_CUDA,
     AUTO_PREFILL_CHUNK_CPU,
@@ -62,6 +63,9 @@ _HELP = {
     "max_batch_size": "most sequences decoded together in one step",
     "prefill_chunk_tokens": "tokens of each prompt prefilled per step while streams run "
     f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",
+    "long_prefill_chunk_tokens": "tokens per step that the prompts longer than two prefill chunks share, oldest "
+    "first, while streams run: smaller keeps the streams smoother while a long prompt is prefilled, larger gives it "
+    f"its first token sooner (0 = auto: {AUTO_LONG_PREFILL_CHUNK_CPU} on CPU; on CUDA a prefill chunk each)",
     "max_num_batched_tokens": "most tokens one step's single forward takes: every decoding row's next token "
     f"plus the chunks of the prompts being prefilled (0 = auto: {AUTO_MAX_NUM_BATCHED_TOKENS_CPU} on CPU, "
     f"{AUTO_MAX_NUM_BATCHED_TOKENS_CUDA} on CUDA)",
@@ -216,6 +220,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         serve.error(
             f"--quantization / MODELSERVE_QUANTIZATION {ns.quantization!r}: use one of {', '.join(QUANTIZATIONS)}"
         )
+    for name in ("prefill_chunk_tokens", "long_prefill_chunk_tokens", "max_num_batched_tokens"):
+        if getattr(ns, name) < 0:
+            flag = "--" + name.replace("_", "-")
+            serve.error(f"{flag} / MODELSERVE_{name.upper()} {getattr(ns, name)}: use 0 (auto) or more")
     if ns.tool_call_parser not in TOOL_CALL_PARSERS:
         serve.error(
             f"--tool-call-parser / MODELSERVE_TOOL_CALL_PARSER {ns.tool_call_parser!r}: use one of "

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
 from modelserve.config import (
+    AUTO_LONG_PREFILL_CHUNK_CPU,
     AUTO_MAX_NUM_BATCHED_TOKENS_CPU,
     AUTO_MAX_NUM_BATCHED_TOKENS_CUDA,
     AUTO_PREFILL_CHUNK_CPU,
@@ -50,7 +51,7 @@ from modelserve.engine.protocol import (
 from modelserve.engine.request import EngineStats, FinishReason, StepRecord
 from modelserve.engine.runner import ModelRunner, StepResult
 from modelserve.engine.sampler import SampleResult
-from modelserve.engine.scheduler import IDLE_PREFILL_FACTOR, Scheduler
+from modelserve.engine.scheduler import IDLE_PREFILL_FACTOR, LONG_PROMPT_CHUNKS, Scheduler
 from modelserve.engine.sequence import Sequence
 from modelserve.engine.step_plan import PromptScores, StepPlan
 from modelserve.engine.step_profiler import StepProfiler
@@ -89,6 +90,7 @@ class EngineCore:
         max_loras: int = 0,
         max_lora_rank: int = 16,
         tp: TensorParallel | None = None,
+        long_prefill_chunk_tokens: int = 0,
     ) -> None:
         self._eos_ids = frozenset(eos_token_ids)
         vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -104,6 +106,7 @@ class EngineCore:
         """The longest sequence (prompt + max_new_tokens) that can ever run: context and KV budget."""
         cuda = self.runner.device.type == "cuda"
         chunk = prefill_chunk_tokens or (AUTO_PREFILL_CHUNK_CUDA if cuda else AUTO_PREFILL_CHUNK_CPU)
+        long_chunk = long_prefill_chunk_tokens or (0 if cuda else AUTO_LONG_PREFILL_CHUNK_CPU)
         # The automatic step budget always holds one prompt's chunk when no stream runs.
         step_tokens = max_num_batched_tokens or max(
             AUTO_MAX_NUM_BATCHED_TOKENS_CUDA if cuda else AUTO_MAX_NUM_BATCHED_TOKENS_CPU, chunk * IDLE_PREFILL_FACTOR
@@ -113,7 +116,9 @@ class EngineCore:
             self.runner.enable_lora(max_loras, max_lora_rank)
             lora_slots = LoraSlots(max_loras)
         self.adapters = self.runner.adapters  # LoRA adapters by name, their weights on the CPU
-        self.scheduler = Scheduler(self.blocks, max_batch_size, chunk, step_tokens, prefix_caching, lora_slots)
+        self.scheduler = Scheduler(
+            self.blocks, max_batch_size, chunk, step_tokens, prefix_caching, lora_slots, long_chunk
+        )
         if cuda_graphs and max_loras:
             log.info("decode runs eagerly: CUDA graphs do not capture the LoRA adapters' products (--enable-lora)")
         elif cuda_graphs and tp is not None:
@@ -138,6 +143,14 @@ class EngineCore:
         )
         if warning := memory_warning(self.kv_budget_tokens * shape.bytes_per_token, self.runner.device):
             log.warning("%s", warning)
+        log.info(
+            "steps: up to %d tokens; while streams run, %d tokens of each prompt a step%s",
+            step_tokens,
+            chunk,
+            f", and {long_chunk} a step shared by the prompts over {LONG_PROMPT_CHUNKS * chunk} tokens"
+            if long_chunk
+            else "",
+        )
 
     def _kv_budget_bytes(self, kv_cache_bytes: int, gpu_memory_fraction: float) -> int:
         if kv_cache_bytes:

@@ -13,8 +13,12 @@ Every step feeds one forward: each decoding row's next token, then a chunk of ea
 prefilled, oldest first, within the step's token budget. The chunk is per prompt: one long prompt is split
 over several steps so that running streams get a token every step, while prompts that arrive together are
 prefilled together, within the budget, rather than one a step (32 prompts of 16-256 tokens sent at
-once: 3 steps to prefill them all, 29 when the chunk was the step's). `schedule()` returns that as a
-StepPlan (plain data); `advance()` records what the runner did.
+once: 3 steps to prefill them all, 29 when the chunk was the step's). A prompt of up to LONG_PROMPT_CHUNKS
+chunks slows the running streams for that many steps at most; a longer one would slow every step it spans
+(on a CPU a 128-token chunk makes a step 3-4 times a decode step, and a 2,048-token prompt spans 16 steps),
+so while streams decode the long prompts share a smaller allowance a step, oldest first, and take longer to
+their first token instead. `schedule()` returns that as a StepPlan (plain data); `advance()` records what
+the runner did.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from modelserve.engine.step_plan import NewRow, PromptScoring, RowPlan, StepPlan
 
 # With no stream decoding nobody waits on a step, and a larger chunk gives the first token sooner.
 IDLE_PREFILL_FACTOR = 8
+# A prompt longer than this many chunks is long: while streams decode it is fed from the long prompts' allowance.
+LONG_PROMPT_CHUNKS = 2
 
 
 class Scheduler:
@@ -42,12 +48,15 @@ class Scheduler:
         max_num_batched_tokens: int,
         prefix_caching: bool = True,
         lora_slots: LoraSlots | None = None,
+        long_prefill_chunk_tokens: int = 0,
     ) -> None:
         self.blocks = blocks
         self.lora_slots = lora_slots  # resident LoRA adapters (engine/lora.py); None: LoRA is off
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens  # of each prompt, each step, while rows decode
         self.max_num_batched_tokens = max_num_batched_tokens  # of the whole step (every decoding row still runs)
+        # Of all long prompts together, each step, while rows decode (still at most a chunk each); 0: no limit.
+        self.long_prefill_chunk_tokens = long_prefill_chunk_tokens
         self.prefix_caching = prefix_caching  # share and cache full blocks
         self.waiting: list[Sequence] = []  # in admission order: highest priority, then oldest
         self.running: list[Sequence] = []  # hold blocks, in admission order
@@ -113,6 +122,7 @@ class Scheduler:
         decoding = [s for s in self.running if not s.prefilling]
         chunk = self.prefill_chunk_tokens * (1 if decoding else IDLE_PREFILL_FACTOR)
         budget = max(self.max_num_batched_tokens, len(decoding))
+        long_budget = self.long_prefill_chunk_tokens if decoding and self.long_prefill_chunk_tokens else budget
         for seq in decoding:
             if seq in self.running and self._make_room(seq, 1):
                 self._plan_row(plan, seq, 1)
@@ -121,15 +131,24 @@ class Scheduler:
             if budget <= 0:
                 break
             n = min(len(seq.tokens) - seq.computed, chunk, budget)  # its blocks were all taken at admission
-            self._plan_row(plan, seq, n)
-            budget -= n
+            if self._is_long(seq):
+                n = min(n, long_budget)
+                long_budget -= n
+            if n > 0:
+                self._plan_row(plan, seq, n)
+                budget -= n
         admitted: list[Sequence] = []
         while budget > 0 and len(self.running) < self.max_batch_size:
             # A request whose grammar is still being built is passed over, not waited for.
             head = next((s for s in self.waiting if s.grammar_ready), None)
-            if head is None or self._prefix_pending(head) or not self._admit(head):
+            if head is None or (self._is_long(head) and long_budget <= 0):
+                break
+            if self._prefix_pending(head) or not self._admit(head):
                 break
             n = min(len(head.tokens) - head.computed, chunk, budget)
+            if self._is_long(head):
+                n = min(n, long_budget)
+                long_budget -= n
             self._plan_row(plan, head, n)
             budget -= n
             if not head.admitted:
@@ -142,6 +161,9 @@ class Scheduler:
                 plan.added.append(NewRow(row.key, seq.params, seq.request.prompt_ids))
         plan.lora_loads, self._lora_loads = self._lora_loads, []
         return plan, admitted
+
+    def _is_long(self, seq: Sequence) -> bool:
+        return len(seq.tokens) > LONG_PROMPT_CHUNKS * self.prefill_chunk_tokens
 
     def idle_plan(self) -> StepPlan | None:
         """With no work left, a plan that only frees what ended since the last one (None when nothing did):
