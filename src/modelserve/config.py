@@ -32,9 +32,9 @@ DEFAULT_CPU_KV_BYTES = 4 << 30  # KV budget on CPU when kv_cache_bytes is 0
 AUTO_PREFILL_CHUNK_CPU = 128
 AUTO_PREFILL_CHUNK_CUDA = 512
 # The prompts longer than two chunks share this many tokens a step while streams decode. On a CPU a step
-# that carries 32 prompt tokens beside 16 decoding rows of gpt2-small lasts under twice the decode-only
-# step (128 tokens: 3.3 times in fp32); the long prompt waits about twice as long for its first token.
-# On a GPU they are fed a chunk each, like any prompt.
+# that carries 32 prompt tokens beside 16 decoding rows of gpt2-small lasts under twice their decode-only
+# step (128 tokens: about 3.5 times in fp32, 2.7 in bf16); the long prompt waits 2.2-2.6 times as long for
+# its first token (docs/benchmarks.md, eighth pass). On a GPU they are fed a chunk each, like any prompt.
 AUTO_LONG_PREFILL_CHUNK_CPU = 32
 # All of a step's tokens: its decoding rows and the chunks of the prompts it prefills (vLLM's defaults for
 # its OpenAI server on a CPU and on a GPU). Prompts that arrive together start together within it: 32
