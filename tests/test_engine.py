@@ -20,6 +20,8 @@ from modelserve.engine.cuda_graphs import DecodeGraphs, Replay, batch_bucket, wi
 from modelserve.engine.engine import Engine, EngineConfig, RequestStream
 from modelserve.engine.protocol import Abort, AddRequest, StepOutput
 from modelserve.engine.request import EngineClosedError, FinishReason, Request, SamplingParams, StreamEvent
+from modelserve.engine.sequence import Sequence
+from modelserve.engine.step_plan import StepPlan
 from modelserve.models.loader import LoadedModel, load_model
 
 PROMPTS = [
@@ -242,15 +244,26 @@ async def test_abort_frees_the_row_at_the_next_step(model_dirs: dict[str, Path])
 @pytest.mark.parametrize("long_chunk", [0, 3], ids=["a-chunk-a-step", "paced-3-a-step"])
 async def test_chunked_prefill_matches_generate(arch: str, long_chunk: int, model_dirs: dict[str, Path]) -> None:
     model = _load(model_dirs[arch])
-    # Prompts span several steps; with long_chunk 3, one over two chunks is fed 3 tokens a step beside the stream.
+    # Prompts span several steps; with long_chunk 3, one over four chunks is fed 3 tokens a step beside the stream.
     async with _running(model, 4, prefill_chunk_tokens=7, long_prefill_chunk_tokens=long_chunk) as engine:
-        running = engine.submit(_greedy(0, model.encode(PROMPTS[0]), 30))
+        fed: list[list[int]] = []  # each step's token count per row, [stream, prompt] while both run
+        schedule = engine.core.scheduler.schedule
+
+        def spied() -> tuple[StepPlan, list[Sequence]]:
+            plan, admitted = schedule()
+            fed.append([len(row.token_ids) for row in plan.rows])
+            return plan, admitted
+
+        engine.core.scheduler.schedule = spied  # type: ignore[method-assign]
+        running = engine.submit(_greedy(0, model.encode(PROMPTS[0]), 200))  # decodes all along
         await running.__anext__()
         prompt = model.encode(PROMPTS[1] * 3)
-        assert len(prompt) > 3 * 7
+        assert len(prompt) > 4 * 7
         ids, _, _ = await _collect(engine.submit(_greedy(1, prompt, 12)))
         assert ids == _reference(model, prompt, 12)
         assert (await _collect(running))[2].finish is not None
+    beside = [counts[1] for counts in fed if len(counts) == 2 and counts[1] > 1]  # the prompt's chunks beside it
+    assert beside and max(beside) == (3 if long_chunk else 7), fed
 
 
 def _prompt_log_softmax(model: LoadedModel, prompt: list[int]) -> torch.Tensor:

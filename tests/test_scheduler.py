@@ -54,37 +54,61 @@ def test_one_long_prompt_gets_its_chunk_a_step_beside_decoding_rows_and_more_whe
         decoding.tokens.append(7)
 
 
-def test_prompts_over_two_chunks_share_the_long_allowance_oldest_first_while_rows_decode() -> None:
-    scheduler = Scheduler(
-        BlockManager(128, BLOCK), 8, prefill_chunk_tokens=16, max_num_batched_tokens=2048, long_prefill_chunk_tokens=4
-    )
-    decoding = _decoding(scheduler)
-    scheduler.add(_sequence(2, 33))  # over two chunks: long
-    scheduler.add(_sequence(3, 33))
-    plan, admitted = scheduler.schedule()
-    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4)]
-    assert [seq.key for seq in admitted] == [2]  # the next long prompt waits for the allowance: nothing overtakes it
-    scheduler.advance(plan)
-    decoding.tokens.append(7)
-    scheduler.add(_sequence(4, 32))  # two chunks: fed a chunk a step like any prompt, once the long one is admitted
-    plan, _ = scheduler.schedule()
-    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4)]
-    scheduler.remove(decoding)  # no row decodes: every prompt gets the idle chunk
-    plan, admitted = scheduler.schedule()
-    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(2, 29), (3, 33), (4, 32)]
-    assert [seq.key for seq in admitted] == [3, 4]
+def _scheduler(long_allowance: int, prefix_caching: bool = True) -> Scheduler:
+    blocks = BlockManager(128, BLOCK)
+    return Scheduler(blocks, 8, 16, 2048, prefix_caching=prefix_caching, long_prefill_chunk_tokens=long_allowance)
 
 
-def test_a_long_allowance_of_several_chunks_feeds_several_long_prompts_a_chunk_each() -> None:
-    scheduler = Scheduler(
-        BlockManager(128, BLOCK), 8, prefill_chunk_tokens=16, max_num_batched_tokens=2048, long_prefill_chunk_tokens=64
-    )
+def test_prompts_over_four_chunks_get_the_long_chunk_each_while_rows_decode() -> None:
+    scheduler = _scheduler(4)
     decoding = _decoding(scheduler)
-    for key in (2, 3, 4):
-        scheduler.add(_sequence(key, 100))
-    plan, _ = scheduler.schedule()
-    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16), (3, 16), (4, 16)]
+    for key in (2, 3):
+        scheduler.add(_sequence(key, 80))  # over four chunks: long
+    short = _sequence(4, 64)  # four chunks: a chunk a step, like any prompt
+    scheduler.add(short)
+    plan, admitted = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4), (3, 4), (4, 16)]
+    assert [seq.key for seq in admitted] == [2, 3, 4]
     scheduler.advance(plan)
     decoding.tokens.append(7)
     plan, _ = scheduler.schedule()
-    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16), (3, 16), (4, 16)]
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4), (3, 4), (4, 16)]
+    scheduler.advance(plan)
+    for seq in (decoding, short):
+        scheduler.remove(seq)  # no row decodes: every prompt gets the idle chunk
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(2, 72), (3, 72)]
+
+
+def test_a_long_chunk_above_the_chunk_is_the_chunk() -> None:
+    scheduler = _scheduler(64)
+    _decoding(scheduler)
+    scheduler.add(_sequence(2, 100))
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16)]
+
+
+def test_a_prompt_is_long_by_what_it_has_to_compute_and_a_resuming_stream_never_is() -> None:
+    scheduler = _scheduler(1)
+    first = _sequence(2, 90)
+    scheduler.add(first)
+    plan, _ = scheduler.schedule()  # nothing decodes yet: all of it in one step, its full blocks cached
+    scheduler.advance(plan)
+    first.tokens.append(7)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    same_start = Sequence(3, Request("3", (*first.tokens[:80], 1, 2), params))  # 80 tokens from the cache
+    scheduler.add(same_start)
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(2, 1), (3, 2)]
+    assert not same_start.long_prompt
+
+    scheduler = _scheduler(1, prefix_caching=False)
+    decoding = _decoding(scheduler)
+    resumed = _sequence(2, 10)  # preempted after 60 tokens: it recomputes 70, beside a decoding row
+    resumed.tokens += [7] * 60
+    resumed.admitted = True
+    scheduler.add(resumed)
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16)]
+    assert not resumed.long_prompt
+    assert decoding.computed == 4

@@ -63,9 +63,10 @@ _HELP = {
     "max_batch_size": "most sequences decoded together in one step",
     "prefill_chunk_tokens": "tokens of each prompt prefilled per step while streams run "
     f"(0 = auto: {AUTO_PREFILL_CHUNK_CPU} on CPU, {AUTO_PREFILL_CHUNK_CUDA} on CUDA)",
-    "long_prefill_chunk_tokens": "tokens per step that the prompts longer than two prefill chunks share, oldest "
-    "first, while streams run: smaller keeps the streams smoother while a long prompt is prefilled, larger gives it "
-    f"its first token sooner (0 = auto: {AUTO_LONG_PREFILL_CHUNK_CPU} on CPU; on CUDA a prefill chunk each)",
+    "long_prefill_chunk_tokens": "tokens of each prompt with over four prefill chunks to compute fed per step while "
+    "streams run (at most --prefill-chunk-tokens): smaller keeps the streams smoother while a long prompt is "
+    f"prefilled, larger gives it its first token sooner (0 = auto: {AUTO_LONG_PREFILL_CHUNK_CPU} on CPU; "
+    "on CUDA the prefill chunk)",
     "max_num_batched_tokens": "most tokens one step's single forward takes: every decoding row's next token "
     f"plus the chunks of the prompts being prefilled (0 = auto: {AUTO_MAX_NUM_BATCHED_TOKENS_CPU} on CPU, "
     f"{AUTO_MAX_NUM_BATCHED_TOKENS_CUDA} on CUDA)",

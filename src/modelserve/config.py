@@ -31,8 +31,8 @@ DEFAULT_CPU_KV_BYTES = 4 << 30  # KV budget on CPU when kv_cache_bytes is 0
 # admitted. On a GPU a chunk of a few hundred tokens costs little more than a decode step.
 AUTO_PREFILL_CHUNK_CPU = 128
 AUTO_PREFILL_CHUNK_CUDA = 512
-# The prompts longer than two chunks share this many tokens a step while streams decode. On a CPU a step
-# that carries 32 prompt tokens beside 16 decoding rows of gpt2-small lasts under twice their decode-only
+# Of each prompt with over four chunks to compute, this many tokens a step while streams decode. On a CPU a
+# step that carries 32 prompt tokens beside 16 decoding rows of gpt2-small lasts under twice their decode-only
 # step (128 tokens: about 3.5 times in fp32, 2.7 in bf16); the long prompt waits 2.2-2.6 times as long for
 # its first token (docs/benchmarks.md, eighth pass). On a GPU they are fed a chunk each, like any prompt.
 AUTO_LONG_PREFILL_CHUNK_CPU = 32
@@ -72,7 +72,7 @@ class Config:
     quantization: str = "none"  # one of QUANTIZATIONS: none | int8 (weight-only, per output channel)
     max_batch_size: int = 32  # sequences decoded together in one step
     prefill_chunk_tokens: int = 0  # of each prompt per step while streams run; 0 = AUTO_PREFILL_CHUNK_*
-    long_prefill_chunk_tokens: int = 0  # of all prompts over 2 chunks, per step while streams run; 0 = auto
+    long_prefill_chunk_tokens: int = 0  # of each prompt over 4 chunks per step while streams run; 0 = AUTO_LONG_*
     max_num_batched_tokens: int = 0  # most tokens one step's forward takes, all rows together; 0 = AUTO_MAX_NUM_*
     kv_cache_bytes: int = 0  # KV memory budget; 0 = gpu_memory_fraction of free GPU memory, DEFAULT_CPU_KV_BYTES on CPU
     gpu_memory_fraction: float = 0.9

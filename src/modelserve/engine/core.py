@@ -147,7 +147,7 @@ class EngineCore:
             "steps: up to %d tokens; while streams run, %d tokens of each prompt a step%s",
             step_tokens,
             chunk,
-            f", and {long_chunk} a step shared by the prompts over {LONG_PROMPT_CHUNKS * chunk} tokens"
+            f" ({min(long_chunk, chunk)} of each with over {LONG_PROMPT_CHUNKS * chunk} to compute)"
             if long_chunk
             else "",
         )
