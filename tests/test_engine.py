@@ -255,7 +255,8 @@ async def test_chunked_prefill_matches_generate(arch: str, long_chunk: int, mode
             return plan, admitted
 
         engine.core.scheduler.schedule = spied  # type: ignore[method-assign]
-        running = engine.submit(_greedy(0, model.encode(PROMPTS[0]), 200))  # decodes all along
+        along = SamplingParams(max_new_tokens=200, temperature=0.0, ignore_eos=True)  # decodes all along
+        running = engine.submit(Request("r0", tuple(model.encode(PROMPTS[0])), along))
         await running.__anext__()
         prompt = model.encode(PROMPTS[1] * 3)
         assert len(prompt) > 4 * 7

@@ -104,11 +104,33 @@ def test_a_prompt_is_long_by_what_it_has_to_compute_and_a_resuming_stream_never_
 
     scheduler = _scheduler(1, prefix_caching=False)
     decoding = _decoding(scheduler)
-    resumed = _sequence(2, 10)  # preempted after 60 tokens: it recomputes 70, beside a decoding row
-    resumed.tokens += [7] * 60
+    params = SamplingParams(max_new_tokens=100, temperature=0.0, ignore_eos=True)
+    resumed = Sequence(2, Request("2", tuple(range(2000, 2010)), params))  # preempted after 60 tokens: it
+    resumed.tokens += [7] * 60  # recomputes 70 beside a decoding row
     resumed.admitted = True
     scheduler.add(resumed)
     plan, _ = scheduler.schedule()
     assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16)]
     assert not resumed.long_prompt
     assert decoding.computed == 4
+
+
+def test_a_long_prompt_whose_blocks_the_queue_waits_for_gets_the_whole_chunk() -> None:
+    """The n samples of one prompt, or requests with one long system prompt: the second waits for the first's
+    blocks (and the queue behind it waits too), so the first is no longer paced."""
+    scheduler = _scheduler(4)
+    decoding = _decoding(scheduler)
+    first = _sequence(2, 100)
+    scheduler.add(first)
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4)]
+    scheduler.advance(plan)
+    decoding.tokens.append(7)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    scheduler.add(Sequence(3, Request("3", (*first.tokens, 5), params)))  # the same prompt and one token more
+    plan, admitted = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 4)] and not admitted
+    scheduler.advance(plan)
+    decoding.tokens.append(7)
+    plan, _ = scheduler.schedule()
+    assert [(row.key, len(row.token_ids)) for row in plan.rows] == [(1, 1), (2, 16)]

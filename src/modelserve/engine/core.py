@@ -147,8 +147,8 @@ class EngineCore:
             "steps: up to %d tokens; while streams run, %d tokens of each prompt a step%s",
             step_tokens,
             chunk,
-            f" ({min(long_chunk, chunk)} of each with over {LONG_PROMPT_CHUNKS * chunk} to compute)"
-            if long_chunk
+            f" ({long_chunk} of each with over {LONG_PROMPT_CHUNKS * chunk} to compute)"
+            if 0 < long_chunk < chunk
             else "",
         )
 

@@ -20,7 +20,8 @@ steps), so while streams decode a long prompt is fed a smaller chunk a step and 
 token instead. A prompt is long by what it has to compute when admitted (after its cached prefix); a
 preempted stream resuming never is. The smaller chunk is each long prompt's: a first version gave them one
 allowance to share, so they queued behind each other (and the queue behind them), and a closed loop of 32
-streams with prompts of 16-512 tokens fell from 229 to 163 tok/s, its TTFT p50 from 0.7 to 10 s.
+streams with prompts of 16-512 tokens fell from about 245 to 163 tok/s, its TTFT p50 from 0.7 to 10 s. A
+long prompt whose blocks a waiting request could share (the queue waits for them) gets the whole chunk.
 `schedule()` returns that as a StepPlan (plain data); `advance()` records what the runner did.
 """
 
@@ -61,7 +62,11 @@ class Scheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens  # of each prompt, each step, while rows decode
         self.max_num_batched_tokens = max_num_batched_tokens  # of the whole step (every decoding row still runs)
         # Of each long prompt, each step, while rows decode (at most the chunk); 0: the chunk, like any prompt.
-        assert long_prefill_chunk_tokens >= 0, "the CLI refuses a negative chunk"
+        if prefill_chunk_tokens < 1 or long_prefill_chunk_tokens < 0:
+            raise ValueError(
+                f"a prefill chunk of {prefill_chunk_tokens} tokens and a long one of {long_prefill_chunk_tokens}: "
+                "the chunk must be 1 or more, the long chunk 0 (none) or more"
+            )
         self.long_prefill_chunk_tokens = long_prefill_chunk_tokens
         self.prefix_caching = prefix_caching  # share and cache full blocks
         self.waiting: list[Sequence] = []  # in admission order: highest priority, then oldest
@@ -149,7 +154,12 @@ class Scheduler:
         while budget > 0 and len(self.running) < self.max_batch_size:
             # A request whose grammar is still being built is passed over, not waited for.
             head = next((s for s in self.waiting if s.grammar_ready), None)
-            if head is None or self._prefix_pending(head) or not self._admit(head):
+            if head is None:
+                break
+            if pending := self._prefix_pending(head):
+                pending.long_prompt = False  # the queue waits on its blocks: it gets the whole chunk from now on
+                break
+            if not self._admit(head):
                 break
             feed(head)
             if not head.admitted:
@@ -222,13 +232,13 @@ class Scheduler:
         self.running.append(seq)
         return True
 
-    def _prefix_pending(self, seq: Sequence) -> bool:
-        """Another running prompt is still computing blocks that `seq` could share once they are cached: `seq`
+    def _prefix_pending(self, seq: Sequence) -> Sequence | None:
+        """The running prompt still computing blocks that `seq` could share once they are cached: `seq`
         waits for them (the queue behind it too, keeping its order) rather than compute them a second time.
         This is how the n samples of one prompt, or requests that arrive together with one long system
         prompt, prefill their common part once; the wait ends as the other's prefill goes on, every step."""
         if not self.prefix_caching or seq.scoring_prompt:
-            return False
+            return None
         size = self.blocks.block_size
         shareable = (len(seq.tokens) - 1) // size * size  # match_prefix never covers a prompt's last token
         for other in self.running:
@@ -240,8 +250,8 @@ class Scheduler:
             if end <= min(shareable, len(other.tokens)) and all(
                 seq.tokens[i : i + size] == other.tokens[i : i + size] for i in range(0, end, size)
             ):
-                return True
-        return False
+                return other
+        return None
 
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Blocks for `seq`'s next `n` tokens, preempting the newest running sequences while there are none.

@@ -27,7 +27,7 @@ class Sequence:
     prompt_scores: PromptScores = field(default_factory=PromptScores)  # prompt log-probabilities so far
     lora_slot: int = 0  # the resident adapter slot it runs with while admitted (0: the base model)
     grammar_ready: bool = True  # False while the core builds its grammar's matcher: it may not be admitted
-    long_prompt: bool = False  # had over LONG_PROMPT_CHUNKS to compute at admission: fed the long chunk
+    long_prompt: bool = False  # had over LONG_PROMPT_CHUNKS chunks to compute at admission: fed the long chunk
     finish: FinishReason | None = None
     abort_reason: FinishReason | None = None  # set by an abort or a deadline; acted on at the next step
     abort_error: str = ""  # why, when the server (not the caller) ended the request
