@@ -104,7 +104,10 @@ def test_chunks_attend_to_their_own_rows_context(
 
     out = attend(context, 0, query, key, value, scale, window)
 
-    assert unmasked == ([37, 21, 1100] if window is None else [])
+    # A torch whose CPU flash op fails the trial for these grouped heads (torch 2.6 for 4 a kv head) keeps the
+    # masked call; the answers below are checked either way.
+    flash = window is None and attention._cpu_flash(heads // kv_heads)
+    assert unmasked == ([37, 21, 1100] if flash else [])
 
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     for i, n in enumerate(decoding):
