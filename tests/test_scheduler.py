@@ -54,9 +54,9 @@ def test_one_long_prompt_gets_its_chunk_a_step_beside_decoding_rows_and_more_whe
         decoding.tokens.append(7)
 
 
-def _scheduler(long_allowance: int, prefix_caching: bool = True) -> Scheduler:
+def _scheduler(long_chunk: int, prefix_caching: bool = True) -> Scheduler:
     blocks = BlockManager(128, BLOCK)
-    return Scheduler(blocks, 8, 16, 2048, prefix_caching=prefix_caching, long_prefill_chunk_tokens=long_allowance)
+    return Scheduler(blocks, 8, 16, 2048, prefix_caching=prefix_caching, long_prefill_chunk_tokens=long_chunk)
 
 
 def test_prompts_over_four_chunks_get_the_long_chunk_each_while_rows_decode() -> None:

@@ -56,17 +56,17 @@ class Scheduler:
         lora_slots: LoraSlots | None = None,
         long_prefill_chunk_tokens: int = 0,
     ) -> None:
+        if prefill_chunk_tokens < 1 or long_prefill_chunk_tokens < 0:
+            raise ValueError(
+                f"a prefill chunk of {prefill_chunk_tokens} tokens and a long one of {long_prefill_chunk_tokens}: "
+                "the chunk must be 1 or more, the long chunk 0 (none) or more"
+            )
         self.blocks = blocks
         self.lora_slots = lora_slots  # resident LoRA adapters (engine/lora.py); None: LoRA is off
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens  # of each prompt, each step, while rows decode
         self.max_num_batched_tokens = max_num_batched_tokens  # of the whole step (every decoding row still runs)
         # Of each long prompt, each step, while rows decode (at most the chunk); 0: the chunk, like any prompt.
-        if prefill_chunk_tokens < 1 or long_prefill_chunk_tokens < 0:
-            raise ValueError(
-                f"a prefill chunk of {prefill_chunk_tokens} tokens and a long one of {long_prefill_chunk_tokens}: "
-                "the chunk must be 1 or more, the long chunk 0 (none) or more"
-            )
         self.long_prefill_chunk_tokens = long_prefill_chunk_tokens
         self.prefix_caching = prefix_caching  # share and cache full blocks
         self.waiting: list[Sequence] = []  # in admission order: highest priority, then oldest
@@ -136,7 +136,7 @@ class Scheduler:
         long_chunk = min(self.long_prefill_chunk_tokens or chunk, chunk) if decoding else chunk
 
         def feed(seq: Sequence) -> None:
-            """Plan the next chunk of a prompt that holds its blocks, within the step's budget."""
+            """Plan the next chunk of a prompt (its blocks were all taken at admission), within the step's budget."""
             nonlocal budget
             n = min(len(seq.tokens) - seq.computed, long_chunk if seq.long_prompt else chunk, budget)
             self._plan_row(plan, seq, n)
