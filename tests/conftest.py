@@ -29,6 +29,18 @@ def long_args(rows: int = 8) -> tuple[str, ...]:
     return ("--kv-cache-bytes", str(rows * LONG_CONTEXT * KV_BYTES_PER_TOKEN), "--max-max-new-tokens", str(LONG))
 
 
+@pytest.fixture(autouse=True)
+def pack_small_linears(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process engines pack even the tiny models' fp32 linears, as every real model's are packed
+    (engine/cpu_linears.py keeps only weights under SMALL_FP32_WEIGHT elements as loaded), so the equality
+    tests cover the path real models take. The servers the tests start keep the threshold, and with it the
+    other path; so do tests marked small_linears_as_loaded."""
+    if request.node.get_closest_marker("small_linears_as_loaded") is None:
+        from modelserve.engine import cpu_linears
+
+        monkeypatch.setattr(cpu_linears, "SMALL_FP32_WEIGHT", 0)
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

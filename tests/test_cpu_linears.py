@@ -1,11 +1,13 @@
 """Linear layers packed for oneDNN on a CPU (engine/cpu_linears.py): what is packed, what it computes, what it
 costs in memory, and when nothing is packed. Greedy equality with generate() for every family, on both
-forwards, is tests/test_families.py's, which runs with the packing on."""
+forwards, is tests/test_families.py's, which runs with the packing on (tests/conftest.py packs even the tiny
+models' small fp32 weights in-process; the servers the tests start keep them as loaded)."""
 
 from __future__ import annotations
 
 import copy
 import gc
+import logging
 import shutil
 from pathlib import Path
 
@@ -165,3 +167,37 @@ def test_nothing_is_packed_off_the_cpu() -> None:
     model = nn.Sequential(nn.Linear(4, 4, device="meta"))
     linears = Linears(model)
     assert not linears.packed and linears.reason is not None and "meta" in linears.reason
+
+
+@pytest.mark.small_linears_as_loaded
+def test_small_fp32_linears_stay_as_loaded_and_the_log_says_so(
+    model_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under SMALL_FP32_WEIGHT elements oneDNN's fixed cost a call is more than MKL's whole product: the tiny
+    GPT-2's nine linears (four a layer, and its LM head) all stay as loaded, and its forward is unchanged."""
+    model = _model(model_dirs, "gpt2")
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        before = model(ids).logits
+    with caplog.at_level(logging.INFO, logger=cpu_linears.__name__):
+        runner = ModelRunner(model, frozenset(), 64)
+    assert isinstance(runner.own, GPT2Forward)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert any("0 prepacked" in r.message and "9 fp32 ones as loaded" in r.message for r in caplog.records)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.small_linears_as_loaded
+def test_fp32_weights_from_the_threshold_up_and_bf16_weights_of_any_size_are_packed(
+    model_dirs: dict[str, Path],
+) -> None:
+    linears = Linears(_model(model_dirs, "gpt2"))  # packing is on for a transformers model
+    rows = cpu_linears.SMALL_FP32_WEIGHT // 512
+    parent = nn.Module()
+    parent.at, parent.under = nn.Linear(512, rows), nn.Linear(512, rows - 1)
+    parent.bf16 = nn.Linear(24, 40).to(torch.bfloat16)
+    assert type(linears.module(parent, "at")) is PackedLinear
+    assert type(linears.module(parent, "under")) is nn.Linear and linears.small == 1
+    if cpu_linears._trial(torch.bfloat16) is None:  # oneDNN packs bf16 on this CPU
+        assert type(linears.module(parent, "bf16")) is PackedLinear

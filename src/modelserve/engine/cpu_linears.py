@@ -11,7 +11,14 @@ the LM head 9.9 against 5.0; at 160 rows and more, level within 10%. A whole eng
 batch 1 31.7 -> 23.8 ms, batch 32 143 -> 98.5 ms. Written here because no library does this for an
 eager model: inductor does it only inside a compiled graph, and ipex (which did) is retired.
 
-What is packed: every `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
+Except small fp32 weights (under SMALL_FP32_WEIGHT elements, 2 MiB): there oneDNN's fixed cost of about 20 us a
+call is more than MKL's whole product, so they stay as loaded. Measured here (one thread, weights cold; the
+tiny preset's are 64 wide): 64 x 1,024 at 1 row 12.7 us unpacked against 32.9 packed, at 64 rows 70 against 77;
+512 x 512 at 1 row 33 against 57, at 16 rows 98 against 86; 768 x 768 (gpt2-small's, packed) at 1 row 75
+against 113, at 16 rows 204 against 172. In bf16 packing wins at every size (F.linear's bf16 goes through
+oneDNN too), so only fp32 weights are kept as loaded.
+
+What is packed: every other `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
 and the model's own `generate()` compute the same products. Our Llama-family forward fuses projections
 first (llama_forward.py) and packs the fused weight; the fused-away modules become column slices of it
 (`Columns`), so `generate()` on the model still works. A GELU that follows a product (GPT-2's MLP) runs in
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
+SMALL_FP32_WEIGHT = 1 << 19  # elements; an fp32 weight below this is not packed (the docstring's figures)
 _TRIAL_ROWS = 3
 _TRIAL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -97,6 +105,7 @@ class Linears:
         self.bytes = 0
         self.copied_bytes = 0  # weights packed while something else keeps the original (a tied LM head)
         self.activations = 0  # GELUs computed inside a packed product
+        self.small = 0  # fp32 weights left as loaded for their size
         self._embedding_storages = {
             m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)
         }
@@ -104,7 +113,9 @@ class Linears:
     def module(self, parent: nn.Module, name: str) -> Projection:
         """`parent.name` as the engine's forward calls it: packed in place where packing is on."""
         child: Any = getattr(parent, name)
-        if not self.packed or type(child) not in (nn.Linear, Conv1D):
+        if type(child) not in (nn.Linear, Conv1D) or not self._packs(child.weight):
+            if type(child) in (nn.Linear, Conv1D):
+                self._as_loaded(child.weight)
             projection: Projection = child
             return projection
         weight = child.weight.t() if type(child) is Conv1D else child.weight
@@ -122,7 +133,8 @@ class Linears:
         child: Any = getattr(parent, name)
         activation: Projection = getattr(parent, act)
         gelu = _gelu_algorithm(activation)
-        if not self.packed or type(child) not in (nn.Linear, Conv1D) or gelu is None or _fused_gelu_differs(gelu):
+        packs = type(child) in (nn.Linear, Conv1D) and self._packs(child.weight)
+        if not packs or gelu is None or _fused_gelu_differs(gelu):
             linear = self.module(parent, name)
             return lambda x: activation(linear(x))
         weight = child.weight.t() if type(child) is Conv1D else child.weight
@@ -152,12 +164,13 @@ class Linears:
         bounds = [0]
         for m in linears:
             bounds.append(bounds[-1] + m.weight.shape[0])
-        if self.packed:
+        if self._packs(weight):
             packed = PackedLinear(weight, bias)
             self._count(weight)
             for name, start, stop in zip(names, bounds, bounds[1:], strict=False):
                 setattr(parent, name, Columns(packed, start, stop))
             return packed
+        self._as_loaded(weight)
         for m, start, stop in zip(linears, bounds, bounds[1:], strict=False):
             m.weight = nn.Parameter(weight[start:stop], requires_grad=False)
             if bias is not None:
@@ -193,17 +206,33 @@ class Linears:
             return
         tied = f"; the LM head, tied to the embeddings, is a second copy ({self.copied_bytes / 2**20:.0f} MiB)"
         gelus = f", {self.activations} with their GELU in the product" if self.activations else ""
+        small = f"; {self.small} fp32 ones as loaded, under {SMALL_FP32_WEIGHT} elements" if self.small else ""
         log.info(
-            "linear layers: %d prepacked for oneDNN (%.0f MiB)%s%s (cpu_linears.py)",
+            "linear layers: %d prepacked for oneDNN (%.0f MiB)%s%s%s (cpu_linears.py)",
             self.count,
             self.bytes / 2**20,
             gelus,
             tied if self.copied_bytes else "",
+            small,
         )
+
+    def _packs(self, weight: torch.Tensor) -> bool:
+        """Is this weight packed? Where packing is on, unless it is a small fp32 one."""
+        return self.packed and not _small(weight)
+
+    def _as_loaded(self, weight: torch.Tensor) -> None:
+        """A linear left as loaded: counted for the log when its size is why."""
+        if self.packed and _small(weight):
+            self.small += 1
 
     def _count(self, weight: torch.Tensor) -> None:
         self.count += 1
         self.bytes += weight.numel() * weight.element_size()
+
+
+def _small(weight: torch.Tensor) -> bool:
+    """An fp32 weight MKL multiplies faster as loaded than oneDNN packed."""
+    return weight.dtype == torch.float32 and weight.numel() < SMALL_FP32_WEIGHT
 
 
 def _why_not(model: nn.Module) -> str | None:
