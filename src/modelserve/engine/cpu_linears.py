@@ -11,12 +11,14 @@ the LM head 9.9 against 5.0; at 160 rows and more, level within 10%. A whole eng
 batch 1 31.7 -> 23.8 ms, batch 32 143 -> 98.5 ms. Written here because no library does this for an
 eager model: inductor does it only inside a compiled graph, and ipex (which did) is retired.
 
-Except small fp32 weights (under SMALL_FP32_WEIGHT elements, 2 MiB): there oneDNN's fixed cost of about 20 us a
-call is more than MKL's whole product, so they stay as loaded. Measured here (one thread, weights cold; the
-tiny preset's are 64 wide): 64 x 1,024 at 1 row 12.7 us unpacked against 32.9 packed, at 64 rows 70 against 77;
-512 x 512 at 1 row 33 against 57, at 16 rows 98 against 86; 768 x 768 (gpt2-small's, packed) at 1 row 75
-against 113, at 16 rows 204 against 172. In bf16 packing wins at every size (F.linear's bf16 goes through
-oneDNN too), so only fp32 weights are kept as loaded.
+Except small fp32 weights (under SMALL_FP32_WEIGHT elements, 2 MiB): there oneDNN's fixed cost a call is
+more than MKL's whole product, so they stay as loaded. Measured here (`python -m bench.linear_packing_bench`:
+one thread, weights cold; as loaded against packed): 64 x 1,024 (the tiny preset's LM head) at 1 row 24.7
+against 40.9 us, at 64 rows 71 against 79; 512 x 512 at 1 row 66 against 85, level from 16 rows; 768 x 768
+(gpt2-small's smallest, packed) at 1 row 139 against 175, but 6-11% slower from 4 rows. A whole engine step:
+tiny's at batch 1 0.53 -> 0.38 ms; gpt2-small's with all but its LM head as loaded, batch 1 5% quicker but
+batch 4 18% and batch 32 9% slower, hence the threshold. In bf16 packing wins at every size (F.linear's bf16
+is oneDNN's too, unpacked), so only fp32 weights are kept as loaded.
 
 What is packed: every other `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
 and the model's own `generate()` compute the same products. Our Llama-family forward fuses projections
