@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ SHAPES = [(64, 1024), (256, 256), (512, 512), (384, 1152), (768, 768), (512, 204
 COLD_BYTES = 512 << 20  # copies of a shape's weight to cycle through: more than this CPU's 300 MiB L3
 
 
-def _per_call_us(calls: list[Callable[[], object]], n: int) -> float:
+def _per_call_us(calls: Sequence[Callable[[], object]], n: int) -> float:
     """Mean microseconds a call, cycling through `calls` (each a different copy of the weight)."""
     started = time.perf_counter()
     for i in range(n):
@@ -41,8 +42,8 @@ def _compare(k: int, n: int, rows: int, dtype: torch.dtype, repeat: int) -> tupl
     bias = torch.randn(n, generator=generator).to(dtype)
     packed = [PackedLinear(w, bias) for w in weights]
     x = torch.randn(rows, k, generator=generator).to(dtype)
-    loaded_calls = [lambda w=w: torch.nn.functional.linear(x, w, bias) for w in weights]
-    packed_calls = [lambda p=p: p(x) for p in packed]
+    loaded_calls = [partial(torch.nn.functional.linear, x, w, bias) for w in weights]
+    packed_calls = [partial(p, x) for p in packed]
     loaded, packed_us = [], []
     for _ in range(repeat + 1):  # interleaved; the first pair warms up
         loaded.append(_per_call_us(loaded_calls, copies))
