@@ -189,7 +189,7 @@ def test_small_fp32_linears_stay_as_loaded_and_the_log_says_so(
 
 
 @pytest.mark.small_linears_as_loaded
-def test_fp32_weights_from_the_threshold_up_and_bf16_weights_of_any_size_are_packed(
+def test_fp32_weights_from_the_threshold_up_and_a_small_bf16_weight_are_packed(
     model_dirs: dict[str, Path],
 ) -> None:
     linears = Linears(_model(model_dirs, "gpt2"))  # packing is on for a transformers model
@@ -201,3 +201,31 @@ def test_fp32_weights_from_the_threshold_up_and_bf16_weights_of_any_size_are_pac
     assert type(linears.module(parent, "under")) is nn.Linear and linears.small == 1
     if cpu_linears._trial(torch.bfloat16) is None:  # oneDNN packs bf16 on this CPU
         assert type(linears.module(parent, "bf16")) is PackedLinear
+
+
+@pytest.mark.small_linears_as_loaded
+def test_a_llama_whose_fused_projections_stay_as_loaded_beside_a_packed_head_holds_each_weight_once(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the threshold at the tiny Llama's LM head, the head is packed and its fused q/k/v and gate/up stay
+    as loaded: their modules' weights become views of the fused weight, and the copy out of the weights file
+    that packing brings must leave them views, not copies of it. generate() computes what it did."""
+    model = _model(model_dirs, "llama")
+    monkeypatch.setattr(cpu_linears, "SMALL_FP32_WEIGHT", model.get_output_embeddings().weight.numel())
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        before = model.generate(ids, max_new_tokens=8, do_sample=False)
+    ModelRunner(model, frozenset(), 64)
+    assert isinstance(model.get_output_embeddings(), PackedLinear)
+    layer = model.model.layers[0]
+    storages = {
+        group: {getattr(parent, name).weight.untyped_storage().data_ptr() for name in names}
+        for group, parent, names in (
+            ("qkv", layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+            ("gate_up", layer.mlp, ("gate_proj", "up_proj")),
+        )
+    }
+    assert all(len(ptrs) == 1 for ptrs in storages.values())  # one fused weight each, held once
+    assert type(layer.self_attn.o_proj) is nn.Linear and type(layer.mlp.down_proj) is nn.Linear
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), before)

@@ -11,14 +11,14 @@ the LM head 9.9 against 5.0; at 160 rows and more, level within 10%. A whole eng
 batch 1 31.7 -> 23.8 ms, batch 32 143 -> 98.5 ms. Written here because no library does this for an
 eager model: inductor does it only inside a compiled graph, and ipex (which did) is retired.
 
-Except small fp32 weights (under SMALL_FP32_WEIGHT elements, 2 MiB): there oneDNN's fixed cost a call is
-more than MKL's whole product, so they stay as loaded. Measured here (`python -m bench.linear_packing_bench`:
-one thread, weights cold; as loaded against packed): 64 x 1,024 (the tiny preset's LM head) at 1 row 24.7
-against 40.9 us, at 64 rows 71 against 79; 512 x 512 at 1 row 66 against 85, level from 16 rows; 768 x 768
-(gpt2-small's smallest, packed) at 1 row 139 against 175, but 6-11% slower from 4 rows. A whole engine step:
-tiny's at batch 1 0.53 -> 0.38 ms; gpt2-small's with all but its LM head as loaded, batch 1 5% quicker but
-batch 4 18% and batch 32 9% slower, hence the threshold. In bf16 packing wins at every size (F.linear's bf16
-is oneDNN's too, unpacked), so only fp32 weights are kept as loaded.
+Except small fp32 weights (under SMALL_FP32_WEIGHT elements, 1 MiB): there oneDNN's fixed cost a call is
+more than MKL's whole product, so they stay as loaded. Measured here (`python -m bench.linear_packing_bench`,
+one thread; as loaded against packed): 64 x 1,024 (the tiny preset's LM head) at 1 row 24.6 against 40.6 us
+with its weights cold, 6.9 against 22.7 hot, and as loaded still quicker at 64 rows (0.84-0.89); 256 x 256
+the same. From 512 x 512 (262,144 elements) on, packing mostly loses at 1 to 4 rows and wins from 16
+(512 x 512: 1.02 cold, 1.23 hot), by more the bigger the weight. A whole engine step of tiny at batch 1:
+0.53 -> 0.38 ms. In bf16 packing wins or ties at every size (F.linear's bf16 is oneDNN's too, unpacked), so
+only fp32 weights are kept as loaded.
 
 What is packed: every other `nn.Linear` and GPT-2's `Conv1D` of the model, in place, so the engine's forward
 and the model's own `generate()` compute the same products. Our Llama-family forward fuses projections
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
-SMALL_FP32_WEIGHT = 1 << 19  # elements; an fp32 weight below this is not packed (the docstring's figures)
+SMALL_FP32_WEIGHT = 1 << 18  # elements; an fp32 weight below this is not packed (the docstring's figures)
 _TRIAL_ROWS = 3
 _TRIAL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -108,6 +108,7 @@ class Linears:
         self.copied_bytes = 0  # weights packed while something else keeps the original (a tied LM head)
         self.activations = 0  # GELUs computed inside a packed product
         self.small = 0  # fp32 weights left as loaded for their size
+        self._fused_storages: set[int] = set()  # fused weights left as loaded, which the modules view
         self._embedding_storages = {
             m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)
         }
@@ -173,6 +174,7 @@ class Linears:
                 setattr(parent, name, Columns(packed, start, stop))
             return packed
         self._as_loaded(weight)
+        self._fused_storages.update(t.untyped_storage().data_ptr() for t in (weight, bias) if t is not None)
         for m, start, stop in zip(linears, bounds, bounds[1:], strict=False):
             m.weight = nn.Parameter(weight[start:stop], requires_grad=False)
             if bias is not None:
@@ -199,7 +201,7 @@ class Linears:
         """After packing: copy the rest of the model out of the safetensors mapping (weight_memory.py), so the
         file pages the packing read are unmapped, and return the freed heap to the system."""
         if self.count:
-            copy_out_of_mappings(model)
+            copy_out_of_mappings(model, made=frozenset(self._fused_storages))
             release_freed_memory(torch.device("cpu"))
 
     def log(self) -> None:

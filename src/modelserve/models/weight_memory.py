@@ -16,12 +16,15 @@ import torch
 from torch import nn
 
 
-def copy_out_of_mappings(model: nn.Module, own_storage: tuple[type[nn.Module], ...] = ()) -> None:
+def copy_out_of_mappings(
+    model: nn.Module, own_storage: tuple[type[nn.Module], ...] = (), made: frozenset[int] = frozenset()
+) -> None:
     """Give each float parameter and buffer a storage of its own, one tensor at a time.
 
     Copied out, the last view goes and the file is unmapped. `.data` is replaced, not the Parameter, so
     tied weights (GPT-2's LM head is its token embedding) stay one tensor. Modules of `own_storage` types,
-    and oneDNN's blocked tensors, were made after loading and are left as they are.
+    oneDNN's blocked tensors, and views of the storages in `made` (by data pointer: weights fused after
+    loading, which the modules' parameters view) were made after loading and are left as they are.
     """
     seen: set[int] = set()
     for module in model.modules():
@@ -29,6 +32,8 @@ def copy_out_of_mappings(model: nn.Module, own_storage: tuple[type[nn.Module], .
             continue
         for tensor in (*module._parameters.values(), *module._buffers.values()):
             if tensor is None or tensor.is_mkldnn or id(tensor) in seen:
+                continue
+            if tensor.untyped_storage().data_ptr() in made:
                 continue
             seen.add(id(tensor))
             tensor.data = tensor.data.clone()
