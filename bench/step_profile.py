@@ -81,10 +81,10 @@ def request_adder(core: EngineCore, model: torch.nn.Module) -> Callable[..., tup
 
 
 def decoding_core(model: torch.nn.Module, batch: int, context: int, steps: int, cuda_graphs: bool) -> EngineCore:
-    """An engine core with `batch` greedy rows decoding after a `context`-token prompt, `steps` tokens to go."""
+    """An engine core with `batch` greedy rows decoding after a `context`-token prompt each, `steps` tokens to
+    go. Each row's prompt is its own random ids: rows with one prompt would share its cached blocks, and their
+    attention would read one row's keys from the cache instead of every row's from memory."""
     from modelserve.engine.engine import EngineConfig
-    from modelserve.engine.protocol import AddRequest
-    from modelserve.engine.request import Request, SamplingParams
 
     config = EngineConfig(
         max_batch_size=batch,
@@ -93,9 +93,9 @@ def decoding_core(model: torch.nn.Module, batch: int, context: int, steps: int, 
         enforce_eager=not cuda_graphs,
     )
     core = config.build_core(model, (), context + steps + 8, observed=False)
-    params = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
-    for key in range(batch):
-        core.apply(AddRequest(key, Request(str(key), (1,) * context, params)))
+    add = request_adder(core, model)
+    for _ in range(batch):
+        add(context, steps)
     while prefilling(core):  # prefill every prompt first
         core.step()
     return core
