@@ -93,14 +93,38 @@ def test_the_default_scale_is_one_over_the_root_of_the_head_dim() -> None:
     torch.testing.assert_close(attend(context, 0, query, key, value, None, None), gathered, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128, 80])
-def test_every_head_dim_and_scores_far_apart(dim: int) -> None:
-    """64 and 128 are compiled in, others run the general loop; a scale of 4 spreads the scores over
-    hundreds, so most of the kernel's exponentials underflow (its own polynomial, not std::exp)."""
-    context, query, key, value = _decode_step(4, 2, dim, [1, 50, 130], torch.float32, seed=dim)
+def test_every_head_dim_and_scores_far_apart(dim: int, dtype: torch.dtype) -> None:
+    """64 and 128 are compiled in (and, on an AVX-512 CPU, take the vector intrinsics), others run the
+    general loop; a scale of 4 spreads the scores over hundreds, so most of the kernel's exponentials
+    underflow (its own polynomial, not std::exp)."""
+    context, query, key, value = _decode_step(4, 2, dim, [1, 50, 130], dtype, seed=dim)
     gathered = attend(context, 0, query, key, value, 4.0, None)
     context.decode_kernel = True
-    torch.testing.assert_close(attend(context, 0, query, key, value, 4.0, None), gathered, atol=1e-5, rtol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    in_place = attend(context, 0, query, key, value, 4.0, None)
+    torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window", "softcap"),
+    [(12, 12, None, None), (6, 3, 9, None), (7, 1, None, 30.0)],
+    ids=["gpt2-heads", "gqa-window", "mqa-softcap"],
+)
+def test_the_compiled_in_head_dim_attends_as_the_gathered_path_does(
+    heads: int, kv_heads: int, window: int | None, softcap: float | None, dtype: torch.dtype
+) -> None:
+    """Head dim 64, which an AVX-512 CPU computes with vector intrinsics that take query heads four at a
+    time: 12 heads (three fours), 6 and 7 (a four and the rest one by one)."""
+    lengths = [1, 17, 40, 5, 64, 33]
+    context, query, key, value = _decode_step(heads, kv_heads, 64, lengths, dtype, seed=heads * 5 + kv_heads)
+    gathered = attend(context, 0, query, key, value, None, window, softcap)
+    context.decode_kernel = True
+    in_place = attend(context, 0, query, key, value, None, window, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
