@@ -27,7 +27,7 @@ import msgspec
 import zmq
 
 from modelserve.config import LOG_FORMAT
-from modelserve.engine.cpu_threads import WAIT_POLICY, core_threads
+from modelserve.engine.cpu_threads import SPIN_COUNT, WAIT_POLICY, core_threads
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
 from modelserve.process_exit import exit_now
 
@@ -214,13 +214,15 @@ def _load(spec: CoreSpec, rank: int, world: int) -> LoadedModel:
     share = max(1, threads.threads // world) if loaded.device.type == "cpu" else threads.threads
     torch.set_num_threads(share)
     log.info(
-        "engine core%s: torch threads %d (%s%s); %s=%s",
+        "engine core%s: torch threads %d (%s%s); %s=%s, %s=%s",
         f" rank {rank}" if world > 1 else "",
         share,
         threads.reason,
         f", shared by {world} ranks" if world > 1 and loaded.device.type == "cpu" else "",
         WAIT_POLICY,
         os.environ.get(WAIT_POLICY, "unset"),
+        SPIN_COUNT,
+        os.environ.get(SPIN_COUNT, "unset"),
     )
     return loaded
 

@@ -20,6 +20,7 @@ from modelserve.engine.cgroups import cgroup_quota_cpus
 SMALL_MODEL_PARAMETERS = 20_000_000  # below this, a CPU core leaves one CPU to the frontend
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch sizes its pool from
 WAIT_POLICY = "OMP_WAIT_POLICY"
+SPIN_COUNT = "GOMP_SPINCOUNT"  # libgomp's (torch's wheels load it): spins before a waiting thread sleeps
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,13 @@ def passive_omp_waits() -> Iterator[None]:
     2 CPUs with a busy loop on one (bench/neighbour_bench.py --spinning), GPT-2-small at 1 and 32 streams:
     spinning 28.7 -> 11.7 and 164.6 -> 6.5 tok/s, passive 26.2 -> 26.5 and 153.9 -> 65.5; quiet, passive
     costs 6-9%.
+
+    A short spin was measured and not taken: libgomp's GOMP_SPINCOUNT with this policy (on an AMD Zen 4, 2
+    CPUs, GPT-2-small bf16, bench/neighbour_bench.py with that variable set against no spin). 10,000 spins
+    (about 0.1 ms) served 40.3 against 32.8 tok/s quiet at one stream, but 14.3 against 24.8 beside the
+    busy neighbour (0.36 of quiet, the collapse again); 1,000 served 37.2 against 35.0 at one stream and
+    410.6 against 421.2 at 32, a wash. A machine with no neighbours may set GOMP_SPINCOUNT=10000 itself:
+    the user's value is kept, as is a user's OMP_WAIT_POLICY.
     """
     if WAIT_POLICY in os.environ:
         yield
