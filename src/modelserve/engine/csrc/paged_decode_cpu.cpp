@@ -8,7 +8,7 @@
 // when window > 0). Grouped-query attention: query head j reads kv head j / (heads / kv_heads).
 // softcap > 0 applies tanh(score / softcap) * softcap (Gemma 2). Accumulates in float.
 //
-// Written so the compiler vectorizes every inner loop: bf16 keys and values are widened to float a slot
+// The general loops are written so the compiler vectorizes every inner loop: bf16 keys and values are widened to float a slot
 // at a time by a shift (a cast per element did not vectorize, and left the bf16 kernel as slow as the fp32
 // one, which reads twice the bytes), the softmax's exponential is a polynomial (std::exp is a library call
 // per score), and the common head dims are compile-time constants. One layer of gpt2-small, 32 rows of 192
@@ -87,11 +87,12 @@ inline void prefetch(const void* p, int64_t bytes) {
 }
 
 // With AVX-512 (and, for bf16, AVX512-BF16: AMD Zen 4, Intel Sapphire Rapids and later), at the compiled-in
-// head dims (64 and 128, whole vectors), both passes are written with vector intrinsics. The key pass sums
-// four heads' dot products in one reduction (bf16: vdpbf16ps on the query and keys as stored, exact products
-// summed in float, the scale applied to the sum), and the value pass widens each value in a register on its
-// way into the sum. The general loops below widen every slot into a buffer first and reduce each dot product
-// on its own: on such a CPU that left the bf16 kernel computing, not waiting on memory. gpt2-small's 12
+// head dims (64 and 128, whole vectors), both passes are written with vector intrinsics. The key pass takes
+// the query as stored and applies the scale to each sum; it reduces four heads' dot products at once (bf16:
+// vdpbf16ps, whose products are exact and summed in float, subnormals flushed to zero). The value pass widens
+// each bf16 value in a register on its way into the sum. The general loops widen each bf16 slot into a buffer
+// first and reduce each dot product on its own: on such a CPU that left the bf16 kernel computing, not
+// waiting on memory. gpt2-small's 12
 // layers, 2 threads, AMD Zen 4, the kernel alone, builds alternated: bf16 32 rows of 192 tokens 16.2-17.7 ->
 // 12.9-14.8 ms, one row of 1,024 2.9-3.3 -> 2.3-2.9 ms; fp32 one row of 1,024 5.3 -> 4.1-4.3 ms, 32 rows level
 // (21.6-23.6 against 22.0-23.5 ms: there fp32 is reading memory as fast as it comes).
@@ -134,6 +135,8 @@ inline __m512 dot(const T* q, const T* k) {
       acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + d)),
                              reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + d)));
     }
+#else
+    static_assert(!std::is_same_v<T, T>, "bf16 dot products need AVX512-BF16 (VECTOR_KERNEL says so)");
 #endif
   }
   return acc;
@@ -205,8 +208,9 @@ void decode(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& v
   const int64_t per_split = (kv_heads + splits - 1) / splits;
   at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
     const int64_t span = per_split * groups;
-    std::vector<float> qf(span * dim), acc(span * dim), scores(span * width), widened(per_split * dim);
-    std::vector<element> query(vectors ? span * dim : 0);  // the vector path's query, unscaled
+    std::vector<float> acc(span * dim), scores(span * width);
+    std::vector<float> qf(vectors ? 0 : span * dim), widened(vectors ? 0 : per_split * dim);  // the general loops'
+    std::vector<element> query_raw(vectors ? span * dim : 0);                                // the vector path's
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / splits, h0 = (task % splits) * per_split;
       const int64_t h1 = std::min(kv_heads, h0 + per_split);
@@ -219,7 +223,7 @@ void decode(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& v
       for (int64_t j = 0; j < nq; ++j) {
         const scalar_t* qp = q + r * q_row + (qh0 + j) * q_head;
         if constexpr (vectors) {
-          std::memcpy(query.data() + j * dim, qp, dim * sizeof(element));
+          std::memcpy(query_raw.data() + j * dim, qp, dim * sizeof(element));
         } else {
           for (int64_t d = 0; d < dim; ++d) qf[j * dim + d] = static_cast<float>(qp[d]) * fscale;
         }
@@ -235,7 +239,7 @@ void decode(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& v
         }
         if constexpr (vectors) {
           vector_scores<HEAD_DIM>(reinterpret_cast<const element*>(k + row_slots[t] * per_slot + h0 * dim),
-                                  query.data(), nq, groups, fscale, cap, scores.data() + t, width);
+                                  query_raw.data(), nq, groups, fscale, cap, scores.data() + t, width);
           continue;
         }
         const float* kp = as_float(k + row_slots[t] * per_slot + h0 * dim, widened.data(), span_values);
