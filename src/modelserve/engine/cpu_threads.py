@@ -95,12 +95,12 @@ def passive_omp_waits() -> Iterator[None]:
     spinning 28.7 -> 11.7 and 164.6 -> 6.5 tok/s, passive 26.2 -> 26.5 and 153.9 -> 65.5; quiet, passive
     costs 6-9%.
 
-    A short spin was measured and not taken: libgomp's GOMP_SPINCOUNT with this policy (on an AMD Zen 4, 2
-    CPUs, GPT-2-small bf16, bench/neighbour_bench.py with that variable set against no spin). 10,000 spins
-    (about 0.1 ms) served 40.3 against 32.8 tok/s quiet at one stream, but 14.3 against 24.8 beside the
-    busy neighbour (0.36 of quiet, the collapse again); 1,000 served 37.2 against 35.0 at one stream and
-    410.6 against 421.2 at 32, a wash. A machine with no neighbours may set GOMP_SPINCOUNT=10000 itself:
-    the user's value is kept, as is a user's OMP_WAIT_POLICY.
+    A short spin was measured and not taken: libgomp's GOMP_SPINCOUNT with this policy (an AMD Zen 4, 2 CPUs,
+    GPT-2-small bf16; bench/neighbour_bench.py with OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT set, against
+    GOMP_SPINCOUNT=0). 10,000 spins (about 0.1 ms) served 40.3 against 32.8 tok/s quiet at one stream, but
+    14.3 against 24.8 beside the busy neighbour (0.35 of quiet, the collapse again); 1,000 served 37.2
+    against 35.0 at one stream and 410.6 against 421.2 at 32, a wash. A machine with no neighbours may set
+    GOMP_SPINCOUNT=10000 itself: it passes through to the core untouched, as does a user's OMP_WAIT_POLICY.
     """
     if WAIT_POLICY in os.environ:
         yield

@@ -8,13 +8,13 @@
 // when window > 0). Grouped-query attention: query head j reads kv head j / (heads / kv_heads).
 // softcap > 0 applies tanh(score / softcap) * softcap (Gemma 2). Accumulates in float.
 //
-// The general loops are written so the compiler vectorizes every inner loop: bf16 keys and values are widened to float a slot
-// at a time by a shift (a cast per element did not vectorize, and left the bf16 kernel as slow as the fp32
-// one, which reads twice the bytes), the softmax's exponential is a polynomial (std::exp is a library call
-// per score), and the common head dims are compile-time constants. One layer of gpt2-small, 32 rows of 192
-// tokens, 2 threads (AVX-512): bf16 0.98-1.00 -> 0.83-0.85 ms, fp32 0.99-1.05 -> 0.93-0.99 ms. What was
-// left was waiting on memory, which the prefetches below cut (twelve such layers, blocks scattered as in
-// service, bench/decode_attention_bench.py: bf16 16.3-17.0 -> 11.2-12.8 ms, fp32 19.7-21.1 -> 18.7-19.7 ms).
+// The general loops are written so the compiler vectorizes every inner loop: bf16 keys and values are widened to
+// float a slot at a time by a shift (a cast per element did not vectorize, and left the bf16 kernel as slow as the
+// fp32 one, which reads twice the bytes), the softmax's exponential is a polynomial (std::exp is a library call per
+// score), and the common head dims are compile-time constants. One layer of gpt2-small, 32 rows of 192 tokens, an
+// Intel CPU, 2 threads (AVX-512): bf16 0.98-1.00 -> 0.83-0.85 ms, fp32 0.99-1.05 -> 0.93-0.99 ms. What was left was
+// waiting on memory, which the prefetches below cut (twelve such layers, blocks scattered as in service,
+// bench/decode_attention_bench.py: bf16 16.3-17.0 -> 11.2-12.8 ms, fp32 19.7-21.1 -> 18.7-19.7 ms).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -86,16 +86,15 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-// With AVX-512 (and, for bf16, AVX512-BF16: AMD Zen 4, Intel Sapphire Rapids and later), at the compiled-in
-// head dims (64 and 128, whole vectors), both passes are written with vector intrinsics. The key pass takes
-// the query as stored and applies the scale to each sum; it reduces four heads' dot products at once (bf16:
-// vdpbf16ps, whose products are exact and summed in float, subnormals flushed to zero). The value pass widens
-// each bf16 value in a register on its way into the sum. The general loops widen each bf16 slot into a buffer
-// first and reduce each dot product on its own: on such a CPU that left the bf16 kernel computing, not
-// waiting on memory. gpt2-small's 12
-// layers, 2 threads, AMD Zen 4, the kernel alone, builds alternated: bf16 32 rows of 192 tokens 16.2-17.7 ->
-// 12.9-14.8 ms, one row of 1,024 2.9-3.3 -> 2.3-2.9 ms; fp32 one row of 1,024 5.3 -> 4.1-4.3 ms, 32 rows level
-// (21.6-23.6 against 22.0-23.5 ms: there fp32 is reading memory as fast as it comes).
+// Built with AVX-512 (and, for bf16, AVX512-BF16: AMD Zen 4, Intel Cooper Lake, Sapphire Rapids and later), at the
+// compiled-in head dims (64 and 128, whole vectors), fp32 and bf16 run both passes in vector intrinsics. The key
+// pass takes the query as stored and applies the scale to each sum; it reduces four heads' dot products at once
+// (bf16: vdpbf16ps, whose products are exact and summed in float, subnormals flushed to zero). The value pass
+// widens each bf16 value in a register on its way into the sum. The general loops widen each bf16 slot into a
+// buffer first and reduce each dot product on its own: on such a CPU that left the bf16 kernel computing, not
+// waiting on memory. gpt2-small's 12 layers, 2 threads, AMD Zen 4, the kernel alone, builds alternated: bf16 32
+// rows of 192 tokens 16.2-18.2 -> 12.4-14.8 ms, one row of 1,024 2.9-3.3 -> 2.3-2.9 ms; fp32 one row of 1,024 5.3
+// -> 4.1-4.3 ms, 32 rows within 3% (20.8-21.7 against 21.3-22.4 ms: there fp32 reads memory as fast as it comes).
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 template <typename T>
 constexpr bool VECTOR_KERNEL = std::is_same_v<T, float>
@@ -171,7 +170,9 @@ inline void vector_add_values(const T* values, int64_t nq, int64_t groups, const
     const T* vh = values + (j / groups) * DIM;
     float* aj = acc + j * DIM;
 #pragma GCC unroll 8
-    for (int64_t d = 0; d < DIM; d += 16) _mm512_storeu_ps(aj + d, _mm512_fmadd_ps(weight, load16(vh + d), _mm512_loadu_ps(aj + d)));
+    for (int64_t d = 0; d < DIM; d += 16) {
+      _mm512_storeu_ps(aj + d, _mm512_fmadd_ps(weight, load16(vh + d), _mm512_loadu_ps(aj + d)));
+    }
   }
 }
 #else
