@@ -72,6 +72,9 @@ inline const float* as_float(const scalar_t* src, float* buffer, int64_t n) {
   }
 }
 
+// A score with Gemma 2's soft-cap applied (cap > 0), or as it is.
+inline float capped(float s, float cap) { return cap > 0.f ? std::tanh(s / cap) * cap : s; }
+
 // Ask for the cache lines of `bytes` bytes at `p`, PREFETCH_SLOTS slots before they are read. A row's
 // slots lie in blocks scattered over the memory, and the hardware prefetcher loses the stream at each
 // block (and each page), so without this every pass waits on memory at every block's start. 8 slots ahead
@@ -140,8 +143,6 @@ inline __m512 dot(const T* q, const T* k) {
   }
   return acc;
 }
-
-inline float capped(float s, float cap) { return cap > 0.f ? std::tanh(s / cap) * cap : s; }
 
 // The key pass at one slot: score[j * width] for each of the nq query heads (`q`, [nq, DIM], unscaled),
 // query head j against kv head j / groups of the slot's keys `k`.
@@ -250,8 +251,7 @@ void decode(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& v
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
           for (int64_t d = 0; d < dim; ++d) s += qj[d] * kh[d];
-          if (cap > 0.f) s = std::tanh(s / cap) * cap;
-          scores[j * width + t] = s;
+          scores[j * width + t] = capped(s, cap);
         }
       }
       for (int64_t j = 0; j < nq; ++j) {
