@@ -55,6 +55,11 @@ def _kernel() -> None:
         pytest.skip(f"the paged decode kernel could not be built here: {problem}")
 
 
+def _assert_attends_alike(in_place: torch.Tensor, gathered: torch.Tensor, dtype: torch.dtype) -> None:
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "window", "softcap"),
@@ -68,9 +73,7 @@ def test_the_kernel_attends_as_the_gathered_path_does(
     context, query, key, value = _decode_step(heads, kv_heads, 32, lengths, dtype, seed=heads * 7 + kv_heads)
     gathered = attend(context, 0, query, key, value, 0.2, window, softcap)
     context.decode_kernel = True
-    in_place = attend(context, 0, query, key, value, 0.2, window, softcap)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
+    _assert_attends_alike(attend(context, 0, query, key, value, 0.2, window, softcap), gathered, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,13 +83,11 @@ def test_one_row_splits_its_heads_over_the_threads(heads: int, kv_heads: int, di
     context, query, key, value = _decode_step(heads, kv_heads, dim, [300], dtype, seed=11)
     gathered = attend(context, 0, query, key, value, 0.2, None)
     context.decode_kernel = True
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            in_place = attend(context, 0, query, key, value, 0.2, None)
-            torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
+            _assert_attends_alike(attend(context, 0, query, key, value, 0.2, None), gathered, dtype)
     finally:
         torch.set_num_threads(threads)
 
@@ -107,9 +108,7 @@ def test_every_head_dim_and_scores_far_apart(dim: int, dtype: torch.dtype) -> No
     context, query, key, value = _decode_step(4, 2, dim, [1, 50, 130], dtype, seed=dim)
     gathered = attend(context, 0, query, key, value, 4.0, None)
     context.decode_kernel = True
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    in_place = attend(context, 0, query, key, value, 4.0, None)
-    torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
+    _assert_attends_alike(attend(context, 0, query, key, value, 4.0, None), gathered, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,9 +127,7 @@ def test_the_compiled_in_head_dims_attend_as_the_gathered_path_does(
     context, query, key, value = _decode_step(heads, kv_heads, dim, lengths, dtype, seed=heads * 5 + kv_heads)
     gathered = attend(context, 0, query, key, value, None, window, softcap)
     context.decode_kernel = True
-    in_place = attend(context, 0, query, key, value, None, window, softcap)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(in_place.float(), gathered.float(), atol=tolerance, rtol=tolerance)
+    _assert_attends_alike(attend(context, 0, query, key, value, None, window, softcap), gathered, dtype)
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
