@@ -7,9 +7,10 @@ and dtype, and one client measures both: vLLM's own `vllm bench serve --backend 
 --ignore-eos` against each server's OpenAI /v1/completions face, at each concurrency. Reports the medians over
 the repeats of output throughput, TTFT p50/p99 and ITL p50/p99, and modelserve's figure over vLLM's.
 
-Each server runs alone. Every repeat starts modelserve, measures it at each concurrency and stops it, then does
-the same with vLLM, so that a noisy neighbour falls on both alike, and neither server shares the machine with
-the other. On this kind of VM even an idle server slows the one measured. vLLM idle wakes about 1,200 times a
+Each server runs alone. Every repeat starts one server, measures it at each concurrency and stops it (and
+waits for all its processes to exit), then does the same with the other; the order alternates between
+repeats, so the machine's own noise is spread over both, and neither server shares the machine with the
+other. On this kind of VM even an idle server slows the one measured. vLLM idle wakes about 1,200 times a
 second (its worker's twelve gloo_tcp_loop threads, 100 each), against about 20 for modelserve. Merely holding
 memory costs too: beside a vLLM stopped with SIGSTOP, modelserve served gpt2-small fp32 at C=32 at 206.0 and
 215.4 tok/s, against 268.9 and 258.8 once vLLM had exited. A process that only holds 6.5 GiB, started after
@@ -234,9 +235,8 @@ def words_model_dir(preset: str, cache_dir: Path) -> Path:
 
 @dataclass
 class Peer:
-    """A server under test: its name, base URL, time from launch to serving, command line, and how to stop it."""
+    """A server under test: its base URL, time from launch to serving, command line, and how to stop it."""
 
-    name: str
     base_url: str
     startup_s: float
     command: list[str]
@@ -272,7 +272,7 @@ def start_modelserve(path: Path, ns: argparse.Namespace, log_dir: Path) -> Peer:
     startup = time.monotonic() - start
     print(f"  modelserve serving at {base_url} after {startup:.1f} s (log {server.log_path})", flush=True)
     command = ["OMP_NUM_THREADS=" + str(ns.threads), "modelserve", "serve", *args, "--http-port", str(server.http_port)]
-    return Peer("modelserve", base_url, startup, command, lambda: server.terminate(120))
+    return Peer(base_url, startup, command, lambda: server.terminate(120))
 
 
 def start_vllm(path: Path, ns: argparse.Namespace, log_dir: Path) -> Peer:
@@ -288,14 +288,25 @@ def start_vllm(path: Path, ns: argparse.Namespace, log_dir: Path) -> Peer:
         )
 
     def stop() -> None:
+        """SIGTERM to its process group, then wait until the whole group is gone (its engine core and worker
+        free their memory after the API server exits), SIGKILL after 60 s: the next server starts alone."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+                os.killpg(proc.pid, 0)  # raises ProcessLookupError once no process of the group is left
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                deadline = time.monotonic() + 10
+            time.sleep(0.1)
 
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -307,7 +318,7 @@ def start_vllm(path: Path, ns: argparse.Namespace, log_dir: Path) -> Peer:
     print(f"  vLLM serving at {base_url} after {startup:.1f} s (log {log_path})", flush=True)
     env = [f"VLLM_CPU_OMP_THREADS_BIND=0-{ns.threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU=0"]
     shown = [*env, f"VLLM_CPU_KVCACHE_SPACE={ns.kv_gib}", "vllm", *command[1:]]
-    return Peer("vLLM", base_url, startup, shown, stop)
+    return Peer(base_url, startup, shown, stop)
 
 
 @contextlib.contextmanager
@@ -458,7 +469,10 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vllm-peer-") as tmp:
         for repeat in range(ns.repeats):
-            for name, start in starts.items():
+            order = list(starts.items())
+            if repeat % 2:
+                order.reverse()
+            for name, start in order:
                 print(f"repeat {repeat + 1}/{ns.repeats}: starting {name} ...", flush=True)
                 peer = start(path, ns, log_dir)
                 commands[name] = peer.command
@@ -491,7 +505,8 @@ def main() -> None:
         + ", ".join(f"C={c} ({n} prompts)" for c, n in zip(ns.concurrency, ns.num_prompts, strict=True))
         + f"; {ns.preset} ({tokenizer}), {ns.dtype}, {ns.threads} thread(s) each (modelserve OMP_NUM_THREADS, vLLM "
         f"VLLM_CPU_OMP_THREADS_BIND=0-{ns.threads - 1}), {ns.kv_gib} GiB KV each; each repeat starts, "
-        f"measures and stops modelserve, then vLLM (never both running), a new random-prompt seed per repeat{busy}"
+        f"measures and stops one server, then the other (never both running; the order alternates), the first run "
+        f"after each start unwarmed, a new random-prompt seed per repeat{busy}"
     )
     report = {
         "title": f"modelserve vs vLLM (CPU): {ns.preset}, {ns.dtype}, {ns.threads} thread(s)"
@@ -503,6 +518,7 @@ def main() -> None:
         "repeats": ns.repeats,
         "servers": {name: " ".join(command) for name, command in commands.items()},
         "startup_s": {name: statistics.median(seconds) for name, seconds in startups.items()},
+        "startup_runs_s": startups,
         "summary": summarise(runs, ns.concurrency),
         "runs": runs,
         "note": "" if ns.repeats >= 3 else f" (only {ns.repeats} repeat(s): a smoke run, not figures to quote)",
