@@ -98,8 +98,8 @@ bench-telemetry: $(STAMP) ## telemetry's cost per request, step and scrape, boun
 	$(BIN)/python -m bench.telemetry_cost --write-docs $(BENCH_ARGS)
 
 # vLLM's CPU build as a peer (bench/vllm_peer.py): one load client, `vllm bench serve`, against modelserve and
-# vLLM on one model, each server alone, in turn. vLLM gets its own environment, bench/.venv-vllm, made here on first use
-# (`python -m bench.vllm_peer --install`); nothing else (CI, make test) installs it.
+# vLLM on one model, each server alone, in turn. vLLM gets its own environment, bench/.venv-vllm, made here on
+# first use (`python -m bench.vllm_peer --install`); nothing else (CI, make test) installs it.
 bench-vllm: $(STAMP) ## modelserve vs vLLM's CPU build under one load client (installs bench/.venv-vllm first)
 	test -x bench/.venv-vllm/bin/vllm || $(BIN)/python -m bench.vllm_peer --install
 	$(BIN)/python -m bench.vllm_peer $(BENCH_ARGS)

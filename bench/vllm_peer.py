@@ -275,6 +275,24 @@ def start_modelserve(path: Path, ns: argparse.Namespace, log_dir: Path) -> Peer:
     return Peer(base_url, startup, command, lambda: server.terminate(120))
 
 
+def stop_group(proc: subprocess.Popen[bytes], term_s: float = 60.0, kill_s: float = 10.0) -> None:
+    """Stop the process group `proc` leads: SIGTERM, SIGKILL after `term_s`, and return once no process of the
+    group is left (vLLM's engine core and worker free their memory after its API server exits, and the next
+    server should start alone), or with a warning `kill_s` after SIGKILL (a zombie nobody reaps)."""
+    for sig, wait_s in ((signal.SIGTERM, term_s), (signal.SIGKILL, kill_s)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps the leader once it exits
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    print(f"warning: process group {proc.pid} still has processes after SIGKILL", flush=True)
+
+
 def start_vllm(path: Path, ns: argparse.Namespace, log_dir: Path) -> Peer:
     """`vllm serve` on a free loopback port, in its own process group (its engine core is a child process)."""
     port = harness.free_port()
@@ -288,25 +306,7 @@ def start_vllm(path: Path, ns: argparse.Namespace, log_dir: Path) -> Peer:
         )
 
     def stop() -> None:
-        """SIGTERM to its process group, then wait until the whole group is gone (its engine core and worker
-        free their memory after the API server exits), SIGKILL after 60 s: the next server starts alone."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-                os.killpg(proc.pid, 0)  # raises ProcessLookupError once no process of the group is left
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                pass
-            if time.monotonic() >= deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                deadline = time.monotonic() + 10
-            time.sleep(0.1)
+        stop_group(proc)
 
     base_url = f"http://127.0.0.1:{port}"
     try:
