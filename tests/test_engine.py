@@ -471,3 +471,66 @@ def test_the_kv_warning_names_a_cgroup_memory_limit_below_the_budget(monkeypatch
     assert "cgroup's memory limit (1.00 GiB)" in warning and "--kv-cache-bytes" in warning
     assert kv_memory.memory_warning(512 << 20, cpu) is None
     assert kv_memory.memory_warning(2 << 30, torch.device("meta")) is None  # on a GPU the memory is taken at start
+
+
+def test_cpu_kv_memory_fill_faults_pages_in_and_keeps_what_they_hold() -> None:
+    """fill() makes the pages of the blocks it is given resident (no step then stops for the kernel to zero
+    them), leaves blocks already written as they were, and goes no further than the budget."""
+    import psutil
+
+    from modelserve.engine.kv_memory import KVMemory, KVShape
+
+    me = psutil.Process()
+    shape = KVShape(n_layers=4, kv_heads=2, head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+    block_size = 16
+    block_bytes = shape.bytes_per_token * block_size  # all layers' keys and values
+    num_blocks = (256 << 20) // block_bytes
+    kv = KVMemory(shape, num_blocks, block_size)
+    for layer in (*kv.keys, *kv.values):
+        layer[: 3 * block_size] = 1.0
+    assert kv.filled_blocks == 0
+    before = me.memory_info().rss
+    kv.fill(num_blocks // 2)
+    assert kv.filled_blocks == num_blocks // 2
+    assert me.memory_info().rss - before >= 0.9 * (num_blocks // 2) * block_bytes
+    for layer in (*kv.keys, *kv.values):
+        assert bool((layer[: 3 * block_size] == 1.0).all()) and not layer[3 * block_size :].any()
+    kv.fill(num_blocks * 2)
+    assert kv.filled_blocks == num_blocks
+    assert me.memory_info().rss - before >= 0.9 * num_blocks * block_bytes
+
+
+def test_an_idle_core_fills_kv_memory_ahead_of_use_but_not_the_whole_budget(
+    model_dirs: dict[str, Path],
+) -> None:
+    """With nothing to step, the core faults in KV memory a little at a time until a share of the budget
+    (FILL_AHEAD_FRACTION) beyond the blocks used so far is resident; a request moves that window on. A request
+    that arrives meanwhile is served as usual."""
+    from modelserve.engine.core import FILL_AHEAD_FRACTION
+
+    model = _load(model_dirs["llama"])
+
+    async def until_filled(engine: Engine) -> int:
+        core, kv = engine.core, engine.core.runner.kv
+        assert kv is not None
+        deadline = time.monotonic() + 30
+        while core.can_fill():
+            assert time.monotonic() < deadline, f"filled {kv.filled_blocks} blocks of {core.blocks.num_blocks}"
+            await asyncio.sleep(0.01)
+        return kv.filled_blocks
+
+    async def main() -> None:
+        async with _running(model, 4) as engine:
+            blocks = engine.core.blocks
+            ahead = int(blocks.num_blocks * FILL_AHEAD_FRACTION)
+            assert 0 < ahead < blocks.num_blocks
+            prompt = model.tokenizer.encode(PROMPTS[1]).ids
+            ids, _, _ = await _collect(engine.submit(_greedy(0, prompt, 8)))
+            assert ids == _reference(model, prompt, 8)
+            assert await until_filled(engine) == blocks.touched_blocks + ahead
+            touched = blocks.touched_blocks
+            await asyncio.gather(*(_collect(engine.submit(_greedy(i, prompt, 300))) for i in range(1, 4)))
+            assert blocks.touched_blocks > touched
+            assert await until_filled(engine) == min(blocks.num_blocks, blocks.touched_blocks + ahead)
+
+    asyncio.run(main())

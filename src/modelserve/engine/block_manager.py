@@ -82,6 +82,12 @@ class BlockManager:
         return len(self._free)
 
     @property
+    def touched_blocks(self) -> int:
+        """Blocks ever taken. They are blocks 0 to touched_blocks - 1: never-used blocks come first off the
+        free list, in order."""
+        return len(self.blocks)
+
+    @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 

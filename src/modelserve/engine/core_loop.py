@@ -4,7 +4,8 @@ It blocks only when there is nothing to do, or when the frontend has not yet
 acknowledged the step before last: the core never runs more than one step past
 what the frontend has taken in, so a stop sequence the frontend finds costs at
 most one extra step, and a lagging frontend slows the core instead of letting
-outputs pile up.
+outputs pile up. With no request to step, the core faults in KV memory ahead
+of use, a little at a time, looking at its inbox between (core.fill()).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def run_core_loop(
     one when `block`, though it may return none, e.g. to let the caller check on its parent)."""
     emitted = acknowledged = 0
     while True:
-        must_wait = not core.has_work() or emitted - acknowledged > MAX_UNACKNOWLEDGED_STEPS
+        idle = not core.has_work()
+        must_wait = (idle and not core.can_fill()) or emitted - acknowledged > MAX_UNACKNOWLEDGED_STEPS
         for command in take_commands(must_wait):
             if isinstance(command, Shutdown):
                 return
@@ -39,3 +41,5 @@ def run_core_loop(
             out = core.step()
             emitted = out.step
             emit(out)
+        elif not core.has_work() and core.can_fill():
+            core.fill()
