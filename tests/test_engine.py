@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -473,6 +474,11 @@ def test_the_kv_warning_names_a_cgroup_memory_limit_below_the_budget(monkeypatch
     assert kv_memory.memory_warning(2 << 30, torch.device("meta")) is None  # on a GPU the memory is taken at start
 
 
+LINUX_ONLY = pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+ON_CPU = pytest.mark.skipif(DEVICE.type != "cpu", reason="a GPU's KV memory is zeroed, all of it, at start")
+
+
+@LINUX_ONLY
 def test_cpu_kv_memory_fill_faults_pages_in_and_keeps_what_they_hold() -> None:
     """fill() makes the pages of the blocks it is given resident (no step then stops for the kernel to zero
     them), leaves blocks already written as they were, and goes no further than the budget."""
@@ -490,16 +496,19 @@ def test_cpu_kv_memory_fill_faults_pages_in_and_keeps_what_they_hold() -> None:
         layer[: 3 * block_size] = 1.0
     assert kv.filled_blocks == 0
     before = me.memory_info().rss
-    kv.fill(num_blocks // 2)
-    assert kv.filled_blocks == num_blocks // 2
-    assert me.memory_info().rss - before >= 0.9 * (num_blocks // 2) * block_bytes
-    for layer in (*kv.keys, *kv.values):
-        assert bool((layer[: 3 * block_size] == 1.0).all()) and not layer[3 * block_size :].any()
+    half = num_blocks // 2
+    kv.fill(half)
+    assert kv.filled_blocks == half
+    assert me.memory_info().rss - before >= 0.9 * half * block_bytes
     kv.fill(num_blocks * 2)
     assert kv.filled_blocks == num_blocks
     assert me.memory_info().rss - before >= 0.9 * num_blocks * block_bytes
+    for layer in (*kv.keys, *kv.values):  # read after the memory figures: reading a page makes it resident too
+        assert bool((layer[: 3 * block_size] == 1.0).all()) and not layer[3 * block_size :].any()
 
 
+@LINUX_ONLY
+@ON_CPU
 def test_an_idle_core_fills_kv_memory_ahead_of_use_but_not_the_whole_budget(
     model_dirs: dict[str, Path],
 ) -> None:
@@ -534,3 +543,40 @@ def test_an_idle_core_fills_kv_memory_ahead_of_use_but_not_the_whole_budget(
             assert await until_filled(engine) == min(blocks.num_blocks, blocks.touched_blocks + ahead)
 
     asyncio.run(main())
+
+
+@LINUX_ONLY
+@ON_CPU
+def test_a_kernel_that_cannot_fill_kv_memory_ahead_leaves_it_to_the_steps(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where madvise(MADV_POPULATE_WRITE) fails (a kernel before 5.14 says EINVAL), the core says so once and
+    stops filling for good: it does not retry in a loop, and requests are served as before."""
+    import errno
+
+    from modelserve.engine import kv_memory
+
+    calls = 0
+
+    def cannot(address: int, length: int) -> None:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(kv_memory, "_populate", cannot)
+    model = _load(model_dirs["llama"])
+
+    async def main() -> None:
+        async with _running(model, 4) as engine:
+            prompt = model.tokenizer.encode(PROMPTS[1]).ids
+            for i in range(2):
+                ids, _, _ = await _collect(engine.submit(_greedy(i, prompt, 8)))
+                assert ids == _reference(model, prompt, 8)
+            assert not engine.core.can_fill() and engine.core.blocks.touched_blocks > 0
+
+    with caplog.at_level("INFO", logger="modelserve.engine.core"):
+        asyncio.run(main())
+    assert calls == 1
+    assert [r.getMessage() for r in caplog.records if "faulted in" in r.getMessage()] == [
+        "KV memory is faulted in as steps first write it: this kernel cannot do it ahead"
+    ]

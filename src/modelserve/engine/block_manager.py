@@ -67,7 +67,8 @@ class BlockManager:
         # A block's record is made when it is first taken: a default CPU budget is half a million blocks, and
         # making them all up front cost a second of every start.
         self.blocks: dict[int, Block] = {}
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # least recently freed first
+        # Least recently freed first, never-used blocks (in order) before all: touched_blocks relies on it.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._by_key: dict[int, int] = {}  # key -> block id
         self.hit_tokens = 0  # prompt tokens served from cached blocks, since the start
         self._events: list[KvEvent] = []  # the cache's changes since take_events(), for routers (KV events)

@@ -15,6 +15,7 @@ sequence's text is the frontend's business.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 
@@ -62,8 +63,8 @@ log = logging.getLogger(__name__)
 
 MIN_PREFILL_CHUNK_AFTER_OOM = 16
 # While idle, the core faults in KV memory ahead of use (kv_memory.py): up to this share of the budget beyond
-# the blocks used so far, this much a call, so a request that arrives waits for at most one call (about 1 ms
-# here alone, 8 ms beside a process holding memory).
+# the blocks used so far, this much a call (or one block, where a block is more), so a request that arrives
+# waits for at most one call (for 2 MiB, about 1 ms here alone, 8 ms beside a process holding memory).
 FILL_AHEAD_FRACTION = 0.25
 FILL_CHUNK_BYTES = 2 << 20
 GRAMMAR_WAIT_S = 0.05  # an idle core's wait for a grammar being built, before it looks at its inbox again
@@ -214,18 +215,22 @@ class EngineCore:
         """Is there KV memory to fault in ahead of use (kv_memory.py)? Asked when the core has no work."""
         kv = self.runner.kv
         assert kv is not None
-        return kv.filled_blocks < min(self.blocks.num_blocks, self.blocks.touched_blocks + self._fill_ahead_blocks)
+        ahead = self._fill_ahead_blocks
+        return ahead > 0 and kv.filled_blocks < min(self.blocks.num_blocks, self.blocks.touched_blocks + ahead)
 
     def fill(self) -> None:
-        """Fault in the next few MiB of KV memory ahead of use; where the kernel cannot, stop trying."""
+        """Fault in the next 2 MiB of KV memory ahead of use; where the kernel cannot, stop for good."""
         kv = self.runner.kv
         assert kv is not None
         end = min(self.blocks.touched_blocks + self._fill_ahead_blocks, kv.filled_blocks + self._fill_chunk_blocks)
         try:
             kv.fill(end)
         except OSError as exc:
-            log.info("KV memory is faulted in as steps first write it: the kernel cannot do it ahead (%s)", exc)
             self._fill_ahead_blocks = 0
+            if exc.errno == errno.EINVAL:  # a kernel before 5.14
+                log.info("KV memory is faulted in as steps first write it: this kernel cannot do it ahead")
+            else:
+                log.warning("KV memory is no longer faulted in ahead of use: %s", exc)
 
     # ---- one step ---------------------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ def main(specs: Connection) -> None:
         received: list[Command] = []
         while True:
             if not commands.poll(PARENT_CHECK_MS if block and not received else 0):
-                if block and not received and os.getppid() != parent:
+                if not received and os.getppid() != parent:  # also while the idle core fills KV memory
                     log.warning("the frontend process is gone; the engine core stops")
                     sys.exit(1)
                 return received

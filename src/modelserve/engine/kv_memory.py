@@ -8,10 +8,13 @@ host's other processes could have used. But a page first written during a step c
 kernel's fault (about 2 us a page on this 2-CPU VM alone, up to 15 us beside a process holding memory):
 some 218,000 faults in a 32-stream run of gpt2-small in fp32, 600 MB of keys and values. So the core,
 when it has nothing to do, faults pages in ahead of use (fill()), 2 MiB at a time, keeping a share of
-the budget ready beyond the blocks used so far (core.py's FILL_AHEAD_FRACTION). The core warns at start
-when the budget is more than the memory available or the cgroup's memory limit (memory_warning()), and
-then fills nothing ahead. Which block holds what is the block manager's business (block_manager.py);
-these tensors are the runner's, and nothing else touches them.
+the budget ready beyond the blocks used so far (core.py's FILL_AHEAD_FRACTION). The block manager takes
+every never-used block before it reuses one, so a server that runs long enough has all of its budget
+resident either way; filling ahead moves that earlier, not higher. The core warns at start when the
+budget is more than the memory available or the cgroup's memory limit (memory_warning()), and then
+fills nothing ahead. Tensor-parallel ranks other than the first fault theirs in as steps write it.
+Which block holds what is the block manager's business (block_manager.py); these tensors are the
+runner's, and nothing else touches them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import ctypes
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass
+from functools import cache
 
 import psutil
 import torch
@@ -61,13 +66,14 @@ class KVMemory:
         self.keys = [_zeros(slots, shape.dtype, shape.device) for _ in range(shape.n_layers)]
         self.values = [_zeros(slots, shape.dtype, shape.device) for _ in range(shape.n_layers)]
         self.workspace = Workspace(shape.kv_heads, shape.head_dim, shape.dtype, shape.device)
-        # Blocks [0, filled_blocks) are in memory: on a GPU all of them, zeroed above; on a CPU what fill() did.
-        self.filled_blocks = 0 if shape.device.type == "cpu" else num_blocks
+        # Blocks [0, filled_blocks) are in memory, or faulted in as written: on a GPU all of them, zeroed above;
+        # on a CPU what fill() did (on Linux: elsewhere there is no MADV_POPULATE_WRITE, so all of them).
+        self.filled_blocks = 0 if shape.device.type == "cpu" and sys.platform == "linux" else num_blocks
 
     def fill(self, end_block: int) -> None:
         """Fault in every layer's pages of blocks [filled_blocks, end_block), so that no step stops to have
         them zeroed. The pages' contents stay as they are, so blocks in use may be filled too. Raises OSError
-        where the kernel cannot (before Linux 5.14)."""
+        where the kernel cannot: EINVAL before Linux 5.14, ENOMEM when memory runs short."""
         start, end = self.filled_blocks, min(end_block, self.num_blocks)
         if end <= start:
             return
@@ -87,12 +93,16 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)  # madvise through ctypes: the GIL is released while the kernel works
+@cache
+def _libc() -> ctypes.CDLL:
+    """The C library, for madvise: through ctypes the GIL is released while the kernel works (mmap.madvise
+    holds it)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _populate(address: int, length: int) -> None:
     """MADV_POPULATE_WRITE over [address, address + length); `address` is page-aligned."""
-    if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_POPULATE_WRITE) != 0:
+    if _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_POPULATE_WRITE) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
 
