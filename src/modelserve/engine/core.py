@@ -215,22 +215,24 @@ class EngineCore:
         """Is there KV memory to fault in ahead of use (kv_memory.py)? Asked when the core has no work."""
         kv = self.runner.kv
         assert kv is not None
-        ahead = self._fill_ahead_blocks
-        return ahead > 0 and kv.filled_blocks < min(self.blocks.num_blocks, self.blocks.touched_blocks + ahead)
+        return self._fill_ahead_blocks > 0 and kv.filled_blocks < self._fill_target()
 
     def fill(self) -> None:
         """Fault in the next 2 MiB of KV memory ahead of use; where the kernel cannot, stop for good."""
         kv = self.runner.kv
         assert kv is not None
-        end = min(self.blocks.touched_blocks + self._fill_ahead_blocks, kv.filled_blocks + self._fill_chunk_blocks)
         try:
-            kv.fill(end)
+            kv.fill(min(self._fill_target(), kv.filled_blocks + self._fill_chunk_blocks))
         except OSError as exc:
             self._fill_ahead_blocks = 0
             if exc.errno == errno.EINVAL:  # a kernel before 5.14
                 log.info("KV memory is faulted in as steps first write it: this kernel cannot do it ahead")
             else:
                 log.warning("KV memory is no longer faulted in ahead of use: %s", exc)
+
+    def _fill_target(self) -> int:
+        """The block the idle core fills up to: a share of the budget beyond the blocks ever used."""
+        return min(self.blocks.num_blocks, self.blocks.touched_blocks + self._fill_ahead_blocks)
 
     # ---- one step ---------------------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ class KVMemory:
         block_bytes = self.block_size * self.shape.kv_heads * self.shape.head_dim * self.shape.dtype.itemsize
         first = start * block_bytes // mmap.PAGESIZE * mmap.PAGESIZE
         for tensor in self.keys + self.values:
-            _populate(tensor.data_ptr() + first, min(end * block_bytes, tensor.nbytes) - first)
+            _populate(tensor.data_ptr() + first, end * block_bytes - first)
         self.filled_blocks = end
 
 
