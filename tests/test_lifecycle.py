@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -56,6 +57,17 @@ def test_health_is_not_serving_until_loaded_then_serving(demo: tuple[ServerProce
         assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     log = server.log()
     assert "DEMO model" in log and "random" in log and "ready: serving" in log
+
+
+def test_each_process_freezes_its_start_up_heap_before_serving(demo: tuple[ServerProcess, list[int]]) -> None:
+    """Both processes move what start-up made (torch, transformers, the model) out of the cyclic collector's
+    reach, so no full collection over it stalls the streams later (modelserve.gc_heap)."""
+    server, _ = demo
+    log = server.log()
+    for process in ("frontend", "engine core"):
+        found = re.search(rf"{process}: (\d+) start-up objects frozen", log)
+        assert found and int(found.group(1)) > 10_000, log  # torch alone brings far more
+    assert log.index("frontend: ") < log.index("ready: serving")
 
 
 def test_client_cli_streams_text(demo: tuple[ServerProcess, list[int]]) -> None:

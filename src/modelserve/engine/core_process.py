@@ -29,6 +29,7 @@ import zmq
 from modelserve.config import LOG_FORMAT
 from modelserve.engine.cpu_threads import SPIN_COUNT, WAIT_POLICY, core_threads
 from modelserve.engine.protocol import Command, CoreFailed, CoreReady, StepOutput
+from modelserve.gc_heap import freeze_startup_heap
 from modelserve.process_exit import exit_now
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def main(specs: Connection) -> None:
         outputs.close()
         context.term()
         return
+    freeze_startup_heap("engine core")
     outputs.send(
         encoder.encode(
             CoreReady(

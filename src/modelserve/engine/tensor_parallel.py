@@ -214,12 +214,14 @@ def main() -> None:
 
     logging.basicConfig(level=spec.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     from modelserve.engine.core_process import load_rank
+    from modelserve.gc_heap import freeze_startup_heap
     from modelserve.models.quantize import weight_bytes
 
     runner, tp = load_rank(spec, rank, world, address)
     try:
         runner.allocate_kv(tp.broadcast_int(0), KV_BLOCK_TOKENS)
         tp.sum_int(weight_bytes(runner.model), runner.device)  # rank 0 reports the whole model's
+        freeze_startup_heap(f"tensor-parallel rank {rank}")
         while (plan := tp.receive_plan()) is not STOP:
             assert plan is not None
             runner.forward_only(plan)

@@ -33,6 +33,7 @@ from modelserve_client.v1 import generation_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from modelserve.config import STOP_SIGNALS, Config
+from modelserve.gc_heap import freeze_startup_heap
 from modelserve.server.core.serving import Phase, Serving
 from modelserve.server.grpc.parsing import RequestParsingInterceptor
 from modelserve.server.grpc.servicer import SERVICE_NAME, GenerationServicer
@@ -304,6 +305,7 @@ async def _serve(config: Config, core: CoreProcess, stopped_early: Callable[[], 
                 log.error("could not load the LoRA adapters: %s", exc)
                 serving.phase = Phase.FAILED
                 return 1
+            freeze_startup_heap("frontend")
             serving.phase = Phase.SERVING
             await _set_health(health_servicer, SERVING)
             log.info("ready: serving %s and %s on %s:%d", SERVICE_NAME, VLLM_SERVICE_NAME, config.host, port)
