@@ -83,7 +83,11 @@ class ModelInfo:
     weight_bytes: int = 0
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        """`text`'s token ids. Through `encode_batch`, which lets go of the GIL while the Rust tokenizer works
+        (`encode` holds it throughout), so a long prompt tokenized on a worker thread leaves the server's
+        event loop running (server/core/serving.py); for one text it costs what `encode` does."""
+        (encoding,) = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (gRFC A6), read by clients' retry policies
+# A prompt up to this many characters is tokenized on the event loop (well under a millisecond); a longer one
+# on a worker thread, so a long prompt (up to --max-prompt-bytes) does not stall every open stream meanwhile.
+ON_LOOP_PROMPT_CHARS = 4096
 
 
 class Phase(enum.Enum):
@@ -184,7 +187,7 @@ class Serving:
         self.rejected("unavailable", chat)
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, health.why + advice.get(health.phase, ""))
 
-    def prepare(
+    async def prepare(
         self,
         engine: Engine,
         model: ServedModel,
@@ -217,7 +220,7 @@ class Serving:
             check_priority(priority)
             if prompt_ids is None:
                 check_prompt_size(prompt, limits)
-                ids = model.encode(prompt, not chat)
+                ids = await encode_prompt(model, prompt, not chat)
             else:
                 ids = check_token_ids(prompt_ids, limits)
             engine_request = build_request(
@@ -233,7 +236,7 @@ class Serving:
         """The most choices (prompts x samples) one call may ask for: each waits in the queue as a request."""
         return min(self.config.max_batch_requests, engine.queue_limits.max_requests)
 
-    def start_choices(
+    async def start_choices(
         self,
         engine: Engine,
         model: ServedModel,
@@ -260,7 +263,7 @@ class Serving:
         for index, choice in enumerate(choices):
             try:
                 prepared.append(
-                    self.prepare(
+                    await self.prepare(
                         engine,
                         model,
                         limits,
@@ -478,3 +481,12 @@ async def _merged_streams(streams: Sequence[RequestStream]) -> AsyncGenerator[tu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def encode_prompt(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
+    """`text`'s token ids: a short text's at once, a long one's on a worker thread (the tokenizer lets go of
+    the GIL, ModelInfo.encode), so the event loop keeps every other call's stream moving meanwhile. Measured
+    with the bench's word tokenizer: about 0.5 us a token, so a 1 MiB prompt held the loop for about 100 ms."""
+    if len(text) <= ON_LOOP_PROMPT_CHARS:
+        return model.encode(text, add_special_tokens)
+    return await asyncio.to_thread(model.encode, text, add_special_tokens)

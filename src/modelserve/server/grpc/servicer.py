@@ -36,6 +36,7 @@ from modelserve.server.core.adapters import AdapterError
 from modelserve.server.core.chat import ChatMessage
 from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
+    ON_LOOP_PROMPT_CHARS,
     Choice,
     Phase,
     RequestFailed,
@@ -173,7 +174,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             samples = self._samples(request.params.n, engine)
             lora = self._adapter(request.adapter, model, chat)
             choices = sample_choices(request.prompt, request.params, samples, request.request_id)
-            started = self._serving_state.start_choices(
+            started = await self._serving_state.start_choices(
                 engine,
                 model,
                 limits,
@@ -260,7 +261,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
 
         async def run_one(i: int, item: pb.GenerateRequest) -> pb.BatchItem:
             try:
-                engine_request, stream = self._start(
+                engine_request, stream = await self._start(
                     engine, item, model, limits, context.time_remaining(), field=f"requests[{i}]"
                 )
             except RequestFailed as exc:
@@ -295,11 +296,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             check_prompt_size(request.text, limits, field="text")
         except InvalidArgument as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        encoding = model.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
-        response = pb.TokenizeResponse(token_ids=encoding.ids, token_count=len(encoding.ids))
-        if request.return_tokens:
-            response.tokens.extend(model.tokenizer.decode([t], skip_special_tokens=False) for t in encoding.ids)
-        return response
+
+        def tokenize() -> tuple[list[int], list[str]]:
+            ids = model.encode(request.text, request.add_special_tokens)
+            if not request.return_tokens:
+                return ids, []
+            return ids, model.tokenizer.decode_batch([[t] for t in ids], skip_special_tokens=False)  # GIL let go
+
+        # a long text on a worker thread, as a prompt is (serving.encode_prompt): the other calls' streams go on
+        ids, tokens = await asyncio.to_thread(tokenize) if len(request.text) > ON_LOOP_PROMPT_CHARS else tokenize()
+        return pb.TokenizeResponse(token_ids=ids, token_count=len(ids), tokens=tokens)
 
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[pb.ModelInfoRequest, pb.ModelInfoResponse]
@@ -404,7 +410,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
         except RequestFailed as exc:
             await _abort(context, exc.code, str(exc))
 
-    def _start(
+    async def _start(
         self,
         engine: Engine,
         request: pb.GenerateRequest,
@@ -425,7 +431,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             )
         choice = Choice(request.prompt, parameters(request.params), request.request_id)
         lora = self._adapter(request.adapter, model, chat, field)
-        (started,) = self._serving_state.start_choices(
+        (started,) = await self._serving_state.start_choices(
             engine,
             model,
             limits,

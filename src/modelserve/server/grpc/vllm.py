@@ -147,7 +147,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
         try:
             params = self._parameters(request, limits)
             prompt, prompt_ids = self._prompt(request)
-            started = self._start_samples(engine, model, limits, request, params, prompt, prompt_ids, context)
+            started = await self._start_samples(engine, model, limits, request, params, prompt, prompt_ids, context)
         except RequestFailed as exc:
             await context.abort(exc.code, _their_names(str(exc)), grpc_trailers(exc))
         request_id = request.request_id or started[0][0].request_id
@@ -200,7 +200,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
             if not registered:
                 del self._calls[request_id]
 
-    def _start_samples(
+    async def _start_samples(
         self,
         engine: Engine,
         model: ServedModel,
@@ -222,7 +222,9 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):  # type: ignore[misc]  # 
                 f"sampling_params.n is {samples}; at most {bound} (--max-batch-requests and --max-waiting-requests)",
             )
         choices = sample_choices(prompt, params, samples, request.request_id, prompt_ids, seed_modulus=2**32)
-        return self._serving.start_choices(engine, model, limits, choices, time_remaining_s=context.time_remaining())
+        return await self._serving.start_choices(
+            engine, model, limits, choices, time_remaining_s=context.time_remaining()
+        )
 
     async def Embed(self, request: vpb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(

@@ -315,9 +315,9 @@ class _Api:
             for i, c in enumerate(choices)
         ]
 
-        def start() -> list[tuple[Request, RequestStream]]:
+        async def start() -> list[tuple[Request, RequestStream]]:
             self._serving.ready(HEALTH_HINT, chat)  # again: a drain may have begun while the body was read
-            return self._serving.start_choices(
+            return await self._serving.start_choices(
                 engine,
                 model,
                 limits,

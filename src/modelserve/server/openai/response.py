@@ -19,7 +19,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -288,7 +288,7 @@ class Generation(Response):
     def __init__(
         self,
         serving: Serving,
-        start: Callable[[], list[Started]],
+        start: Callable[[], Awaitable[list[Started]]],
         prompts: Sequence[str],
         samples: tuple[int, int],
         layout: Layout,
@@ -316,7 +316,7 @@ class Generation(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self._serving.counted():
             try:
-                started = self._start()  # readiness again (a drain may have begun), then submit
+                started = await self._start()  # readiness again (a drain may have begun), then submit
             except RequestFailed as exc:  # one prompt refused: none is served
                 await failure(exc, self._names).response()(scope, receive, send)
                 return
