@@ -195,13 +195,15 @@ class Serving:
         choice: Choice,
         *,
         priority: int = 0,
-        time_remaining_s: float | None = None,
+        deadline_s: float | None = None,
         field: str = "",
         chat: bool = False,
         lora: str = "",
+        encoded: dict[str, list[int]] | None = None,
     ) -> Request:
         """The engine request for `choice`, validated, not yet submitted; a refusal is counted and raised as
-        RequestFailed.
+        RequestFailed. `deadline_s` is on time.monotonic(); `encoded` holds prompts already tokenized by this
+        call (its samples share one prompt), and takes this one's.
 
         `field` prefixes the caller's field names in messages (a batch item's place in its batch); `lora` is
         the adapter the request runs with (Adapters.resolve), "" for the base model.
@@ -220,7 +222,11 @@ class Serving:
             check_priority(priority)
             if prompt_ids is None:
                 check_prompt_size(prompt, limits)
-                ids = await encode_prompt(model, prompt, not chat)
+                ids = encoded.get(prompt) if encoded is not None else None
+                if ids is None:
+                    ids = await encode_prompt(model, prompt, not chat)
+                    if encoded is not None:
+                        encoded[prompt] = ids
             else:
                 ids = check_token_ids(prompt_ids, limits)
             engine_request = build_request(
@@ -229,7 +235,6 @@ class Serving:
         except InvalidArgument as exc:
             self.rejected("invalid_argument", chat)
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc)) from None
-        deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
         return dataclasses.replace(engine_request, priority=priority, deadline_s=deadline_s, lora=lora)
 
     def max_choices(self, engine: Engine) -> int:
@@ -259,6 +264,9 @@ class Serving:
         def refusal(exc: RequestFailed, index: int) -> RequestFailed:
             return exc if where is None else RequestFailed(exc.code, f"{exc} ({where(index)})", exc.retry_after_s)
 
+        # read before any prompt is tokenized: the time that takes counts against the caller's deadline
+        deadline_s = time.monotonic() + time_remaining_s if time_remaining_s is not None else None
+        encoded: dict[str, list[int]] = {}
         prepared = []
         for index, choice in enumerate(choices):
             try:
@@ -269,10 +277,11 @@ class Serving:
                         limits,
                         choice,
                         priority=priority,
-                        time_remaining_s=time_remaining_s,
+                        deadline_s=deadline_s,
                         field=field,
                         chat=chat,
                         lora=lora,
+                        encoded=encoded,
                     )
                 )
             except RequestFailed as exc:
