@@ -100,6 +100,27 @@ def test_a_directory_without_tokenizer_json_says_so(base_dir: Path, tmp_path: Pa
 # --- generation_config.json ---------------------------------------------------------------------
 
 
+def test_a_tokenizer_json_that_truncates_or_pads_leaves_prompts_whole(base_dir: Path, tmp_path: Path) -> None:
+    """Some tokenizer.json files switch truncation or padding on; served prompts are neither cut nor padded."""
+    source = _copy(base_dir, tmp_path / "truncating")
+    path = source / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {
+        "strategy": {"Fixed": 64},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "<unk>",
+    }
+    path.write_text(json.dumps(spec))
+    text = "the quick brown fox jumps over the lazy dog"
+    whole = load_model_info(str(base_dir), CPU, torch.float32).encode(text)
+    assert 4 < len(whole) < 64
+    assert load_model_info(str(source), CPU, torch.float32).encode(text) == whole
+
+
 def test_generation_config_sampling_defaults_and_eos_ids(base_dir: Path, tmp_path: Path) -> None:
     tuned = {
         "do_sample": True,

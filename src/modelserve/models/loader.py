@@ -179,6 +179,11 @@ def load_model_info(
         raise ModelLoadError(f"cannot serve {source}: {reason}")
     hf_tokenizer = _load_tokenizer(source, local, kwargs)
     backend = hf_tokenizer.backend_tokenizer
+    # A tokenizer.json may switch truncation or padding on (transformers sets them per call of its own
+    # wrapper, and leaves them on the Rust tokenizer): served as is, every prompt would be cut to that
+    # length, or padded, without a word. A prompt is the caller's whole prompt; its bounds are ours.
+    backend.no_truncation()
+    backend.no_padding()
 
     generation = _read_generation_config(source, local, kwargs)
     eos: set[int] = set()
