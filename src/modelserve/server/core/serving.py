@@ -17,7 +17,7 @@ import enum
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from modelserve_client.v1 import generation_pb2 as pb
@@ -59,6 +59,7 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's retry hint (gRFC A6), re
 # A prompt up to this many characters is tokenized on the event loop (well under a millisecond); a longer one
 # on a worker thread, so a long prompt (up to --max-prompt-bytes) does not stall every open stream meanwhile.
 ON_LOOP_PROMPT_CHARS = 4096
+_T = TypeVar("_T")
 
 
 class Phase(enum.Enum):
@@ -199,7 +200,7 @@ class Serving:
         field: str = "",
         chat: bool = False,
         lora: str = "",
-        encoded: dict[str, list[int]] | None = None,
+        encoded: dict[str, list[int]],
     ) -> Request:
         """The engine request for `choice`, validated, not yet submitted; a refusal is counted and raised as
         RequestFailed. `deadline_s` is on time.monotonic(); `encoded` holds prompts already tokenized by this
@@ -222,11 +223,9 @@ class Serving:
             check_priority(priority)
             if prompt_ids is None:
                 check_prompt_size(prompt, limits)
-                ids = encoded.get(prompt) if encoded is not None else None
+                ids = encoded.get(prompt)
                 if ids is None:
-                    ids = await encode_prompt(model, prompt, not chat)
-                    if encoded is not None:
-                        encoded[prompt] = ids
+                    ids = encoded[prompt] = await encode_prompt(model, prompt, not chat)
             else:
                 ids = check_token_ids(prompt_ids, limits)
             engine_request = build_request(
@@ -493,9 +492,15 @@ async def _merged_streams(streams: Sequence[RequestStream]) -> AsyncGenerator[tu
 
 
 async def encode_prompt(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
-    """`text`'s token ids: a short text's at once, a long one's on a worker thread (the tokenizer lets go of
-    the GIL, ModelInfo.encode), so the event loop keeps every other call's stream moving meanwhile. Measured
-    with the bench's word tokenizer: about 0.5 us a token, so a 1 MiB prompt held the loop for about 100 ms."""
+    """`text`'s token ids, through tokenizing_work."""
+    return await tokenizing_work(text, lambda: model.encode(text, add_special_tokens))
+
+
+async def tokenizing_work(text: str, work: Callable[[], _T]) -> _T:
+    """`work` on `text` (tokenizing it, decoding its tokens): at once for a short text, on a worker thread for
+    a long one (the tokenizer lets go of the GIL, ModelInfo.encode), so the event loop keeps every other call's
+    stream moving meanwhile. Measured with the bench's word tokenizer: about 0.5 us a token, so a 1 MiB prompt
+    held the loop for about 100 ms."""
     if len(text) <= ON_LOOP_PROMPT_CHARS:
-        return model.encode(text, add_special_tokens)
-    return await asyncio.to_thread(model.encode, text, add_special_tokens)
+        return work()
+    return await asyncio.to_thread(work)

@@ -36,7 +36,6 @@ from modelserve.server.core.adapters import AdapterError
 from modelserve.server.core.chat import ChatMessage
 from modelserve.server.core.params import Parameters, StructuredOutput
 from modelserve.server.core.serving import (
-    ON_LOOP_PROMPT_CHARS,
     Choice,
     Phase,
     RequestFailed,
@@ -45,6 +44,7 @@ from modelserve.server.core.serving import (
     grpc_trailers,
     raise_for,
     sample_choices,
+    tokenizing_work,
 )
 from modelserve.server.core.tools import (
     HeldReply,
@@ -303,8 +303,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
                 return ids, []
             return ids, model.tokenizer.decode_batch([[t] for t in ids], skip_special_tokens=False)  # GIL let go
 
-        # a long text on a worker thread, as a prompt is (serving.encode_prompt): the other calls' streams go on
-        ids, tokens = await asyncio.to_thread(tokenize) if len(request.text) > ON_LOOP_PROMPT_CHARS else tokenize()
+        ids, tokens = await tokenizing_work(request.text, tokenize)  # a long text's on a worker thread
         return pb.TokenizeResponse(token_ids=ids, token_count=len(ids), tokens=tokens)
 
     async def ModelInfo(
